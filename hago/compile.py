@@ -1,0 +1,252 @@
+"""hago.compile: model + calibration data + device -> integer build and report.
+
+The whole pipeline of DESIGN.md for one strategy: frontend -> prepare ->
+annotate -> calibrate -> realize -> build -> measure. The FP32 build of the
+same prepared graph is compiled and measured beside it, so every report
+carries its own baseline and says when the integer build is not faster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import build as build_mod
+from .annotate import AnnotateConfig, annotate
+from .calibrate import get_calibrator
+from .data import Samples, load_samples
+from .errors import DataError, QuantizeError
+from .evaluate import agreement, predict, top1
+from .frontend import input_infos, load_model
+from .graph import Graph, analyze, graph_hash
+from .hwspec import HardwareSpec
+from .measure import measure_local
+from .observe import observe
+from .prepare import prepare
+from .qparams import activation_qparams
+from .realize import Realized, realize
+from .strategy import Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile` produced; ``report`` is what ``report.json`` holds."""
+
+    strategy: Strategy
+    report: dict
+    fp32_module: object
+    realized: Realized
+    fp32_executable: object = None
+    int_executable: object = None
+    out_dir: Path | None = None
+    graph: Graph | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def calibrate_strategy(mod, graph: Graph, strategy: Strategy, samples: Samples, calibrator: str, target, batch_size=64):
+    """Fill every quantized edge of ``strategy`` with a calibrated range and parameters."""
+    cal = get_calibrator(calibrator)
+    observe(mod, graph, strategy, samples, cal, target, batch_size)
+    owners = {e: c for e, c in strategy.edges.items() if c.bits and c.alias_of is None}
+    if not owners:
+        return strategy
+    ranges = cal.thresholds(
+        bits={e: c.bits for e, c in owners.items()},
+        symmetric={e: c.symmetric for e, c in owners.items()},
+    )
+    for edge, choice in owners.items():
+        r = ranges[edge]
+        choice.range = (float(r.lo), float(r.hi))
+        choice.qparams = activation_qparams(r.lo, r.hi, choice.dtype, choice.bits, choice.symmetric)
+    strategy.calibrator = calibrator
+    return strategy
+
+
+def _check_strategy(strategy: Strategy, ghash: str, spec: HardwareSpec) -> None:
+    if strategy.graph_hash != ghash:
+        raise QuantizeError(
+            f"strategy is for graph {strategy.graph_hash}, this model is {ghash}; re-run without --strategy"
+        )
+    if strategy.device != spec.name:
+        log.warning("strategy was made for %s, replaying it on %s", strategy.device, spec.name)
+
+
+@dataclass
+class Quantized:
+    """The FP32 graph and its realized integer twin, before any build."""
+
+    fp32: object
+    graph: Graph
+    strategy: Strategy
+    realized: Realized
+    inputs: list
+    graph_hash: str
+
+
+def quantize(
+    model,
+    device: str | HardwareSpec,
+    calib=None,
+    *,
+    strategy: Strategy | str | Path | None = None,
+    calibrator: str = "mse",
+    example_inputs=None,
+    annotate_config: AnnotateConfig | None = None,
+    batch_size: int = 64,
+) -> Quantized:
+    """frontend -> prepare -> annotate -> calibrate -> realize, without building.
+
+    Calibration runs on this machine (the host target) whatever the device, so
+    cross-compiled and GPU devices are calibrated on the same FP32 program.
+    """
+    spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
+    fp32 = prepare(load_model(model, example_inputs=example_inputs))
+    infos = input_infos(fp32)
+    graph = analyze(fp32)
+    ghash = graph_hash(fp32)
+    if strategy is not None:
+        strat = strategy if isinstance(strategy, Strategy) else Strategy.load(strategy)
+        _check_strategy(strat, ghash, spec)
+    else:
+        if calib is None:
+            raise DataError("calibration data is required (--calib DATA) unless a --strategy is replayed")
+        samples = load_samples(calib, infos, name="calibration")
+        strat = annotate(graph, spec, ghash, annotate_config)
+        host = build_mod.target_of(spec) if build_mod.is_local(spec) else build_mod.host_target()
+        calibrate_strategy(fp32, graph, strat, samples, calibrator, host, batch_size)
+    realized = realize(graph, strat, spec.requantize)
+    return Quantized(fp32, graph, strat, realized, infos, ghash)
+
+
+def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
+    model,
+    device: str | HardwareSpec,
+    calib=None,
+    *,
+    eval_data=None,
+    out_dir: str | Path | None = None,
+    strategy: Strategy | str | Path | None = None,
+    calibrator: str = "mse",
+    example_inputs=None,
+    annotate_config: AnnotateConfig | None = None,
+    batch_size: int = 64,
+    measure: bool = True,
+) -> CompileResult:
+    """Quantize ``model`` for ``device`` and build it.
+
+    Parameters
+    ----------
+    model : str | Path | torch.nn.Module | tvm.IRModule
+        An ONNX file, a torch module (needs ``example_inputs``) or a Relax module.
+    device : str | HardwareSpec
+        A spec name from ``hwspecs/`` (``hago devices``) or a loaded spec.
+    calib : path | dict | iterable | callable
+        Calibration samples keyed by input name (see :func:`hago.data.load_samples`).
+        Not needed when ``strategy`` is given.
+    eval_data : same kinds as ``calib``, optional
+        With a ``label`` array the report gives top-1 accuracy; without one,
+        top-1 agreement of the integer build with FP32.
+    out_dir : path, optional
+        Where ``model.so``, ``strategy.json`` and ``report.json`` are written.
+    strategy : Strategy | path, optional
+        Replay a saved strategy instead of annotating and calibrating.
+    calibrator : str
+        ``minmax``, ``percentile``, ``kl`` or ``mse``.
+    """
+    t0 = time.perf_counter()
+    spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
+    q = quantize(model, spec, calib, strategy=strategy, calibrator=calibrator, example_inputs=example_inputs,
+                 annotate_config=annotate_config, batch_size=batch_size)
+    fp32, graph, strat, realized, infos, ghash = q.fp32, q.graph, q.strategy, q.realized, q.inputs, q.graph_hash
+    target = build_mod.target_of(spec)
+    host_target = target if build_mod.is_local(spec) else build_mod.host_target()
+    t_quant = time.perf_counter() - t0
+
+    result = CompileResult(strat, {}, fp32, realized, out_dir=Path(out_dir) if out_dir else None, graph=graph)
+    result.fp32_executable = build_mod.build(fp32, target, spec.name)
+    result.int_executable = build_mod.build(realized.mod, target, spec.name)
+    report = _base_report(spec, graph, strat, ghash, calibrator, t_quant)
+    if measure and build_mod.is_local(spec):
+        params = list(fp32["main"].params)
+        for key, ex in (("fp32", result.fp32_executable), ("quantized", result.int_executable)):
+            m = measure_local(ex, params)
+            report[key]["latency_ms"] = m.latency_ms
+            if m.error:
+                report[key]["error"] = m.error
+        _speed_verdict(report)
+    elif not build_mod.is_local(spec):
+        report["notes"].append(f"{spec.name} is not this machine: latency was not measured (use --rpc)")
+    if eval_data is not None:
+        _evaluate(result, report, eval_data, infos, spec, host_target)
+    result.report = report
+    if out_dir is not None:
+        write_outputs(result, spec)
+    log.info("compiled for %s in %.1fs", spec.name, time.perf_counter() - t0)
+    return result
+
+
+def _base_report(spec, graph: Graph, strat: Strategy, ghash: str, calibrator: str, t_quant: float) -> dict:
+    float_ops = [
+        {"name": n, "kind": c.kind, "reason": c.reason} for n, c in strat.ops.items() if c.mode == "float"
+    ]
+    return {
+        "device": spec.name,
+        "graph_hash": ghash,
+        "calibrator": strat.calibrator or calibrator,
+        "fp32": {"latency_ms": None},
+        "quantized": {"latency_ms": None},
+        "ops": {"integer": len(strat.integer_ops()), "float": len(strat.float_ops())},
+        "float_ops": float_ops,
+        "quantize_seconds": round(t_quant, 2),
+        "notes": [],
+    }
+
+
+def _speed_verdict(report: dict) -> None:
+    f, q = report["fp32"].get("latency_ms"), report["quantized"].get("latency_ms")
+    if f and q:
+        report["speedup"] = f / q
+        if q > f:
+            report["notes"].append(
+                f"the quantized build is {q / f:.2f}x SLOWER than FP32 on this device (untuned kernels?)"
+            )
+
+
+def _evaluate(result: CompileResult, report: dict, eval_data, infos, spec, host_target) -> None:
+    samples = load_samples(eval_data, infos, name="evaluation")
+    names = [i.name for i in infos]
+    if build_mod.is_local(spec):
+        fp_ex, q_ex = result.fp32_executable, result.int_executable
+    else:
+        fp_ex = build_mod.build(result.fp32_module, host_target, "host")
+        q_ex = build_mod.build(result.realized.mod, host_target, "host")
+    ref = predict(fp_ex, samples, names)
+    out = predict(q_ex, samples, names)
+    report["agreement"] = agreement(out, ref)
+    if samples.labels is not None:
+        report["fp32"]["accuracy"] = top1(ref, samples.labels)
+        report["quantized"]["accuracy"] = top1(out, samples.labels)
+    report["eval_samples"] = len(samples)
+    result.extras["eval_outputs"] = {"fp32": ref, "quantized": out}
+
+
+def write_outputs(result: CompileResult, spec: HardwareSpec) -> None:
+    """``model.so`` (the integer build), ``strategy.json`` and ``report.json`` under ``out_dir``."""
+    out = result.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    build_mod.export(result.int_executable, spec, out / "model.so")
+    result.strategy.save(out / "strategy.json")
+    (out / "report.json").write_text(json.dumps(result.report, indent=1, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)

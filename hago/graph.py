@@ -1,0 +1,212 @@
+"""A read-only view of a prepared Relax ``main`` as hago's op graph.
+
+Annotate, calibrate and realize all need the same facts about the FP32 graph:
+which bindings are convolutions or dense layers, which constant is a weight
+and which add is a bias, who consumes each tensor. Computing them once here
+keeps the passes small and guarantees they agree on node names, which are the
+keys of the strategy JSON.
+
+Node kinds are the op names of the hardware spec (``conv2d``, ``dense``,
+``add``, ``relu`` ...). A call hago does not know becomes kind ``other`` and
+always stays in float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from .errors import QuantizeError
+
+#: Ops that only move or select values: integer in, same integer out, same scale.
+PASSTHROUGH = ("relu", "clip", "max_pool2d", "reshape")
+#: Ops whose integer form multiplies by a constant weight.
+WEIGHTED = ("conv2d", "depthwise_conv2d", "dense")
+
+_RESHAPE_OPS = {"relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims"}
+
+
+@dataclass
+class Node:
+    """One op of the FP32 graph, with a fused bias add where there is one."""
+
+    name: str
+    kind: str
+    call: relax.Call
+    var: relax.Var
+    out_var: relax.Var
+    inputs: list[str] = field(default_factory=list)
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    relax_op: str = ""
+
+    @property
+    def weighted(self) -> bool:
+        return self.kind in WEIGHTED
+
+
+@dataclass
+class Graph:
+    """Nodes in topological order plus the edge bookkeeping the passes share.
+
+    An *edge* is named after the node that produces it, or ``input:<param>``
+    for a graph input. ``consumers[edge]`` lists node names; ``outputs`` are
+    the edges that leave the function.
+    """
+
+    func: relax.Function
+    nodes: list[Node]
+    params: list[relax.Var]
+    consumers: dict[str, list[str]]
+    outputs: list[str]
+    edge_var: dict[str, relax.Var]
+    fused_vars: set = field(default_factory=set)
+
+    def node(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def __post_init__(self) -> None:
+        self._by_name = {n.name: n for n in self.nodes}
+
+    def producer(self, edge: str) -> Node | None:
+        return self._by_name.get(edge)
+
+
+def _const_value(expr) -> np.ndarray | None:
+    if isinstance(expr, tvm.ir.expr.Constant):
+        return expr.value.numpy()
+    return None
+
+
+def _op_name(call: relax.Call) -> str:
+    return call.op.name if isinstance(call.op, tvm.ir.Op) else str(call.op)
+
+
+def _classify(call: relax.Call) -> tuple[str, np.ndarray | None]:
+    """Map a Relax call to a spec op kind and its constant weight, if any."""
+    op = _op_name(call)
+    args = call.args
+    if op == "relax.nn.conv2d":
+        w = _const_value(args[1])
+        a = call.attrs
+        if w is None or a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
+            return "other", None
+        groups = int(a.groups)
+        kind = "depthwise_conv2d" if groups > 1 and w.shape[1] == 1 and groups == w.shape[0] else "conv2d"
+        return kind, w
+    if op == "relax.matmul":
+        w = _const_value(args[1])
+        if w is not None and w.ndim == 2 and _const_value(args[0]) is None:
+            return "dense", w
+        if w is None and _const_value(args[0]) is None:
+            return "batch_matmul", None
+        return "other", None
+    if op == "relax.add":
+        if _const_value(args[0]) is None and _const_value(args[1]) is None:
+            return "add", None
+        return "other", None
+    simple = {
+        "relax.nn.relu": "relu",
+        "relax.clip": "clip",
+        "relax.nn.max_pool2d": "max_pool2d",
+        "relax.nn.avg_pool2d": "avg_pool2d",
+        "relax.nn.adaptive_avg_pool2d": "global_avg_pool2d",
+        "relax.concat": "concatenate",
+    }
+    if op in simple:
+        return simple[op], None
+    if op in _RESHAPE_OPS:
+        return "reshape", None
+    return "other", None
+
+
+def _bias_of(call: relax.Call, producer: relax.Var) -> np.ndarray | None:
+    """The constant of ``add(producer, const)`` (either order), or None."""
+    if _op_name(call) != "relax.add":
+        return None
+    a, b = call.args
+    if a.same_as(producer):
+        return _const_value(b)
+    if b.same_as(producer):
+        return _const_value(a)
+    return None
+
+
+def _bias_vector(bias: np.ndarray, kind: str, channels: int) -> np.ndarray | None:
+    """Squeeze a broadcast bias to one value per output channel, or None if it is not one."""
+    want = {"dense": (channels,), "conv2d": (1, channels, 1, 1), "depthwise_conv2d": (1, channels, 1, 1)}[kind]
+    if bias.size != channels:
+        return None
+    if kind == "dense" and bias.shape not in (want, (1, channels)):
+        return None
+    if kind != "dense" and bias.shape not in (want, (channels, 1, 1)):
+        return None
+    return bias.reshape(channels).astype(np.float32)
+
+
+def analyze(mod: tvm.IRModule) -> Graph:
+    """Build the op graph of ``mod["main"]`` (a prepared module: one dataflow block)."""
+    func = mod["main"]
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        raise QuantizeError("main has no binding blocks; run hago.prepare first")
+    bindings = [b for blk in body.blocks for b in blk.bindings]
+    use_count: dict = {}
+    for b in bindings:
+        for v in relax.analysis.free_vars(b.value):
+            use_count[v] = use_count.get(v, 0) + 1
+    for v in relax.analysis.free_vars(body.body):
+        use_count[v] = use_count.get(v, 0) + 1
+
+    var_edge: dict = {p: f"input:{p.name}" for p in func.params}
+    edge_var = {f"input:{p.name}": p for p in func.params}
+    nodes: list[Node] = []
+    fused: set = set()
+    value_of = {b.var: b.value for b in bindings}
+    consumers_of_var: dict = {}
+    for b in bindings:
+        for v in relax.analysis.free_vars(b.value):
+            consumers_of_var.setdefault(v, []).append(b.var)
+
+    for b in bindings:
+        if b.var in fused or not isinstance(b.value, relax.Call):
+            continue
+        kind, weight = _classify(b.value)
+        name = f"n{len(nodes)}_{kind}"
+        node = Node(name, kind, b.value, b.var, b.var, weight=weight, relax_op=_op_name(b.value))
+        if node.weighted and use_count.get(b.var, 0) == 1:
+            nxt = consumers_of_var[b.var][0]
+            val = value_of.get(nxt)
+            if isinstance(val, relax.Call):
+                bias = _bias_of(val, b.var)
+                channels = weight.shape[0] if kind != "dense" else weight.shape[1]
+                vec = _bias_vector(bias, kind, channels) if bias is not None else None
+                if vec is not None:
+                    node.bias, node.out_var = vec, nxt
+                    fused.add(nxt)
+        for v in relax.analysis.free_vars(b.value):
+            if v in var_edge:
+                node.inputs.append(var_edge[v])
+        var_edge[node.out_var] = name
+        edge_var[name] = node.out_var
+        nodes.append(node)
+
+    consumers: dict[str, list[str]] = {e: [] for e in edge_var}
+    for n in nodes:
+        for e in n.inputs:
+            consumers[e].append(n.name)
+    outputs = [var_edge[v] for v in relax.analysis.free_vars(body.body) if v in var_edge]
+    # a non-call binding (tuple, alias) that forwards a node's value to the output
+    for b in bindings:
+        if not isinstance(b.value, relax.Call) and b.var in relax.analysis.free_vars(body.body):
+            outputs += [var_edge[v] for v in relax.analysis.free_vars(b.value) if v in var_edge]
+    return Graph(func, nodes, list(func.params), consumers, sorted(set(outputs)), edge_var, fused)
+
+
+def graph_hash(mod: tvm.IRModule) -> str:
+    """Structural hash of the FP32 main (weights included): the key a strategy is valid for."""
+    return format(tvm_ffi.structural_hash(mod["main"], map_free_vars=True) & (2**64 - 1), "016x")

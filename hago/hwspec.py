@@ -1,0 +1,394 @@
+"""Hardware specs: what a device can run in integer, loaded from ``hwspecs/*.yaml``.
+
+Pure data (no TVM import), so annotate, build and the CLI read device facts cheaply and
+device quirks live in YAML, not in ``if target == ...`` branches. Any bad spec raises a
+one-line :class:`~hago.errors.SpecError` ``<file>:<line>: <key.path>: <problem>``, the
+line taken from the YAML node marks so a user can jump straight to the bad key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Literal, Union, get_args
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+
+from hago.errors import SpecError
+
+Dtype = Literal["int4", "uint4", "int8", "uint8", "int16", "int32", "float16", "float32"]
+INT_DTYPES = frozenset({"int4", "uint4", "int8", "uint8", "int16", "int32"})
+OpName = Literal["conv2d", "depthwise_conv2d", "dense", "batch_matmul", "add", "multiply",
+                 "relu", "clip", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "reshape",
+                 "concatenate", "default"]
+TARGET_KINDS = ("llvm", "cuda")
+_TRACKER = re.compile(r"^[A-Za-z0-9._-]+:(\d{1,5})$")
+
+
+class _Problem(ValueError):
+    """A validator error that points below its field (``target.kind``), for a precise line."""
+
+    def __init__(self, msg: str, *sub: str | int):
+        super().__init__(msg)
+        self.sub = sub
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OpDescriptor(_Frozen):
+    """One integer implementation of an op: input/accumulator/output dtypes and layouts.
+
+    ``weight_layout`` names the packed weight layout the fast kernel wants, e.g.
+    ``OIHW4i16o4i`` for VNNI conv or ``NK16n4k`` ([N/16, K/4, 16, 4]) for VNNI dense.
+    """
+
+    inputs: list[Dtype] = Field(min_length=1)
+    accum: Dtype | None = None
+    output: Dtype
+    layout: str | None = None
+    weight_layout: str | None = None
+
+    @model_validator(mode="after")
+    def _integer(self) -> OpDescriptor:
+        for i, dt in enumerate([*self.inputs, self.accum]):
+            if dt is not None and dt not in INT_DTYPES:
+                key = ("inputs", i) if i < len(self.inputs) else ("accum",)
+                raise _Problem(f"integer op needs an integer dtype here, got {dt!r}", *key)
+        return self
+
+
+class QuantScheme(_Frozen):
+    """How a tensor class is quantized. ``range_bits`` < bits narrows the stored range,
+    e.g. 7 on AVX2 where ``vpmaddubsw`` saturates int16 for full-range u8 x s8."""
+
+    granularity: Literal["per_channel", "per_tensor"] = "per_tensor"
+    symmetric: bool
+    range_bits: int | None = Field(default=None, ge=2, le=16)
+
+
+class Bits(_Frozen):
+    """Bit widths the search may choose from; stored sorted ascending."""
+
+    weight: list[int]
+    activation: list[int]
+
+    @field_validator("weight", "activation")
+    @classmethod
+    def _bit_set(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("must list at least one bit width (4 or 8)")
+        for i, b in enumerate(v):
+            if b not in (4, 8):
+                raise _Problem(f"bit width must be 4 or 8, got {b!r}", i)
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate bit widths in {v}")
+        return sorted(v)
+
+
+class RpcSpec(_Frozen):
+    """Where a remote board is reached: a tracker ``host:port`` (or None for a direct
+    connection configured on the command line) and the device key."""
+
+    key: str = Field(min_length=1)
+    tracker: str | None = None
+
+    @field_validator("tracker")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        m = _TRACKER.match(v or "")
+        if v is not None and not (m and 0 < int(m.group(1)) < 65536):
+            raise ValueError(f"must be 'host:port', got {v!r}")
+        return v
+
+
+def _op_tag(v: Any) -> str:
+    return "literal[float32]" if isinstance(v, str) else "list[descriptor]"
+
+
+OpEntry = Annotated[
+    Union[Annotated[list[OpDescriptor], Field(min_length=1), Tag("list[descriptor]")],
+          Annotated[Literal["float32"], Tag("literal[float32]")]],
+    Discriminator(_op_tag)]
+
+
+class HardwareSpec(_Frozen):
+    """One device: its TVM target, how to reach it, and which ops run in integer."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str
+    target: dict
+    host: dict | None = None
+    cross_compiler: str | None = None
+    execution: Literal["local", "remote"]
+    rpc: RpcSpec | None = None
+    intrinsics: list[str]
+    ops: dict[OpName, OpEntry]
+    bits: Bits
+    weights: QuantScheme
+    activations: QuantScheme
+    requantize: Literal["fixed_point", "float", "power_of_two"]
+    rounding: Literal["half_away_from_zero", "half_to_even"] = "half_away_from_zero"
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_stem(cls, v: str, info: ValidationInfo) -> str:
+        stem = (info.context or {}).get("stem")
+        if stem is not None and v != stem:
+            raise ValueError(f"{v!r} must match the file name {stem!r}")
+        return v
+
+    @field_validator("target", "host")
+    @classmethod
+    def _target_kind(cls, v: dict | None, info: ValidationInfo) -> dict | None:
+        """TVM 0.27 takes target dicts only; ``kind`` picks the backend (host is CPU)."""
+        kinds = ("llvm",) if info.field_name == "host" else TARGET_KINDS
+        for k in v or {}:
+            if not isinstance(k, str):
+                raise _Problem("target keys must be strings", k)
+        if v is not None and v.get("kind") not in kinds:
+            got = f"got {v['kind']!r}" if "kind" in v else "missing"
+            raise _Problem(f"must be one of {', '.join(kinds)}, {got}", "kind")
+        return v
+
+    @field_validator("rpc")
+    @classmethod
+    def _rpc_matches_execution(cls, v: RpcSpec | None, info: ValidationInfo) -> RpcSpec | None:
+        execution = info.data.get("execution")
+        if execution == "remote" and v is None:
+            raise ValueError("execution is remote, so rpc {key, tracker} is required")
+        if execution == "local" and v is not None:
+            raise ValueError("execution is local, so rpc must be null")
+        return v
+
+    @field_validator("ops")
+    @classmethod
+    def _default_float(cls, v: dict) -> dict:
+        if v.get("default", "float32") != "float32":
+            raise _Problem("must be 'float32' (unlisted ops stay float)", "default")
+        return v
+
+    @model_validator(mode="after")
+    def _range_fits_bits(self) -> HardwareSpec:
+        for field in ("weights", "activations"):
+            rb = getattr(self, field).range_bits
+            widest = max(getattr(self.bits, field[:-1]))
+            if rb is not None and rb > widest:
+                raise _Problem(f"{rb} exceeds the widest {field[:-1]} bits {widest}",
+                               field, "range_bits")
+        return self
+
+    # -- queries -------------------------------------------------------------
+    def descriptors(self, op: str) -> list[OpDescriptor]:
+        """Integer implementations of ``op``; empty means it stays float (or is unknown)."""
+        entry = self.ops.get(op, "float32")
+        return [] if entry == "float32" else list(entry)
+
+    def integer_ops(self) -> list[str]:
+        """Op names with at least one integer descriptor, in file order."""
+        return [op for op, entry in self.ops.items() if entry != "float32"]
+
+    def activation_dtype(self, op: str) -> str | None:
+        """Dtype of the data input of ``op``'s preferred descriptor, None if float only."""
+        descs = self.descriptors(op)
+        return descs[0].inputs[0] if descs else None
+
+    def target_summary(self) -> str:
+        """Short human description of the target, e.g. ``llvm cascadelake x2``."""
+        t = self.target
+        parts = [t["kind"], t.get("mtriple", "").split("-")[0], t.get("mcpu", ""),
+                 t.get("arch", "")]
+        if "num-cores" in t:
+            parts.append(f"x{t['num-cores']}")
+        return " ".join(p for p in parts if p)
+
+    # -- loading -------------------------------------------------------------
+    @classmethod
+    def load(cls, path_or_name: str | os.PathLike) -> HardwareSpec:
+        """Load a spec from a YAML path or a device name in :func:`spec_dir`.
+
+        Parameters
+        ----------
+        path_or_name
+            A path to a ``.yaml`` file, or a bare device name such as ``"rpi4"``.
+
+        Raises
+        ------
+        SpecError
+            One line ``<file>:<line>: <key>: <problem>`` for any missing file,
+            YAML syntax error, unknown key/op/dtype or bad value.
+        """
+        text = str(path_or_name)
+        path = Path(text)
+        if not (isinstance(path_or_name, os.PathLike) or "/" in text or os.sep in text
+                or path.suffix in (".yaml", ".yml")):
+            path = spec_dir() / f"{text}.yaml"
+            if not path.is_file():
+                names = ", ".join(p.stem for p in _spec_files()) or "none"
+                raise SpecError(f"unknown device {text!r}; valid: {names} (or a .yaml path)")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as exc:
+            raise SpecError(f"{path}: cannot read spec file ({type(exc).__name__})") from None
+        return cls.from_yaml(content, source=str(path), stem=path.stem)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<string>", stem: str | None = None
+                  ) -> HardwareSpec:
+        """Parse YAML text; ``stem``, if given, must equal the spec's ``name``."""
+        data, lines = _parse(text, source)
+        try:
+            return cls.model_validate(data, context={"stem": stem})
+        except ValidationError as exc:
+            raise SpecError(_format_error(exc, data, lines, source)) from None
+
+
+# -- YAML with line numbers ---------------------------------------------------
+def _parse(text: str, source: str) -> tuple[dict, dict[tuple, int]]:
+    """Load YAML and record the 1-based line of every key and list item by key path."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+        problem = " ".join((", ".join(str(p) for p in parts if p) or str(exc)).split())
+        raise SpecError(f"{where}: YAML syntax error: {problem}") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        raise SpecError(f"{source}{line}: <top>: spec must be a mapping of keys, got {got}")
+    lines: dict[tuple, int] = {}
+    _record_lines(node, (), lines, source)
+    return data, lines
+
+
+def _record_lines(node: yaml.Node, path: tuple, out: dict[tuple, int], source: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            p = path + (str(key_node.value),)
+            if p in out:
+                raise SpecError(f"{source}:{key_node.start_mark.line + 1}: {_dotted(p)}: "
+                                f"duplicate key (first on line {out[p]})")
+            out[p] = key_node.start_mark.line + 1
+            _record_lines(value_node, p, out, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            _record_lines(item, path + (i,), out, source)
+
+
+def _dotted(path: Iterable) -> str:
+    s = ""
+    for part in path:
+        s += f"[{part}]" if isinstance(part, int) else (f".{part}" if s else str(part))
+    return s or "<top>"
+
+
+def _data_path(data: Any, loc: tuple) -> tuple:
+    """Map a pydantic ``loc`` onto keys of the data: drop union tags and ``[key]``."""
+    out: list = []
+    cur = data
+    for part in loc:
+        if isinstance(part, str) and "[" in part:
+            continue                                   # union tag or "[key]"
+        if isinstance(cur, dict):
+            match = next((k for k in cur if str(k) == str(part)), None)
+            out.append(str(part))
+            cur = cur[match] if match is not None else None
+        elif isinstance(cur, list) and isinstance(part, int):
+            out.append(part)
+            cur = cur[part] if 0 <= part < len(cur) else None
+    return tuple(out)
+
+
+def _message(err: dict, path: tuple) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        model = _model_at(path[:-1])
+        valid = f" (valid: {', '.join(model.model_fields)})" if model else ""
+        return f"unknown key{valid}"
+    if kind == "missing":
+        return "required key missing"
+    if "[key]" in err["loc"]:
+        return f"unknown op (valid: {', '.join(get_args(OpName))})"
+    if path[:1] == ("ops",) and len(path) == 2 and kind in ("literal_error", "list_type"):
+        return "must be a list of op descriptors or 'float32'"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {err['input']!r}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    got = err.get("input")
+    got = f", got {got!r}" if isinstance(got, (str, int, float, bool)) else ""
+    return f"{err['msg']}{got}"
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    sub = {"rpc": RpcSpec, "bits": Bits, "weights": QuantScheme, "activations": QuantScheme}
+    if path[:1] == ("ops",):
+        return OpDescriptor if len(path) == 3 else None
+    return HardwareSpec if not path else sub.get(path[0]) if len(path) == 1 else None
+
+
+def _format_error(exc: ValidationError, data: dict, lines: dict[tuple, int], source: str) -> str:
+    """One line for the most specific pydantic error, with file, line and key path."""
+    errors = exc.errors()
+    for err in errors:
+        problem = (err.get("ctx") or {}).get("error")
+        err["path"] = _data_path(data, err["loc"]) + getattr(problem, "sub", ())
+    err = max(errors, key=lambda e: len(e["path"]))   # first of the deepest
+    path = err["path"]
+    line = next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
+    where = f"{source}:{line}" if line else source
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return " ".join(f"{where}: {_dotted(path)}: {_message(err, path)}{more}".split())
+
+
+# -- the spec folder ----------------------------------------------------------
+def spec_dir() -> Path:
+    """The ``hwspecs/`` folder beside the package, or ``$HAGO_SPEC_DIR`` if set."""
+    env = os.environ.get("HAGO_SPEC_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "hwspecs"
+
+
+def _spec_files() -> list[Path]:
+    return sorted(spec_dir().glob("*.yaml"))
+
+
+def list_devices() -> list[HardwareSpec]:
+    """Every spec in :func:`spec_dir`, sorted by name; a broken file raises SpecError."""
+    return [HardwareSpec.load(p) for p in _spec_files()]
+
+
+def check_spec_file(path: str | os.PathLike) -> str:
+    """Validate one spec file; return a one-line OK summary or raise SpecError."""
+    spec = HardwareSpec.load(Path(path))
+    return (f"{path}: OK ({spec.name}: {spec.target_summary()}, {spec.execution}, "
+            f"{len(spec.integer_ops())} integer ops)")
+
+
+def device_table(specs: Iterable[HardwareSpec]):
+    """A ``rich.table.Table`` for ``hago devices``; rich is imported only here."""
+    from rich.table import Table
+
+    table = Table(title="hago devices")
+    for col in ("name", "target", "execution", "integer", "intrinsics", "bits"):
+        table.add_column(col, no_wrap=col == "name")
+    for s in specs:
+        execution = f"remote ({s.rpc.key})" if s.execution == "remote" and s.rpc else s.execution
+        mm = s.descriptors("conv2d") or s.descriptors("dense")
+        kinds = "/".join(dict.fromkeys("x".join(d.inputs) for d in mm)) or "no matmul"
+        bits = (f"w{','.join(map(str, s.bits.weight))} "
+                f"a{','.join(map(str, s.bits.activation))}")
+        table.add_row(s.name, s.target_summary(), execution,
+                      f"{len(s.integer_ops())} ops, {kinds}", ", ".join(s.intrinsics), bits)
+    return table

@@ -1,0 +1,51 @@
+"""measure: latency of a build on its device.
+
+Local builds are timed with the VM's ``time_evaluator`` (median of several
+repeats, each long enough to swamp timer noise). The result is a frozen
+:class:`Measurement` whose ``error`` is set instead of raising, so a failed
+or crashed candidate is data for the search, not the end of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+
+@dataclass(frozen=True)
+class Measurement:
+    latency_ms: float | None
+    std_ms: float | None = None
+    repeats: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.latency_ms is not None
+
+
+def example_args(params, batch: int = 1, seed: int = 0) -> list:
+    """Random inputs matching ``main``'s parameters, symbolic dims set to ``batch``."""
+    rng = np.random.default_rng(seed)
+    args = []
+    for p in params:
+        shape = [int(d) if isinstance(d, (int, tvm.tirx.IntImm)) else batch for d in p.ty.shape]
+        args.append(tvm.runtime.tensor(rng.standard_normal(shape).astype(str(p.ty.dtype))))
+    return args
+
+
+def measure_local(executable, params, batch: int = 1, min_repeat_ms: float = 200, repeat: int = 5) -> Measurement:
+    """Median latency in ms of ``main`` at ``batch`` on this CPU."""
+    try:
+        dev = tvm.cpu()
+        vm = relax.VirtualMachine(executable, dev)
+        args = example_args(params, batch)
+        vm["main"](*args)  # warm up: first call pays for lazy initialisation
+        timer = vm.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        res = timer(*args)
+        return Measurement(res.median * 1e3, float(np.std(res.results) * 1e3), repeat)
+    except Exception as e:  # a crashed measurement is a result, not a crash of hago
+        return Measurement(None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")

@@ -1,0 +1,168 @@
+"""Prepare: simplify an imported graph into the canonical form annotate expects.
+
+Runs after :func:`hago.frontend.load_model` (weights bound as constants, main
+in a dataflow block) and before annotation. Quantization must see the graph
+the hardware will run, so inference-only rewrites happen here, once:
+
+1. ``CanonicalizeBindings`` removes the torch importer's tuple noise
+   (``t = (pool, zeros_like(pool)); y = t[0]`` becomes ``y = pool``);
+2. ``FoldConstant`` turns ``reshape(bias)`` and ``permute_dims(W)`` into constants;
+3. :func:`commute_constants` puts constants second in ``add(c, x)``, so bias
+   adds look the same from every frontend;
+4. :func:`fold_batch_norm` folds inference batch norm into the preceding
+   conv2d weights and bias: a quantized conv must carry the folded weights,
+   or the weight ranges calibrated are not those that run; any other batch
+   norm with constant statistics becomes one multiply and one add;
+5. ``DecomposeOpsForInference`` lowers any batch norm still left
+   (non-constant statistics) to arithmetic;
+6. ``FoldConstant`` again, then ``DeadCodeElimination`` drops the bindings
+   left unused (the ``zeros_like`` pooling indices, the folded batch norms).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wildcard
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+__all__ = ["prepare", "prepare_passes", "commute_constants", "fold_batch_norm"]
+
+_COMMUTATIVE = ("relax.add", "relax.multiply", "relax.maximum", "relax.minimum")
+
+
+def prepare(mod: tvm.IRModule) -> tvm.IRModule:
+    """Canonicalize, fold constants and batch norms, and drop dead code (see module docstring)."""
+    return prepare_passes()(mod)
+
+
+def prepare_passes() -> tvm.transform.Pass:
+    """The prepare stage as one ``Sequential``, for composing into larger pipelines."""
+    return tvm.transform.Sequential(
+        [
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.FoldConstant(),
+            commute_constants(),
+            fold_batch_norm(),
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FoldConstant(),
+            commute_constants(),
+            relax.transform.DeadCodeElimination(),
+            relax.transform.CanonicalizeBindings(),
+        ],
+        name="hago.prepare",
+    )
+
+
+def commute_constants() -> tvm.transform.Pass:
+    """Rewrite ``op(const, x)`` to ``op(x, const)`` for commutative elementwise ops.
+
+    The torch importer emits linear bias adds as ``add(bias, matmul)`` and
+    conv bias adds as ``add(conv, bias)``; annotate matches one order only.
+    Runs after ``FoldConstant`` so folded ``reshape(bias)`` counts as a constant.
+    """
+    return _CommuteConstants()
+
+
+def fold_batch_norm() -> tvm.transform.Pass:
+    """Fold ``batch_norm(conv2d(x, W) [+ b])`` (inference mode) into ``conv2d(x, W') + b'``.
+
+    TVM's ``FoldBatchnormToConv2D`` only matches a bias-free conv; torch convs
+    usually carry a bias add in between. The new weights are computed in
+    float64 numpy: ``s = gamma / sqrt(var + eps)``, ``W' = W * s``,
+    ``b' = (b - mean) * s + beta``. Needs constants already folded
+    (``FoldConstant``) and bias adds with the constant second
+    (:func:`commute_constants`). Declines non-NCHW/OIHW convs and
+    training-mode batch norms. A batch norm with constant statistics that
+    does not follow a conv becomes ``x * s + t`` instead.
+    """
+    return _FoldBatchNorm()
+
+
+@tvm.transform.module_pass(opt_level=0, name="hago.CommuteConstants")
+class _CommuteConstants:
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _CommuteMutator(mod)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+
+@mutator
+class _CommuteMutator(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if (isinstance(call.op, tvm.ir.Op) and call.op.name in _COMMUTATIVE and len(call.args) == 2
+                and _is_const(call.args[0]) and not _is_const(call.args[1])):
+            return relax.Call(call.op, [call.args[1], call.args[0]], call.attrs, span=call.span)
+        return call
+
+
+@relax.transform.function_pass(opt_level=0, name="hago.FoldBatchNorm")
+class _FoldBatchNorm:
+    def __init__(self):
+        self.data = wildcard()
+        self.weight = is_const()
+        self.bias = is_const()
+        self.conv = is_op("relax.nn.conv2d")(self.data, self.weight)
+        self.biased = is_op("relax.add")(self.conv, self.bias)
+        self.bn_args = [is_const() for _ in range(4)]  # gamma, beta, mean, var
+        self.bn = is_op("relax.nn.batch_norm")(self.conv | self.biased, *self.bn_args)
+        self.pattern = TupleGetItemPattern(self.bn, 0)
+        self.any_input = wildcard()
+        self.any_bn = is_op("relax.nn.batch_norm")(self.any_input, *self.bn_args)
+        self.any_pattern = TupleGetItemPattern(self.any_bn, 0)
+
+    def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
+        if func.attrs is not None and int(func.attrs.get("Primitive", 0)):
+            return func
+        func = rewrite_call(self.pattern, self._into_conv, func)
+        return rewrite_call(self.any_pattern, self._into_scale_shift, func)
+
+    def _scale_shift(self, bn: relax.Call, matches, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(s, t)`` with ``batch_norm(y + bias) == y * s + t``, in float64."""
+        gamma, beta, mean, var = (matches[p].value.numpy().astype(np.float64) for p in self.bn_args)
+        attrs = bn.attrs
+        scale = (gamma if attrs.scale else np.ones_like(var)) / np.sqrt(var + float(attrs.epsilon))
+        return scale, (bias - mean) * scale + (beta if attrs.center else 0.0)
+
+    def _into_conv(self, expr: relax.Expr, matches) -> relax.Expr:
+        conv, bn = matches[self.conv], matches[self.bn]
+        ca = conv.attrs
+        layouts_ok = (ca.data_layout == "NCHW" and ca.kernel_layout == "OIHW"
+                      and ca.out_layout == "NCHW" and int(bn.attrs.axis) in (1, -3))
+        if not layouts_ok or bool(bn.attrs.training):
+            return expr
+        weight = matches[self.weight].value.numpy()
+        channels = weight.shape[0]
+        bias = np.zeros(channels)
+        if self.bias in matches:
+            bias = matches[self.bias].value.numpy().astype(np.float64)
+            if bias.size != channels:  # e.g. a scalar add: not a per-channel bias, decline
+                return expr
+            bias = bias.reshape(channels)
+        scale, shift = self._scale_shift(bn, matches, bias)
+        new_w = relax.const((weight * scale.reshape(-1, 1, 1, 1)).astype(weight.dtype))
+        new_b = relax.const(shift.reshape(1, channels, 1, 1).astype(weight.dtype))
+        new_conv = relax.Call(conv.op, [matches[self.data], new_w], ca, span=conv.span)
+        return relax.op.add(new_conv, new_b)
+
+    def _into_scale_shift(self, expr: relax.Expr, matches) -> relax.Expr:
+        """A batch norm not after a conv becomes ``x * s + t``: two ops instead of four."""
+        bn, data = matches[self.any_bn], matches[self.any_input]
+        ty = data.ty
+        if bool(bn.attrs.training) or not isinstance(ty, relax.TensorType) or ty.ndim < 1:
+            return expr
+        axis = int(bn.attrs.axis) % ty.ndim
+        scale, shift = self._scale_shift(bn, matches, np.zeros(1))
+        shape = [1] * ty.ndim
+        shape[axis] = scale.size
+        def const(a):
+            return relax.const(a.reshape(shape).astype(str(ty.dtype)))
+        return relax.op.add(relax.op.multiply(data, const(scale)), const(shift))
+
+
+def _is_const(expr: relax.Expr) -> bool:
+    return isinstance(expr, tvm.ir.expr.Constant)

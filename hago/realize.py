@@ -1,0 +1,256 @@
+"""realize: lower a calibrated strategy to a true integer Relax program.
+
+Runs last among the passes (after ``annotate`` and ``calibrate``). Every op
+the strategy marks ``integer`` becomes integer arithmetic:
+
+* conv2d / dense: uint8|int8 activations x int8 weights with int32
+  accumulation. Asymmetric inputs are padded with their zero point so
+  ``(x - zp)`` is exactly 0 in the padding, and ``zp * sum(w)`` is folded with
+  the bias into one int32 constant;
+* requantize: the real scale ``s_x * s_w / s_y`` as an int32 multiplier and
+  a right shift in int64, rounding half away from zero, then the output zero
+  point and a clip (the ReLU floor rides on that clip);
+* add: each input rescaled to the output scale by its own fixed-point
+  multiplier, summed in int64, clipped;
+* relu / clip / max-pool / reshape run on the integer tensor and keep its
+  scale.
+
+Quantize and dequantize appear only where a float op meets an integer one,
+and an integer layer that feeds only float ops is dequantized straight from
+its int32 accumulator (no rounding to 8 bits on the way out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax import op as O
+
+from .errors import QuantizeError
+from .graph import Graph, Node
+from .qparams import QParams, container_dtype, fixed_point_multiplier, quantize_weight, weight_qparams
+from .strategy import Strategy
+
+
+@dataclass
+class LayerConstants:
+    """The integer constants realize baked into one weighted layer (for tests and reports)."""
+
+    weight_q: np.ndarray
+    weight_scale: np.ndarray
+    bias_i32: np.ndarray  # round(bias / (s_x * s_w)), before the zero-point term is folded in
+    multiplier: np.ndarray | None = None
+    shift: np.ndarray | None = None
+
+
+@dataclass
+class Realized:
+    mod: tvm.IRModule
+    layers: dict[str, LayerConstants] = field(default_factory=dict)
+
+
+def _c(value, dtype: str) -> relax.Constant:
+    return relax.const(np.asarray(value).astype(dtype), dtype)
+
+
+class _Realizer:
+    def __init__(self, graph: Graph, strategy: Strategy, style: str):
+        self.g, self.s, self.style = graph, strategy, style
+        self.bb = relax.BlockBuilder()
+        self.fval: dict[str, relax.Expr] = {}
+        self.qval: dict[str, relax.Expr] = {}
+        self.var_map: dict = {}
+        self.edge_of_var = {v: e for e, v in graph.edge_var.items()}
+        self.layers: dict[str, LayerConstants] = {}
+
+    # ---- edge values -------------------------------------------------------
+    def qparams(self, edge: str) -> QParams:
+        qp = self.s.resolved(edge).qparams
+        if qp is None:
+            raise QuantizeError(f"edge {edge!r} has no calibrated parameters; calibrate before realize")
+        return qp
+
+    def get_float(self, edge: str) -> relax.Expr:
+        if edge not in self.fval:
+            qp = self.qparams(edge)
+            self.fval[edge] = self.bb.emit(
+                O.dequantize(self.qval[edge], _c(qp.scale, "float32"), _c(qp.zero_point, container_dtype(qp.dtype)))
+            )
+        return self.fval[edge]
+
+    def get_quant(self, edge: str) -> tuple[relax.Expr, QParams]:
+        qp = self.qparams(edge)
+        if edge not in self.qval:
+            x = self.get_float(edge)
+            cdt = container_dtype(qp.dtype)
+            lo, hi = np.iinfo(cdt).min, np.iinfo(cdt).max
+            if (qp.qmin, qp.qmax) == (lo, hi):
+                q = O.quantize(x, _c(qp.scale, "float32"), _c(qp.zero_point, cdt), axis=-1, out_dtype=cdt)
+            else:  # sub-byte values in a byte container: clip to the narrower range
+                r = O.add(O.round(O.divide(x, _c(qp.scale, "float32"))), _c(qp.zero_point, "float32"))
+                q = O.astype(O.clip(r, qp.qmin, qp.qmax), cdt)
+            self.qval[edge] = self.bb.emit(q)
+        return self.qval[edge], qp
+
+    # ---- substitution for float ops ---------------------------------------
+    def subst(self, expr):
+        if isinstance(expr, relax.Var):
+            if expr in self.edge_of_var:
+                return self.get_float(self.edge_of_var[expr])
+            return self.var_map.get(expr, expr)
+        if isinstance(expr, relax.Call):
+            return relax.Call(expr.op, [self.subst(a) for a in expr.args], expr.attrs, expr.ty_args)
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([self.subst(f) for f in expr.fields])
+        if isinstance(expr, relax.TupleGetItem):
+            return relax.TupleGetItem(self.subst(expr.tuple_value), expr.index)
+        return expr
+
+    # ---- requantize ---------------------------------------------------------
+    def requant(self, acc, real_scale, out: QParams, bshape) -> relax.Expr:
+        """int32/int64 ``acc`` times ``real_scale`` -> ``out`` (zero point added, clipped)."""
+        cdt = container_dtype(out.dtype)
+        real = np.asarray(real_scale, np.float64)
+        if self.style == "float":
+            f = O.round(O.multiply(O.astype(acc, "float32"), _c(real.reshape(bshape), "float32")))
+            y = O.add(f, _c(out.zero_point, "float32"))
+            return O.astype(O.clip(y, out.qmin, out.qmax), cdt)
+        r = self.bb.emit(self.fixed_point(acc, real, bshape))
+        y = O.add(r, _c(out.zero_point, "int64"))
+        return O.astype(O.clip(y, out.qmin, out.qmax), cdt)
+
+    def fixed_point(self, acc, real: np.ndarray, bshape) -> relax.Expr:
+        """round_half_away_from_zero(acc * M / 2^shift) in int64, without zero point or clip."""
+        mult, shift = fixed_point_multiplier(real, self.style)
+        shift = shift.astype(np.int64)
+        p = self.bb.emit(O.multiply(O.astype(acc, "int64"), _c(mult.reshape(bshape), "int64")))
+        half = _c((np.int64(1) << (shift - 1)).reshape(bshape), "int64")
+        mag = self.bb.emit(O.right_shift(O.add(O.abs(p), half), _c(shift.reshape(bshape), "int64")))
+        return O.where(O.less(p, _c(0, "int64")), O.negative(mag), mag)
+
+    # ---- nodes -------------------------------------------------------------
+    def float_node(self, node: Node) -> None:
+        v = self.bb.emit(self.subst(node.call))
+        if node.bias is not None:
+            shape = (1, -1, 1, 1) if node.kind != "dense" else (-1,)
+            v = self.bb.emit(O.add(v, _c(node.bias.reshape(shape), "float32")))
+        self.fval[node.name] = v
+
+    def weighted_node(self, node: Node, choice) -> None:
+        xq, qx = self.get_quant(node.inputs[0])
+        conv = node.kind != "dense"
+        w = node.weight
+        axis = 0 if conv else 1
+        wqp = weight_qparams(w, axis, choice.weight_bits)
+        wq = quantize_weight(w, wqp)
+        sx, zx = float(qx.scale), int(qx.zero_point)
+        if conv:
+            a = node.call.attrs
+            pad = [int(p) for p in a.padding]
+            if any(pad):
+                top, left, bottom, right = pad
+                xq = self.bb.emit(O.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))
+            acc = O.nn.conv2d(xq, _c(wq, "int8"), strides=a.strides, padding=0, dilation=a.dilation,
+                              groups=int(a.groups), out_dtype="int32")
+            wsum = wq.astype(np.int64).reshape(wq.shape[0], -1).sum(axis=1)
+            bshape = (1, -1, 1, 1)
+        else:
+            acc = O.matmul(xq, _c(wq, "int8"), out_dtype="int32")
+            wsum = wq.astype(np.int64).sum(axis=0)
+            bshape = (-1,)
+        acc_scale = sx * wqp.scale.astype(np.float64)
+        bias = node.bias if node.bias is not None else np.zeros_like(acc_scale)
+        bias_q = np.round(bias.astype(np.float64) / acc_scale)
+        # sum((x - zx) * w) = sum(x * w) - zx * sum(w): fold the zero-point term into the bias
+        folded = bias_q - zx * wsum
+        if np.abs(folded).max(initial=0) >= 2**31:
+            raise QuantizeError(f"{node.name}: int32 bias overflows; the input scale is too small")
+        acc = self.bb.emit(O.add(self.bb.emit(acc), _c(folded.astype(np.int32).reshape(bshape), "int32")))
+        consts = LayerConstants(wq, wqp.scale, bias_q.astype(np.int32))
+        out = self.s.edges[node.name]
+        if out.bits:
+            qy = self.qparams(node.name)
+            real = acc_scale / float(qy.scale)
+            if self.style != "float":
+                consts.multiplier, consts.shift = fixed_point_multiplier(real, self.style)
+            self.qval[node.name] = self.bb.emit(self.requant(acc, real, qy, bshape))
+        else:
+            f = O.multiply(O.astype(acc, "float32"), _c(acc_scale.reshape(bshape), "float32"))
+            self.fval[node.name] = self.bb.emit(f)
+        self.layers[node.name] = consts
+
+    def add_node(self, node: Node) -> None:
+        if not self.s.edges[node.name].bits:  # feeds only float ops: add in float
+            a, b = (self.get_float(e) for e in node.inputs)
+            self.fval[node.name] = self.bb.emit(O.add(a, b))
+            return
+        qy = self.qparams(node.name)
+        terms = []
+        for e in node.inputs:
+            q, qp = self.get_quant(e)
+            centred = O.subtract(O.astype(q, "int64"), _c(qp.zero_point, "int64"))
+            terms.append(self.bb.emit(self.fixed_point(centred, float(qp.scale) / float(qy.scale), ())))
+        y = O.add(O.add(terms[0], terms[1]), _c(qy.zero_point, "int64"))
+        self.qval[node.name] = self.bb.emit(O.astype(O.clip(y, qy.qmin, qy.qmax), container_dtype(qy.dtype)))
+
+    def passthrough_node(self, node: Node) -> None:
+        q, qp = self.get_quant(node.inputs[0])
+        cdt = container_dtype(qp.dtype)
+        if node.kind == "relu":
+            y = O.maximum(q, _c(qp.zero_point, cdt))
+        elif node.kind == "clip":
+            lo, hi = (float(v.value) for v in node.call.args[1:3])
+            qlo = int(np.clip(np.round(lo / qp.scale) + qp.zero_point, qp.qmin, qp.qmax))
+            qhi = int(np.clip(np.round(hi / qp.scale) + qp.zero_point, qp.qmin, qp.qmax))
+            y = O.clip(q, qlo, qhi)
+        else:  # max-pool and reshapes commute with a monotone affine map
+            rest = [self.subst(a) for a in node.call.args[1:]]
+            y = relax.Call(node.call.op, [q, *rest], node.call.attrs, node.call.ty_args)
+        self.qval[node.name] = self.bb.emit(y)
+
+    def run(self) -> Realized:
+        g = self.g
+        params = [relax.Var(p.name, p.ty) for p in g.params]
+        node_of_var = {n.var: n for n in g.nodes}
+        attrs = {k: v for k, v in g.func.attrs.items()} if g.func.attrs else None
+        with self.bb.function("main", params, attrs=attrs):
+            with self.bb.dataflow():
+                for old, new in zip(g.params, params):
+                    self.fval[f"input:{old.name}"] = new
+                for blk in g.func.body.blocks:
+                    for b in blk.bindings:
+                        self.binding(b, node_of_var)
+                out = self.bb.emit_output(self.subst(g.func.body.body))
+            self.bb.emit_func_output(out)
+        mod = relax.transform.Normalize()(self.bb.get())
+        return Realized(mod, self.layers)
+
+    def binding(self, b, node_of_var) -> None:
+        if b.var in self.g.fused_vars:
+            return
+        node = node_of_var.get(b.var)
+        if node is None:
+            self.var_map[b.var] = self.bb.emit(self.subst(b.value))
+            return
+        choice = self.s.ops[node.name]
+        if choice.mode != "integer":
+            self.float_node(node)
+        elif node.weighted:
+            self.weighted_node(node, choice)
+        elif node.kind == "add":
+            self.add_node(node)
+        else:
+            self.passthrough_node(node)
+
+
+def realize(graph: Graph, strategy: Strategy, requantize: str = "fixed_point") -> Realized:
+    """Lower ``graph`` under a calibrated ``strategy`` to an integer Relax module."""
+    if requantize not in ("fixed_point", "float", "power_of_two"):
+        raise QuantizeError(f"unknown requantize style {requantize!r}")
+    missing = set(strategy.ops) ^ {n.name for n in graph.nodes}
+    if missing:
+        raise QuantizeError(f"strategy does not match the graph (nodes {sorted(missing)[:3]}...)")
+    return _Realizer(graph, strategy, requantize).run()

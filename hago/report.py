@@ -1,0 +1,41 @@
+"""report: the terminal summary of a compile, from ``report.json``'s dict.
+
+Kept apart from the pipeline so the CLI, the demo and (later) the search all
+print the same table, and so library code never prints.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summary_table(report: dict) -> Table:
+    """FP32 against quantized: latency, accuracy, and what stayed in float."""
+    t = Table(title=f"hago: {report['device']}  (calibrator {report.get('calibrator')})")
+    t.add_column("build")
+    t.add_column("latency ms (batch 1)", justify="right")
+    t.add_column("top-1", justify="right")
+    t.add_column("ops integer/float", justify="right")
+    fp, q = report["fp32"], report["quantized"]
+    t.add_row("FP32", _fmt(fp.get("latency_ms"), ".3f"), _fmt(fp.get("accuracy"), ".2%"), "-")
+    ops = f"{report['ops']['integer']}/{report['ops']['float']}"
+    t.add_row("quantized", _fmt(q.get("latency_ms"), ".3f"), _fmt(q.get("accuracy"), ".2%"), ops)
+    return t
+
+
+def print_report(report: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(summary_table(report))
+    if report.get("speedup"):
+        console.print(f"speed-up over FP32: {report['speedup']:.2f}x")
+    if report.get("agreement") is not None:
+        console.print(f"top-1 agreement with FP32: {report['agreement']:.2%} on {report.get('eval_samples')} samples")
+    for op in report.get("float_ops", []):
+        console.print(f"[yellow]float[/]: {op['name']} ({op['kind']}): {op['reason']}")
+    for note in report.get("notes", []):
+        console.print(f"[bold yellow]note[/]: {note}")

@@ -1,0 +1,69 @@
+"""Shared session fixtures: the real pretrained MNIST CNN, the real MNIST test set, TVM helpers.
+
+Everything heavy (unpickling MNIST, exporting ONNX, torch reference logits)
+happens once per session; tests must not mutate what these return.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hago import zoo
+
+# Compile for a CPU with avx512 + VNNI: a bare {"kind": "llvm"} turns every AVX feature off.
+CPU_TARGET = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
+# The default (untuned) pipeline is naive, so numeric checks use this many images.
+N_CHECK = 1000
+BATCH = 250
+
+
+@pytest.fixture(scope="session")
+def mnist_model():
+    """The ccexam MNIST CNN as an eval-mode ``nn.Sequential`` (99.05% FP32)."""
+    return zoo.mnist_cnn()
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    """``(x, y)``: float32 [10000, 1, 28, 28] normalised images, int64 [10000] labels."""
+    return zoo.mnist_data("test")
+
+
+@pytest.fixture(scope="session")
+def mnist_onnx_path(tmp_path_factory):
+    """The MNIST CNN exported once to ONNX (input ``input``, dynamic batch ``N``)."""
+    return zoo.export_mnist_onnx(tmp_path_factory.mktemp("mnist_onnx") / "mnist_cnn.onnx")
+
+
+@pytest.fixture(scope="session")
+def mnist_ref(mnist_model, mnist_test):
+    """``(x, logits)``: the first ``N_CHECK`` test images and torch's FP32 logits for them."""
+    import torch
+
+    x = mnist_test[0][:N_CHECK]
+    with torch.no_grad():
+        logits = mnist_model(torch.from_numpy(x)).numpy()
+    return x, logits
+
+
+@pytest.fixture(scope="session")
+def cpu_target():
+    import tvm
+
+    return tvm.target.Target(CPU_TARGET)
+
+
+@pytest.fixture(scope="session")
+def run_tvm(cpu_target):
+    """``run(mod, x, batch=BATCH) -> np.ndarray``: compile ``mod`` and run ``main`` over ``x`` in batches."""
+    import tvm
+    from tvm import relax
+
+    def run(mod, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
+        vm = relax.VirtualMachine(tvm.compile(mod, target=cpu_target), tvm.cpu())
+        outs = [vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[i:i + batch]))).numpy()
+                for i in range(0, len(x), batch)]
+        return np.concatenate(outs)
+
+    return run
