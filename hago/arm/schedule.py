@@ -1,0 +1,217 @@
+"""ARM int8 kernels: int8 matmul and conv2d tensorized with NEON ``smull`` or ``sdot``.
+
+The default Relax CPU pipeline legalizes ``matmul``/``conv2d`` into plain loops,
+and LLVM never turns those into ``sdot`` (Cortex-A76, Pi 5) or the NEON
+``smull``/``saddlp`` sequence (Cortex-A72, Pi 4). TVM ships both as 4x4 tensor
+intrinsics (``tvm.s_tir.tensor_intrin.arm_cpu``): one call multiplies four
+int8 activations by a 4x4 int8 weight tile and adds four int32 lanes. They need
+the weight tile contiguous, i.e. weights packed as ``[N/4, K/4, 4n, 4k]``.
+
+Since hago's realized weights are constants, the packing happens once here, in
+numpy, and each eligible ``matmul``/``conv2d`` becomes a ``call_tir`` to a
+pre-scheduled TIR kernel:
+
+- dense: ``C[i, n] = sum_k A[i, k] * Wp[n/4, k/4, n%4, k%4]``, N padded to 4;
+- conv2d: the same GEMM over an on-the-fly im2col row per output pixel
+  (``K = C*R*S`` padded to 4 with zeros), written back in NCHW.
+
+Integer sums are exact, so results are bit-identical to the naive kernels.
+Kernels are marked opaque and scheduled, so FuseOps/dlight leave them alone.
+Runs after ``realize`` and before ``tvm.compile``; which intrinsic is used
+comes from ``spec.intrinsics`` (data in the YAML, not a branch on the name).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+log = logging.getLogger(__name__)
+
+# spec.intrinsics name -> TVM tensor intrinsic (registered by importing arm_cpu)
+INTRINSICS = {
+    "arm-sdot": "dot_4x4_i8i8s32_sdot",
+    "arm-neon-smull": "dot_4x4_i8i8s32_neon",
+}
+_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge a tensorized kernel
+_TILE = 4
+
+
+def apply_arm_schedules(mod: tvm.IRModule, spec) -> tvm.IRModule:
+    """Replace int8 ``matmul``/``conv2d`` with constant weights by tensorized ARM kernels.
+
+    ``spec`` is a :class:`~hago.hwspec.HardwareSpec`; its first intrinsic found
+    in :data:`INTRINSICS` picks the kernel (``arm-sdot`` before ``arm-neon-smull``
+    if both are listed). A spec with neither, or a module with no eligible op,
+    comes back unchanged. Apply to the realized module, before ``tvm.compile``.
+    """
+    names = [n for n in ("arm-sdot", "arm-neon-smull") if n in (spec.intrinsics or [])]
+    if not names:
+        return mod
+    import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401  (registers the intrinsics)
+
+    rewriter = _Int8Kernels(mod, INTRINSICS[names[0]])
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    out = rewriter.builder_.get()
+    log.info("%s: %d int8 kernels tensorized with %s", spec.name, rewriter.count, names[0])
+    return out
+
+
+def pack_weight(w_nk: np.ndarray) -> np.ndarray:
+    """``[N, K]`` int8 -> ``[ceil(N/4), ceil(K/4), 4, 4]``, zero padded (zeros add nothing)."""
+    n, k = w_nk.shape
+    npad, kpad = -n % _TILE, -k % _TILE
+    w = np.pad(w_nk, ((0, npad), (0, kpad)))
+    return np.ascontiguousarray(
+        w.reshape((n + npad) // _TILE, _TILE, (k + kpad) // _TILE, _TILE).transpose(0, 2, 1, 3))
+
+
+def _ceil4(x: int) -> int:
+    return -(-x // _TILE) * _TILE
+
+
+def _tensorize_gemm(sch: s_tir.Schedule, block, intrin: str, outer: int) -> None:
+    """Tile the last two loops (n, k) of ``block`` by 4 and tensorize the 4x4 inner tile.
+
+    ``outer`` is how many leading spatial loops precede n; the first is parallel.
+    """
+    loops = sch.get_loops(block)
+    n, k = loops[outer], loops[outer + 1]
+    no, ni = sch.split(n, [None, _TILE])
+    ko, ki = sch.split(k, [None, _TILE])
+    sch.reorder(no, ko, ni, ki)
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ni, intrin)
+    sch.parallel(loops[0])
+
+
+def dense_kernel(k: int, n: int, intrin: str) -> tirx.PrimFunc:
+    """``A[m, K] int8 x Wp[N/4, K/4, 4, 4] int8 -> C[m, N] int32`` for any batch ``m``; K % 4 == 0."""
+    m = tirx.Var("m", "int64")
+    npad = _ceil4(n)
+    a = te.placeholder((m, k), "int8", name="A")
+    w = te.placeholder((npad // _TILE, k // _TILE, _TILE, _TILE), "int8", name="W")
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (m, npad),
+        lambda i, j: te.sum(a[i, r].astype("int32") * w[j // 4, r // 4, j % 4, r % 4].astype("int32"), axis=r),
+        name="acc")
+    out = acc if npad == n else te.compute((m, n), lambda i, j: acc[i, j], name="C")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, out]))
+    _tensorize_gemm(sch, sch.get_sblock("acc"), intrin, outer=1)
+    if npad != n:
+        sch.compute_at(sch.get_sblock("acc"), sch.get_loops(sch.get_sblock("C"))[0])
+    return _finish(sch)
+
+
+def conv2d_kernel(shape: tuple, wshape: tuple, strides, padding, dilation, intrin: str) -> tirx.PrimFunc:
+    """NCHW int8 conv as im2col GEMM: ``data[n, C, H, W]``, ``Wp[O/4, K/4, 4, 4]``, K = C*R*S."""
+    _, c, h, wd = shape
+    o, _, kr, ks = wshape
+    (sh, sw), (dh, dw) = strides, dilation
+    pt, pl, pb, pr = padding
+    oh = (h + pt + pb - (kr - 1) * dh - 1) // sh + 1
+    ow = (wd + pl + pr - (ks - 1) * dw - 1) // sw + 1
+    kk, kpad, opad = c * kr * ks, _ceil4(c * kr * ks), _ceil4(o)
+    nb = tirx.Var("n", "int64") if shape[0] is None else shape[0]
+    data = te.placeholder((nb, c, h, wd), "int8", name="data")
+    w = te.placeholder((opad // _TILE, kpad // _TILE, _TILE, _TILE), "int8", name="W")
+
+    def im2col(b, y, x, q):
+        ci, rr, ss = q // (kr * ks), q % (kr * ks) // ks, q % ks
+        iy, ix = y * sh + rr * dh - pt, x * sw + ss * dw - pl
+        inside = tirx.all(q < kk, iy >= 0, iy < h, ix >= 0, ix < wd)
+        return tirx.if_then_else(inside, data[b, ci, iy, ix], tirx.const(0, "int8"))
+
+    col = te.compute((nb, oh, ow, kpad), im2col, name="col")
+    r = te.reduce_axis((0, kpad), name="k")
+    acc = te.compute(
+        (nb, oh, ow, opad),
+        lambda b, y, x, j: te.sum(col[b, y, x, r].astype("int32") * w[j // 4, r // 4, j % 4, r % 4].astype("int32"),
+                                  axis=r),
+        name="acc")
+    out = te.compute((nb, o, oh, ow), lambda b, j, y, x: acc[b, y, x, j], name="out")
+    sch = s_tir.Schedule(te.create_prim_func([data, w, out]))
+    blk = sch.get_sblock("acc")
+    _tensorize_gemm(sch, blk, intrin, outer=3)
+    # one im2col row per output pixel, reused across all output channels
+    sch.compute_at(sch.get_sblock("col"), sch.get_loops(blk)[2])
+    sch.reverse_compute_at(sch.get_sblock("out"), sch.get_loops(blk)[0])
+    return _finish(sch)
+
+
+def _finish(sch: s_tir.Schedule) -> tirx.PrimFunc:
+    func = sch.mod["main"]
+    return func.with_attrs({"op_pattern": _OPAQUE, "tir.is_scheduled": True, "tir.noalias": True})
+
+
+def _const_int8(expr) -> np.ndarray | None:
+    if isinstance(expr, tvm.ir.expr.Constant) and str(expr.value.dtype) == "int8":
+        return expr.value.numpy()
+    return None
+
+
+def _static_shape(expr) -> tuple | None:
+    """Shape with ints, the leading dim ``None`` if symbolic; ``None`` if any other dim is symbolic."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or str(ty.dtype) != "int8":
+        return None
+    dims = [int(d) if isinstance(d, tirx.IntImm) else None for d in ty.shape.values]
+    return tuple(dims) if None not in dims[1:] else None
+
+
+@mutator
+class _Int8Kernels(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, intrin: str):
+        super().__init__(mod)
+        self.intrin = intrin
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.count = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or str(getattr(call.attrs, "out_dtype", "")) != "int32":
+            return call
+        if call.op.name == "relax.matmul":
+            return self._dense(call)
+        if call.op.name == "relax.nn.conv2d":
+            return self._conv2d(call)
+        return call
+
+    def _kernel(self, key: tuple, make) -> tvm.ir.GlobalVar:
+        if key not in self.kernels:
+            name = "hago_arm_" + "_".join(str(p) for p in key).replace("-", "m")
+            self.kernels[key] = self.builder_.add_func(make(), name)
+        return self.kernels[key]
+
+    def _dense(self, call: relax.Call) -> relax.Expr:
+        x, w = _static_shape(call.args[0]), _const_int8(call.args[1])
+        if x is None or len(x) != 2 or w is None or w.ndim != 2 or x[1] % _TILE:
+            return call
+        k, n = w.shape
+        gv = self._kernel(("dense", k, n), lambda: dense_kernel(k, n, self.intrin))
+        self.count += 1
+        return relax.call_tir(gv, [call.args[0], relax.const(pack_weight(w.T))], call.ty)
+
+    def _conv2d(self, call: relax.Call) -> relax.Expr:
+        a = call.attrs
+        x, w = _static_shape(call.args[0]), _const_int8(call.args[1])
+        layouts = (a.data_layout, a.kernel_layout, a.out_layout) == ("NCHW", "OIHW", "NCHW")
+        if x is None or len(x) != 4 or w is None or not layouts or int(a.groups) != 1:
+            return call
+        strides = [int(v) for v in a.strides]
+        padding = [int(v) for v in a.padding]
+        dilation = [int(v) for v in a.dilation]
+        key = ("conv2d", *x[1:], *w.shape, *strides, *padding, *dilation)
+        gv = self._kernel(key, lambda: conv2d_kernel(
+            (None, *x[1:]), w.shape, strides, padding, dilation, self.intrin))
+        self.count += 1
+        wp = pack_weight(w.reshape(w.shape[0], -1))
+        return relax.call_tir(gv, [call.args[0], relax.const(wp)], call.ty)

@@ -1,0 +1,207 @@
+"""Integer dense / conv2d on x86 VNNI layouts, emitted as named TE kernels.
+
+``vpdpbusd`` multiplies 4 unsigned activation bytes by a 16x4 block of signed
+weight bytes into 16 int32 lanes. It fires only when the weights sit in that
+block order, so this module packs them at compile time in numpy:
+
+* dense ``[K, N] -> [N/16, K/4, 16, 4]``;
+* conv ``OIHW -> OIHW{b/4}i16o4i`` (``b`` the input channel block, 16 where
+  the channels allow) with activations in ``NCHW{b}c``, as TOPI's
+  ``conv2d_NCHWc_int8`` lays them out.
+
+K, N, C and O are padded with zero weights up to the block sizes (a zero
+weight contributes nothing) and the output is sliced back, so each emitter
+keeps the plain op's contract: same input, bit-identical int32 accumulator.
+The conv converts NCHW -> NCHW{b}c and back around the kernel for now.
+
+Every kernel block carries the annotation ``hago.kernel`` naming its
+schedule; ``schedule_vnni`` (in ``x86_vnni_schedule``) finds them by it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax, te, tirx
+from tvm.relax import op as O
+
+KERNEL_ATTR = "hago.kernel"
+DENSE = "dense_vnni"
+CONV = "conv2d_nchwc_vnni"
+TO_NCHWC = "nchw_to_nchwc"
+FROM_NCHWC = "nchwc_to_nchw"
+LANES, RED = 16, 4  # vpdpbusd: 16 int32 output lanes, 4 bytes reduced per lane
+
+
+def _up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def _ints(v, n=2) -> tuple[int, ...]:
+    t = tuple(int(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__len__") else [v] * n))
+    return t * n if len(t) == 1 else t
+
+
+def in_block(c_per_group: int) -> int:
+    """Input channel block: the largest of 16/8/4 dividing the 4-padded channel count."""
+    cp = _up(c_per_group, RED)
+    return next(b for b in (16, 8, 4) if cp % b == 0)
+
+
+def vnni_applicable(kind: str, x_shape, w_shape, groups: int = 1) -> bool:
+    """Whether ``emit_dense_vnni`` / ``emit_conv2d_vnni`` handles this layer.
+
+    ``kind`` is ``"dense"`` (``x [..., K]``, ``w [K, N]``) or ``"conv2d"``
+    (``x`` NCHW, ``w`` OIHW). Shapes must be static. Grouped convs qualify
+    only when every group has a multiple of 4 input and 16 output channels
+    (depthwise does not: padding each 1-channel group to 16x4 would multiply
+    the work by 64). Single-group convs with fewer than 4 input channels are
+    still taken: padding 3 to 4 costs a third more MACs, far less than the
+    VNNI gain.
+    """
+    try:
+        xs, ws = [int(s) for s in x_shape], [int(s) for s in w_shape]
+    except (TypeError, ValueError):
+        return False
+    if kind == "dense":
+        return len(xs) >= 1 and len(ws) == 2 and xs[-1] == ws[0]
+    if kind != "conv2d" or len(xs) != 4 or len(ws) != 4 or groups < 1:
+        return False
+    c, o = xs[1], ws[0]
+    if c != ws[1] * groups or o % groups:
+        return False
+    return groups == 1 or (ws[1] % RED == 0 and (o // groups) % LANES == 0)
+
+
+# ---- weight packing (numpy, at compile time) -------------------------------
+def pack_dense_weight(w_kn: np.ndarray) -> np.ndarray:
+    """int8 ``[K, N] -> [Np/16, Kp/4, 16, 4]``, zero-padded to multiples of 4 / 16."""
+    k, n = w_kn.shape
+    w = np.zeros((_up(k, RED), _up(n, LANES)), np.int8)
+    w[:k, :n] = w_kn
+    kp, np_ = w.shape
+    return np.ascontiguousarray(w.T.reshape(np_ // LANES, LANES, kp // RED, RED).transpose(0, 2, 1, 3))
+
+
+def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1) -> np.ndarray:
+    """int8 ``[O, I, KH, KW] -> [Op/16, Ip/b, KH, KW, b/4, 16, 4]`` (``b = in_block(I)``).
+
+    ``I`` is per group; with one group O and I are zero-padded up to 16 and 4.
+    """
+    o, i, kh, kw = w_oihw.shape
+    b = in_block(i)
+    op, ip = (_up(o, LANES), _up(i, RED)) if groups == 1 else (o, i)
+    w = np.zeros((op, ip, kh, kw), np.int8)
+    w[:o, :i] = w_oihw
+    w = w.reshape(op // LANES, LANES, ip // b, b // RED, RED, kh, kw)
+    return np.ascontiguousarray(w.transpose(0, 2, 5, 6, 3, 1, 4))
+
+
+# ---- TE kernels -------------------------------------------------------------
+def _dense_te(a, wp):
+    m, kp = (int(s) for s in a.shape)
+    np_ = int(wp.shape[0]) * LANES
+    k = te.reduce_axis((0, kp), name="k")
+    return te.compute(
+        (m, np_),
+        lambda i, j: te.sum(
+            a[i, k].astype("int32") * wp[j // LANES, k // RED, j % LANES, k % RED].astype("int32"), axis=k
+        ),
+        name=DENSE,
+        attrs={KERNEL_ATTR: DENSE},
+    )
+
+
+def _pad_k_te(a, kp):
+    m, k = (int(s) for s in a.shape)
+    return te.compute(
+        (m, kp), lambda i, j: tirx.if_then_else(j < k, a[i, j], tirx.const(0, a.dtype)), name="hago_pad_k"
+    )
+
+
+def _to_nchwc_te(x, cp, b):
+    n, c, h, w = (int(s) for s in x.shape)
+    return te.compute(
+        (n, cp // b, h, w, b),
+        lambda i, cc, y, z, cb: tirx.if_then_else(
+            cc * b + cb < c, x[i, tirx.min(cc * b + cb, c - 1), y, z], tirx.const(0, x.dtype)
+        ),
+        name=TO_NCHWC,
+        attrs={KERNEL_ATTR: TO_NCHWC},
+    )
+
+
+def _from_nchwc_te(acc, o):
+    n, _, h, w, ob = (int(s) for s in acc.shape)
+    return te.compute(
+        (n, o, h, w), lambda i, c, y, z: acc[i, c // ob, y, z, c % ob], name=FROM_NCHWC,
+        attrs={KERNEL_ATTR: FROM_NCHWC},
+    )
+
+
+def _conv_te(data, kernel, strides, dilation, groups):
+    n, _, h, w, b = (int(s) for s in data.shape)
+    occ, icc, kh_, kw_, nf, ob, _ = (int(s) for s in kernel.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    oh, ow = (h - (kh_ - 1) * dh - 1) // sh + 1, (w - (kw_ - 1) * dw - 1) // sw + 1
+    ic = te.reduce_axis((0, icc), name="ic")
+    kh = te.reduce_axis((0, kh_), name="kh")
+    kw = te.reduce_axis((0, kw_), name="kw")
+    f = te.reduce_axis((0, nf), name="icf")
+    s = te.reduce_axis((0, RED), name="ics")
+    per_group = occ // groups
+
+    def body(i, oc, y, x, lane):
+        chunk = ic if groups == 1 else (oc // per_group) * icc + ic
+        d = data[i, chunk, y * sh + kh * dh, x * sw + kw * dw, f * RED + s]
+        return te.sum(d.astype("int32") * kernel[oc, ic, kh, kw, f, lane, s].astype("int32"), axis=[ic, kh, kw, f, s])
+
+    return te.compute((n, occ, oh, ow, ob), body, name=CONV, attrs={KERNEL_ATTR: CONV})
+
+
+# ---- Relax emitters ---------------------------------------------------------
+def _static_shape(bb: relax.BlockBuilder, expr: relax.Expr) -> list[int]:
+    sinfo = bb.normalize(expr).ty
+    return [int(s) for s in sinfo.shape.values]
+
+
+def emit_dense_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_kn_int8: np.ndarray) -> relax.Expr:
+    """int32 ``x @ w`` for uint8 ``x [..., K]`` and int8 numpy ``w [K, N]`` through VNNI.
+
+    Bit-identical to ``matmul(x, w, out_dtype="int32")``. Leading dims of ``x``
+    are flattened into M and restored.
+    """
+    xs = _static_shape(bb, x_u8)
+    k, n = w_kn_int8.shape
+    wp = pack_dense_weight(np.asarray(w_kn_int8, np.int8))
+    kp = int(wp.shape[1]) * RED
+    a = x_u8 if len(xs) == 2 else bb.emit(O.reshape(x_u8, (-1, k)))
+    if kp != k:
+        a = bb.emit_te(_pad_k_te, a, kp, primfunc_name_hint="hago_pad_k")
+    acc = bb.emit_te(_dense_te, a, relax.const(wp, "int8"), primfunc_name_hint="hago_dense_vnni")
+    if int(wp.shape[0]) * LANES != n:
+        acc = bb.emit(O.strided_slice(acc, axes=[1], begin=[0], end=[n]))
+    if len(xs) != 2:
+        acc = bb.emit(O.reshape(acc, (*xs[:-1], n)))
+    return acc
+
+
+def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8_nchw: relax.Expr, w_oihw_int8: np.ndarray,
+                     strides=(1, 1), dilation=(1, 1), groups: int = 1) -> relax.Expr:
+    """int32 NCHW ``conv2d(x, w)`` (no padding) for uint8 ``x`` through VNNI.
+
+    ``x`` must already carry its (zero-point) padding. Bit-identical to
+    ``conv2d(x, w, strides, padding=0, dilation, groups, out_dtype="int32")``.
+    Check ``vnni_applicable`` first.
+    """
+    xs = _static_shape(bb, x_u8_nchw)
+    o, i = int(w_oihw_int8.shape[0]), int(w_oihw_int8.shape[1])
+    groups = int(groups)
+    if not vnni_applicable("conv2d", xs, w_oihw_int8.shape, groups):
+        raise ValueError(f"conv2d {xs} x {list(w_oihw_int8.shape)} groups={groups} has no VNNI layout")
+    wp = pack_conv_weight(np.asarray(w_oihw_int8, np.int8), groups)
+    b = int(wp.shape[4]) * RED
+    cp = int(wp.shape[1]) * b * groups
+    data = bb.emit_te(_to_nchwc_te, x_u8_nchw, cp, b, primfunc_name_hint="hago_nchw_to_nchwc")
+    acc = bb.emit_te(_conv_te, data, relax.const(wp, "int8"), _ints(strides), _ints(dilation), groups,
+                     primfunc_name_hint="hago_conv2d_nchwc_vnni")
+    return bb.emit_te(_from_nchwc_te, acc, o, primfunc_name_hint="hago_nchwc_to_nchw")

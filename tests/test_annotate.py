@@ -1,0 +1,96 @@
+"""annotate follows the spec: device facts in YAML decide integer vs float."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from hago.annotate import AnnotateConfig, annotate
+from hago.frontend import load_model
+from hago.graph import analyze, graph_hash
+from hago.hwspec import HardwareSpec, spec_dir
+from hago.prepare import prepare
+
+
+def _graph(model, shape):
+    mod = prepare(load_model(model.eval(), example_inputs=(torch.zeros(*shape),)))
+    return analyze(mod), graph_hash(mod)
+
+
+def _mlp():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_graph_nodes_and_fused_bias():
+    g, _ = _graph(_mlp(), (2, 1, 8, 8))
+    kinds = [n.kind for n in g.nodes]
+    assert kinds == ["conv2d", "relu", "max_pool2d", "reshape", "dense", "other", "dense"]
+    assert all(n.bias is not None for n in g.nodes if n.weighted)
+
+
+def test_unsupported_op_falls_back_to_float_with_reason():
+    g, h = _graph(_mlp(), (2, 1, 8, 8))
+    s = annotate(g, HardwareSpec.load("x86-avx512-vnni"), h)
+    tanh = next(n for n in g.nodes if n.kind == "other")
+    assert s.ops[tanh.name].mode == "float"
+    assert "relax.tanh" in s.ops[tanh.name].reason
+    # the dense after tanh still runs in integer: its input is quantized at the float boundary
+    last = g.nodes[-1]
+    assert s.ops[last.name].mode == "integer"
+    assert s.edges[tanh.name].bits == 8
+
+
+def test_relu_range_is_observed_after_the_relu_and_passthroughs_alias():
+    g, h = _graph(_mlp(), (2, 1, 8, 8))
+    s = annotate(g, HardwareSpec.load("x86-avx512-vnni"), h)
+    conv, relu, pool, reshape = g.nodes[:4]
+    assert s.edges[conv.name].observe_at == relu.name
+    assert s.edges[relu.name].alias_of == conv.name
+    assert s.resolved(reshape.name) is s.edges[conv.name]
+
+
+def test_spec_without_integer_dense_keeps_dense_float(tmp_path):
+    data = yaml.safe_load((spec_dir() / "x86-avx512-vnni.yaml").read_text())
+    data["name"] = "nodense"
+    data["ops"]["dense"] = "float32"
+    p = tmp_path / "nodense.yaml"
+    p.write_text(yaml.safe_dump(data))
+    g, h = _graph(_mlp(), (2, 1, 8, 8))
+    s = annotate(g, HardwareSpec.load(p), h)
+    for n in g.nodes:
+        if n.kind == "dense":
+            assert s.ops[n.name].mode == "float"
+            assert "no integer dense" in s.ops[n.name].reason
+    assert s.ops[g.nodes[0].name].mode == "integer"
+
+
+def test_avx2_reduce_range_gives_7_bit_weights():
+    g, h = _graph(_mlp(), (2, 1, 8, 8))
+    s = annotate(g, HardwareSpec.load("x86-avx2"), h)
+    assert {s.ops[n.name].weight_bits for n in g.nodes if n.weighted} == {7}
+
+
+def test_signed_devices_quantize_activations_to_int8():
+    g, h = _graph(_mlp(), (2, 1, 8, 8))
+    s = annotate(g, HardwareSpec.load("cuda-t4"), h)
+    quantized = [c for c in s.edges.values() if c.bits]
+    assert quantized and {c.dtype for c in quantized} == {"int8"}
+    assert all(c.symmetric for c in quantized)
+
+
+def test_config_pins_float_and_bits():
+    g, h = _graph(_mlp(), (2, 1, 8, 8))
+    conv = g.nodes[0]
+    cfg = AnnotateConfig(weight_bits=4, float_ops=frozenset({g.nodes[4].name}))
+    s = annotate(g, HardwareSpec.load("x86-avx512-vnni"), h, cfg)
+    assert s.ops[conv.name].weight_bits == 4
+    assert s.ops[g.nodes[4].name].mode == "float"
+    # a float edge forces its integer consumer to float
+    cfg = AnnotateConfig(edge_bits={"input:input": 0})
+    s = annotate(g, HardwareSpec.load("x86-avx512-vnni"), h, cfg)
+    assert s.ops[conv.name].mode == "float"
+    assert s.ops[g.nodes[1].name].mode == "float"  # relu after a float conv has nothing to gain

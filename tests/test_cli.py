@@ -1,0 +1,131 @@
+"""The command line: listings, and bad input answered in one line without a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hago.cli import main
+
+pytestmark = pytest.mark.llvm
+
+
+class _Tiny(nn.Module):
+    """conv -> tanh -> dense: tanh has no integer form anywhere, so it must fall back to float."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    path = d / "tiny.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 6, 6),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}}, dynamo=False)
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((40, 1, 6, 6)).astype(np.float32)
+    np.savez(d / "calib.npz", x=calib)
+    return d, path, calib
+
+
+def _err(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hago: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_devices_lists_every_spec(capsys):
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    for name in ("x86-avx512-vnni", "x86-avx2", "rpi4", "rpi5", "cuda-t4", "cuda-h100"):
+        assert name in out
+
+
+def test_spec_check(capsys, tmp_path):
+    from hago.hwspec import spec_dir
+
+    assert main(["spec", "check", str(spec_dir() / "rpi5.yaml")]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((spec_dir() / "rpi5.yaml").read_text().replace("name: rpi5", "name: bad\nturbo: true"))
+    err = _err(capsys, ["spec", "check", str(bad)])
+    assert "bad.yaml" in err and "turbo" in err
+
+
+def test_compile_reports_float_fallback(capsys, tiny):
+    d, path, _ = tiny
+    out = d / "build"
+    assert main(["compile", str(path), "--device", "x86-avx512-vnni", "--calib", str(d / "calib.npz"),
+                 "-o", str(out), "--no-measure"]) == 0
+    text = capsys.readouterr().out
+    assert "relax.tanh" in text and "float" in text
+    report = json.loads((out / "report.json").read_text())
+    # conv and dense run in integer; tanh cannot, and the flatten after it has float input
+    assert report["ops"] == {"integer": 2, "float": 2}
+    reasons = {op["kind"]: op["reason"] for op in report["float_ops"]}
+    assert "unsupported op relax.tanh" in reasons["other"]
+    assert "inputs are float" in reasons["reshape"]
+
+
+def test_missing_model_file(capsys, tmp_path):
+    err = _err(capsys, ["compile", str(tmp_path / "nope.onnx"), "--device", "x86-avx512-vnni", "--calib", "x.npz"])
+    assert "nope.onnx" in err
+
+
+def test_unknown_device(capsys, tiny):
+    _, path, _ = tiny
+    err = _err(capsys, ["compile", str(path), "--device", "tpu-v9", "--calib", "x.npz"])
+    assert "tpu-v9" in err and "rpi4" in err
+
+
+def test_onnx_op_the_importer_lacks(capsys, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Col2Im", ["x", "s", "b"], ["y"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("s", TensorProto.INT64, [2], [5, 5]), helper.make_tensor("b", TensorProto.INT64, [2], [2, 2])])
+    p = tmp_path / "col2im.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), p)
+    err = _err(capsys, ["compile", str(p), "--device", "x86-avx512-vnni", "--calib", "x.npz"])
+    assert "Col2Im" in err
+
+
+@pytest.mark.parametrize("problem", ["shape", "nan", "empty", "missing"])
+def test_bad_calibration_data(capsys, tiny, tmp_path, problem):
+    _, path, calib = tiny
+    bad = tmp_path / f"{problem}.npz"
+    if problem == "shape":
+        np.savez(bad, x=calib[:, :, :5, :])
+    elif problem == "nan":
+        c = calib.copy()
+        c[3, 0, 2, 2] = np.nan
+        np.savez(bad, x=c)
+    elif problem == "empty":
+        np.savez(bad, x=calib[:0])
+    else:
+        np.savez(bad, y=calib)
+    err = _err(capsys, ["compile", str(path), "--device", "x86-avx512-vnni", "--calib", str(bad), "--no-measure"])
+    expect = {"shape": "shape", "nan": "NaN", "empty": "empty", "missing": "'x'"}[problem]
+    assert expect in err, err
+
+
+def test_calibration_is_required_without_a_strategy(capsys, tiny):
+    _, path, _ = tiny
+    err = _err(capsys, ["compile", str(path), "--device", "x86-avx512-vnni"])
+    assert "--calib" in err

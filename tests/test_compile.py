@@ -1,0 +1,97 @@
+"""End to end on the real model: the pretrained MNIST CNN and the real 10k test set.
+
+One compile per session (ONNX route, x86-avx512-vnni, 500 calibration images
+from MNIST's *training* split, evaluation on all 10,000 test images) feeds
+every assertion here; it is the run ``make demo`` shows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from hago import zoo
+from hago.compile import compile as hago_compile
+from hago.compile import quantize
+from hago.irstats import heavy_kernels
+from hago.strategy import Strategy
+
+pytestmark = [pytest.mark.llvm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def mnist_assets(tmp_path_factory):
+    return zoo.export_mnist_demo(tmp_path_factory.mktemp("mnist_demo"), n_calib=500)
+
+
+@pytest.fixture(scope="session")
+def mnist_build(mnist_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mnist_build")
+    result = hago_compile(mnist_assets["model"], "x86-avx512-vnni", mnist_assets["calib"],
+                          eval_data=mnist_assets["eval"], out_dir=out)
+    return result, out
+
+
+def test_int8_accuracy_on_the_real_test_set(mnist_build):
+    result, _ = mnist_build
+    r = result.report
+    assert r["eval_samples"] == 10000
+    assert r["fp32"]["accuracy"] == pytest.approx(0.9905, abs=1e-4)  # TVM FP32 reproduces torch's 99.05%
+    assert r["quantized"]["accuracy"] >= 0.989
+    assert r["agreement"] >= 0.995
+
+
+def test_every_conv_and_dense_is_integer(mnist_build):
+    result, _ = mnist_build
+    kernels = heavy_kernels(result.realized.mod)
+    assert sorted(k.op for k in kernels) == ["relax.matmul"] * 2 + ["relax.nn.conv2d"] * 2
+    for k in kernels:
+        assert k.input_dtypes == ("uint8", "int8") and k.output_dtype == "int32", k
+    assert result.report["ops"] == {"integer": 10, "float": 0}
+    script = result.realized.mod.script(show_meta=False)
+    # float only at the edges: one quantize of the input, one float multiply of the final accumulator
+    assert script.count("R.quantize(") == 1
+    assert script.count("R.dequantize(") == 0
+    assert "float32" not in "".join(l for l in script.splitlines() if "R.nn.conv2d" in l or "R.matmul" in l)
+
+
+def test_outputs_are_written_and_loadable(mnist_build, mnist_test):
+    result, out = mnist_build
+    for name in ("model.so", "strategy.json", "report.json"):
+        assert (out / name).is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["device"] == "x86-avx512-vnni"
+    assert report["fp32"]["latency_ms"] > 0 and report["quantized"]["latency_ms"] > 0
+    assert set(report["ops"]) == {"integer", "float"}
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cpu())
+    x = mnist_test[0][:64]
+    loaded = vm["main"](tvm.runtime.tensor(x)).numpy()
+    direct = relax.VirtualMachine(result.int_executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(loaded, direct)
+
+
+def test_strategy_replay_is_bit_identical(mnist_build, mnist_assets, mnist_test, run_tvm):
+    result, out = mnist_build
+    strategy = Strategy.load(out / "strategy.json")
+    assert strategy.graph_hash == result.report["graph_hash"]
+    edges = {e: c for e, c in strategy.edges.items() if c.qparams is not None}
+    assert edges and all(c.range is not None for c in edges.values())
+    replayed = quantize(mnist_assets["model"], "x86-avx512-vnni", strategy=strategy)
+    x = mnist_test[0][:256]
+    np.testing.assert_array_equal(run_tvm(replayed.realized.mod, x), run_tvm(result.realized.mod, x))
+
+
+def test_strategy_for_another_graph_is_refused(mnist_build):
+    import torch
+    from torch import nn
+
+    from hago.errors import QuantizeError
+
+    result, out = mnist_build
+    other = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()).eval()
+    with pytest.raises(QuantizeError, match="strategy is for graph"):
+        quantize(other, "x86-avx512-vnni", strategy=out / "strategy.json", example_inputs=(torch.zeros(1, 1, 8, 8),))
