@@ -8,9 +8,13 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 DEMO_DIR ?= out/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install arm test demo bench clean
 
-install: $(STAMP)
+install: $(STAMP) arm
+
+# aarch64 toolchain, qemu-user and the aarch64 TVM runtime, for Raspberry Pi builds and their tests
+arm: $(STAMP)
+	@PYTHON=$(PY) bash tools/install_arm.sh
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)

@@ -41,9 +41,33 @@ def host_target() -> tvm.target.Target:
     return tvm.target.Target.from_device(tvm.cpu())
 
 
+def static_batch(mod: tvm.IRModule, batch: int) -> tvm.IRModule:
+    """Bind the symbolic batch dimension of ``main``'s inputs to ``batch``.
+
+    Deployment builds have a fixed batch, and the hand-scheduled integer
+    kernels tile exact shapes, so builds are made static; the dynamic module
+    stays the one strategies are keyed on.
+    """
+    names = set()
+    for p in mod["main"].params:
+        for d in p.ty.shape:
+            if isinstance(d, tvm.tirx.Var):
+                names.add(d.name)
+    if not names:
+        return mod
+    return relax.transform.BindSymbolicVars({n: batch for n in names}, "main")(mod)
+
+
 def build(mod: tvm.IRModule, target: tvm.target.Target, what: str = "target"):
-    """Compile ``mod`` for ``target``; returns a ``relax.VMExecutable``."""
+    """Compile ``mod`` for ``target`` (hago's kernels get their default schedules first)."""
+    if target.kind.name == "cuda":
+        from .cuda import build_cuda
+
+        return build_cuda(mod, target)  # dlight for float, hand-scheduled dp4a kernels for int8
+    from .kernels import schedule_vnni
+
     try:
+        mod = schedule_vnni(mod, target)
         with target:
             return tvm.compile(mod, target=target)
     except Exception as e:
@@ -55,9 +79,14 @@ def export(executable, spec: HardwareSpec, path: str | Path) -> Path:
     """Write a shared library that ``tvm.runtime.load_module`` loads on the device."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if spec.target.get("kind") == "cuda":
+        from .cuda import export_cuda
+
+        export_cuda(executable, path.parent)  # model.so plus kernels.cu, the source nvcc compiles on the host
+        return path
     try:
         if spec.cross_compiler:
-            from tvm.contrib import cc
+            from tvm.support import cc
 
             executable.export_library(str(path), fcompile=cc.cross_compiler(spec.cross_compiler))
         else:

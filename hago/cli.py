@@ -17,6 +17,7 @@ import sys
 from rich.console import Console
 
 from .errors import HagoError
+from .search.target import SearchError
 
 log = logging.getLogger("hago")
 
@@ -36,6 +37,19 @@ def _cmd_spec_check(args) -> int:
     return 0
 
 
+def _rpc_measurer(args):
+    if not args.rpc:
+        return None
+    from .search.measure import RPCMeasurer
+
+    if not args.key:
+        raise SearchError("--rpc needs --key (the device key the board registered with the tracker)")
+    from .hwspec import HardwareSpec
+
+    kind = HardwareSpec.load(args.device).target.get("kind", "llvm")
+    return RPCMeasurer(args.rpc, args.key, timeout_s=args.measure_timeout, device="cuda" if kind == "cuda" else "cpu")
+
+
 def _cmd_compile(args) -> int:
     from .compile import compile as hago_compile
     from .report import print_report
@@ -49,11 +63,62 @@ def _cmd_compile(args) -> int:
         strategy=args.strategy,
         calibrator=args.calibrator,
         measure=not args.no_measure,
+        measurer=_rpc_measurer(args),
     )
     print_report(result.report)
     if args.output:
         Console().print(f"wrote {args.output}/model.so, strategy.json, report.json")
     return 0
+
+
+def _engine_options(args) -> dict:
+    opts = dict(accuracy_drop=args.accuracy_drop, max_trials=args.max_trials, time_budget=args.time_budget,
+                calibrator=args.calibrator)
+    if args.rpc:
+        opts["measurer"] = _rpc_measurer(args)
+    else:
+        from .search.measure import LocalMeasurer
+
+        opts["measurer"] = LocalMeasurer(timeout_s=args.measure_timeout)
+        from .hwspec import HardwareSpec
+        from . import build as build_mod
+
+        if not build_mod.is_local(HardwareSpec.load(args.device)):
+            opts.pop("measurer")  # the engine says clearly that --rpc is needed
+    return opts
+
+
+def _cmd_search(args) -> int:
+    from .search.run import print_search, search
+
+    result = search(args.model, args.device, args.calib, args.eval, out_dir=args.output, algorithm=args.algorithm,
+                    log_path=args.resume or args.log, **_engine_options(args))
+    print_search(result)
+    if args.output and result.best is not None:
+        Console().print(f"wrote {args.output}/model.so, strategy.json, report.json, pareto.json, pareto.png")
+    return 0 if result.best is not None else 1
+
+
+def _cmd_bench(args) -> int:
+    from .bench import bench
+
+    bench(args.model, args.device, args.calib, args.eval, args.strategies.split(","), args.output,
+          engine_options=_engine_options(args), algorithm=args.algorithm)
+    return 0
+
+
+def _search_options(p) -> None:
+    p.add_argument("--calib", required=True, help=".npz of calibration arrays keyed by input name")
+    p.add_argument("--eval", required=True, help=".npz evaluation set; with 'label' the metric is top-1")
+    p.add_argument("--accuracy-drop", default="1%", help="'1%%' relative or '0.5pt' absolute, against FP32")
+    p.add_argument("--algorithm", default="evolve", help="evolve | latency | greedy (HAGO's baseline)")
+    p.add_argument("--max-trials", type=int, default=16, help="device measurements at most")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds at most")
+    p.add_argument("--calibrator", default="mse")
+    p.add_argument("--rpc", help="tracker host:port; measure on the board registered under --key")
+    p.add_argument("--key", help="RPC device key")
+    p.add_argument("--measure-timeout", type=float, default=60.0, help="seconds before a measurement is failed")
+    p.add_argument("-o", "--output", help="output folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibrator", default="mse", help="minmax | percentile | kl | mse (default mse)")
     c.add_argument("-o", "--output", help="output folder for model.so, strategy.json, report.json")
     c.add_argument("--no-measure", action="store_true", help="skip latency measurement")
+    c.add_argument("--rpc", help="tracker host:port: measure on the device registered under --key")
+    c.add_argument("--key", help="RPC device key (e.g. rpi4)")
+    c.add_argument("--measure-timeout", type=float, default=60.0)
     c.set_defaults(func=_cmd_compile)
+
+    s = sub.add_parser("search", help="find the fastest strategy that meets an accuracy target")
+    s.add_argument("model", help="an ONNX file")
+    s.add_argument("--device", required=True)
+    _search_options(s)
+    s.add_argument("--log", help="search log (JSONL); default OUT/search.jsonl")
+    s.add_argument("--resume", help="resume the search recorded in this log")
+    s.set_defaults(func=_cmd_search)
+
+    b = sub.add_parser("bench", help="compare strategies (fp32, int8, search) on a device")
+    b.add_argument("model")
+    b.add_argument("--device", required=True)
+    b.add_argument("--strategies", default="fp32,int8,search")
+    _search_options(b)
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

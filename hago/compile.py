@@ -18,6 +18,7 @@ import numpy as np
 
 from . import build as build_mod
 from .annotate import AnnotateConfig, annotate
+from .arm.schedule import apply_arm_schedules
 from .calibrate import get_calibrator
 from .data import Samples, load_samples
 from .errors import DataError, QuantizeError
@@ -26,9 +27,8 @@ from .frontend import input_infos, load_model
 from .graph import Graph, analyze, graph_hash
 from .hwspec import HardwareSpec
 from .measure import measure_local
-from .observe import observe
+from .observe import apply_ranges, observe, range_sources
 from .prepare import prepare
-from .qparams import activation_qparams
 from .realize import Realized, realize
 from .strategy import Strategy
 
@@ -51,22 +51,10 @@ class CompileResult:
 
 
 def calibrate_strategy(mod, graph: Graph, strategy: Strategy, samples: Samples, calibrator: str, target, batch_size=64):
-    """Fill every quantized edge of ``strategy`` with a calibrated range and parameters."""
+    """Observe the FP32 program on ``samples`` and fill ``strategy``'s ranges."""
     cal = get_calibrator(calibrator)
-    observe(mod, graph, strategy, samples, cal, target, batch_size)
-    owners = {e: c for e, c in strategy.edges.items() if c.bits and c.alias_of is None}
-    if not owners:
-        return strategy
-    ranges = cal.thresholds(
-        bits={e: c.bits for e, c in owners.items()},
-        symmetric={e: c.symmetric for e, c in owners.items()},
-    )
-    for edge, choice in owners.items():
-        r = ranges[edge]
-        choice.range = (float(r.lo), float(r.hi))
-        choice.qparams = activation_qparams(r.lo, r.hi, choice.dtype, choice.bits, choice.symmetric)
-    strategy.calibrator = calibrator
-    return strategy
+    observe(mod, graph, samples, cal, target, batch_size, edges=sorted(set(range_sources(strategy).values())))
+    return apply_ranges(strategy, cal)
 
 
 def _check_strategy(strategy: Strategy, ghash: str, spec: HardwareSpec) -> None:
@@ -137,7 +125,9 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     example_inputs=None,
     annotate_config: AnnotateConfig | None = None,
     batch_size: int = 64,
+    batch: int = 1,
     measure: bool = True,
+    measurer=None,
 ) -> CompileResult:
     """Quantize ``model`` for ``device`` and build it.
 
@@ -159,6 +149,11 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
         Replay a saved strategy instead of annotating and calibrating.
     calibrator : str
         ``minmax``, ``percentile``, ``kl`` or ``mse``.
+    batch : int
+        The batch size the exported build is compiled for (its inputs are static).
+    measurer : hago.search.measure.Measurer, optional
+        How to time builds on a device that is not this machine (e.g. an
+        ``RPCMeasurer`` for a board behind a tracker).
     """
     t0 = time.perf_counter()
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
@@ -170,8 +165,9 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     t_quant = time.perf_counter() - t0
 
     result = CompileResult(strat, {}, fp32, realized, out_dir=Path(out_dir) if out_dir else None, graph=graph)
-    result.fp32_executable = build_mod.build(fp32, target, spec.name)
-    result.int_executable = build_mod.build(realized.mod, target, spec.name)
+    fp32_static, int_static = static_pair(q, spec, batch)
+    result.fp32_executable = build_mod.build(fp32_static, target, spec.name)
+    result.int_executable = build_mod.build(apply_arm_schedules(int_static, spec), target, spec.name)
     report = _base_report(spec, graph, strat, ghash, calibrator, t_quant)
     if measure and build_mod.is_local(spec):
         params = list(fp32["main"].params)
@@ -181,6 +177,8 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
             if m.error:
                 report[key]["error"] = m.error
         _speed_verdict(report)
+    elif measure and measurer is not None:
+        _measure_remote(result, report, spec, measurer, q, batch)
     elif not build_mod.is_local(spec):
         report["notes"].append(f"{spec.name} is not this machine: latency was not measured (use --rpc)")
     if eval_data is not None:
@@ -190,6 +188,37 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
         write_outputs(result, spec)
     log.info("compiled for %s in %.1fs", spec.name, time.perf_counter() - t0)
     return result
+
+
+def _measure_remote(result, report, spec, measurer, q, batch) -> None:
+    """Export both builds and time them on the device through ``measurer``."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="hago_remote_"))
+    inputs = [([d if d is not None else batch for d in i.shape], i.dtype) for i in q.inputs]
+    for key, ex in (("fp32", result.fp32_executable), ("quantized", result.int_executable)):
+        lib = build_mod.export(ex, spec, tmp / f"{key}.so")
+        m = measurer.measure(lib, inputs)
+        report[key]["latency_ms"] = m.latency_ms
+        if m.error:
+            report[key]["error"] = m.error
+            report["notes"].append(f"{key} measurement on {spec.name} failed: {m.error}")
+    _speed_verdict(report)
+
+
+def static_pair(q: Quantized, spec: HardwareSpec, batch: int):
+    """FP32 and realized integer modules with the batch dimension bound to ``batch``.
+
+    Realize runs again on the static graph (same node names, same strategy) so
+    the layout-specific kernels, which tile exact shapes, can be chosen.
+    """
+    fp32 = build_mod.static_batch(q.fp32, batch)
+    if fp32 is q.fp32:
+        return q.fp32, q.realized.mod
+    return fp32, realize(analyze(fp32), q.strategy, spec.requantize).mod
+
+
+EVAL_BATCH = 250
 
 
 def _base_report(spec, graph: Graph, strat: Strategy, ghash: str, calibrator: str, t_quant: float) -> dict:
@@ -222,13 +251,12 @@ def _speed_verdict(report: dict) -> None:
 def _evaluate(result: CompileResult, report: dict, eval_data, infos, spec, host_target) -> None:
     samples = load_samples(eval_data, infos, name="evaluation")
     names = [i.name for i in infos]
-    if build_mod.is_local(spec):
-        fp_ex, q_ex = result.fp32_executable, result.int_executable
-    else:
-        fp_ex = build_mod.build(result.fp32_module, host_target, "host")
-        q_ex = build_mod.build(result.realized.mod, host_target, "host")
-    ref = predict(fp_ex, samples, names)
-    out = predict(q_ex, samples, names)
+    q = Quantized(result.fp32_module, result.graph, result.strategy, result.realized, infos, "")
+    fp32_mod, int_mod = static_pair(q, spec, EVAL_BATCH)
+    fp_ex = build_mod.build(fp32_mod, host_target, "host")
+    q_ex = build_mod.build(int_mod, host_target, "host")
+    ref = predict(fp_ex, samples, names, EVAL_BATCH, static=True)
+    out = predict(q_ex, samples, names, EVAL_BATCH, static=True)
     report["agreement"] = agreement(out, ref)
     if samples.labels is not None:
         report["fp32"]["accuracy"] = top1(ref, samples.labels)

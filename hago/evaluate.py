@@ -14,16 +14,24 @@ from tvm import relax
 from .data import Samples
 
 
-def predict(executable, samples: Samples, input_names: list[str], batch_size: int = 256) -> np.ndarray:
-    """Outputs of ``main`` over all samples, concatenated along the batch axis."""
+def predict(executable, samples: Samples, input_names: list[str], batch_size: int = 250,
+            static: bool = False) -> np.ndarray:
+    """Outputs of ``main`` over all samples, concatenated along the batch axis.
+
+    A ``static`` build was compiled for exactly ``batch_size``: the last,
+    partial batch is padded with zeros and the padding's outputs dropped.
+    """
     vm = relax.VirtualMachine(executable, tvm.cpu())
     outs = []
     for batch in samples.batches(batch_size):
-        args = [tvm.runtime.tensor(np.ascontiguousarray(batch[n])) for n in input_names]
-        out = vm["main"](*args)
+        n = len(next(iter(batch.values())))
+        arrays = [np.ascontiguousarray(batch[name]) for name in input_names]
+        if static and n < batch_size:
+            arrays = [np.concatenate([a, np.zeros((batch_size - n, *a.shape[1:]), a.dtype)]) for a in arrays]
+        out = vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
         if not hasattr(out, "numpy"):
             out = out[0]
-        outs.append(out.numpy())
+        outs.append(out.numpy()[:n])
     return np.concatenate(outs)
 
 

@@ -13,6 +13,8 @@ import tvm
 from tvm import relax
 
 HEAVY_OPS = ("relax.nn.conv2d", "relax.matmul")
+#: hand-scheduled kernels (hago.kernels) that stand in for conv2d / matmul
+HEAVY_KERNELS = ("hago_conv2d_nchwc_vnni", "hago_dense_vnni")
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,16 @@ def heavy_kernels(mod: tvm.IRModule) -> list[KernelInfo]:
     found: list[KernelInfo] = []
 
     def visit(expr):
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in HEAVY_OPS:
+        if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
+            return
+        if expr.op.name in HEAVY_OPS:
             ins = tuple(str(a.ty.dtype) for a in expr.args[:2])
             found.append(KernelInfo(expr.op.name, ins, str(expr.ty.dtype)))
+        elif expr.op.name == "relax.call_tir":
+            name = expr.args[0].name_hint.rstrip("0123456789")  # the builder numbers repeated kernels
+            if name in HEAVY_KERNELS:
+                ins = tuple(str(a.ty.dtype) for a in expr.args[1].fields[:2])
+                found.append(KernelInfo(name, ins, str(expr.ty.dtype)))
 
     relax.analysis.post_order_visit(mod["main"], visit)
     return found

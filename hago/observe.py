@@ -18,12 +18,13 @@ from tvm import relax
 from .calibrate import Calibrator
 from .data import Samples
 from .graph import Graph
+from .qparams import activation_qparams
 from .strategy import Strategy
 
 log = logging.getLogger(__name__)
 
 
-def edges_to_observe(graph: Graph, strategy: Strategy) -> dict[str, str]:
+def range_sources(strategy: Strategy) -> dict[str, str]:
     """Map each quantized edge that owns parameters to the edge whose values set its range."""
     out = {}
     for edge, choice in strategy.edges.items():
@@ -50,24 +51,44 @@ def probe_module(mod: tvm.IRModule, graph: Graph, edges: list[str]) -> tvm.IRMod
 def observe(
     mod: tvm.IRModule,
     graph: Graph,
-    strategy: Strategy,
     samples: Samples,
     calibrator: Calibrator,
     target,
     batch_size: int = 64,
+    edges: list[str] | None = None,
 ) -> None:
-    """Feed every batch of ``samples`` through the FP32 probe into ``calibrator``."""
-    wanted = edges_to_observe(graph, strategy)
-    if not wanted:
+    """Feed every batch of ``samples`` through the FP32 probe into ``calibrator``.
+
+    By default every edge of the graph is observed, under its own name, so one
+    pass serves any strategy: which edges a strategy quantizes (and where a
+    ReLU moves a range) is decided later, from the same statistics.
+    """
+    sources = sorted(edges if edges is not None else graph.edge_var)
+    if not sources:
         return
-    sources = sorted(set(wanted.values()))
     ex = tvm.compile(probe_module(mod, graph, sources), target=target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     input_names = [p.name for p in graph.params]
     for batch in samples.batches(batch_size):
         args = [tvm.runtime.tensor(np.ascontiguousarray(batch[n])) for n in input_names]
         outs = vm["main"](*args)
-        values = {src: outs[i].numpy() for i, src in enumerate(sources)}
-        for edge, src in wanted.items():
-            calibrator.observe(edge, values[src])
-    log.info("observed %d edges over %d samples", len(wanted), len(samples))
+        for i, src in enumerate(sources):
+            calibrator.observe(src, outs[i].numpy())
+    log.info("observed %d edges over %d samples", len(sources), len(samples))
+
+
+def apply_ranges(strategy: Strategy, calibrator: Calibrator) -> Strategy:
+    """Fill every quantized edge of ``strategy`` with its range and parameters from ``calibrator``."""
+    sources = range_sources(strategy)
+    if not sources:
+        return strategy
+    bits = {src: strategy.edges[e].bits for e, src in sources.items()}
+    sym = {src: strategy.edges[e].symmetric for e, src in sources.items()}
+    ranges = calibrator.thresholds(bits=bits, symmetric=sym, names=sorted(set(sources.values())))
+    for edge, src in sources.items():
+        choice = strategy.edges[edge]
+        r = ranges[src]
+        choice.range = (float(r.lo), float(r.hi))
+        choice.qparams = activation_qparams(r.lo, r.hi, choice.dtype, choice.bits, choice.symmetric)
+    strategy.calibrator = calibrator.name
+    return strategy

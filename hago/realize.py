@@ -29,6 +29,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as O
 
+from . import kernels
 from .errors import QuantizeError
 from .graph import Graph, Node
 from .qparams import QParams, container_dtype, fixed_point_multiplier, quantize_weight, weight_qparams
@@ -50,6 +51,14 @@ class LayerConstants:
 class Realized:
     mod: tvm.IRModule
     layers: dict[str, LayerConstants] = field(default_factory=dict)
+
+
+def _shape(expr) -> list:
+    return [int(d) if isinstance(d, (int, tvm.tirx.IntImm)) else d for d in expr.ty.shape]
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
 
 
 def _c(value, dtype: str) -> relax.Constant:
@@ -147,18 +156,26 @@ class _Realizer:
         wqp = weight_qparams(w, axis, choice.weight_bits)
         wq = quantize_weight(w, wqp)
         sx, zx = float(qx.scale), int(qx.zero_point)
+        packed = self.packed_layout(choice, qx)
         if conv:
             a = node.call.attrs
             pad = [int(p) for p in a.padding]
             if any(pad):
                 top, left, bottom, right = pad
                 xq = self.bb.emit(O.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))
-            acc = O.nn.conv2d(xq, _c(wq, "int8"), strides=a.strides, padding=0, dilation=a.dilation,
-                              groups=int(a.groups), out_dtype="int32")
+            groups = int(a.groups)
+            if packed and kernels.vnni_applicable("conv2d", _shape(xq), wq.shape, groups):
+                acc = kernels.emit_conv2d_vnni(self.bb, xq, wq, _ints(a.strides), _ints(a.dilation), groups)
+            else:
+                acc = O.nn.conv2d(xq, _c(wq, "int8"), strides=a.strides, padding=0, dilation=a.dilation,
+                                  groups=groups, out_dtype="int32")
             wsum = wq.astype(np.int64).reshape(wq.shape[0], -1).sum(axis=1)
             bshape = (1, -1, 1, 1)
         else:
-            acc = O.matmul(xq, _c(wq, "int8"), out_dtype="int32")
+            if packed and kernels.vnni_applicable("dense", _shape(xq), wq.shape):
+                acc = kernels.emit_dense_vnni(self.bb, xq, wq)
+            else:
+                acc = O.matmul(xq, _c(wq, "int8"), out_dtype="int32")
             wsum = wq.astype(np.int64).sum(axis=0)
             bshape = (-1,)
         acc_scale = sx * wqp.scale.astype(np.float64)
@@ -181,6 +198,12 @@ class _Realizer:
             f = O.multiply(O.astype(acc, "float32"), _c(acc_scale.reshape(bshape), "float32"))
             self.fval[node.name] = self.bb.emit(f)
         self.layers[node.name] = consts
+
+    @staticmethod
+    def packed_layout(choice, qx: QParams) -> bool:
+        """Whether the spec's descriptor asks for VNNI-packed weights (u8 x s8 blocked layouts)."""
+        layout = (choice.descriptor or {}).get("weight_layout")
+        return layout in kernels.VNNI_WEIGHT_LAYOUTS and container_dtype(qx.dtype) == "uint8"
 
     def add_node(self, node: Node) -> None:
         if not self.s.edges[node.name].bits:  # feeds only float ops: add in float

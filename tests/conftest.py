@@ -67,3 +67,34 @@ def run_tvm(cpu_target):
         return np.concatenate(outs)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def rpc_tracker():
+    """``("127.0.0.1:PORT", key)``: a local tracker with one RPC server (this CPU) posing as a board.
+
+    Both bind to 127.0.0.1 only and are terminated at the end of the session.
+    """
+    import time
+
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    key = "local-board"
+    trk = Tracker(host="127.0.0.1", port=9500, port_end=9600, silent=True)
+    server = rpc.Server(host="127.0.0.1", port=9700, port_end=9800, key=key,
+                        tracker_addr=("127.0.0.1", trk.port), silent=True)
+    try:
+        deadline = time.monotonic() + 60  # the server imports TVM before it registers
+        while True:
+            tc = rpc.connect_tracker("127.0.0.1", trk.port)
+            free = tc.summary()["queue_info"].get(key, {}).get("free", 0)
+            tc.close()
+            if free:
+                break
+            assert time.monotonic() < deadline, "the local RPC server never registered with the tracker"
+            time.sleep(0.3)
+        yield f"127.0.0.1:{trk.port}", key
+    finally:
+        server.terminate()
+        trk.terminate()

@@ -3,7 +3,7 @@
 The default Relax CPU pipeline legalizes ``matmul``/``conv2d`` into plain loops,
 and LLVM never turns those into ``sdot`` (Cortex-A76, Pi 5) or the NEON
 ``smull``/``saddlp`` sequence (Cortex-A72, Pi 4). TVM ships both as 4x4 tensor
-intrinsics (``tvm.s_tir.tensor_intrin.arm_cpu``): one call multiplies four
+intrinsics (restated in :mod:`hago.arm.intrin`): one call multiplies four
 int8 activations by a 4x4 int8 weight tile and adds four int32 lanes. They need
 the weight tile contiguous, i.e. weights packed as ``[N/4, K/4, 4n, 4k]``.
 
@@ -30,12 +30,14 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from . import intrin
+
 log = logging.getLogger(__name__)
 
-# spec.intrinsics name -> TVM tensor intrinsic (registered by importing arm_cpu)
+# spec.intrinsics name -> tensor intrinsic, in order of preference
 INTRINSICS = {
-    "arm-sdot": "dot_4x4_i8i8s32_sdot",
-    "arm-neon-smull": "dot_4x4_i8i8s32_neon",
+    "arm-sdot": intrin.SDOT,
+    "arm-neon-smull": intrin.NEON,
 }
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge a tensorized kernel
 _TILE = 4
@@ -49,10 +51,10 @@ def apply_arm_schedules(mod: tvm.IRModule, spec) -> tvm.IRModule:
     if both are listed). A spec with neither, or a module with no eligible op,
     comes back unchanged. Apply to the realized module, before ``tvm.compile``.
     """
-    names = [n for n in ("arm-sdot", "arm-neon-smull") if n in (spec.intrinsics or [])]
+    names = [n for n in INTRINSICS if n in (spec.intrinsics or [])]
     if not names:
         return mod
-    import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401  (registers the intrinsics)
+    intrin.register()
 
     rewriter = _Int8Kernels(mod, INTRINSICS[names[0]])
     for gv, func in list(mod.functions_items()):
@@ -76,20 +78,25 @@ def _ceil4(x: int) -> int:
     return -(-x // _TILE) * _TILE
 
 
-def _tensorize_gemm(sch: s_tir.Schedule, block, intrin: str, outer: int) -> None:
-    """Tile the last two loops (n, k) of ``block`` by 4 and tensorize the 4x4 inner tile.
-
-    ``outer`` is how many leading spatial loops precede n; the first is parallel.
-    """
+def _tile_gemm(sch: s_tir.Schedule, block, outer: int):
+    """Split the (n, k) loops after ``outer`` spatial loops by 4: ``... no, ko, ni, ki``; returns ``ko``."""
     loops = sch.get_loops(block)
-    n, k = loops[outer], loops[outer + 1]
-    no, ni = sch.split(n, [None, _TILE])
-    ko, ki = sch.split(k, [None, _TILE])
+    no, ni = sch.split(loops[outer], [None, _TILE])
+    ko, ki = sch.split(loops[outer + 1], [None, _TILE])
     sch.reorder(no, ko, ni, ki)
+    return ko
+
+
+def _tensorize_gemm(sch: s_tir.Schedule, block, ko, intrin: str) -> None:
+    """Parallelise the outermost loop, zero-init outside ``ko``, tensorize the 4x4 tile.
+
+    Last step: once decomposed the block is no longer a reduction, so every
+    compute_at and the parallel loop must already be in place.
+    """
+    sch.parallel(sch.get_loops(block)[0])
     init = sch.decompose_reduction(block, ko)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ni, intrin)
-    sch.parallel(loops[0])
+    sch.tensorize(sch.get_loops(block)[-2], intrin)
 
 
 def dense_kernel(k: int, n: int, intrin: str) -> tirx.PrimFunc:
@@ -103,24 +110,28 @@ def dense_kernel(k: int, n: int, intrin: str) -> tirx.PrimFunc:
         (m, npad),
         lambda i, j: te.sum(a[i, r].astype("int32") * w[j // 4, r // 4, j % 4, r % 4].astype("int32"), axis=r),
         name="acc")
+    # N % 4 != 0: the padded [m, N+pad] product, then a copy (compute_at would cut the tile)
     out = acc if npad == n else te.compute((m, n), lambda i, j: acc[i, j], name="C")
     sch = s_tir.Schedule(te.create_prim_func([a, w, out]))
-    _tensorize_gemm(sch, sch.get_sblock("acc"), intrin, outer=1)
-    if npad != n:
-        sch.compute_at(sch.get_sblock("acc"), sch.get_loops(sch.get_sblock("C"))[0])
+    blk = sch.get_sblock("acc")
+    ko = _tile_gemm(sch, blk, outer=1)
+    _tensorize_gemm(sch, blk, ko, intrin)
     return _finish(sch)
 
 
 def conv2d_kernel(shape: tuple, wshape: tuple, strides, padding, dilation, intrin: str) -> tirx.PrimFunc:
-    """NCHW int8 conv as im2col GEMM: ``data[n, C, H, W]``, ``Wp[O/4, K/4, 4, 4]``, K = C*R*S."""
-    _, c, h, wd = shape
+    """NCHW int8 conv as im2col GEMM: ``data[n, C, H, W]``, ``Wp[O/4, K/4, 4, 4]``, K = C*R*S.
+
+    ``shape`` is ``(C, H, W)`` of the data; the batch stays symbolic.
+    """
+    c, h, wd = shape
     o, _, kr, ks = wshape
     (sh, sw), (dh, dw) = strides, dilation
     pt, pl, pb, pr = padding
     oh = (h + pt + pb - (kr - 1) * dh - 1) // sh + 1
     ow = (wd + pl + pr - (ks - 1) * dw - 1) // sw + 1
     kk, kpad, opad = c * kr * ks, _ceil4(c * kr * ks), _ceil4(o)
-    nb = tirx.Var("n", "int64") if shape[0] is None else shape[0]
+    nb = tirx.Var("n", "int64")  # any batch: one kernel serves every call site of this layer shape
     data = te.placeholder((nb, c, h, wd), "int8", name="data")
     w = te.placeholder((opad // _TILE, kpad // _TILE, _TILE, _TILE), "int8", name="W")
 
@@ -140,10 +151,11 @@ def conv2d_kernel(shape: tuple, wshape: tuple, strides, padding, dilation, intri
     out = te.compute((nb, o, oh, ow), lambda b, j, y, x: acc[b, y, x, j], name="out")
     sch = s_tir.Schedule(te.create_prim_func([data, w, out]))
     blk = sch.get_sblock("acc")
-    _tensorize_gemm(sch, blk, intrin, outer=3)
+    ko = _tile_gemm(sch, blk, outer=3)
     # one im2col row per output pixel, reused across all output channels
     sch.compute_at(sch.get_sblock("col"), sch.get_loops(blk)[2])
     sch.reverse_compute_at(sch.get_sblock("out"), sch.get_loops(blk)[0])
+    _tensorize_gemm(sch, blk, ko, intrin)
     return _finish(sch)
 
 
@@ -188,7 +200,8 @@ class _Int8Kernels(PyExprMutator):
     def _kernel(self, key: tuple, make) -> tvm.ir.GlobalVar:
         if key not in self.kernels:
             name = "hago_arm_" + "_".join(str(p) for p in key).replace("-", "m")
-            self.kernels[key] = self.builder_.add_func(make(), name)
+            # schedules name their function "main": give it its own symbol
+            self.kernels[key] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
         return self.kernels[key]
 
     def _dense(self, call: relax.Call) -> relax.Expr:
@@ -210,8 +223,7 @@ class _Int8Kernels(PyExprMutator):
         padding = [int(v) for v in a.padding]
         dilation = [int(v) for v in a.dilation]
         key = ("conv2d", *x[1:], *w.shape, *strides, *padding, *dilation)
-        gv = self._kernel(key, lambda: conv2d_kernel(
-            (None, *x[1:]), w.shape, strides, padding, dilation, self.intrin))
+        gv = self._kernel(key, lambda: conv2d_kernel(x[1:], w.shape, strides, padding, dilation, self.intrin))
         self.count += 1
         wp = pack_weight(w.reshape(w.shape[0], -1))
         return relax.call_tir(gv, [call.args[0], relax.const(wp)], call.ty)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -122,6 +122,7 @@ class Calibrator(ABC):
         self,
         bits: int | Mapping[str, int] = 8,
         symmetric: bool | Mapping[str, bool] = False,
+        names: Iterable[str] | None = None,
     ) -> dict[str, Range]:
         """One clipping range per observed edge.
 
@@ -131,6 +132,9 @@ class Calibrator(ABC):
             Bit width for all edges, or a mapping edge -> bits (edges it omits get 8).
         symmetric:
             ``True`` gives ``Range(-T, T)``; a mapping sets it per edge (omitted: False).
+        names:
+            Only these edges (all observed edges when None): the search observes
+            every edge once and asks for the few each candidate quantizes.
 
         A mapping that names an edge never observed, or an edge observed only
         with empty batches, raises :class:`CalibrationError`.
@@ -147,14 +151,19 @@ class Calibrator(ABC):
                     raise CalibrationError(
                         f"edge {unknown[0]!r} was never observed; observed: {self._listed()}"
                     )
-        empty = [n for n, s in self._stats.items() if s.count == 0]
+        wanted = list(self._stats) if names is None else list(dict.fromkeys(names))
+        unknown = [n for n in wanted if n not in self._stats]
+        if unknown:
+            raise CalibrationError(f"edge {unknown[0]!r} was never observed; observed: {self._listed()}")
+        empty = [n for n in wanted if self._stats[n].count == 0]
         if empty:
             raise CalibrationError(
                 f"edge {empty[0]!r} was observed with zero elements ({len(empty)} such edges); "
                 "feed calibration batches with data"
             )
         out = {}
-        for name, stats in self._stats.items():
+        for name in wanted:
+            stats = self._stats[name]
             b = _resolve_bits(bits, name)
             sym = _resolve_symmetric(symmetric, name)
             rng = _nonzero_width(self._range(stats, b, sym), sym)

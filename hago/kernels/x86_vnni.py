@@ -24,6 +24,8 @@ import numpy as np
 from tvm import relax, te, tirx
 from tvm.relax import op as O
 
+from ..errors import QuantizeError
+
 KERNEL_ATTR = "hago.kernel"
 DENSE = "dense_vnni"
 CONV = "conv2d_nchwc_vnni"
@@ -36,9 +38,13 @@ def _up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-def _ints(v, n=2) -> tuple[int, ...]:
-    t = tuple(int(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__len__") else [v] * n))
-    return t * n if len(t) == 1 else t
+def _pair(v) -> tuple[int, int]:
+    """``2``, ``[2]``, ``(2, 2)`` or a TVM array of IntImm -> ``(2, 2)``."""
+    try:
+        t = tuple(int(x) for x in v)
+    except TypeError:
+        t = (int(v),)
+    return (t[0], t[0]) if len(t) == 1 else (t[0], t[1])
 
 
 def in_block(c_per_group: int) -> int:
@@ -114,20 +120,20 @@ def _dense_te(a, wp):
 def _pad_k_te(a, kp):
     m, k = (int(s) for s in a.shape)
     return te.compute(
-        (m, kp), lambda i, j: tirx.if_then_else(j < k, a[i, j], tirx.const(0, a.dtype)), name="hago_pad_k"
+        (m, kp), lambda i, j: tirx.if_then_else(j < k, a[i, tirx.min(j, k - 1)], tirx.const(0, a.dtype)),
+        name="hago_pad_k",
     )
 
 
 def _to_nchwc_te(x, cp, b):
     n, c, h, w = (int(s) for s in x.shape)
-    return te.compute(
-        (n, cp // b, h, w, b),
-        lambda i, cc, y, z, cb: tirx.if_then_else(
-            cc * b + cb < c, x[i, tirx.min(cc * b + cb, c - 1), y, z], tirx.const(0, x.dtype)
-        ),
-        name=TO_NCHWC,
-        attrs={KERNEL_ATTR: TO_NCHWC},
-    )
+
+    def body(i, cc, y, z, cb):
+        if cp == c:
+            return x[i, cc * b + cb, y, z]
+        return tirx.if_then_else(cc * b + cb < c, x[i, tirx.min(cc * b + cb, c - 1), y, z], tirx.const(0, x.dtype))
+
+    return te.compute((n, cp // b, h, w, b), body, name=TO_NCHWC, attrs={KERNEL_ATTR: TO_NCHWC})
 
 
 def _from_nchwc_te(acc, o):
@@ -159,9 +165,21 @@ def _conv_te(data, kernel, strides, dilation, groups):
 
 
 # ---- Relax emitters ---------------------------------------------------------
-def _static_shape(bb: relax.BlockBuilder, expr: relax.Expr) -> list[int]:
-    sinfo = bb.normalize(expr).ty
-    return [int(s) for s in sinfo.shape.values]
+def _u8_shape(bb: relax.BlockBuilder, expr: relax.Expr, what: str) -> list[int]:
+    ty = bb.normalize(expr).ty
+    if str(ty.dtype) != "uint8":
+        raise QuantizeError(f"{what}: VNNI needs uint8 activations, got {ty.dtype}; shift int8 by +128 first")
+    try:
+        return [int(s) for s in ty.shape.values]
+    except (TypeError, AttributeError):
+        raise QuantizeError(f"{what}: VNNI kernels need a static input shape, got {ty.shape}") from None
+
+
+def _int8(w: np.ndarray, what: str) -> np.ndarray:
+    w = np.asarray(w)
+    if w.dtype != np.int8:
+        raise QuantizeError(f"{what}: VNNI weights must be int8 numpy arrays, got {w.dtype}")
+    return w
 
 
 def emit_dense_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_kn_int8: np.ndarray) -> relax.Expr:
@@ -170,9 +188,12 @@ def emit_dense_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_kn_int8: np.ndar
     Bit-identical to ``matmul(x, w, out_dtype="int32")``. Leading dims of ``x``
     are flattened into M and restored.
     """
-    xs = _static_shape(bb, x_u8)
-    k, n = w_kn_int8.shape
-    wp = pack_dense_weight(np.asarray(w_kn_int8, np.int8))
+    xs = _u8_shape(bb, x_u8, "dense")
+    w = _int8(w_kn_int8, "dense")
+    if not vnni_applicable("dense", xs, w.shape):
+        raise QuantizeError(f"dense {xs} x {list(w.shape)}: shapes do not match")
+    k, n = w.shape
+    wp = pack_dense_weight(w)
     kp = int(wp.shape[1]) * RED
     a = x_u8 if len(xs) == 2 else bb.emit(O.reshape(x_u8, (-1, k)))
     if kp != k:
@@ -193,15 +214,17 @@ def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8_nchw: relax.Expr, w_oihw_int8:
     ``conv2d(x, w, strides, padding=0, dilation, groups, out_dtype="int32")``.
     Check ``vnni_applicable`` first.
     """
-    xs = _static_shape(bb, x_u8_nchw)
-    o, i = int(w_oihw_int8.shape[0]), int(w_oihw_int8.shape[1])
+    xs = _u8_shape(bb, x_u8_nchw, "conv2d")
+    w = _int8(w_oihw_int8, "conv2d")
     groups = int(groups)
-    if not vnni_applicable("conv2d", xs, w_oihw_int8.shape, groups):
-        raise ValueError(f"conv2d {xs} x {list(w_oihw_int8.shape)} groups={groups} has no VNNI layout")
-    wp = pack_conv_weight(np.asarray(w_oihw_int8, np.int8), groups)
+    if not vnni_applicable("conv2d", xs, w.shape, groups):
+        raise QuantizeError(f"conv2d {xs} x {list(w.shape)} groups={groups} has no VNNI layout; "
+                            "check vnni_applicable first")
+    o = int(w.shape[0])
+    wp = pack_conv_weight(w, groups)
     b = int(wp.shape[4]) * RED
     cp = int(wp.shape[1]) * b * groups
     data = bb.emit_te(_to_nchwc_te, x_u8_nchw, cp, b, primfunc_name_hint="hago_nchw_to_nchwc")
-    acc = bb.emit_te(_conv_te, data, relax.const(wp, "int8"), _ints(strides), _ints(dilation), groups,
+    acc = bb.emit_te(_conv_te, data, relax.const(wp, "int8"), _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_vnni")
     return bb.emit_te(_from_nchwc_te, acc, o, primfunc_name_hint="hago_nchwc_to_nchw")

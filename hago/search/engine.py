@@ -1,0 +1,236 @@
+"""The search engine: evaluates candidates, keeps the log, picks the answer.
+
+A candidate is a point of :class:`~hago.search.space.SearchSpace`. Its
+accuracy is measured on this machine by running the realized integer program
+(the one the device will run); its latency is measured on the device through a
+:class:`~hago.search.measure.Measurer`. Calibration statistics are gathered
+once for every edge, so each candidate only re-derives ranges, realizes and
+builds. Every measurement goes to the JSONL log first; a resumed search reads
+it back and measures nothing twice.
+
+Choosing: among measured candidates that meet the target, the fastest; a
+candidate within ``tie_tolerance`` of the fastest wins on accuracy instead,
+so timer noise does not pick between builds that run the same kernels.
+When nothing measured meets the target, the most accurate measured candidate
+is returned with a message saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import build as build_mod
+from ..annotate import annotate
+from ..arm.schedule import apply_arm_schedules
+from ..calibrate import get_calibrator
+from ..data import load_samples
+from ..evaluate import predict
+from ..frontend import input_infos, load_model
+from ..graph import analyze, graph_hash
+from ..hwspec import HardwareSpec
+from ..observe import apply_ranges, observe
+from ..prepare import prepare
+from ..realize import realize
+from .log import SearchLog
+from .measure import LocalMeasurer, Measurer
+from .space import Point, SearchSpace
+from .target import AccuracyTarget, SearchError, make_metric
+
+log = logging.getLogger(__name__)
+
+
+class BudgetExhausted(Exception):
+    """Raised inside an algorithm when trials or time run out; the engine catches it."""
+
+
+@dataclass
+class Candidate:
+    key: str
+    point: Point
+    label: str
+    accuracy: float | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class SearchResult:
+    best: Candidate | None
+    met_target: bool
+    message: str
+    threshold: float
+    fp32: Candidate | None
+    candidates: list[Candidate]
+    trials: int
+    reused: int
+    seconds: float
+    strategy: object = None
+    extras: dict = field(default_factory=dict)
+
+
+class SearchEngine:
+    def __init__(self, model, device: str | HardwareSpec, calib, eval_data, *, log_path, accuracy_drop="1%",
+                 metric=None, measurer: Measurer | None = None, calibrator: str = "mse", example_inputs=None,
+                 max_trials: int | None = None, time_budget: float | None = None, allow_float: bool = True,
+                 weight_bits: list[int] | None = None, tie_tolerance: float = 0.03, eval_batch: int = 250):
+        self.t0 = time.perf_counter()
+        self.spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
+        self.fp32 = prepare(load_model(model, example_inputs=example_inputs))
+        self.graph = analyze(self.fp32)
+        self.ghash = graph_hash(self.fp32)
+        self.infos = input_infos(self.fp32)
+        self.space = self._space(allow_float, weight_bits)
+        self.target = accuracy_drop if isinstance(accuracy_drop, AccuracyTarget) else AccuracyTarget.parse(accuracy_drop)
+        self.max_trials, self.time_budget, self.tie_tolerance = max_trials, time_budget, tie_tolerance
+        if measurer is None and not build_mod.is_local(self.spec):
+            raise SearchError(f"{self.spec.name} is not this machine: pass --rpc TRACKER --key KEY to measure on it")
+        self.measurer = measurer or LocalMeasurer()
+        self.host = build_mod.host_target() if not build_mod.is_local(self.spec) else build_mod.target_of(self.spec)
+        self.device_target = build_mod.target_of(self.spec)
+        self.names = [i.name for i in self.infos]
+        self.eval_batch = eval_batch
+        # builds are static (the hand-scheduled kernels tile exact shapes): batch 1 on the device,
+        # eval_batch for accuracy on the host; same node names, so one strategy serves all three graphs
+        self.device_graph = analyze(build_mod.static_batch(self.fp32, 1))
+        self.eval_graph = analyze(build_mod.static_batch(self.fp32, eval_batch))
+        self._calibrate(calib, calibrator)
+        self.eval_samples = load_samples(eval_data, self.infos, name="evaluation")
+        fp32_out = predict(build_mod.build(build_mod.static_batch(self.fp32, eval_batch), self.host, "host"),
+                           self.eval_samples, self.names, eval_batch, static=True)
+        self.score, self.metric_name = make_metric(self.eval_samples.labels, fp32_out, metric)
+        self.fp32_score = self.score(fp32_out)
+        self.threshold = self.target.threshold(self.fp32_score)
+        header = {"graph_hash": self.ghash, "device": self.spec.name, "space": [self.space.key(self.space.widest())],
+                  "target": str(self.target), "metric": self.metric_name}
+        self.log = SearchLog(log_path, header)
+        self.trials = 0
+        self.reused = 0
+        self._tmp = Path(tempfile.mkdtemp(prefix="hago_search_"))
+
+    # -- set-up ----------------------------------------------------------------
+    def _space(self, allow_float: bool, weight_bits) -> SearchSpace:
+        space = SearchSpace.from_graph(self.graph, self.spec)
+        knobs = []
+        for k in space.knobs:
+            ch = k.choices
+            if k.kind == "weight":
+                ch = tuple(c for c in ch if (c or allow_float) and (weight_bits is None or c == 0 or c in weight_bits))
+                if not ch:
+                    raise SearchError(f"no weight bits left for {k.name}: the spec allows {k.choices[1:]}")
+            knobs.append(type(k)(k.name, k.kind, ch))
+        return SearchSpace(tuple(knobs))
+
+    def _calibrate(self, calib, calibrator: str) -> None:
+        samples = load_samples(calib, self.infos, name="calibration")
+        self.calibrator = get_calibrator(calibrator)
+        observe(self.fp32, self.graph, samples, self.calibrator, self.host)
+
+    # -- one candidate ---------------------------------------------------------
+    def strategy(self, point: Point):
+        strat = annotate(self.graph, self.spec, self.ghash, self.space.config(point))
+        return apply_ranges(strat, self.calibrator)
+
+    def label(self, point: Point) -> str:
+        if point == self.space.all_float() and all(k.kind == "weight" for k in self.space.knobs):
+            return "FP32"
+        return " ".join("F" if b == 0 else str(b) for b in point)
+
+    def candidate(self, point: Point) -> Candidate:
+        key = self.space.key(point)
+        c = Candidate(key, tuple(point), self.label(point))
+        if (rec := self.log.get(f"accuracy|{key}")) is not None:
+            c.accuracy = rec["accuracy"]
+        if (rec := self.log.get(f"latency|{key}")) is not None:
+            c.latency_ms, c.error = rec.get("latency_ms"), rec.get("error")
+        return c
+
+    def accuracy(self, point: Point) -> Candidate:
+        c = self.candidate(point)
+        if c.accuracy is not None:
+            return c
+        self._check_time()
+        realized = realize(self.eval_graph, self.strategy(point), self.spec.requantize)
+        out = predict(build_mod.build(realized.mod, self.host, "host"), self.eval_samples, self.names,
+                      self.eval_batch, static=True)
+        c.accuracy = float(self.score(out))
+        self.log.add({"key": f"accuracy|{c.key}", "point": list(point), "accuracy": c.accuracy})
+        return c
+
+    def latency(self, point: Point) -> Candidate:
+        c = self.accuracy(point)
+        if c.latency_ms is not None or c.error is not None:
+            self.reused += 1
+            return c
+        if self.max_trials is not None and self.trials >= self.max_trials:
+            raise BudgetExhausted(f"{self.max_trials} trials")
+        self._check_time()
+        realized = realize(self.device_graph, self.strategy(point), self.spec.requantize)
+        lib = self._tmp / f"cand_{self.trials}.so"
+        try:
+            mod = apply_arm_schedules(realized.mod, self.spec)
+            build_mod.export(build_mod.build(mod, self.device_target, self.spec.name), self.spec, lib)
+            m = self.measurer.measure(lib, self._input_spec())
+            c.latency_ms, c.error = m.latency_ms, m.error
+        except Exception as e:  # a build that fails is a failed candidate, not a failed search
+            c.error = f"{type(e).__name__}: {str(e).splitlines()[-1][:200] if str(e) else ''}"
+        self.trials += 1
+        self.log.add({"key": f"latency|{c.key}", "point": list(point), "latency_ms": c.latency_ms, "error": c.error})
+        if c.error:
+            log.warning("candidate %s failed: %s", c.label, c.error)
+        return c
+
+    def _input_spec(self):
+        return [([d if d is not None else 1 for d in i.shape], i.dtype) for i in self.infos]
+
+    def _check_time(self) -> None:
+        if self.time_budget is not None and time.perf_counter() - self.t0 > self.time_budget:
+            raise BudgetExhausted(f"{self.time_budget:g}s")
+
+    # -- results ---------------------------------------------------------------
+    def all_candidates(self) -> list[Candidate]:
+        points = {tuple(r["point"]) for k, r in self.log.records.items() if "point" in r}
+        return [self.candidate(p) for p in sorted(points)]
+
+    def choose(self) -> tuple[Candidate | None, bool, str]:
+        measured = [c for c in self.all_candidates() if c.latency_ms is not None and c.accuracy is not None]
+        good = [c for c in measured if c.accuracy >= self.threshold]
+        if good:
+            fastest = min(c.latency_ms for c in good)
+            close = [c for c in good if c.latency_ms <= fastest * (1 + self.tie_tolerance)]
+            best = max(close, key=lambda c: (c.accuracy, -c.latency_ms))
+            return best, True, f"{best.label} meets the target ({self.metric_name} {best.accuracy:.4f} >= {self.threshold:.4f})"
+        evaluated = [c for c in self.all_candidates() if c.accuracy is not None and c.error is None]
+        if not evaluated:
+            return None, False, "no candidate could be evaluated; see the log for errors"
+        best = max(evaluated, key=lambda c: (c.accuracy, -(c.latency_ms or float("inf"))))
+        return best, False, (f"no candidate met the target {self.metric_name} >= {self.threshold:.4f} "
+                             f"(FP32 {self.fp32_score:.4f}, drop {self.target}); returning the most accurate: "
+                             f"{best.label} at {best.accuracy:.4f}")
+
+    def run(self, algorithm) -> SearchResult:
+        try:
+            algorithm(self)
+            stop = "search finished"
+        except BudgetExhausted as e:
+            stop = f"budget exhausted ({e})"
+        best, met, msg = self.choose()
+        if best is not None and not met and best.latency_ms is None and best.error is None:
+            try:  # the answer is a build, so measure the most accurate candidate even when it misses
+                self.latency(best.point)
+            except BudgetExhausted:
+                pass
+            best, met, msg = self.choose()
+        fp32 = next((c for c in self.all_candidates() if c.point == self.space.all_float()), None)
+        result = SearchResult(best, met, f"{msg}; {stop}", self.threshold, fp32, self.all_candidates(),
+                              self.trials, self.reused, time.perf_counter() - self.t0)
+        if best is not None:
+            result.strategy = self.strategy(best.point)
+            if fp32 is not None and fp32.latency_ms and best.latency_ms and best.latency_ms > fp32.latency_ms:
+                result.message += f"; WARNING: the chosen build is slower than FP32 ({best.latency_ms:.3f} > {fp32.latency_ms:.3f} ms)"
+        return result

@@ -1,0 +1,58 @@
+"""The accuracy target and the metric it is measured with.
+
+``--accuracy-drop 1%`` is relative to FP32 (keep 99% of its score);
+``--accuracy-drop 0.5pt`` is absolute (lose at most 0.005 of a score in
+[0, 1]). The metric is the user's: top-1 against labels when the evaluation
+set has them, a callable ``metric(outputs, labels_or_fp32_outputs)`` when one
+is given, and top-1 agreement with FP32 otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import HagoError
+from ..evaluate import agreement, top1
+
+
+class SearchError(HagoError, ValueError):
+    """A search cannot start: bad target, bad budget, bad log."""
+
+
+@dataclass(frozen=True)
+class AccuracyTarget:
+    drop: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "AccuracyTarget":
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|pt)\s*", str(text))
+        if not m:
+            raise SearchError(f"accuracy drop {text!r} is not like '1%' (relative) or '0.5pt' (absolute)")
+        value = float(m.group(1))
+        if m.group(2) == "%":
+            return cls(value / 100.0, True)
+        return cls(value / 100.0, False)
+
+    def threshold(self, fp32_score: float) -> float:
+        return fp32_score * (1 - self.drop) if self.relative else fp32_score - self.drop
+
+    def __str__(self) -> str:
+        return f"{self.drop * 100:g}%" if self.relative else f"{self.drop * 100:g}pt"
+
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+def make_metric(labels: np.ndarray | None, fp32_outputs: np.ndarray, metric: Metric | None = None):
+    """``score(outputs) -> float`` for candidate outputs, and its name for the report."""
+    if metric is not None:
+        ref = labels if labels is not None else fp32_outputs
+        return (lambda out: float(metric(out, ref))), getattr(metric, "__name__", "metric")
+    if labels is not None:
+        return (lambda out: top1(out, labels)), "top-1"
+    return (lambda out: agreement(out, fp32_outputs)), "top-1 agreement with FP32"
