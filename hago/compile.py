@@ -47,6 +47,7 @@ class CompileResult:
     int_executable: object = None
     out_dir: Path | None = None
     graph: Graph | None = None
+    quantized: "Quantized | None" = None
     extras: dict = field(default_factory=dict)
 
 
@@ -159,12 +160,13 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
     q = quantize(model, spec, calib, strategy=strategy, calibrator=calibrator, example_inputs=example_inputs,
                  annotate_config=annotate_config, batch_size=batch_size)
-    fp32, graph, strat, realized, infos, ghash = q.fp32, q.graph, q.strategy, q.realized, q.inputs, q.graph_hash
+    fp32, graph, strat, realized, ghash = q.fp32, q.graph, q.strategy, q.realized, q.graph_hash
     target = build_mod.target_of(spec)
     host_target = target if build_mod.is_local(spec) else build_mod.host_target()
     t_quant = time.perf_counter() - t0
 
-    result = CompileResult(strat, {}, fp32, realized, out_dir=Path(out_dir) if out_dir else None, graph=graph)
+    result = CompileResult(strat, {}, fp32, realized, out_dir=Path(out_dir) if out_dir else None, graph=graph,
+                           quantized=q)
     fp32_static, int_static = static_pair(q, spec, batch)
     result.fp32_executable = build_mod.build(fp32_static, target, spec.name)
     result.int_executable = build_mod.build(apply_arm_schedules(int_static, spec), target, spec.name)
@@ -172,7 +174,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     if measure and build_mod.is_local(spec):
         params = list(fp32["main"].params)
         for key, ex in (("fp32", result.fp32_executable), ("quantized", result.int_executable)):
-            m = measure_local(ex, params)
+            m = measure_local(ex, params, batch=batch)
             report[key]["latency_ms"] = m.latency_ms
             if m.error:
                 report[key]["error"] = m.error
@@ -182,7 +184,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     elif not build_mod.is_local(spec):
         report["notes"].append(f"{spec.name} is not this machine: latency was not measured (use --rpc)")
     if eval_data is not None:
-        _evaluate(result, report, eval_data, infos, spec, host_target)
+        _evaluate(result, report, eval_data, q, spec, host_target)
     result.report = report
     if out_dir is not None:
         write_outputs(result, spec)
@@ -248,10 +250,9 @@ def _speed_verdict(report: dict) -> None:
             )
 
 
-def _evaluate(result: CompileResult, report: dict, eval_data, infos, spec, host_target) -> None:
-    samples = load_samples(eval_data, infos, name="evaluation")
-    names = [i.name for i in infos]
-    q = Quantized(result.fp32_module, result.graph, result.strategy, result.realized, infos, "")
+def _evaluate(result: CompileResult, report: dict, eval_data, q: Quantized, spec, host_target) -> None:
+    samples = load_samples(eval_data, q.inputs, name="evaluation")
+    names = [i.name for i in q.inputs]
     fp32_mod, int_mod = static_pair(q, spec, EVAL_BATCH)
     fp_ex = build_mod.build(fp32_mod, host_target, "host")
     q_ex = build_mod.build(int_mod, host_target, "host")

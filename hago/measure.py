@@ -21,6 +21,7 @@ class Measurement:
     std_ms: float | None = None
     repeats: int = 0
     error: str | None = None
+    kernels: tuple = ()  # (signature, ms) per kernel call, when the measurer profiles
 
     @property
     def ok(self) -> bool:

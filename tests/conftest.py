@@ -6,6 +6,8 @@ happens once per session; tests must not mutate what these return.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -69,20 +71,19 @@ def run_tvm(cpu_target):
     return run
 
 
-@pytest.fixture(scope="session")
-def rpc_tracker():
-    """``("127.0.0.1:PORT", key)``: a local tracker with one RPC server (this CPU) posing as a board.
+@contextlib.contextmanager
+def local_rpc(key: str, port: int = 9500):
+    """``"127.0.0.1:PORT"`` of a tracker with one RPC server (this CPU) registered as ``key``.
 
-    Both bind to 127.0.0.1 only and are terminated at the end of the session.
+    Both bind to 127.0.0.1 only and are terminated on exit.
     """
     import time
 
     from tvm import rpc
     from tvm.rpc.tracker import Tracker
 
-    key = "local-board"
-    trk = Tracker(host="127.0.0.1", port=9500, port_end=9600, silent=True)
-    server = rpc.Server(host="127.0.0.1", port=9700, port_end=9800, key=key,
+    trk = Tracker(host="127.0.0.1", port=port, port_end=port + 100, silent=True)
+    server = rpc.Server(host="127.0.0.1", port=port + 200, port_end=port + 300, key=key,
                         tracker_addr=("127.0.0.1", trk.port), silent=True)
     try:
         deadline = time.monotonic() + 60  # the server imports TVM before it registers
@@ -94,7 +95,14 @@ def rpc_tracker():
                 break
             assert time.monotonic() < deadline, "the local RPC server never registered with the tracker"
             time.sleep(0.3)
-        yield f"127.0.0.1:{trk.port}", key
+        yield f"127.0.0.1:{trk.port}"
     finally:
         server.terminate()
         trk.terminate()
+
+
+@pytest.fixture(scope="session")
+def rpc_tracker():
+    """``(tracker, key)`` of a local board (this CPU) for the search tests."""
+    with local_rpc("local-board", port=9500) as tracker:
+        yield tracker, "local-board"

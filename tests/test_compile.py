@@ -80,10 +80,7 @@ def test_exported_build_runs_vnni_kernels(mnist_build):
     from hago.compile import static_pair
     from hago.hwspec import HardwareSpec
 
-    from hago.compile import Quantized
-
-    q = Quantized(result.fp32_module, result.graph, result.strategy, result.realized, [], "")
-    _, int_mod = static_pair(q, HardwareSpec.load("x86-avx512-vnni"), 1)
+    _, int_mod = static_pair(result.quantized, HardwareSpec.load("x86-avx512-vnni"), 1)
     kernels = heavy_kernels(int_mod)
     assert sorted(k.op for k in kernels) == ["hago_conv2d_nchwc_vnni"] * 2 + ["hago_dense_vnni"] * 2
     assert all(k.integer for k in kernels)

@@ -17,6 +17,7 @@ import tvm
 from tvm import relax
 
 from hago import zoo
+from conftest import local_rpc
 from hago.errors import MeasureError
 from hago.hwspec import HardwareSpec
 from hago.rpc import measure_rpc, parse_tracker, run_rpc
@@ -33,26 +34,8 @@ def _closed_port() -> int:
 @pytest.fixture(scope="module")
 def tracker():
     """``"127.0.0.1:PORT"`` of a tracker with one RPC server registered as ``rpi4``."""
-    from tvm import rpc
-    from tvm.rpc.tracker import Tracker
-
-    trk = Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
-    server = rpc.Server(host="127.0.0.1", port=9300, port_end=9400, key=KEY,
-                        tracker_addr=("127.0.0.1", trk.port), silent=True)
-    try:
-        deadline = time.monotonic() + 60  # the server process imports TVM before it registers
-        while True:
-            tc = rpc.connect_tracker("127.0.0.1", trk.port)
-            free = tc.summary()["queue_info"].get(KEY, {}).get("free", 0)
-            tc.close()
-            if free:
-                break
-            assert time.monotonic() < deadline, "the local RPC server never registered with the tracker"
-            time.sleep(0.3)
-        yield f"127.0.0.1:{trk.port}"
-    finally:
-        server.terminate()
-        trk.terminate()
+    with local_rpc(KEY, port=9190) as addr:
+        yield addr
 
 
 @pytest.fixture(scope="module")

@@ -144,3 +144,22 @@ def test_killed_search_resumes_without_measuring_twice(mnist_onnx_path, npz, tmp
         assert (tmp_path / "out" / name).is_file()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["search"]["met_target"] is True
+
+
+def test_kernel_cache_estimates_a_candidate_from_shared_kernels(mnist_onnx_path, data, tmp_path):
+    """8- and 4-bit weights run the same int8 kernels: measuring one prices the other without the device."""
+    e = _engine(mnist_onnx_path, data, tmp_path / "c.jsonl", cache_dir=tmp_path / "cache", max_trials=2)
+    wide, narrow = e.space.widest(), e.space.narrowest()
+    assert wide != narrow
+    assert e.estimate(narrow) is None  # nothing measured yet
+    measured = e.latency(wide)
+    cache = json.loads((tmp_path / "cache" / "kernels" / "x86-avx512-vnni.json").read_text())
+    assert cache["schema"] == 1 and len(cache["kernels"]) >= 4
+    est = e.estimate(narrow)
+    assert est is not None
+    # the same kernel calls, so the estimate is the measured run: kernel times plus the VM's overhead
+    assert est == pytest.approx(measured.latency_ms, rel=1e-6)
+    assert e.estimate(wide) == pytest.approx(est) and e._signatures[narrow] == e._signatures[wide]
+    assert e.trials == 1  # priced without a second device measurement
+    # a float layer brings float kernels nobody has measured yet
+    assert e.estimate(e.space.all_float()) is None

@@ -56,6 +56,16 @@ def greedy(engine) -> None:
     _fp32_baseline(engine)
 
 
+def _predict(engine, model: LatencyModel, points: list) -> np.ndarray:
+    """Per-kernel estimates where every kernel is cached, the learned model elsewhere."""
+    learned = model.predict(points)
+    out = []
+    for p, guess in zip(points, learned):
+        est = engine.estimate(p)
+        out.append(est if est is not None else guess)
+    return np.asarray(out, np.float64)
+
+
 def _measured(engine):
     cands = [c for c in engine.all_candidates() if c.latency_ms is not None]
     return [c.point for c in cands], [c.latency_ms for c in cands]
@@ -73,8 +83,8 @@ def latency_aware(engine) -> None:
         if not ups:
             break
         model.fit(*_measured(engine))
-        base = model.predict([current.point])[0]
-        pred = model.predict(ups)
+        base = _predict(engine, model, [current.point])[0]
+        pred = _predict(engine, model, ups)
         gains = []
         for p, lat in zip(ups, pred):
             c = engine.accuracy(p)
@@ -99,7 +109,7 @@ def evolve(engine, population: int = 6, rounds: int = 4, per_round: int = 2, see
         model.fit(*_measured(engine))
         todo = [c for c in good if c.latency_ms is None and c.error is None]
         if todo:
-            pred = model.predict([c.point for c in todo])
+            pred = _predict(engine, model, [c.point for c in todo])
             order = np.argsort(np.nan_to_num(pred, nan=0.0))
             for j in order[:per_round]:
                 engine.latency(todo[j].point)
@@ -122,6 +132,6 @@ def evolve(engine, population: int = 6, rounds: int = 4, per_round: int = 2, see
     model.fit(*_measured(engine))
     good = [c for c in pool.values() if c.accuracy >= engine.threshold and c.latency_ms is None and c.error is None]
     if good:
-        pred = model.predict([c.point for c in good])
+        pred = _predict(engine, model, [c.point for c in good])
         for j in np.argsort(np.nan_to_num(pred, nan=0.0))[:2]:
             engine.latency(good[j].point)

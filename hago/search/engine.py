@@ -18,6 +18,7 @@ is returned with a message saying so.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from ..hwspec import HardwareSpec
 from ..observe import apply_ranges, observe
 from ..prepare import prepare
 from ..realize import realize
+from .kernelcache import KernelCache, profile_calls
 from .log import SearchLog
 from .measure import LocalMeasurer, Measurer
 from .space import Point, SearchSpace
@@ -78,7 +80,8 @@ class SearchEngine:
     def __init__(self, model, device: str | HardwareSpec, calib, eval_data, *, log_path, accuracy_drop="1%",
                  metric=None, measurer: Measurer | None = None, calibrator: str = "mse", example_inputs=None,
                  max_trials: int | None = None, time_budget: float | None = None, allow_float: bool = True,
-                 weight_bits: list[int] | None = None, tie_tolerance: float = 0.03, eval_batch: int = 250):
+                 weight_bits: list[int] | None = None, tie_tolerance: float = 0.03, eval_batch: int = 250,
+                 cache_dir: str | Path | None = None):
         self.t0 = time.perf_counter()
         self.spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
         self.fp32 = prepare(load_model(model, example_inputs=example_inputs))
@@ -109,6 +112,9 @@ class SearchEngine:
         header = {"graph_hash": self.ghash, "device": self.spec.name, "space": [self.space.key(self.space.widest())],
                   "target": str(self.target), "metric": self.metric_name}
         self.log = SearchLog(log_path, header)
+        cache_dir = Path(cache_dir or os.environ.get("HAGO_CACHE_DIR", Path.home() / ".cache" / "hago"))
+        self.kernels = KernelCache(cache_dir / "kernels" / f"{self.spec.name}.json", self.spec.name)
+        self._signatures: dict[Point, list[str]] = {}
         self.trials = 0
         self.reused = 0
         self._tmp = Path(tempfile.mkdtemp(prefix="hago_search_"))
@@ -177,6 +183,8 @@ class SearchEngine:
             build_mod.export(build_mod.build(mod, self.device_target, self.spec.name), self.spec, lib)
             m = self.measurer.measure(lib, self._input_spec())
             c.latency_ms, c.error = m.latency_ms, m.error
+            if m.kernels:
+                self.kernels.add(list(m.kernels), m.latency_ms)
         except Exception as e:  # a build that fails is a failed candidate, not a failed search
             c.error = f"{type(e).__name__}: {str(e).splitlines()[-1][:200] if str(e) else ''}"
         self.trials += 1
@@ -184,6 +192,26 @@ class SearchEngine:
         if c.error:
             log.warning("candidate %s failed: %s", c.label, c.error)
         return c
+
+    def estimate(self, point: Point) -> float | None:
+        """Latency from cached per-kernel times, without a device measurement (None if a kernel is new).
+
+        The candidate is built for this machine and run once under the VM's
+        instrument hook to list its kernel calls; only for devices that are
+        this machine, where those calls are the device's calls.
+        """
+        if not build_mod.is_local(self.spec):
+            return None
+        if point not in self._signatures:
+            from tvm import relax
+            import tvm
+
+            realized = realize(self.device_graph, self.strategy(point), self.spec.requantize)
+            vm = relax.VirtualMachine(build_mod.build(realized.mod, self.device_target, "host"), tvm.cpu())
+            rng = np.random.default_rng(0)
+            args = [tvm.runtime.tensor(rng.standard_normal(s).astype(d)) for s, d in self._input_spec()]
+            self._signatures[point] = [sig for sig, _ in profile_calls(vm, args, runs=1)]
+        return self.kernels.estimate(self._signatures[point])
 
     def _input_spec(self):
         return [([d if d is not None else 1 for d in i.shape], i.dtype) for i in self.infos]

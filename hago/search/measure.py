@@ -72,7 +72,8 @@ class LocalMeasurer:
             if (err := self._start()) is not None:
                 self.close()
                 return Measurement(None, error=err)
-        request = {"lib": str(lib_path), "inputs": inputs, "repeat": self.repeat, "min_repeat_ms": self.min_repeat_ms}
+        request = {"lib": str(lib_path), "inputs": inputs, "repeat": self.repeat, "min_repeat_ms": self.min_repeat_ms,
+                   "profile": True}
         try:
             self._proc.stdin.write(json.dumps(request) + "\n")
             self._proc.stdin.flush()
@@ -89,7 +90,8 @@ class LocalMeasurer:
             return Measurement(None, error=f"timed out after {self.timeout_s:g}s")
         if "error" in reply:
             return Measurement(None, error=reply["error"])
-        return Measurement(reply["latency_ms"], reply.get("std_ms"), self.repeat)
+        return Measurement(reply["latency_ms"], reply.get("std_ms"), self.repeat,
+                           kernels=tuple(tuple(k) for k in reply.get("kernels", ())))
 
     def __del__(self):
         try:

@@ -27,7 +27,12 @@ def measure(request: dict) -> dict:
         vm["main"](*args)
         res = vm.time_evaluator("main", dev, number=1, repeat=request.get("repeat", 5),
                                 min_repeat_ms=request.get("min_repeat_ms", 100))(*args)
-        return {"latency_ms": res.median * 1e3, "std_ms": float(np.std(res.results) * 1e3)}
+        out = {"latency_ms": res.median * 1e3, "std_ms": float(np.std(res.results) * 1e3)}
+        if request.get("profile"):
+            from hago.search.kernelcache import profile_calls
+
+            out["kernels"] = profile_calls(vm, args)
+        return out
     except Exception as e:  # reported to the parent as data
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"}
 

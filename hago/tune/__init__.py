@@ -1,0 +1,169 @@
+"""tune: MetaSchedule tuning for CPU builds, with a persistent per-device cache.
+
+Pipeline position: the build stage, in place of ``build.build`` for LLVM
+targets. ``tune_and_build(mod, target, trials=0, ...)`` tunes nothing but
+still applies every schedule the cache holds for ``mod``'s workloads, then
+hago's hand-written VNNI schedules, so a cache filled once (by ``hago compile
+--tune-trials N``, a search or another model sharing layers) speeds up every
+later build of the same shapes on the same device.
+
+``trials`` is a budget **per task** (the AutoTVM convention, not
+MetaSchedule's global one): a workload is tuned only while the budget it was
+tuned to is below ``trials``, and then only by the difference, so a second
+build makes no trial at all and raising the budget tops tasks up. FP32 and
+integer modules go through the same function with the same budget, so their
+latency ratio stays fair.
+
+Hago's VNNI kernels are tuned too: MetaSchedule's VNNI rule tensorizes them
+with ``dot_16x4_vnni`` (re-registered LLVM-22 clean by
+``fix_shipped_vnni_intrin``), and their hand-written schedule is measured and
+committed as the first record, so the database always holds a ``vpdpbusd``
+schedule and a small budget cannot make a kernel slower than untuned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import tvm
+
+from ..errors import BuildError
+from .cache import CACHE_ENV, DEFAULT_CACHE_DIR, SCHEMA, TuningCache, default_cache_dir
+from .measure import fast_build, local_builder, local_runner, rpc_runner
+from .tuner import Task, commit_default, compile_cached, ensure_intrinsics, extract, prepare, search
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CACHE_ENV", "DEFAULT_CACHE_DIR", "SCHEMA", "TuneStats", "Tuned", "default_cache_dir", "fast_build",
+    "local_builder", "local_runner", "rpc_runner", "tune", "tune_and_build",
+]
+
+MS_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+@dataclass(frozen=True)
+class TuneStats:
+    """What one ``tune_and_build`` did: ``new_trials == 0`` means everything came from the cache."""
+
+    tasks: int = 0  # tunable workloads in the module
+    reused_tasks: int = 0  # already tuned to the budget (or, with trials=0, with cached records)
+    tuned_tasks: int = 0  # tuned in this call
+    new_trials: int = 0  # MetaSchedule trials measured in this call
+    failed_trials: int = 0  # of which failed to build or run (normal for VNNI: lane mismatches)
+    seconds: float = 0.0  # tuning time (not the final build)
+
+
+class Tuned(NamedTuple):
+    executable: object  # tvm.relax.VMExecutable
+    stats: TuneStats
+
+
+def _quiet_metaschedule() -> None:
+    logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
+
+
+def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=None, builder=None,
+         cross_compiler: str | None = None, progress: bool = True) -> TuneStats:
+    """Tune every task of ``tasks`` whose cached budget is below ``trials``."""
+    todo = [t for t in tasks if t.entry.budget < trials]
+    stats = {"trials": 0, "failed": 0}
+    if not todo:
+        return TuneStats(len(tasks), len(tasks), 0)
+    t0 = time.perf_counter()
+    _quiet_metaschedule()
+    ensure_intrinsics(target, tuning=True)
+    builder = builder or local_builder(cross_compiler)
+    if runner is None:
+        if cross_compiler:
+            raise BuildError("tuning a cross-compiled target needs a runner on the device: pass an RPC tracker")
+        runner = local_runner()
+    from .measure import progress_callback
+    from .progress import bar
+
+    with bar(sum(trials - t.entry.budget for t in todo), enabled=progress) as advance:
+        def on_batch(n: int, failed: int) -> None:
+            stats["trials"] += n
+            stats["failed"] += failed
+            advance(n)
+
+        for task in todo:
+            before = dict(stats)
+            advance(0, description=task.name)
+            db = task.entry.database()
+            default_ms = None
+            if task.kernel and task.entry.meta().get("default_ms") is None:
+                default_ms = commit_default(task, db, target, builder, runner)
+            try:
+                search(task, db, target, trials - task.entry.budget, builder, runner, [progress_callback(on_batch)])
+            except Exception as e:  # a task MetaSchedule cannot tune keeps its default schedule
+                log.warning("tuning %s failed, it keeps its default schedule: %s", task.name,
+                            str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+            task.entry.record(task=task.name, budget=trials, trials=stats["trials"] - before["trials"],
+                              failed=stats["failed"] - before["failed"], default_ms=default_ms)
+    secs = time.perf_counter() - t0
+    log.info("tuned %d of %d tasks: %d trials (%d failed) in %.1fs", len(todo), len(tasks), stats["trials"],
+             stats["failed"], secs)
+    return TuneStats(len(tasks), len(tasks) - len(todo), len(todo), stats["trials"], stats["failed"], secs)
+
+
+def tune_and_build(mod: tvm.IRModule, target: tvm.target.Target, *, trials: int, cache_dir: str | Path | None = None,
+                   device_key: str, runner=None, progress: bool = True, cross_compiler: str | None = None,
+                   builder=None) -> Tuned:
+    """Tune ``mod``'s uncached workloads for ``target``, then build it with every cached schedule.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        A Relax module with static shapes (``build.static_batch``), after
+        ``realize`` (and ``apply_arm_schedules`` for ARM; its pre-scheduled
+        kernels are left alone).
+    target : tvm.target.Target
+        An LLVM target; CUDA builds go through ``build.build``.
+    trials : int
+        MetaSchedule trials per task; 0 tunes nothing but still applies the cache.
+    cache_dir : path, optional
+        The cache root (default ``$HAGO_CACHE_DIR`` or ``~/.cache/hago/tuning``).
+    device_key : str
+        Names the device's cache folder, e.g. the spec name.
+    runner : MetaSchedule runner, optional
+        Where candidates are timed: this CPU by default, or ``rpc_runner(tracker, key)``.
+    progress : bool
+        A progress bar on stderr while tuning.
+    cross_compiler : str, optional
+        The spec's cross compiler: candidates are linked with it (needs an RPC runner).
+
+    Returns
+    -------
+    Tuned
+        ``(executable, stats)``; ``stats.new_trials`` counts this call's trials.
+    """
+    if target.kind.name != "llvm":
+        raise BuildError(f"tuning supports LLVM (CPU) targets, not {target.kind.name}; use --tune-trials 0")
+    if trials < 0:
+        raise BuildError(f"--tune-trials must be >= 0, got {trials}")
+    cache = TuningCache(cache_dir if cache_dir is not None else default_cache_dir(), device_key, target)
+    try:
+        prepared = prepare(mod, target)
+        tasks = extract(prepared, target, cache)
+    except Exception as e:
+        raise BuildError(f"preparing {device_key} for tuning failed: {_last_line(e)}") from None
+    if trials > 0:
+        stats = tune(tasks, target, trials=trials, runner=runner, builder=builder, cross_compiler=cross_compiler,
+                     progress=progress)
+    else:
+        cached = sum(t.entry.has_records for t in tasks)
+        stats = TuneStats(len(tasks), cached, 0)
+    try:
+        return Tuned(compile_cached(prepared, target, tasks), stats)
+    except Exception as e:
+        raise BuildError(f"TVM failed to build the tuned module for {device_key}: {_last_line(e)}") from None
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else type(e).__name__

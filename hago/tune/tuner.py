@@ -1,0 +1,222 @@
+"""Task extraction, tuning of the uncached tasks, and the build that applies the cache.
+
+A module goes through the CPU pipeline in three steps, the same whether or
+not anything is tuned, so a workload's key never depends on the budget:
+
+1. ``prepare``: PrimFuncs holding a hago kernel block are marked opaque (as
+   ``schedule_vnni`` marks them in an untuned ``build.build``, so FuseOps
+   keeps them standalone), then dispatch + LegalizeOps + FuseOps + FuseTIR
+   (what ``relax.get_pipeline("zero")`` does). Every remaining PrimFunc is a
+   task.
+2. ``tune``: for each task below the budget, hago kernels first get their
+   hand-written schedule measured and committed as a record, so a small
+   budget can only improve on the untuned build; then MetaSchedule searches.
+3. ``compile_cached``: ``MetaScheduleApplyDatabase`` with the cached records,
+   ``schedule_vnni`` for the kernels no record covers, lowering.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import types
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu  # the package omits dataflow_lower_passes
+
+from ..kernels import KERNEL_ATTR, fix_shipped_vnni_intrin, has_vnni, schedule_vnni, vnni_intrin
+from ..kernels.x86_vnni import CONV, DENSE, FROM_NCHWC, TO_NCHWC
+from ..kernels.x86_vnni_schedule import schedule_conv, schedule_dense, schedule_from_nchwc, schedule_to_nchwc
+from .cache import Entry, TuningCache
+
+log = logging.getLogger(__name__)
+
+_OPAQUE = 8  # relax OpPatternKind.kOpaque
+_KERNELS = {DENSE: schedule_dense, CONV: schedule_conv, TO_NCHWC: schedule_to_nchwc, FROM_NCHWC: schedule_from_nchwc}
+MAX_TRIALS_PER_ITER = 32
+
+
+@dataclass
+class Task:
+    name: str
+    mod: tvm.IRModule  # the workload: one PrimFunc named "main"
+    entry: Entry
+    kernel: bool  # a hago kernel: it has a hand-written default schedule
+
+
+# ---- step 1 ------------------------------------------------------------------
+def _kernel_blocks(sch) -> list:
+    blocks = []
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        kind = sch.get(blk).annotations.get(KERNEL_ATTR)
+        if kind is not None and str(kind) in _KERNELS:
+            blocks.append((str(kind), blk))
+    return blocks
+
+
+def _is_kernel(func: tvm.tirx.PrimFunc) -> bool:
+    from tvm.s_tir import Schedule
+
+    try:
+        return bool(_kernel_blocks(Schedule(tvm.IRModule({"main": func}))))
+    except Exception:  # not a schedulable PrimFunc (already lowered, no root block)
+        return False
+
+
+def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse ``mod`` for ``target`` with hago kernels kept standalone."""
+    mod = mod.clone()
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and "op_pattern" not in (func.attrs or {}) and _is_kernel(func):
+            mod.update_func(gv, func.with_attr("op_pattern", _OPAQUE))
+    passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCache) -> list[Task]:
+    """The tunable PrimFuncs of ``prepared`` (pre-scheduled ones, e.g. ARM kernels, are left out)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = []
+    for t in ms.relax_integration.extract_tasks(prepared, target):
+        wl = t.dispatched[0]
+        func = wl["main"]
+        if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+            continue
+        tasks.append(Task(str(t.task_name), wl, cache.entry(wl), _is_kernel(func)))
+    return tasks
+
+
+# ---- tensor intrinsics ---------------------------------------------------------
+def import_cpu_intrinsics() -> None:
+    """``import tvm.s_tir.tensor_intrin`` without parsing its CUDA and ROCm intrinsics.
+
+    MetaSchedule's ``TuneContext`` imports the package, whose ``__init__``
+    parses ~60 s of GPU TVMScript on this 2-core machine (7 s for the CPU
+    ones). Placeholders stand in for the GPU submodules during the import and
+    are removed afterwards, so a later ``import tvm.s_tir.tensor_intrin.cuda``
+    still loads (and registers) the real ones.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    stubs = [f"tvm.s_tir.tensor_intrin.{n}" for n in ("cuda", "rocm")]
+    stubs = [n for n in stubs if n not in sys.modules]
+    for name in stubs:
+        sys.modules[name] = types.ModuleType(name)
+    try:
+        import tvm.s_tir.tensor_intrin as ti
+    finally:
+        for name in stubs:
+            sys.modules.pop(name, None)
+            if "ti" in locals() and getattr(ti, name.rsplit(".", 1)[1], None) is not None:
+                delattr(ti, name.rsplit(".", 1)[1])
+
+
+def ensure_intrinsics(target: tvm.target.Target, names: set[str] = frozenset(), tuning: bool = False) -> None:
+    """Register what tuning (``tuning``) or replaying records (``names``) needs."""
+    from tvm.s_tir import TensorIntrin
+
+    if has_vnni(target):
+        vnni_intrin()
+    missing = {n for n in names if TensorIntrin.get(n, allow_missing=True) is None}
+    if tuning or missing or "dot_16x4_vnni" in names:
+        import_cpu_intrinsics()
+        if has_vnni(target):
+            fix_shipped_vnni_intrin()  # MetaSchedule's VNNI rule looks up the shipped name
+
+
+def _tensorize_intrins(trace) -> set[str]:
+    return {str(inst.attrs[0]) for inst in trace.insts if inst.kind.name == "Tensorize" and inst.attrs}
+
+
+# ---- step 2 ------------------------------------------------------------------
+def default_schedule(mod: tvm.IRModule):
+    """The hand-written schedule of a hago kernel workload as a traced ``Schedule`` (None: none)."""
+    from tvm.s_tir import Schedule, ScheduleError
+
+    sch = Schedule(mod)
+    blocks = _kernel_blocks(sch)
+    if not blocks:
+        return None
+    try:
+        for kind, blk in blocks:
+            _KERNELS[kind](sch, blk)
+    except (ScheduleError, tvm.error.InternalError) as e:
+        log.warning("default schedule of a hago kernel failed: %s", str(e).strip().splitlines()[-1])
+        return None
+    return sch
+
+
+def commit_default(task: Task, database, target, builder, runner) -> float | None:
+    """Measure the hand-written schedule of ``task`` and commit it; its latency in ms (None: failed)."""
+    import shutil
+    from pathlib import Path
+
+    from tvm.s_tir import meta_schedule as ms
+
+    sch = default_schedule(task.mod)
+    if sch is None:
+        return None
+    args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg:
+        log.warning("%s: default schedule failed to build: %s", task.name, built.error_msg.strip().splitlines()[-1])
+        return None
+    try:
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])
+        result = future.result()
+    finally:
+        shutil.rmtree(Path(built.artifact_path).parent, ignore_errors=True)
+    if result.error_msg or not result.run_secs:
+        log.warning("%s: default schedule failed to run: %s", task.name, (result.error_msg or "").strip()[-200:])
+        return None
+    secs = [float(s) for s in result.run_secs]
+    workload = database.commit_workload(task.mod)
+    database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, secs, target, args))
+    return min(secs) * 1e3
+
+
+def search(task: Task, database, target, trials: int, builder, runner, callbacks, seed: int = 0) -> None:
+    """Run ``trials`` MetaSchedule trials on ``task`` into ``database``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
+                         search_strategy="evolutionary", task_name=task.name,
+                         logger=logging.getLogger("tvm.s_tir.meta_schedule.hago"), rand_state=seed,
+                         num_threads="physical").clone()
+    with tempfile.TemporaryDirectory(prefix="hago_tune_") as work_dir:
+        ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=work_dir, max_trials_global=trials,
+                      max_trials_per_task=trials, num_trials_per_iter=min(trials, MAX_TRIALS_PER_ITER),
+                      builder=builder, runner=runner, database=database, cost_model="xgb",
+                      measure_callbacks=[*ms.MeasureCallback.create("default"), *callbacks],
+                      task_scheduler="round-robin")
+
+
+# ---- step 3 ------------------------------------------------------------------
+def compile_cached(prepared: tvm.IRModule, target: tvm.target.Target, tasks: list[Task]):
+    """Build ``prepared`` with the cached records of ``tasks``, default VNNI schedules elsewhere."""
+    from tvm.s_tir import meta_schedule as ms
+
+    dbs, intrins = [], set()
+    for t in tasks:
+        if not t.entry.has_records:
+            continue
+        db = t.entry.database()
+        rec = db.query_tuning_record(t.mod, target, t.name)
+        if rec is not None:
+            dbs.append(db)
+            intrins |= _tensorize_intrins(rec.trace)
+    mod = prepared
+    if dbs:
+        ensure_intrinsics(target, intrins)
+        database = dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
+        with target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    mod = schedule_vnni(mod, target)
+    lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+    with target:
+        return tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lower))
