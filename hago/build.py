@@ -58,12 +58,23 @@ def static_batch(mod: tvm.IRModule, batch: int) -> tvm.IRModule:
     return relax.transform.BindSymbolicVars({n: batch for n in names}, "main")(mod)
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target, what: str = "target"):
-    """Compile ``mod`` for ``target`` (hago's kernels get their default schedules first)."""
+def build(mod: tvm.IRModule, target: tvm.target.Target, what: str = "target", tune=None):
+    """Compile ``mod`` for ``target`` (hago's kernels get their default schedules first).
+
+    ``tune`` (a :class:`hago.tune.TuneOptions`) tunes with MetaSchedule and a
+    persistent per-(device, workload) database; with ``trials=0`` it only
+    reuses cached records.
+    """
     if target.kind.name == "cuda":
         from .cuda import build_cuda
 
         return build_cuda(mod, target)  # dlight for float, hand-scheduled dp4a kernels for int8
+    if tune is not None:
+        from .tune import build_tuned
+
+        ex, stats = build_tuned(mod, target, tune)
+        log.info("%s: %d new trials, %d/%d tasks from cache", what, stats.new_trials, stats.reused_tasks, stats.tasks)
+        return ex
     from .kernels import schedule_vnni
 
     try:

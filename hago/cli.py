@@ -52,7 +52,15 @@ def _rpc_measurer(args):
 
 def _cmd_compile(args) -> int:
     from .compile import compile as hago_compile
+    from .hwspec import HardwareSpec
     from .report import print_report
+    from .tune import TuneOptions
+
+    spec = HardwareSpec.load(args.device)
+    tune = None
+    if spec.target.get("kind") != "cuda":  # GPU kernels are hand-scheduled; MetaSchedule there needs a GPU
+        tune = TuneOptions.for_spec(spec, args.tune_trials, args.cache_dir, tracker=args.rpc,
+                                    progress=sys.stderr.isatty())
 
     result = hago_compile(
         args.model,
@@ -64,6 +72,7 @@ def _cmd_compile(args) -> int:
         calibrator=args.calibrator,
         measure=not args.no_measure,
         measurer=_rpc_measurer(args),
+        tune=tune,
     )
     print_report(result.report)
     if args.output:
@@ -145,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rpc", help="tracker host:port: measure on the device registered under --key")
     c.add_argument("--key", help="RPC device key (e.g. rpi4)")
     c.add_argument("--measure-timeout", type=float, default=60.0)
+    c.add_argument("--tune-trials", type=int, default=0,
+                   help="MetaSchedule trials per task (FP32 and INT8 alike); 0 only reuses cached schedules")
+    c.add_argument("--cache-dir", help="tuning records; default $HAGO_CACHE_DIR or ~/.cache/hago/tuning")
     c.set_defaults(func=_cmd_compile)
 
     s = sub.add_parser("search", help="find the fastest strategy that meets an accuracy target")

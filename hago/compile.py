@@ -129,6 +129,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     batch: int = 1,
     measure: bool = True,
     measurer=None,
+    tune=None,
 ) -> CompileResult:
     """Quantize ``model`` for ``device`` and build it.
 
@@ -155,6 +156,9 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     measurer : hago.search.measure.Measurer, optional
         How to time builds on a device that is not this machine (e.g. an
         ``RPCMeasurer`` for a board behind a tracker).
+    tune : hago.tune.TuneOptions, optional
+        MetaSchedule tuning with cached records; FP32 and integer builds get
+        the same per-task budget so their ratio is fair.
     """
     t0 = time.perf_counter()
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
@@ -168,8 +172,8 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     result = CompileResult(strat, {}, fp32, realized, out_dir=Path(out_dir) if out_dir else None, graph=graph,
                            quantized=q)
     fp32_static, int_static = static_pair(q, spec, batch)
-    result.fp32_executable = build_mod.build(fp32_static, target, spec.name)
-    result.int_executable = build_mod.build(apply_arm_schedules(int_static, spec), target, spec.name)
+    result.fp32_executable = build_mod.build(fp32_static, target, spec.name, tune=tune)
+    result.int_executable = build_mod.build(apply_arm_schedules(int_static, spec), target, spec.name, tune=tune)
     report = _base_report(spec, graph, strat, ghash, calibrator, t_quant)
     if measure and build_mod.is_local(spec):
         params = list(fp32["main"].params)

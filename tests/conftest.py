@@ -7,11 +7,16 @@ happens once per session; tests must not mutate what these return.
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 
 import numpy as np
 import pytest
 
 from hago import zoo
+
+# Tuning records and kernel latencies go to a fresh folder: tests never read a user's ~/.cache.
+os.environ["HAGO_CACHE_DIR"] = tempfile.mkdtemp(prefix="hago_test_cache_")
 
 # Compile for a CPU with avx512 + VNNI: a bare {"kind": "llvm"} turns every AVX feature off.
 CPU_TARGET = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}

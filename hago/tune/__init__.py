@@ -33,14 +33,16 @@ import tvm
 
 from ..errors import BuildError
 from .cache import CACHE_ENV, DEFAULT_CACHE_DIR, SCHEMA, TuningCache, default_cache_dir
-from .measure import fast_build, local_builder, local_runner, rpc_runner
-from .tuner import Task, commit_default, compile_cached, ensure_intrinsics, extract, prepare, search
+from .measure import PoolBuilder, fast_build, local_builder, local_runner, progress_callback, rpc_runner
+from .options import TuneOptions
+from .progress import bar
+from .tuner import Task, commit_default, compile_cached, cost_model, ensure_intrinsics, extract, prepare, search
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CACHE_ENV", "DEFAULT_CACHE_DIR", "SCHEMA", "TuneStats", "Tuned", "default_cache_dir", "fast_build",
-    "local_builder", "local_runner", "rpc_runner", "tune", "tune_and_build",
+    "CACHE_ENV", "DEFAULT_CACHE_DIR", "SCHEMA", "PoolBuilder", "TuneOptions", "TuneStats", "Tuned", "build_tuned",
+    "default_cache_dir", "fast_build", "local_builder", "local_runner", "rpc_runner", "tune", "tune_and_build",
 ]
 
 MS_LOGGER = "tvm.s_tir.meta_schedule"
@@ -63,52 +65,58 @@ class Tuned(NamedTuple):
     stats: TuneStats
 
 
-def _quiet_metaschedule() -> None:
-    logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
-
-
 def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=None, builder=None,
          cross_compiler: str | None = None, progress: bool = True) -> TuneStats:
-    """Tune every task of ``tasks`` whose cached budget is below ``trials``."""
+    """Tune every task of ``tasks`` whose cached budget is below ``trials``, by the difference."""
     todo = [t for t in tasks if t.entry.budget < trials]
-    stats = {"trials": 0, "failed": 0}
     if not todo:
         return TuneStats(len(tasks), len(tasks), 0)
+    if runner is None and cross_compiler:
+        raise BuildError("tuning a cross-compiled target needs a runner on the device: pass an RPC tracker")
     t0 = time.perf_counter()
-    _quiet_metaschedule()
+    logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
     ensure_intrinsics(target, tuning=True)
+    own_builder = builder is None
     builder = builder or local_builder(cross_compiler)
-    if runner is None:
-        if cross_compiler:
-            raise BuildError("tuning a cross-compiled target needs a runner on the device: pass an RPC tracker")
-        runner = local_runner()
-    from .measure import progress_callback
-    from .progress import bar
+    runner = runner or local_runner()
+    total = sum(trials - t.entry.budget for t in todo)
+    model = cost_model(total)
+    counts = {"trials": 0, "failed": 0}
+    try:
+        with bar(total, enabled=progress) as advance:
+            def on_batch(n: int, failed: int) -> None:
+                counts["trials"] += n
+                counts["failed"] += failed
+                advance(n)
 
-    with bar(sum(trials - t.entry.budget for t in todo), enabled=progress) as advance:
-        def on_batch(n: int, failed: int) -> None:
-            stats["trials"] += n
-            stats["failed"] += failed
-            advance(n)
-
-        for task in todo:
-            before = dict(stats)
-            advance(0, description=task.name)
-            db = task.entry.database()
-            default_ms = None
-            if task.kernel and task.entry.meta().get("default_ms") is None:
-                default_ms = commit_default(task, db, target, builder, runner)
-            try:
-                search(task, db, target, trials - task.entry.budget, builder, runner, [progress_callback(on_batch)])
-            except Exception as e:  # a task MetaSchedule cannot tune keeps its default schedule
-                log.warning("tuning %s failed, it keeps its default schedule: %s", task.name,
-                            str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-            task.entry.record(task=task.name, budget=trials, trials=stats["trials"] - before["trials"],
-                              failed=stats["failed"] - before["failed"], default_ms=default_ms)
+            callback = progress_callback(on_batch)
+            for task in todo:
+                advance(0, description=task.name)
+                budget, before = trials - task.entry.budget, counts["trials"]
+                _tune_task(task, target, trials, builder, runner, model, callback, counts)
+                advance(max(0, budget - (counts["trials"] - before)))  # a small search space ends early
+    finally:
+        if own_builder:
+            builder.close()
     secs = time.perf_counter() - t0
-    log.info("tuned %d of %d tasks: %d trials (%d failed) in %.1fs", len(todo), len(tasks), stats["trials"],
-             stats["failed"], secs)
-    return TuneStats(len(tasks), len(tasks) - len(todo), len(todo), stats["trials"], stats["failed"], secs)
+    log.info("tuned %d of %d tasks: %d trials (%d failed) in %.1fs", len(todo), len(tasks), counts["trials"],
+             counts["failed"], secs)
+    return TuneStats(len(tasks), len(tasks) - len(todo), len(todo), counts["trials"], counts["failed"], secs)
+
+
+def _tune_task(task: Task, target, trials: int, builder, runner, model, callback, counts: dict) -> None:
+    """Default record (hago kernels), then the search; the task's ``meta.json`` gets the result."""
+    before = dict(counts)
+    db = task.entry.database()
+    default_ms = None
+    if task.kernel and task.entry.meta().get("default_ms") is None:
+        default_ms = commit_default(task, db, target, builder, runner)
+    try:
+        search(task, db, target, trials - task.entry.budget, builder, runner, model, [callback])
+    except Exception as e:  # a task MetaSchedule cannot tune keeps its default schedule
+        log.warning("tuning %s failed, it keeps its default schedule: %s", task.name, _last_line(e))
+    task.entry.record(task=task.name, budget=trials, trials=counts["trials"] - before["trials"],
+                      failed=counts["failed"] - before["failed"], default_ms=default_ms)
 
 
 def tune_and_build(mod: tvm.IRModule, target: tvm.target.Target, *, trials: int, cache_dir: str | Path | None = None,
@@ -162,6 +170,14 @@ def tune_and_build(mod: tvm.IRModule, target: tvm.target.Target, *, trials: int,
         return Tuned(compile_cached(prepared, target, tasks), stats)
     except Exception as e:
         raise BuildError(f"TVM failed to build the tuned module for {device_key}: {_last_line(e)}") from None
+
+
+def build_tuned(mod: tvm.IRModule, target: tvm.target.Target, options: TuneOptions) -> Tuned:
+    """``tune_and_build`` with ``options``; the RPC runner is made (and probed) only when tuning."""
+    runner = rpc_runner(*options.rpc) if options.rpc and options.trials > 0 else None
+    return tune_and_build(mod, target, trials=options.trials, cache_dir=options.cache_dir,
+                          device_key=options.device_key, runner=runner, progress=options.progress,
+                          cross_compiler=options.cross_compiler)
 
 
 def _last_line(e: BaseException) -> str:

@@ -76,19 +76,53 @@ class Entry:
 
     @property
     def has_records(self) -> bool:
-        path = self.folder / "database_tuning_record.json"
-        return path.is_file() and path.stat().st_size > 0
+        return self.records_path.is_file() and self.records_path.stat().st_size > 0
+
+    @property
+    def records_path(self) -> Path:
+        return self.folder / "database_tuning_record.json"
+
+    def intrinsics(self) -> set[str]:
+        """Tensor intrinsics the records tensorize with: loading them replays their traces.
+
+        A record line is ``[workload, [trace, run_secs, target, args]]`` and a
+        trace ``[[instruction, ...], decisions]`` with instructions ``[kind,
+        inputs, attrs, outputs]``; ``Tensorize`` names its intrinsic first.
+        """
+        names = set()
+        try:
+            lines = self.records_path.read_text().splitlines()
+        except OSError:
+            return names
+        for line in lines:
+            try:
+                for inst in json.loads(line)[1][0][0]:
+                    if inst[0] == "Tensorize" and inst[2]:
+                        names.add(str(inst[2][0]))
+            except (ValueError, IndexError, TypeError):
+                continue  # a malformed line: database() finds it too
+        return names
 
     def database(self):
-        """This workload's ``JSONDatabase`` (created empty if absent; reset if unreadable)."""
+        """This workload's ``JSONDatabase`` (created empty if absent).
+
+        Register the tensor intrinsics of ``intrinsics()`` first. A database
+        that still fails to load (a line cut short by a killed run) is moved
+        aside to ``<folder>.bad`` and this workload starts over: it is a cache.
+        """
         from tvm.s_tir import meta_schedule as ms
 
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             return ms.database.JSONDatabase(work_dir=str(self.folder))
-        except Exception as e:  # a half-written line from a killed run: it is a cache, start over
-            log.warning("tuning cache %s unreadable (%s), discarding it", self.folder, str(e).strip().splitlines()[-1])
-            shutil.rmtree(self.folder, ignore_errors=True)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            if "not registered" in msg:  # a missing intrinsic is our bug, not a corrupt cache
+                raise
+            bad = self.folder.with_name(self.folder.name + ".bad")
+            log.warning("tuning cache %s unreadable (%s): moved to %s", self.folder, msg, bad.name)
+            shutil.rmtree(bad, ignore_errors=True)
+            os.replace(self.folder, bad)
             self.folder.mkdir(parents=True, exist_ok=True)
             return ms.database.JSONDatabase(work_dir=str(self.folder))
 

@@ -17,7 +17,9 @@ not anything is tuned, so a workload's key never depends on the budget:
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import sys
 import tempfile
 import types
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 _KERNELS = {DENSE: schedule_dense, CONV: schedule_conv, TO_NCHWC: schedule_to_nchwc, FROM_NCHWC: schedule_from_nchwc}
 MAX_TRIALS_PER_ITER = 32
+MIN_POPULATION = 16
+XGB_WARMUP = 100
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Task:
 
 # ---- step 1 ------------------------------------------------------------------
 def _kernel_blocks(sch) -> list:
+    # as hago.kernels' private ``_kernel_blocks``: the default schedules are replayed here with a trace
     blocks = []
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
         kind = sch.get(blk).annotations.get(KERNEL_ATTR)
@@ -77,6 +82,12 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(passes)(mod)
 
 
+def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
+    # hago.arm marks its kernels with the pre-0.27 name "tir.is_scheduled"
+    attrs = func.attrs or {}
+    return bool(attrs.get("tirx.is_scheduled", False)) or bool(attrs.get("tir.is_scheduled", False))
+
+
 def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCache) -> list[Task]:
     """The tunable PrimFuncs of ``prepared`` (pre-scheduled ones, e.g. ARM kernels, are left out)."""
     from tvm.s_tir import meta_schedule as ms
@@ -85,7 +96,7 @@ def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCach
     for t in ms.relax_integration.extract_tasks(prepared, target):
         wl = t.dispatched[0]
         func = wl["main"]
-        if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+        if _is_scheduled(func):
             continue
         tasks.append(Task(str(t.task_name), wl, cache.entry(wl), _is_kernel(func)))
     return tasks
@@ -101,19 +112,20 @@ def import_cpu_intrinsics() -> None:
     are removed afterwards, so a later ``import tvm.s_tir.tensor_intrin.cuda``
     still loads (and registers) the real ones.
     """
-    if "tvm.s_tir.tensor_intrin" in sys.modules:
+    package = "tvm.s_tir.tensor_intrin"
+    if package in sys.modules:
         return
-    stubs = [f"tvm.s_tir.tensor_intrin.{n}" for n in ("cuda", "rocm")]
-    stubs = [n for n in stubs if n not in sys.modules]
+    stubs = [n for n in ("cuda", "rocm") if f"{package}.{n}" not in sys.modules]
     for name in stubs:
-        sys.modules[name] = types.ModuleType(name)
+        sys.modules[f"{package}.{name}"] = types.ModuleType(f"{package}.{name}")
     try:
-        import tvm.s_tir.tensor_intrin as ti
+        importlib.import_module(package)
     finally:
+        loaded = sys.modules.get(package)
         for name in stubs:
-            sys.modules.pop(name, None)
-            if "ti" in locals() and getattr(ti, name.rsplit(".", 1)[1], None) is not None:
-                delattr(ti, name.rsplit(".", 1)[1])
+            del sys.modules[f"{package}.{name}"]
+            if loaded is not None and hasattr(loaded, name):
+                delattr(loaded, name)
 
 
 def ensure_intrinsics(target: tvm.target.Target, names: set[str] = frozenset(), tuning: bool = False) -> None:
@@ -127,10 +139,6 @@ def ensure_intrinsics(target: tvm.target.Target, names: set[str] = frozenset(), 
         import_cpu_intrinsics()
         if has_vnni(target):
             fix_shipped_vnni_intrin()  # MetaSchedule's VNNI rule looks up the shipped name
-
-
-def _tensorize_intrins(trace) -> set[str]:
-    return {str(inst.attrs[0]) for inst in trace.insts if inst.kind.name == "Tensorize" and inst.attrs}
 
 
 # ---- step 2 ------------------------------------------------------------------
@@ -180,18 +188,45 @@ def commit_default(task: Task, database, target, builder, runner) -> float | Non
     return min(secs) * 1e3
 
 
-def search(task: Task, database, target, trials: int, builder, runner, callbacks, seed: int = 0) -> None:
+def population(trials: int) -> int:
+    """Evolutionary population for a budget: MetaSchedule's 512 needs minutes per iteration on 2 cores.
+
+    A small design space (an elementwise task has a handful of schedules) makes
+    the search resample the whole population many times over; 1 trial of an
+    elementwise task took 46 s at 512 and 12 s at 64.
+    """
+    return max(MIN_POPULATION, min(512, 8 * trials))
+
+
+def cost_model(total_trials: int):
+    """One cost model for all tasks of a tuning run, as MetaSchedule's multi-task tuning shares one.
+
+    XGBoost predicts nothing before ``num_warmup_samples`` (100) measurements,
+    it returns random scores, yet retrains after every batch (up to 17 s for
+    one trial here): below that many trials the random model is the same
+    search without the training.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    if total_trials < XGB_WARMUP:
+        return ms.CostModel.create("random")
+    return ms.CostModel.create("xgb", num_warmup_samples=XGB_WARMUP, num_tuning_cores=os.cpu_count() or 1)
+
+
+def search(task: Task, database, target, trials: int, builder, runner, model, callbacks, seed: int = 0) -> None:
     """Run ``trials`` MetaSchedule trials on ``task`` into ``database``."""
     from tvm.s_tir import meta_schedule as ms
 
+    pop = population(trials)
+    strategy = ms.search_strategy.EvolutionarySearch(population_size=pop, init_min_unmeasured=min(50, pop // 4))
     ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
-                         search_strategy="evolutionary", task_name=task.name,
+                         search_strategy=strategy, task_name=task.name,
                          logger=logging.getLogger("tvm.s_tir.meta_schedule.hago"), rand_state=seed,
                          num_threads="physical").clone()
     with tempfile.TemporaryDirectory(prefix="hago_tune_") as work_dir:
         ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=work_dir, max_trials_global=trials,
                       max_trials_per_task=trials, num_trials_per_iter=min(trials, MAX_TRIALS_PER_ITER),
-                      builder=builder, runner=runner, database=database, cost_model="xgb",
+                      builder=builder, runner=runner, database=database, cost_model=model,
                       measure_callbacks=[*ms.MeasureCallback.create("default"), *callbacks],
                       task_scheduler="round-robin")
 
@@ -201,18 +236,15 @@ def compile_cached(prepared: tvm.IRModule, target: tvm.target.Target, tasks: lis
     """Build ``prepared`` with the cached records of ``tasks``, default VNNI schedules elsewhere."""
     from tvm.s_tir import meta_schedule as ms
 
-    dbs, intrins = [], set()
-    for t in tasks:
-        if not t.entry.has_records:
-            continue
+    cached = [t for t in tasks if t.entry.has_records]
+    ensure_intrinsics(target, set().union(*(t.entry.intrinsics() for t in cached)))
+    dbs = []
+    for t in cached:
         db = t.entry.database()
-        rec = db.query_tuning_record(t.mod, target, t.name)
-        if rec is not None:
+        if db.query_tuning_record(t.mod, target, t.name) is not None:
             dbs.append(db)
-            intrins |= _tensorize_intrins(rec.trace)
     mod = prepared
     if dbs:
-        ensure_intrinsics(target, intrins)
         database = dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
