@@ -79,14 +79,17 @@ class KernelCache:
     def add(self, calls: list[tuple[str, float]], total_ms: float | None = None) -> None:
         """Record the kernels of one measured run, and what the run cost beyond them.
 
-        The end-to-end time also pays for the VM's own work (allocation, calls
-        between kernels); its median share is added to every estimate.
+        A kernel called several times in a run is stored at its mean, so the
+        run's calls sum back to what was measured. The end-to-end time differs
+        from that sum by the VM's own work (allocation, calls between kernels)
+        and, the other way, by the instrument hook's cost on every call; the
+        median difference corrects every estimate, and may be negative.
         """
         by_sig: dict[str, list[float]] = {}
         for sig, ms in calls:
             by_sig.setdefault(sig, []).append(ms)
         for sig, values in by_sig.items():
-            self.times[sig] = float(np.median(values))
+            self.times[sig] = float(np.mean(values))
         if total_ms is not None:
             self.overheads = (self.overheads + [total_ms - sum(ms for _, ms in calls)])[-50:]
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,8 +99,8 @@ class KernelCache:
         tmp.replace(self.path)
 
     def estimate(self, signatures: list[str]) -> float | None:
-        """Cached kernel times of one run plus the VM overhead, or None if any kernel is unknown."""
+        """Cached kernel times of one run, corrected to end-to-end time, or None if any kernel is unknown."""
         if not signatures or any(s not in self.times for s in signatures):
             return None
-        overhead = max(float(np.median(self.overheads)), 0.0) if self.overheads else 0.0
-        return float(sum(self.times[s] for s in signatures)) + overhead
+        correction = float(np.median(self.overheads)) if self.overheads else 0.0
+        return max(float(sum(self.times[s] for s in signatures)) + correction, 0.0)
