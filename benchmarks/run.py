@@ -1,27 +1,52 @@
-"""Side-by-side latency and accuracy: TVM FP32, hago INT8, ONNX Runtime FP32 and INT8.
+"""Side-by-side latency and accuracy: TVM FP32, hago INT8, ONNX Runtime FP32 and INT8 (and OpenVINO).
 
-All builds run in one process, on this machine, at batch 1 with 2 threads, so
-the ratios are taken under the same conditions. Writes the table into
+All builds of one model run in one process, on this machine, at batch 1 with
+2 threads, so the ratios are taken under the same conditions. ``--model all``
+runs every model in its own child process. Writes the table into
 benchmarks/RESULTS.md (between the BEGIN/END markers of the model's section).
 
-    python benchmarks/run.py [--model mnist] [--no-write]
+    python benchmarks/run.py [--model mnist|resnet18|mobilenetv2|efficientnet_lite0|minilm|all] [--no-write]
+
+Models (see benchmarks/models.py): ``mnist`` (pretrained, real MNIST test
+set), ``resnet18`` / ``mobilenetv2`` (random weights: latency only),
+``efficientnet_lite0`` (pretrained; top-1 agreement and KL against FP32 on
+crops of real photographs) and ``minilm`` (all-MiniLM-L6-v2, sequence length
+128; gensim's Lee / WordSim353 / SimLex-999 correlations).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import re
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import numpy as np
+THREADS = int(os.environ.get("HAGO_BENCH_THREADS", "2"))
+os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))  # read once, when TVM's thread pool starts
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
+sys.path.insert(0, str(HERE))
+
+DEVICE = "x86-avx512-vnni"
+REAL_MODELS = ("resnet18", "mobilenetv2", "efficientnet_lite0", "minilm")
+ALL_MODELS = ("mnist", *REAL_MODELS)
+TVM_FP32 = "TVM FP32 (untuned)"
+HAGO_INT8 = "hago INT8 (untuned, default VNNI schedules)"
+ORT_FP32 = "ONNX Runtime FP32"
+ORT_INT8 = "ONNX Runtime INT8 (QDQ u8s8 per-channel)"
+OV_INT8 = "OpenVINO INT8 (the ORT QDQ model)"
+ORT_DYN = "ONNX Runtime INT8 dynamic (quantize_dynamic, per-channel)"
+NOTES: list[str] = []  # failures of optional peers, written under the table
 
 
 def _median_ms(fn, min_s: float = 1.0, repeat: int = 7) -> float:
@@ -42,7 +67,7 @@ def _median_ms(fn, min_s: float = 1.0, repeat: int = 7) -> float:
     return float(np.median(runs))
 
 
-def _ort_session(path, threads=2):
+def _ort_session(path, threads=THREADS):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -51,53 +76,319 @@ def _ort_session(path, threads=2):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _ort_int8(fp32_path, calib, out_path):
+def _ort_int8(fp32_path, calib: dict[str, np.ndarray], out_path):
+    """``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights), one sample per batch."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    n = len(next(iter(calib.values())))
+
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{"input": calib[i:i + 1]} for i in range(len(calib))])
+            self.it = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(n)])
 
         def get_next(self):
             return next(self.it, None)
 
-    pre = out_path.with_suffix(".pre.onnx")
+    pre = Path(out_path).with_suffix(".pre.onnx")
     quant_pre_process(str(fp32_path), str(pre))
     quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-    return out_path
+    return Path(out_path)
 
 
-def bench_mnist(n_eval: int) -> dict:
+def _ort_dynamic_int8(fp32_path, out_path):
+    """``quantize_dynamic``: int8 per-channel weights, activations quantized per call (ORT's path for transformers)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = Path(out_path).with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre))
+    quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
+    return Path(out_path)
+
+
+def _openvino(path, threads=THREADS):
+    """OpenVINO's CPU plugin on an ONNX file (a QDQ file runs as INT8), or None if it is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    return core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+
+
+def _vm(executable):
     import tvm
     from tvm import relax
+
+    return relax.VirtualMachine(executable, tvm.cpu())
+
+
+# ---- MNIST (the original benchmark) --------------------------------------------------
+def bench_mnist(args) -> tuple[dict, str]:
+    import tvm
 
     from hago import zoo
     from hago.compile import compile as hago_compile
 
+    n_eval = args.n_eval or 10000
     assets = zoo.export_mnist_demo(WORK / "mnist", n_calib=500)
     x_test, y_test = zoo.mnist_data("test")
     x_test, y_test = x_test[:n_eval], y_test[:n_eval]
     calib = np.load(assets["calib"])["input"]
-    res = hago_compile(assets["model"], "x86-avx512-vnni", assets["calib"],
+    res = hago_compile(assets["model"], DEVICE, assets["calib"],
                        eval_data={"input": x_test, "label": y_test}, out_dir=WORK / "mnist_build")
     x1 = tvm.runtime.tensor(x_test[:1])
     rows = {}
-    for name, ex in (("TVM FP32 (untuned)", res.fp32_executable), ("hago INT8 (untuned)", res.int_executable)):
-        vm = relax.VirtualMachine(ex, tvm.cpu())
+    for name, ex in ((TVM_FP32, res.fp32_executable), ("hago INT8 (untuned)", res.int_executable)):
+        vm = _vm(ex)
         rows[name] = {"ms": _median_ms(lambda: vm["main"](x1))}
-    rows["TVM FP32 (untuned)"]["top1"] = res.report["fp32"]["accuracy"]
+    rows[TVM_FP32]["top1"] = res.report["fp32"]["accuracy"]
     rows["hago INT8 (untuned)"]["top1"] = res.report["quantized"]["accuracy"]
 
-    ort_int8 = _ort_int8(assets["model"], calib, WORK / "mnist_ort_int8.onnx")
-    for name, path in (("ONNX Runtime FP32", assets["model"]), ("ONNX Runtime INT8 (QDQ u8s8 per-channel)", ort_int8)):
+    ort_int8 = _ort_int8(assets["model"], {"input": calib}, WORK / "mnist_ort_int8.onnx")
+    for name, path in ((ORT_FP32, assets["model"]), (ORT_INT8, ort_int8)):
         sess = _ort_session(path)
         feed1 = {"input": x_test[:1]}
         rows[name] = {"ms": _median_ms(lambda: sess.run(None, feed1))}
         logits = np.concatenate([sess.run(None, {"input": x_test[i:i + 500]})[0] for i in range(0, n_eval, 500)])
         rows[name]["top1"] = float((logits.argmax(1) == y_test).mean())
+    table = to_markdown(rows, TVM_FP32, [("top1", "top-1", "{:.2%}")])
+    body = (f"## MNIST CNN (ccexam, pretrained), {DEVICE}\n\n"
+            f"Command: `python benchmarks/run.py --model mnist` ({_stamp()}).\n"
+            f"Machine: {_machine()}.\nAccuracy on the first {n_eval} images of the real MNIST test set.\n\n"
+            f"{table}\n")
+    return rows, body
+
+
+# ---- the real networks -----------------------------------------------------------
+def _export_onnx(model, example: tuple, names: list[str], path: Path) -> Path:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {n: {0: "N"} for n in names}
+    axes["output"] = {0: "N"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, str(path), dynamo=False, input_names=names, output_names=["output"],
+                          dynamic_axes=axes, opset_version=17)
+    return path
+
+
+def _hago_build(model, example, calib, out_dir, batch_size, annotate_config=None):
+    """``hago.compile`` at batch 1 (FP32 and INT8 executables); no measurement inside."""
+    from hago.compile import compile as hago_compile
+
+    t = time.perf_counter()
+    res = hago_compile(model, DEVICE, calib, example_inputs=example, out_dir=out_dir, measure=False,
+                       batch_size=batch_size, annotate_config=annotate_config)
+    return res, time.perf_counter() - t
+
+
+def _ops_note(res) -> str:
+    from collections import Counter
+
+    ops = res.strategy.ops
+    ints = Counter(c.kind for c in ops.values() if c.mode == "integer")
+    flo = Counter(c.kind if c.kind != "other" else c.reason.split()[2].rstrip(":")
+                  for c in ops.values() if c.mode == "float")
+    fmt = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1]))  # noqa: E731
+    return f"hago ops: {sum(ints.values())} integer ({fmt(ints)}); {sum(flo.values())} float ({fmt(flo)})."
+
+
+def _latency_rows(feeds1: dict[str, np.ndarray], res, onnx_fp32: Path, onnx_int8: Path | None) -> dict:
+    import tvm
+
+    rows = {}
+    args1 = [tvm.runtime.tensor(v) for v in feeds1.values()]
+    for name, ex in ((TVM_FP32, res.fp32_executable), (HAGO_INT8, res.int_executable)):
+        vm = _vm(ex)
+        rows[name] = {"ms": _median_ms(lambda: vm["main"](*args1))}
+        print(f"  {name}: {rows[name]['ms']:.2f} ms", flush=True)
+    paths = [(ORT_FP32, onnx_fp32)] + ([(ORT_INT8, onnx_int8)] if onnx_int8 else [])
+    for name, path in paths:
+        sess = _ort_session(path)
+        rows[name] = {"ms": _median_ms(lambda: sess.run(None, feeds1))}
+        print(f"  {name}: {rows[name]['ms']:.2f} ms", flush=True)
+    if onnx_int8 is not None:
+        try:
+            ov = _openvino(onnx_int8)
+        except Exception as e:  # noqa: BLE001 - optional peer
+            msg = " ".join(str(e).split())
+            print(f"  OpenVINO failed: {msg}", flush=True)
+            NOTES.append(f"OpenVINO could not compile the ORT QDQ model: `{msg[-200:]}`")
+            ov = None
+        if ov is not None:
+            rows[OV_INT8] = {"ms": _median_ms(lambda: ov(feeds1))}
+            print(f"  {OV_INT8}: {rows[OV_INT8]['ms']:.2f} ms", flush=True)
     return rows
+
+
+def _run_batched(fn, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([fn({k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)])
+
+
+def _tvm_fn(executable):
+    import tvm
+
+    vm = _vm(executable)
+    return lambda feeds: vm["main"](*(tvm.runtime.tensor(np.ascontiguousarray(v)) for v in feeds.values())).numpy()
+
+
+def _ort_fn(path):
+    sess = _ort_session(path)
+    return lambda feeds: sess.run(None, feeds)[0]
+
+
+def _torch_fn(model):
+    import torch
+
+    def fn(feeds):
+        with torch.no_grad():
+            return model(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+
+    return fn
+
+
+def bench_cnn(name: str, args) -> tuple[dict, str]:
+    import torch
+
+    import accuracy
+    import models
+
+    torch.set_num_threads(THREADS)
+    pretrained = name == "efficientnet_lite0"
+    model = models.build(name)
+    example = models.example_inputs(name)
+    inp = models.input_names(model)[0]
+    n_calib = args.n_calib or (128 if pretrained else 32)
+    calib = {inp: models.photo_crops(n_calib, seed=1)}
+    wd = WORK / name
+    print(f"{name}: hago compile (calibration on {n_calib} photo crops)", flush=True)
+    res, t_compile = _hago_build(model, example, calib, wd / "build", batch_size=8)
+    onnx_fp32 = _export_onnx(model, example, [inp], wd / f"{name}.onnx")
+    onnx_int8 = _ort_int8(onnx_fp32, calib, wd / f"{name}_ort_int8.onnx")
+    feeds1 = {inp: calib[inp][:1]}
+    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8)
+    cols = []
+    acc_note = "Random weights: latency only (accuracy claims are made on the pretrained models)."
+    if pretrained:
+        n_eval = args.n_eval or 300
+        x = {inp: models.photo_crops(n_eval, seed=2)}  # different crops from calibration
+        print(f"{name}: accuracy on {n_eval} crops", flush=True)
+        ref = _run_batched(_torch_fn(model), x, 50)
+        outs = {HAGO_INT8: _run_batched(_tvm_fn(res.int_executable), x, 1),
+                ORT_FP32: _run_batched(_ort_fn(onnx_fp32), x, 50),
+                ORT_INT8: _run_batched(_ort_fn(onnx_int8), x, 50)}
+        x20 = {inp: x[inp][:20]}  # untuned FP32 is slow: a check that it matches PyTorch
+        rows[TVM_FP32].update(accuracy.classifier_metrics(_run_batched(_tvm_fn(res.fp32_executable), x20, 1),
+                                                          ref[:20]))
+        rows[TVM_FP32]["note"] = "(first 20)"
+        for k, out in outs.items():
+            rows[k].update(accuracy.classifier_metrics(out, ref))
+        cols = [("top1_agreement", "top-1 agreement with FP32", "{:.1%}"), ("mean_kl", "mean KL vs FP32", "{:.4f}"),
+                ("top5_overlap", "top-5 overlap", "{:.1%}")]
+        acc_note = (f"Accuracy: {n_eval} crops (random position, 15-100% of the short side, random flip) of "
+                    f"{len(models._sample_photos())} real photographs (scikit-image and scikit-learn samples, "
+                    f"Debian darknet jpgs when installed), against PyTorch FP32 (TVM FP32 matches it to 1e-5). "
+                    f"Calibration used {n_calib} other crops.")
+    table = to_markdown(rows, TVM_FP32, cols)
+    title = {"resnet18": "ResNet-18 (random weights)", "mobilenetv2": "MobileNetV2 (random weights)",
+             "efficientnet_lite0": "EfficientNet-Lite0 (pretrained, ImageNet)"}[name]
+    body = (f"## {title}, {DEVICE}, batch 1, 224x224\n\n"
+            f"Command: `python benchmarks/run.py --model {name}` ({_stamp()}).\n"
+            f"Machine: {_machine()}.\n{acc_note}\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n\n"
+            f"{table}\n{_notes()}")
+    return rows, body
+
+
+def _minilm_variants(res) -> list:
+    """hago INT8 with the residual adds in float (what annotate should do when one input is float),
+    and additionally the FFN down-projections (their input is GELU's heavy-tailed output) in float."""
+    from hago.annotate import AnnotateConfig
+
+    adds = frozenset(n for n, c in res.strategy.ops.items() if c.kind == "add" and c.mode == "integer")
+    down = frozenset(n.name for n in res.graph.nodes if n.kind == "dense" and n.weight.shape[0] > n.weight.shape[1])
+    return [("hago INT8, residual adds in float", AnnotateConfig(float_ops=adds)),
+            ("hago INT8, residual adds + FFN-down dense in float", AnnotateConfig(float_ops=adds | down))]
+
+
+def bench_minilm(args) -> tuple[dict, str]:
+    import torch
+
+    import accuracy
+    import models
+
+    torch.set_num_threads(THREADS)
+    model = models.build("minilm")
+    example = models.example_inputs("minilm")
+    names = models.input_names(model)
+    n_calib = args.n_calib or 64
+    calib = models.tokenize(models.minilm_calibration_texts(n_calib))
+    wd = WORK / "minilm"
+    print(f"minilm: hago compile (calibration on {n_calib} sentences)", flush=True)
+    res, t_compile = _hago_build(model, example, calib, wd / "build", batch_size=8)
+    onnx_fp32 = _export_onnx(model, example, names, wd / "minilm.onnx")
+    onnx_int8 = _ort_int8(onnx_fp32, calib, wd / "minilm_ort_int8.onnx")
+    docs, _ = models.lee_corpus()
+    feeds1 = {k: v[:1] for k, v in models.tokenize(docs[:1]).items()}
+    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8)
+    onnx_dyn = _ort_dynamic_int8(onnx_fp32, wd / "minilm_ort_dyn_int8.onnx")
+    sess = _ort_session(onnx_dyn)
+    rows[ORT_DYN] = {"ms": _median_ms(lambda: sess.run(None, feeds1))}
+    print(f"  {ORT_DYN}: {rows[ORT_DYN]['ms']:.2f} ms", flush=True)
+
+    def embedder(fn, batch):
+        return lambda texts: _run_batched(fn, models.tokenize(texts), batch)
+
+    cands = {"PyTorch FP32 (reference)": embedder(_torch_fn(model), 32),
+             HAGO_INT8: embedder(_tvm_fn(res.int_executable), 1),
+             ORT_INT8: embedder(_ort_fn(onnx_int8), 32), ORT_DYN: embedder(_ort_fn(onnx_dyn), 32)}
+    variants = [] if args.quick else _minilm_variants(res)
+    for label, cfg in variants:  # the same compile with ops pinned to float through AnnotateConfig
+        print(f"minilm: hago compile, {label}", flush=True)
+        vres, _ = _hago_build(model, example, calib, None, batch_size=8, annotate_config=cfg)
+        vm = _vm(vres.int_executable)
+        import tvm
+
+        args1 = [tvm.runtime.tensor(v) for v in feeds1.values()]
+        rows[label] = {"ms": _median_ms(lambda: vm["main"](*args1))}
+        cands[label] = embedder(_tvm_fn(vres.int_executable), 1)
+    ref_emb = cands["PyTorch FP32 (reference)"](docs)
+    for k, fn in cands.items():
+        print(f"minilm: gensim metrics for {k}", flush=True)
+        t = time.perf_counter()
+        m = accuracy.sentence_metrics(fn)
+        m["cos_vs_fp32"] = accuracy.embedding_agreement(fn(docs), ref_emb)
+        print(f"  {m} ({time.perf_counter() - t:.0f} s)", flush=True)
+        rows.setdefault(k, {"ms": None}).update(m)
+    cols = [("lee_pearson", "Lee Pearson", "{:.4f}"), ("wordsim353_spearman", "WordSim353 Spearman", "{:.4f}"),
+            ("simlex999_spearman", "SimLex-999 Spearman", "{:.4f}"),
+            ("cos_vs_fp32", "mean cos vs FP32 (Lee docs)", "{:.4f}")]
+    table = to_markdown(rows, TVM_FP32, cols)
+    body = (f"## all-MiniLM-L6-v2 (pretrained), {DEVICE}, batch 1, sequence length 128\n\n"
+            f"Command: `python benchmarks/run.py --model minilm` ({_stamp()}).\n"
+            f"Machine: {_machine()}.\n"
+            f"Sentence embedding = mean pooling of the BertModel's token states over the attention mask "
+            f"(sentence-transformers' pooling; our plain-torch BERT reproduces the published FP32 numbers at "
+            f"length 256: Lee 0.6564, WordSim353 0.7289, SimLex-999 0.4462). Texts are truncated/padded to 128 "
+            f"tokens. Calibration: {n_calib} sentences of gensim's Lee *background* corpus and polarity set "
+            f"(disjoint from the evaluation sets).\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n\n"
+            f"{table}\n{_notes()}")
+    return rows, body
+
+
+# ---- output ------------------------------------------------------------------------
+def _notes() -> str:
+    return "".join(f"\n- {n}" for n in NOTES) + ("\n" if NOTES else "")
+
+
+def _stamp() -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
+    return f"commit {commit}, {time.strftime('%Y-%m-%d')}, {THREADS} threads"
 
 
 def _machine() -> str:
@@ -112,14 +403,28 @@ def _machine() -> str:
     import onnxruntime
     import tvm
 
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, TVM {tvm.__version__}, ONNX Runtime {onnxruntime.__version__}"
+    extra = ""
+    try:
+        import openvino
+
+        extra = f", OpenVINO {openvino.__version__.split('-')[0]}"
+    except ImportError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores (shared with other jobs while measured), Python "
+            f"{platform.python_version()}, TVM {tvm.__version__}, ONNX Runtime {onnxruntime.__version__}{extra}")
 
 
-def to_markdown(rows: dict, base: str) -> str:
+def to_markdown(rows: dict, base: str, cols=(("top1", "top-1", "{:.2%}"),)) -> str:
     ref = rows[base]["ms"]
-    lines = ["| build | median ms (batch 1) | speed-up vs TVM FP32 | top-1 |", "|---|---:|---:|---:|"]
+    head = "| build | median ms (batch 1) | speed-up vs TVM FP32 |" + "".join(f" {h} |" for _, h, _ in cols)
+    lines = [head, "|---|---:|---:|" + "---:|" * len(cols)]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['ms']:.3f} | {ref / r['ms']:.2f}x | {r['top1']:.2%} |")
+        ms = r.get("ms")
+        cells = [f"{ms:.3f}" if ms else "-", f"{ref / ms:.2f}x" if ms else "-"]
+        for key, _, fmt in cols:
+            cells.append(fmt.format(r[key]) + (f" {r['note']}" if "note" in r and key == cols[0][0] else "")
+                         if r.get(key) is not None else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -135,25 +440,41 @@ def write_results(section: str, body: str) -> None:
     path.write_text(text)
 
 
+def run_one(model: str, args) -> int:
+    WORK.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    if model == "mnist":
+        rows, body = bench_mnist(args)
+    elif model == "minilm":
+        rows, body = bench_minilm(args)
+    else:
+        rows, body = bench_cnn(model, args)
+    print(body)
+    (WORK / f"{model}_rows.json").write_text(json.dumps(rows, indent=1))
+    print(f"{model}: {time.perf_counter() - t:.0f} s", flush=True)
+    if not args.no_write:
+        write_results(model, body)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="mnist", choices=["mnist"])
-    p.add_argument("--n-eval", type=int, default=10000)
+    p.add_argument("--model", default="mnist", choices=[*ALL_MODELS, "all"])
+    p.add_argument("--n-eval", type=int, default=None, help="evaluation samples (mnist 10000, efficientnet 300)")
+    p.add_argument("--n-calib", type=int, default=None, help="calibration samples (CNNs 32/128, minilm 64)")
+    p.add_argument("--quick", action="store_true", help="skip the slowest accuracy rows")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
-    rows = bench_mnist(args.n_eval)
-    table = to_markdown(rows, "TVM FP32 (untuned)")
-    print(table)
-    if not args.no_write:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
-        body = (f"## MNIST CNN (ccexam, pretrained), x86-avx512-vnni\n\n"
-                f"Command: `python benchmarks/run.py --model mnist` (commit {commit}, {time.strftime('%Y-%m-%d')}).\n"
-                f"Machine: {_machine()}.\nAccuracy on the first {args.n_eval} images of the real MNIST test set.\n\n"
-                f"{table}\n")
-        write_results("mnist", body)
-    return 0
+    if args.model != "all":
+        return run_one(args.model, args)
+    rc = 0
+    for model in ALL_MODELS:  # one process per model: memory and thread pools start fresh
+        cmd = [sys.executable, __file__, "--model", model] + (["--no-write"] if args.no_write else [])
+        cmd += [f"--n-eval={args.n_eval}"] if args.n_eval else []
+        cmd += [f"--n-calib={args.n_calib}"] if args.n_calib else []
+        cmd += ["--quick"] if args.quick else []
+        rc |= subprocess.run(cmd).returncode
+    return rc
 
 
 if __name__ == "__main__":
