@@ -12,9 +12,10 @@ Rules, in the order they are applied per node:
 
 * an op the spec lists no integer descriptor for, or that hago cannot realize,
   stays float and the reason is recorded (the report shows it);
-* a pass-through op (relu, clip, max-pool, reshape) and an add are integer only
-  when an input already arrives in integer: quantizing just to run a ReLU on
-  integers would add work, not remove it;
+* a pass-through op (relu, clip, max-pool, reshape) is integer only when its
+  input already arrives in integer: quantizing just to run a ReLU on integers
+  would add work, not remove it; an add is integer only when *all* its inputs
+  are, so a float residual stream (BERT) is not re-quantized at every add;
 * an edge whose only consumer is an integer relu/clip is calibrated at that
   op's output, so the producer's requantize clips for free and the ReLU keeps
   the full 8-bit resolution for the non-negative range.
@@ -62,9 +63,11 @@ def _node_mode(node, spec: HardwareSpec, integer_edges: set[str], cfg: AnnotateC
         return OpChoice(node.kind, "float", reason="pinned to float by the strategy")
     if node.weighted and cfg.node_weight_bits.get(node.name, 8) == 0:
         return OpChoice(node.kind, "float", reason="weight bits 0 (float) in the strategy")
-    if node.kind in PASSTHROUGH or node.kind == "add":
-        if not any(e in integer_edges for e in node.inputs):
-            return OpChoice(node.kind, "float", reason="inputs are float: nothing to gain")
+    if node.kind in PASSTHROUGH and not any(e in integer_edges for e in node.inputs):
+        return OpChoice(node.kind, "float", reason="inputs are float: nothing to gain")
+    if node.kind == "add" and not all(e in integer_edges for e in node.inputs):
+        # a float residual stream (BERT's) would be quantized twice, once per add, for no integer consumer
+        return OpChoice(node.kind, "float", reason="an input is float: the add stays in float")
     desc = descs[0].model_dump()
     wbits = None
     if node.weighted:

@@ -13,9 +13,13 @@ the hardware will run, so inference-only rewrites happen here, once:
    conv2d weights and bias: a quantized conv must carry the folded weights,
    or the weight ranges calibrated are not those that run; any other batch
    norm with constant statistics becomes one multiply and one add;
-5. ``DecomposeOpsForInference`` lowers any batch norm still left
+5. :func:`fold_pad_into_conv` merges a zero, spatial-only ``nn.pad`` into
+   the padding of the NCHW conv2d it feeds (TF-ported nets such as
+   EfficientNet-Lite pad explicitly for "SAME"): realize pads with the input
+   zero point, so the pad must be the conv's own to stay in integer;
+6. ``DecomposeOpsForInference`` lowers any batch norm still left
    (non-constant statistics) to arithmetic;
-6. ``FoldConstant`` again, then ``DeadCodeElimination`` drops the bindings
+7. ``FoldConstant`` again, then ``DeadCodeElimination`` drops the bindings
    left unused (the ``zeros_like`` pooling indices, the folded batch norms).
 """
 
@@ -27,7 +31,7 @@ from tvm import relax
 from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wildcard
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-__all__ = ["prepare", "prepare_passes", "commute_constants", "fold_batch_norm"]
+__all__ = ["prepare", "prepare_passes", "commute_constants", "fold_batch_norm", "fold_pad_into_conv"]
 
 _COMMUTATIVE = ("relax.add", "relax.multiply", "relax.maximum", "relax.minimum")
 
@@ -45,6 +49,7 @@ def prepare_passes() -> tvm.transform.Pass:
             relax.transform.FoldConstant(),
             commute_constants(),
             fold_batch_norm(),
+            fold_pad_into_conv(),
             relax.transform.DecomposeOpsForInference(),
             relax.transform.FoldConstant(),
             commute_constants(),
@@ -78,6 +83,43 @@ def fold_batch_norm() -> tvm.transform.Pass:
     does not follow a conv becomes ``x * s + t`` instead.
     """
     return _FoldBatchNorm()
+
+
+def fold_pad_into_conv() -> tvm.transform.Pass:
+    """Rewrite ``conv2d(pad(x, 0 on H/W only), W)`` (NCHW) to ``conv2d(x, W, padding += pad)``.
+
+    Declines reflect/edge pads, non-zero pad values, pads on N or C, and
+    non-NCHW convs; those keep their explicit pad.
+    """
+    return _FoldPadIntoConv()
+
+
+@relax.transform.function_pass(opt_level=0, name="hago.FoldPadIntoConv")
+class _FoldPadIntoConv:
+    def __init__(self):
+        self.data = wildcard()
+        self.pad = is_op("relax.nn.pad")(self.data)
+        self.conv = is_op("relax.nn.conv2d")(self.pad, wildcard())
+
+    def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
+        if func.attrs is not None and int(func.attrs.get("Primitive", 0)):
+            return func
+        return rewrite_call(self.conv, self._fold, func)
+
+    def _fold(self, expr: relax.Expr, matches) -> relax.Expr:
+        conv, pad = matches[self.conv], matches[self.pad]
+        pa, ca = pad.attrs, conv.attrs
+        width = [int(v) for v in pa.pad_width]
+        if (str(pa.pad_mode) != "constant" or float(pa.pad_value) != 0.0 or len(width) != 8
+                or any(width[:4]) or min(width) < 0 or ca.data_layout != "NCHW"):
+            return expr
+        top, left, bottom, right = (int(v) for v in ca.padding)
+        h0, h1, w0, w1 = width[4:]
+        return relax.op.nn.conv2d(matches[self.data], conv.args[1], strides=ca.strides,
+                                  padding=[top + h0, left + w0, bottom + h1, right + w1],
+                                  dilation=ca.dilation, groups=int(ca.groups), data_layout=ca.data_layout,
+                                  kernel_layout=ca.kernel_layout, out_layout=ca.out_layout,
+                                  out_dtype=ca.out_dtype)
 
 
 @tvm.transform.module_pass(opt_level=0, name="hago.CommuteConstants")

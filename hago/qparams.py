@@ -128,17 +128,45 @@ def activation_qparams(lo: float, hi: float, dtype: str, bits: int, symmetric: b
     return QParams(np.float32(scale), np.int32(zp), dtype, qmin, qmax, None)
 
 
-def weight_qparams(w: np.ndarray, axis: int | None, bits: int, dtype: str = "int8") -> QParams:
-    """Symmetric, narrow-range weight parameters, per channel along ``axis`` or per tensor."""
+def weight_qparams(w: np.ndarray, axis: int | None, bits: int, dtype: str = "int8",
+                   min_scale: np.ndarray | float | None = None) -> QParams:
+    """Symmetric, narrow-range weight parameters, per channel along ``axis`` or per tensor.
+
+    ``min_scale`` floors the scale (see :func:`bias_scale_floor`): a channel
+    whose weights are all but zero would otherwise get a scale so small that
+    its bias no longer fits the int32 accumulator.
+    """
     qmin, qmax = integer_range(dtype, bits, narrow=True)
     if axis is None:
         amax = np.asarray(np.abs(w).max(), np.float64)
     else:
         red = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.abs(w).max(axis=red).astype(np.float64)
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    if min_scale is not None:
+        scale = np.maximum(scale, np.asarray(min_scale, np.float64))
+    scale = scale.astype(np.float32)
     zp = np.zeros_like(scale, dtype=np.int32)
     return QParams(scale, zp, dtype, qmin, qmax, axis)
+
+
+#: Headroom the int32 accumulator keeps for the bias: |bias_q| <= 2**30 leaves
+#: 2**30 for the products and the zero-point term.
+BIAS_BITS = 30
+
+
+def bias_scale_floor(bias: np.ndarray | None, input_scale: float) -> np.ndarray | None:
+    """The smallest per-channel weight scale at which ``bias / (s_x * s_w)`` fits in 2**30.
+
+    Batch-norm folding leaves "dead" channels (EfficientNet-Lite0: |w| ~ 3e-9,
+    bias ~ -1.2) whose max-abs scale would put the quantized bias far past
+    int32. Flooring the scale costs those channels nothing: their weights
+    round to 0 either way and the bias carries the output.
+    """
+    if bias is None:
+        return None
+    # a hair above the exact bound, so that rounding the scale to float32 cannot cross it
+    return np.abs(np.asarray(bias, np.float64)) / (float(input_scale) * 2.0**BIAS_BITS) * (1 + 2.0**-20)
 
 
 def quantize_weight(w: np.ndarray, qp: QParams) -> np.ndarray:

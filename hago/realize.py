@@ -32,7 +32,8 @@ from tvm.relax import op as O
 from . import kernels
 from .errors import QuantizeError
 from .graph import Graph, Node
-from .qparams import QParams, container_dtype, fixed_point_multiplier, quantize_weight, weight_qparams
+from .qparams import (QParams, bias_scale_floor, container_dtype, fixed_point_multiplier, quantize_weight,
+                      weight_qparams)
 from .strategy import Strategy
 
 
@@ -153,9 +154,9 @@ class _Realizer:
         conv = node.kind != "dense"
         w = node.weight
         axis = 0 if conv else 1
-        wqp = weight_qparams(w, axis, choice.weight_bits)
-        wq = quantize_weight(w, wqp)
         sx, zx = float(qx.scale), int(qx.zero_point)
+        wqp = weight_qparams(w, axis, choice.weight_bits, min_scale=bias_scale_floor(node.bias, sx))
+        wq = quantize_weight(w, wqp)
         packed = self.packed_layout(choice, qx)
         if conv:
             a = node.call.attrs

@@ -20,7 +20,7 @@ from tvm import relax
 from tvm.relax import op as O
 
 from .graph import Graph
-from .qparams import container_dtype, quantize_weight, weight_qparams
+from .qparams import bias_scale_floor, container_dtype, quantize_weight, weight_qparams
 from .strategy import Strategy
 
 
@@ -37,9 +37,10 @@ def _fake_quant(bb: relax.BlockBuilder, x, qp) -> relax.Expr:
     return bb.emit(O.dequantize(q, scale, zp))
 
 
-def _fake_weight(node, bits: int) -> np.ndarray:
+def _fake_weight(node, bits: int, input_scale: float | None) -> np.ndarray:
     axis = 0 if node.kind != "dense" else 1
-    qp = weight_qparams(node.weight, axis, bits)
+    floor = bias_scale_floor(node.bias, input_scale) if input_scale else None
+    qp = weight_qparams(node.weight, axis, bits, min_scale=floor)
     shape = [1] * node.weight.ndim
     shape[axis] = -1
     return (quantize_weight(node.weight, qp).astype(np.float32) * qp.scale.reshape(shape)).astype(np.float32)
@@ -82,7 +83,9 @@ def simulate(graph: Graph, strategy: Strategy) -> tvm.IRModule:
                     value = b.value
                     node = node_of_var.get(b.var)
                     if node is not None and node.weighted and strategy.ops[node.name].mode == "integer":
-                        w = relax.const(_fake_weight(node, strategy.ops[node.name].weight_bits), "float32")
+                        qx = strategy.resolved(node.inputs[0]).qparams
+                        sx = float(qx.scale) if qx is not None else None
+                        w = relax.const(_fake_weight(node, strategy.ops[node.name].weight_bits, sx), "float32")
                         value = relax.Call(value.op, [value.args[0], w], value.attrs, value.ty_args)
                     after(b.var, bb.emit(subst(value)))
             out = bb.emit_output(subst(func.body.body))

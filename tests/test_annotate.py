@@ -94,3 +94,28 @@ def test_config_pins_float_and_bits():
     s = annotate(g, HardwareSpec.load("x86-avx512-vnni"), h, cfg)
     assert s.ops[conv.name].mode == "float"
     assert s.ops[g.nodes[1].name].mode == "float"  # relu after a float conv has nothing to gain
+
+
+class _Residuals(nn.Module):
+    """A float residual stream (BERT-like: input + dense) next to an all-integer residual (conv + conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.c1, self.c2 = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = x + self.fc(x)  # the stream x is float: quantizing this add would round it twice
+        z = self.c1(y.reshape(-1, 2, 2, 2))
+        return z + self.c2(z)  # both inputs are integer conv outputs: stays integer
+
+
+def test_add_is_integer_only_when_all_inputs_are():
+    g, h = _graph(_Residuals(), (2, 8))
+    s = annotate(g, HardwareSpec.load("x86-avx512-vnni"), h)
+    adds = [n for n in g.nodes if n.kind == "add"]
+    assert len(adds) == 2
+    assert s.ops[adds[0].name].mode == "float" and "input is float" in s.ops[adds[0].name].reason
+    assert s.ops[adds[1].name].mode == "integer"
+    # the float add leaves the dense dequantized from its accumulator: no 8-bit rounding of the stream
+    assert not s.edges[g.producer(adds[0].inputs[1]).name].bits

@@ -120,3 +120,31 @@ def test_commute_constants_structural():
         return bb.get()
 
     tvm.ir.assert_structural_equal(commute_constants()(build(True)), build(False))
+
+
+class PadConv(nn.Module):
+    """Explicit "SAME" pads the way TF-ported nets write them, plus one pad that must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(nn.functional.pad(x, (0, 1, 0, 1))))  # asymmetric zero pad
+        y = self.conv2(nn.functional.pad(x, (1, 1, 2, 0)))  # stacks on the conv's own padding
+        return nn.functional.pad(y, (1, 1, 1, 1), value=0.5)  # not before a conv: kept
+
+
+@pytest.mark.llvm
+def test_zero_pad_folds_into_conv_padding(run_tvm):
+    torch.manual_seed(0)
+    model = PadConv().eval()
+    x = torch.randn(2, 3, 15, 15)
+    mod = prepare.prepare(frontend.load_model(model, x[:1]))
+    convs = [b.value for b in _bindings(mod) if _is_op(b.value, "relax.nn.conv2d")]
+    pads = [b.value for b in _bindings(mod) if _is_op(b.value, "relax.nn.pad")]
+    assert [list(map(int, c.attrs.padding)) for c in convs] == [[0, 0, 1, 1], [3, 2, 1, 2]]
+    assert len(pads) == 1 and float(pads[0].attrs.pad_value) == 0.5
+    out = run_tvm(mod, x.numpy())
+    assert np.abs(out - model(x).detach().numpy()).max() < 1e-4

@@ -178,3 +178,26 @@ def test_realized_kernels_are_integer():
     assert len(kernels) == 2
     assert all(k.integer for k in kernels), kernels
     assert kernels[0].input_dtypes == ("uint8", "int8")
+
+
+def test_dead_channel_bias_fits_int32(run_tvm):
+    """A batch-norm-dead channel (|w| ~ 3e-9, bias -1.2; EfficientNet-Lite0 has them) must not overflow int32."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[1].mul_(3e-9)
+        conv.bias[1] = -1.2
+    model = nn.Sequential(conv).eval()
+    rng = np.random.default_rng(2)
+    calib = (rng.standard_normal((32, 4, 6, 6)) * 0.01).astype(np.float32)  # a small input scale
+    x = calib[:4]
+    q = quantize(model, SPEC, {"input": calib}, calibrator="minmax", example_inputs=(torch.from_numpy(x),))
+    node = next(n.name for n in q.graph.nodes if n.weighted)
+    layer = q.realized.layers[node]
+    sx = float(_edge(q, q.graph.nodes[0].inputs[0]).scale)
+    assert np.abs(layer.bias_i32).max() <= 2**30
+    assert layer.weight_scale[1] >= 1.2 / (sx * 2**30) * (1 - 1e-6)  # only the dead channel is floored
+    np.testing.assert_allclose(layer.weight_scale[[0, 2]],
+                               np.abs(conv.weight.detach().numpy()[[0, 2]]).max(axis=(1, 2, 3)) / 127, rtol=1e-6)
+    got, ref = _run(q.realized.mod, x, run_tvm), model(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(got[:, 1] - ref[:, 1]).max() < 0.02  # the dead channel still outputs its bias
