@@ -42,6 +42,8 @@ REAL_MODELS = ("resnet18", "mobilenetv2", "efficientnet_lite0", "minilm")
 ALL_MODELS = ("mnist", *REAL_MODELS)
 TVM_FP32 = "TVM FP32 (untuned)"
 HAGO_INT8 = "hago INT8 (untuned, default VNNI schedules)"
+TUNE_TRIALS = 0  # per task, FP32 and INT8 alike (set by --tune-trials)
+TUNE_CACHE = WORK / "tuning"  # MetaSchedule records, reused by every later run
 ORT_FP32 = "ONNX Runtime FP32"
 ORT_INT8 = "ONNX Runtime INT8 (QDQ u8s8 per-channel)"
 OV_INT8 = "OpenVINO INT8 (the ORT QDQ model)"
@@ -137,15 +139,15 @@ def bench_mnist(args) -> tuple[dict, str]:
     x_test, y_test = zoo.mnist_data("test")
     x_test, y_test = x_test[:n_eval], y_test[:n_eval]
     calib = np.load(assets["calib"])["input"]
-    res = hago_compile(assets["model"], DEVICE, assets["calib"],
-                       eval_data={"input": x_test, "label": y_test}, out_dir=WORK / "mnist_build")
+    res = hago_compile(assets["model"], DEVICE, assets["calib"], eval_data={"input": x_test, "label": y_test},
+                       out_dir=WORK / "mnist_build", tune=_tune_options())
     x1 = tvm.runtime.tensor(x_test[:1])
     rows = {}
-    for name, ex in ((TVM_FP32, res.fp32_executable), ("hago INT8 (untuned)", res.int_executable)):
+    for name, ex in ((TVM_FP32, res.fp32_executable), (HAGO_INT8, res.int_executable)):
         vm = _vm(ex)
         rows[name] = {"ms": _median_ms(lambda: vm["main"](x1))}
     rows[TVM_FP32]["top1"] = res.report["fp32"]["accuracy"]
-    rows["hago INT8 (untuned)"]["top1"] = res.report["quantized"]["accuracy"]
+    rows[HAGO_INT8]["top1"] = res.report["quantized"]["accuracy"]
 
     ort_int8 = _ort_int8(assets["model"], {"input": calib}, WORK / "mnist_ort_int8.onnx")
     for name, path in ((ORT_FP32, assets["model"]), (ORT_INT8, ort_int8)):
@@ -156,7 +158,7 @@ def bench_mnist(args) -> tuple[dict, str]:
         rows[name]["top1"] = float((logits.argmax(1) == y_test).mean())
     table = to_markdown(rows, TVM_FP32, [("top1", "top-1", "{:.2%}")])
     body = (f"## MNIST CNN (ccexam, pretrained), {DEVICE}\n\n"
-            f"Command: `python benchmarks/run.py --model mnist` ({_stamp()}).\n"
+            f"Command: {_command('mnist')} ({_stamp()}).\n"
             f"Machine: {_machine()}.\nAccuracy on the first {n_eval} images of the real MNIST test set.\n\n"
             f"{table}\n")
     return rows, body
@@ -176,13 +178,28 @@ def _export_onnx(model, example: tuple, names: list[str], path: Path) -> Path:
     return path
 
 
+def _tune_options():
+    """Same per-task MetaSchedule budget for FP32 and INT8 (None: untuned, default schedules)."""
+    if not TUNE_TRIALS:
+        return None
+    from hago.hwspec import HardwareSpec
+    from hago.tune import TuneOptions
+
+    return TuneOptions.for_spec(HardwareSpec.load(DEVICE), trials=TUNE_TRIALS, cache_dir=TUNE_CACHE)
+
+
+def _command(model: str) -> str:
+    tune = f" --tune-trials {TUNE_TRIALS}" if TUNE_TRIALS else ""
+    return f"`python benchmarks/run.py --model {model}{tune}`"
+
+
 def _hago_build(model, example, calib, out_dir, batch_size, annotate_config=None):
     """``hago.compile`` at batch 1 (FP32 and INT8 executables); no measurement inside."""
     from hago.compile import compile as hago_compile
 
     t = time.perf_counter()
     res = hago_compile(model, DEVICE, calib, example_inputs=example, out_dir=out_dir, measure=False,
-                       batch_size=batch_size, annotate_config=annotate_config)
+                       batch_size=batch_size, annotate_config=annotate_config, tune=_tune_options())
     return res, time.perf_counter() - t
 
 
@@ -298,7 +315,7 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
     title = {"resnet18": "ResNet-18 (random weights)", "mobilenetv2": "MobileNetV2 (random weights)",
              "efficientnet_lite0": "EfficientNet-Lite0 (pretrained, ImageNet)"}[name]
     body = (f"## {title}, {DEVICE}, batch 1, 224x224\n\n"
-            f"Command: `python benchmarks/run.py --model {name}` ({_stamp()}).\n"
+            f"Command: {_command(name)} ({_stamp()}).\n"
             f"Machine: {_machine()}.\n{acc_note}\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n\n"
             f"{table}\n{_notes()}")
     return rows, body
@@ -369,7 +386,7 @@ def bench_minilm(args) -> tuple[dict, str]:
             ("cos_vs_fp32", "mean cos vs FP32 (Lee docs)", "{:.4f}")]
     table = to_markdown(rows, TVM_FP32, cols)
     body = (f"## all-MiniLM-L6-v2 (pretrained), {DEVICE}, batch 1, sequence length 128\n\n"
-            f"Command: `python benchmarks/run.py --model minilm` ({_stamp()}).\n"
+            f"Command: {_command('minilm')} ({_stamp()}).\n"
             f"Machine: {_machine()}.\n"
             f"Sentence embedding = mean pooling of the BertModel's token states over the attention mask "
             f"(sentence-transformers' pooling; our plain-torch BERT reproduces the published FP32 numbers at "
@@ -464,7 +481,15 @@ def main() -> int:
     p.add_argument("--n-calib", type=int, default=None, help="calibration samples (CNNs 32/128, minilm 64)")
     p.add_argument("--quick", action="store_true", help="skip the slowest accuracy rows")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--tune-trials", type=int, default=0,
+                   help="MetaSchedule trials per task for both TVM FP32 and hago INT8 (records cached in "
+                        "benchmarks/work/tuning; 0: untuned, hand-written default schedules)")
     args = p.parse_args()
+    global TVM_FP32, HAGO_INT8, TUNE_TRIALS
+    TUNE_TRIALS = args.tune_trials
+    if TUNE_TRIALS:
+        TVM_FP32 = f"TVM FP32 (MetaSchedule, {TUNE_TRIALS} trials/task)"
+        HAGO_INT8 = f"hago INT8 (MetaSchedule, {TUNE_TRIALS} trials/task)"
     if args.model != "all":
         return run_one(args.model, args)
     rc = 0
@@ -473,6 +498,7 @@ def main() -> int:
         cmd += [f"--n-eval={args.n_eval}"] if args.n_eval else []
         cmd += [f"--n-calib={args.n_calib}"] if args.n_calib else []
         cmd += ["--quick"] if args.quick else []
+        cmd += [f"--tune-trials={args.tune_trials}"] if args.tune_trials else []
         rc |= subprocess.run(cmd).returncode
     return rc
 

@@ -1,10 +1,10 @@
 """build: TVM target from the spec, compile a Relax module, export a library.
 
 Everything device-specific comes from the spec: the target dict, the host
-target for GPUs, and the cross compiler for boards. The default Relax CPU
-pipeline leaves kernels unscheduled (one thread, naive loops); ``build``
-applies dlight's CPU rules where they fit so untuned builds are at least
-parallel, and tuned builds (MetaSchedule, cached records) replace that.
+target for GPUs, and the cross compiler for boards. TVM's default Relax CPU
+pipeline neither fuses nor schedules; ``build`` fuses (``hago.lower``), gives
+hago's kernels their hand-written schedules and element-wise code a parallel,
+vectorized one; tuned builds (MetaSchedule, cached records) replace that.
 """
 
 from __future__ import annotations
@@ -76,11 +76,11 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, what: str = "target", tu
         log.info("%s: %d new trials, %d/%d tasks from cache", what, stats.new_trials, stats.reused_tasks, stats.tasks)
         return ex
     from .kernels import schedule_vnni
+    from .lower import finish, fuse
 
     try:
-        mod = schedule_vnni(mod, target)
-        with target:
-            return tvm.compile(mod, target=target)
+        # kernels first: schedule_vnni marks them opaque so fusion keeps them standalone
+        return finish(fuse(schedule_vnni(mod, target), target), target)
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise BuildError(f"TVM failed to build for {what}: {msg[-1] if msg else type(e).__name__}") from None

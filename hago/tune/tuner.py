@@ -32,6 +32,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu  # the package omits d
 from ..kernels import KERNEL_ATTR, fix_shipped_vnni_intrin, has_vnni, schedule_vnni, vnni_intrin
 from ..kernels.x86_vnni import CONV, DENSE, FROM_NCHWC, TO_NCHWC
 from ..kernels.x86_vnni_schedule import schedule_conv, schedule_dense, schedule_from_nchwc, schedule_to_nchwc
+from ..lower import finish
 from .cache import Entry, TuningCache
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,4 @@ def compile_cached(prepared: tvm.IRModule, target: tvm.target.Target, tasks: lis
         database = dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    mod = schedule_vnni(mod, target)
-    lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
-    with target:
-        return tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lower))
+    return finish(schedule_vnni(mod, target), target)

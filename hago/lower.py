@@ -1,0 +1,142 @@
+"""lower: the CPU build pipeline, with operator fusion and default schedules.
+
+``tvm.compile``'s "default" Relax pipeline for CPU targets in TVM 0.27
+legalizes but never fuses: every op of a requantize chain (cast, multiply,
+abs, add, shift, where, clip, cast) becomes its own kernel with its own
+full-size int64 temporary, and on ResNet-18 those ~400 tiny kernels cost
+three times what the convolutions do. This module runs the fusing half of
+``relax.backend.cpu_generic`` (LegalizeOps, AnnotateTIROpPattern,
+FuseOps, FuseTIR) itself, then gives every fused PrimFunc that is purely
+a default schedule: element-wise producers inlined into their consumer,
+outer loops parallel and the innermost one vectorized; a naive reduction
+(float conv, pooling, an integer conv without a hago kernel) at least runs
+its outer loops in parallel. Functions already scheduled (hago's VNNI/ARM
+kernels, records MetaSchedule applied) are left alone; tuning is what gives
+reductions a real schedule.
+
+Used by ``build.build`` (untuned) and ``tune.compile_cached`` (tuned), so a
+build fuses the same way with or without records.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+log = logging.getLogger(__name__)
+
+VECTOR_BYTES = 64  # one zmm register; the split is rounded to what divides the extent
+MIN_PARALLEL = 4096  # below this many elements a thread pool costs more than it saves
+
+
+def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Dispatch, legalize and fuse ``mod`` (kernels marked opaque stay standalone)."""
+    passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def finish(mod: tvm.IRModule, target: tvm.target.Target):
+    """Schedule the element-wise leftovers of a fused module and compile it to a VM executable."""
+    mod = schedule_elementwise(mod)
+    lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+    with target:
+        return tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lower))
+
+
+def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
+    attrs = func.attrs or {}
+    return bool(attrs.get("tirx.is_scheduled", False)) or bool(attrs.get("tir.is_scheduled", False))
+
+
+def schedule_elementwise(mod: tvm.IRModule) -> tvm.IRModule:
+    """Default schedules for the unscheduled, reduction-free PrimFuncs of ``mod``."""
+    updates = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and not _is_scheduled(func):
+            new = schedule_elementwise_func(func)
+            if new is not None:
+                updates[gv] = new
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod.update_func(gv, func)
+    return mod
+
+
+def schedule_elementwise_func(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
+    """Default schedule of a fused PrimFunc; None when nothing could be scheduled.
+
+    Element-wise blocks are inlined into their consumers (the epilogue of a
+    fused conv collapses into one loop nest) and run parallel and
+    vectorized. A reduction block (an integer conv TVM lowered naively, such
+    as a depthwise one) keeps its loop order but runs its outer spatial loops
+    in parallel: a real schedule for it comes from tuning.
+    """
+    from tvm.s_tir import Schedule, ScheduleError
+
+    try:
+        sch = Schedule(tvm.IRModule({"main": func}))
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # no root block (already lowered) or not schedulable
+        return None
+    if not blocks:
+        return None
+    try:
+        for blk in blocks[:-1]:
+            if not _has_reduction(sch, blk):
+                try:
+                    sch.compute_inline(blk)
+                except ScheduleError:  # e.g. read with a different index map: keeps its own loop
+                    pass
+        for blk in sch.get_child_blocks(sch.get_sblock("root")):
+            if _has_reduction(sch, blk):
+                _parallel_spatial(sch, blk)
+            else:
+                _parallel_vectorize(sch, blk)
+    except (ScheduleError, tvm.error.InternalError) as e:
+        log.debug("default schedule failed, loops stay naive: %s", str(e).strip().splitlines()[-1])
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _parallel_spatial(sch, blk) -> None:
+    """Run the leading data-parallel loops of a naive reduction block in parallel."""
+    spatial = sum(1 for iv in sch.get(blk).iter_vars if int(iv.iter_type) == 0)
+    loops = sch.get_loops(blk)[:max(spatial - 1, 1)]  # the innermost spatial loop stays serial
+    if loops and spatial:
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
+def _has_reduction(sch, blk) -> bool:
+    return any(int(iv.iter_type) != 0 for iv in sch.get(blk).iter_vars)  # 0: data-parallel
+
+
+def _parallel_vectorize(sch, blk) -> None:
+    """Vectorize the innermost loop (when the lanes divide it), run the outer loops in parallel.
+
+    Loops are not flattened into one: a flat index needs a div/mod per
+    element to address a 4-d tensor, which costs more than the arithmetic.
+    """
+    loops = sch.get_loops(blk)
+    if not loops:
+        return
+    extents = [int(sch.get(lp).extent) for lp in loops]
+    bits = max(int(tvm.DataType(str(w.source.dtype)).bits) for w in sch.get(blk).writes)
+    inner = loops[-1]
+    lanes = next((v for v in (VECTOR_BYTES * 8 // bits, 16, 8, 4) if extents[-1] % v == 0 and v <= extents[-1]), 1)
+    if lanes > 1:
+        inner_o, inner_i = sch.split(inner, [None, lanes])
+        sch.vectorize(inner_i)
+        outer = [*loops[:-1], inner_o]
+    else:
+        outer = loops[:-1] if len(loops) > 1 else loops
+    total = 1
+    for e in extents:
+        total *= e
+    if total >= MIN_PARALLEL and outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
