@@ -354,3 +354,15 @@ def example_inputs(name: str, batch: int = 1) -> tuple:
         t = tokenize(["a sentence to trace the model with"] * batch)
         return torch.from_numpy(t["input_ids"]), torch.from_numpy(t["attention_mask"])
     return (torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE),)
+
+
+def search_inputs(name: str, n_calib: int = 64, n_eval: int = 250) -> tuple:
+    """``(model, calib dict, eval dict without labels, example_inputs)`` for ``benchmarks/search.py``:
+    an ImageNet CNN with calibration and evaluation on different real-photo crops (metric: agreement)."""
+    if name not in CNNS:
+        raise ValueError(f"search_inputs: {name!r} is not one of {', '.join(CNNS)}")
+    model = build(name)
+    inp = input_names(model)[0]
+    calib = {inp: photo_crops(n_calib, seed=1)}
+    evald = {inp: photo_crops(n_eval, seed=2)}
+    return model, calib, evald, example_inputs(name, 1)

@@ -16,9 +16,15 @@ Rules, in the order they are applied per node:
   input already arrives in integer: quantizing just to run a ReLU on integers
   would add work, not remove it; an add is integer only when *all* its inputs
   are, so a float residual stream (BERT) is not re-quantized at every add;
+* a pass-through op whose consumers all run in float goes back to float
+  (its producer then dequantizes from the int32 accumulator, one rounding
+  fewer);
 * an edge whose only consumer is an integer relu/clip is calibrated at that
   op's output, so the producer's requantize clips for free and the ReLU keeps
-  the full 8-bit resolution for the non-negative range.
+  the full 8-bit resolution for the non-negative range;
+* a float op's output read only by integer ops the spec lists under
+  ``activations.dynamic`` (dense on x86 VNNI) is quantized per row at run
+  time (:mod:`hago.dynamic`) instead of with one calibrated range.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class AnnotateConfig:
     edge_bits: dict[str, int] = field(default_factory=dict)
     node_weight_bits: dict[str, int] = field(default_factory=dict)
     float_ops: frozenset[str] = frozenset()
+    dynamic: bool = True  # allow run-time per-row ranges where the spec lists them (hago.dynamic)
 
 
 def _node_mode(node, spec: HardwareSpec, integer_edges: set[str], cfg: AnnotateConfig) -> OpChoice:
@@ -93,11 +100,33 @@ def annotate(graph: Graph, spec: HardwareSpec, graph_hash: str, config: Annotate
             integer_edges.add(node.name)
         elif choice.reason.startswith("unsupported"):
             log.warning("%s: %s", node.name, choice.reason)
+    _float_dead_end_passthroughs(graph, strategy)
 
     act_bits = cfg.activation_bits or max(spec.bits.activation)
     for edge in graph.edge_var:
         strategy.edges[edge] = _edge_choice(edge, graph, strategy, spec, cfg, act_bits)
     return strategy
+
+
+def _float_dead_end_passthroughs(graph: Graph, strategy: Strategy) -> None:
+    """Turn back to float every integer pass-through op whose consumers all run in float.
+
+    Its output would be dequantized straight away, so running it in integer
+    only adds an 8-bit rounding: the producer's requantize. In float, the
+    producing conv/dense dequantizes from its int32 accumulator instead. In a
+    BERT this is each Q/K/V projection's reshape into the float attention.
+    Runs backwards to a fixed point, so chains of reshapes unwind together.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(graph.nodes):
+            consumers = graph.consumers.get(node.name, [])
+            if (node.kind in PASSTHROUGH and strategy.ops[node.name].mode == "integer" and consumers
+                    and all(strategy.ops[c].mode == "float" for c in consumers)):
+                strategy.ops[node.name] = OpChoice(node.kind, "float",
+                                                   reason="feeds only float ops: runs on the dequantized tensor")
+                changed = True
 
 
 def _edge_choice(edge, graph: Graph, strategy: Strategy, spec, cfg: AnnotateConfig, act_bits: int) -> EdgeChoice:
@@ -109,6 +138,8 @@ def _edge_choice(edge, graph: Graph, strategy: Strategy, spec, cfg: AnnotateConf
     if not int_consumers and not int_add:
         return EdgeChoice()  # an integer conv/dense feeding float is dequantized from its accumulator
     bits = cfg.edge_bits.get(edge, act_bits)
+    if _dynamic_edge(graph, strategy, spec, cfg, edge, bits):
+        return EdgeChoice(bits=bits, dtype="uint8", symmetric=False, dynamic=True)
     if int_consumers:
         dtype = strategy.ops[int_consumers[0]].descriptor["inputs"][0]
     else:  # an integer add has no accumulator to dequantize from: it emits its own output type
@@ -120,3 +151,24 @@ def _edge_choice(edge, graph: Graph, strategy: Strategy, spec, cfg: AnnotateConf
         if consumer.kind in ("relu", "clip") and strategy.ops[consumer.name].mode == "integer":
             observe_at = consumer.name
     return EdgeChoice(bits=bits, dtype=dtype, symmetric=spec.activations.symmetric, observe_at=observe_at)
+
+
+def _dynamic_edge(graph: Graph, strategy: Strategy, spec, cfg: AnnotateConfig, edge: str, bits: int) -> bool:
+    """Whether ``edge`` gets run-time per-row parameters instead of a calibrated range.
+
+    Only at a float-to-integer boundary inside the graph (the producer is a
+    float op, so the tensor is float anyway and its range costs one pass),
+    only when every consumer is an integer op the spec lists under
+    ``activations.dynamic``, and only at 8 bits (the uint8 grid of
+    :mod:`hago.dynamic`). Graph inputs keep static ranges: their
+    distribution is the calibration set's.
+    """
+    allowed = set(spec.activations.dynamic)
+    producer = graph.producer(edge)
+    if not (cfg.dynamic and allowed and bits == 8 and producer is not None):
+        return False
+    if strategy.ops[producer.name].mode == "integer":
+        return False
+    consumers = graph.consumers[edge]
+    return bool(consumers) and all(
+        strategy.ops[c].mode == "integer" and graph.node(c).kind in allowed for c in consumers)

@@ -69,6 +69,9 @@ class QuantScheme(_Frozen):
     granularity: Literal["per_channel", "per_tensor"] = "per_tensor"
     symmetric: bool
     range_bits: int | None = Field(default=None, ge=2, le=16)
+    # ops whose float inputs may be quantized per row at run time (hago.dynamic) instead of with a
+    # calibrated range; only meaningful for activations
+    dynamic: list[Literal["dense"]] = Field(default_factory=list)
 
 
 class Bits(_Frozen):
@@ -171,6 +174,13 @@ class HardwareSpec(_Frozen):
         if v.get("default", "float32") != "float32":
             raise _Problem("must be 'float32' (unlisted ops stay float)", "default")
         return v
+
+    @model_validator(mode="after")
+    def _dynamic_is_for_activations(self) -> HardwareSpec:
+        if self.weights.dynamic:
+            raise _Problem("weights are constants: only activations can be quantized dynamically",
+                           "weights", "dynamic")
+        return self
 
     @model_validator(mode="after")
     def _range_fits_bits(self) -> HardwareSpec:

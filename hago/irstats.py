@@ -14,7 +14,7 @@ from tvm import relax
 
 HEAVY_OPS = ("relax.nn.conv2d", "relax.matmul")
 #: hand-scheduled kernels (hago.kernels) that stand in for conv2d / matmul
-HEAVY_KERNELS = ("hago_conv2d_nchwc_vnni", "hago_dense_vnni")
+HEAVY_KERNELS = ("hago_conv2d_nchwc_vnni", "hago_dense_vnni", "hago_conv2d_depthwise")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class KernelInfo:
 
     @property
     def integer(self) -> bool:
-        return all(d in ("int8", "uint8") for d in self.input_dtypes) and self.output_dtype == "int32"
+        """8-bit inputs, and an int32 accumulator out (or 8 bits, from a kernel that requantizes itself)."""
+        return (all(d in ("int8", "uint8") for d in self.input_dtypes)
+                and self.output_dtype in ("int32", "int8", "uint8"))
 
 
 def heavy_kernels(mod: tvm.IRModule) -> list[KernelInfo]:

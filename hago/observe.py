@@ -28,7 +28,7 @@ def range_sources(strategy: Strategy) -> dict[str, str]:
     """Map each quantized edge that owns parameters to the edge whose values set its range."""
     out = {}
     for edge, choice in strategy.edges.items():
-        if choice.bits and choice.alias_of is None:
+        if choice.bits and choice.alias_of is None and not choice.dynamic:
             out[edge] = choice.observe_at or edge
     return out
 

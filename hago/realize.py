@@ -13,7 +13,13 @@ the strategy marks ``integer`` becomes integer arithmetic:
 * add: each input rescaled to the output scale by its own fixed-point
   multiplier, summed in int64, clipped;
 * relu / clip / max-pool / reshape run on the integer tensor and keep its
-  scale.
+  scale;
+* a dense whose input edge is ``dynamic`` quantizes that float input per
+  row at run time (:mod:`hago.dynamic`) and produces float.
+
+Where the spec's descriptor names them, hago's hand-scheduled kernels
+(:mod:`hago.kernels`) stand in for the plain ops: VNNI conv/dense, and the
+depthwise kernel, which pads and requantizes inside its own loop nest.
 
 Quantize and dequantize appear only where a float op meets an integer one,
 and an integer layer that feeds only float ops is dequantized straight from
@@ -29,7 +35,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as O
 
-from . import kernels
+from . import dynamic, kernels
 from .errors import QuantizeError
 from .graph import Graph, Node
 from .qparams import (QParams, bias_scale_floor, container_dtype, fixed_point_multiplier, quantize_weight,
@@ -150,6 +156,9 @@ class _Realizer:
         self.fval[node.name] = v
 
     def weighted_node(self, node: Node, choice) -> None:
+        if node.kind == "dense" and self.s.resolved(node.inputs[0]).dynamic:
+            self.dynamic_dense(node, choice)
+            return
         xq, qx = self.get_quant(node.inputs[0])
         conv = node.kind != "dense"
         w = node.weight
@@ -158,53 +167,95 @@ class _Realizer:
         wqp = weight_qparams(w, axis, choice.weight_bits, min_scale=bias_scale_floor(node.bias, sx))
         wq = quantize_weight(w, wqp)
         packed = self.packed_layout(choice, qx)
+        acc_scale = sx * wqp.scale.astype(np.float64)
+        bias = node.bias if node.bias is not None else np.zeros_like(acc_scale)
+        bias_q = np.round(bias.astype(np.float64) / acc_scale)
+        wsum = wq.astype(np.int64).reshape(wq.shape[0], -1).sum(axis=1) if conv else wq.astype(np.int64).sum(axis=0)
+        # sum((x - zx) * w) = sum(x * w) - zx * sum(w): fold the zero-point term into the bias
+        folded = bias_q - zx * wsum
+        if np.abs(folded).max(initial=0) >= 2**31:
+            raise QuantizeError(f"{node.name}: int32 bias overflows; the input scale is too small")
+        consts = LayerConstants(wq, wqp.scale, bias_q.astype(np.int32))
+        self.layers[node.name] = consts
+        out = self.s.edges[node.name]
+        qy = self.qparams(node.name) if out.bits else None
+        real = acc_scale / float(qy.scale) if out.bits else None
+        if out.bits and self.style != "float":
+            consts.multiplier, consts.shift = fixed_point_multiplier(real, self.style)
         if conv:
             a = node.call.attrs
-            pad = [int(p) for p in a.padding]
-            if any(pad):
-                top, left, bottom, right = pad
-                xq = self.bb.emit(O.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))
+            pad = [int(p) for p in a.padding]  # (top, left, bottom, right)
             groups = int(a.groups)
-            if packed and kernels.vnni_applicable("conv2d", _shape(xq), wq.shape, groups):
-                acc = kernels.emit_conv2d_vnni(self.bb, xq, wq, _ints(a.strides), _ints(a.dilation), groups)
+            depthwise = self.depthwise_kernel(choice, qx) and kernels.depthwise_applicable(_shape(xq), wq.shape, groups)
+            if depthwise:  # pads itself (wider, for whole vectors) and requantizes in its write-back
+                rq = None
+                if consts.multiplier is not None:
+                    rq = kernels.Requant(folded.astype(np.int32), consts.multiplier, consts.shift, int(qy.zero_point),
+                                         int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype))
+                y = kernels.emit_conv2d_depthwise(self.bb, xq, wq, _ints(a.strides), pad, _ints(a.dilation),
+                                                  pad_value=zx, groups=groups, requant=rq)
+                if rq is not None:
+                    self.qval[node.name] = y
+                    return
+                acc = y
+            elif packed and kernels.vnni_applicable("conv2d", _shape(xq), wq.shape, groups):
+                # the NCHW -> NCHW16c conversion pads: no padded NCHW copy
+                acc = kernels.emit_conv2d_vnni(self.bb, xq, wq, _ints(a.strides), _ints(a.dilation), groups,
+                                               padding=pad, pad_value=zx)
             else:
+                if any(pad):
+                    top, left, bottom, right = pad
+                    xq = self.bb.emit(O.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))
                 acc = O.nn.conv2d(xq, _c(wq, "int8"), strides=a.strides, padding=0, dilation=a.dilation,
                                   groups=groups, out_dtype="int32")
-            wsum = wq.astype(np.int64).reshape(wq.shape[0], -1).sum(axis=1)
             bshape = (1, -1, 1, 1)
         else:
             if packed and kernels.vnni_applicable("dense", _shape(xq), wq.shape):
                 acc = kernels.emit_dense_vnni(self.bb, xq, wq)
             else:
                 acc = O.matmul(xq, _c(wq, "int8"), out_dtype="int32")
-            wsum = wq.astype(np.int64).sum(axis=0)
             bshape = (-1,)
-        acc_scale = sx * wqp.scale.astype(np.float64)
-        bias = node.bias if node.bias is not None else np.zeros_like(acc_scale)
-        bias_q = np.round(bias.astype(np.float64) / acc_scale)
-        # sum((x - zx) * w) = sum(x * w) - zx * sum(w): fold the zero-point term into the bias
-        folded = bias_q - zx * wsum
-        if np.abs(folded).max(initial=0) >= 2**31:
-            raise QuantizeError(f"{node.name}: int32 bias overflows; the input scale is too small")
-        acc = self.bb.emit(O.add(self.bb.emit(acc), _c(folded.astype(np.int32).reshape(bshape), "int32")))
-        consts = LayerConstants(wq, wqp.scale, bias_q.astype(np.int32))
-        out = self.s.edges[node.name]
+        if not isinstance(acc, relax.Var):  # (re-binding a kernel's output var would block its fusion)
+            acc = self.bb.emit(acc)
+        acc = self.bb.emit(O.add(acc, _c(folded.astype(np.int32).reshape(bshape), "int32")))
         if out.bits:
-            qy = self.qparams(node.name)
-            real = acc_scale / float(qy.scale)
-            if self.style != "float":
-                consts.multiplier, consts.shift = fixed_point_multiplier(real, self.style)
             self.qval[node.name] = self.bb.emit(self.requant(acc, real, qy, bshape))
         else:
             f = O.multiply(O.astype(acc, "float32"), _c(acc_scale.reshape(bshape), "float32"))
             self.fval[node.name] = self.bb.emit(f)
-        self.layers[node.name] = consts
+
+    def dynamic_dense(self, node: Node, choice) -> None:
+        """Dense whose float input is quantized per row at run time (``hago.dynamic``); float output."""
+        wqp = weight_qparams(node.weight, 1, choice.weight_bits)
+        wq = quantize_weight(node.weight, wqp)
+        vnni = (choice.descriptor or {}).get("weight_layout") in kernels.VNNI_WEIGHT_LAYOUTS
+
+        def matmul(bb, q, w):
+            if vnni and kernels.vnni_applicable("dense", _shape(bb.normalize(q)), w.shape):
+                return kernels.emit_dense_vnni(bb, q, w)
+            return O.matmul(q, _c(w, "int8"), out_dtype="int32")
+
+        self.fval[node.name] = dynamic.emit_dense(self.bb, self.get_float(node.inputs[0]), wq, wqp.scale,
+                                                  node.bias, matmul)
+        self.layers[node.name] = LayerConstants(wq, wqp.scale, np.zeros(wq.shape[1], np.int32))
 
     @staticmethod
     def packed_layout(choice, qx: QParams) -> bool:
         """Whether the spec's descriptor asks for VNNI-packed weights (u8 x s8 blocked layouts)."""
         layout = (choice.descriptor or {}).get("weight_layout")
         return layout in kernels.VNNI_WEIGHT_LAYOUTS and container_dtype(qx.dtype) == "uint8"
+
+    @staticmethod
+    def depthwise_kernel(choice, qx: QParams) -> bool:
+        """Whether to run hago's NCHW u8 x s8 depthwise kernel (x86 specs' depthwise descriptor).
+
+        The descriptor names no packed layout (``layout: NCHW``); uint8 x int8
+        NCHW is what the kernel takes. ``schedule_vnni`` schedules it on any
+        LLVM CPU target.
+        """
+        d = choice.descriptor or {}
+        return (choice.kind == "depthwise_conv2d" and d.get("layout", "NCHW") == "NCHW"
+                and list(d.get("inputs", [])) == ["uint8", "int8"] and container_dtype(qx.dtype) == "uint8")
 
     def add_node(self, node: Node) -> None:
         if not self.s.edges[node.name].bits:  # feeds only float ops: add in float

@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as O
 
+from .dynamic import fake_quantize_rows
 from .graph import Graph
 from .qparams import bias_scale_floor, container_dtype, quantize_weight, weight_qparams
 from .strategy import Strategy
@@ -69,7 +70,9 @@ def simulate(graph: Graph, strategy: Strategy) -> tvm.IRModule:
     def after(var, value):
         edge = edge_of_var.get(var)
         choice = strategy.edges.get(edge) if edge else None
-        if choice is not None and choice.bits and choice.alias_of is None and choice.qparams is not None:
+        if choice is not None and choice.bits and choice.alias_of is None and choice.dynamic:
+            value = fake_quantize_rows(bb, value)  # per-row parameters at run time, as realize does
+        elif choice is not None and choice.bits and choice.alias_of is None and choice.qparams is not None:
             value = _fake_quant(bb, value, choice.qparams)
         remap[var] = value
 

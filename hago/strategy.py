@@ -41,6 +41,7 @@ class EdgeChoice:
     qparams: QParams | None = None
     observe_at: str | None = None  # node whose output range is calibrated for this edge
     alias_of: str | None = None  # passthrough ops share their input's parameters
+    dynamic: bool = False  # per-row parameters computed at run time (hago.dynamic); no calibrated range
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "qparams"}

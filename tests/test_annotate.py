@@ -119,3 +119,23 @@ def test_add_is_integer_only_when_all_inputs_are():
     assert s.ops[adds[1].name].mode == "integer"
     # the float add leaves the dense dequantized from its accumulator: no 8-bit rounding of the stream
     assert not s.edges[g.producer(adds[0].inputs[1]).name].bits
+
+
+class _ProjectThenFloat(nn.Module):
+    """A projection reshaped into float work, BERT's Q/K/V shape: dense -> reshape -> tanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x).reshape(-1, 2, 4))
+
+
+def test_passthrough_feeding_only_float_ops_runs_in_float():
+    g, h = _graph(_ProjectThenFloat(), (3, 8))
+    s = annotate(g, HardwareSpec.load("x86-avx512-vnni"), h)
+    dense, reshape = (next(n for n in g.nodes if n.kind == k) for k in ("dense", "reshape"))
+    assert s.ops[dense.name].mode == "integer"
+    assert s.ops[reshape.name].mode == "float" and "only float" in s.ops[reshape.name].reason
+    assert not s.edges[dense.name].bits  # dequantized from the int32 accumulator, no 8-bit rounding

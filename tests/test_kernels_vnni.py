@@ -43,6 +43,13 @@ CONV = {
     "c_dil2": ((1, 24, 11, 11), (16, 24, 3, 3), (1, 1), (2, 2), 1),
     "c_groups4": ((1, 32, 9, 9), (64, 8, 3, 3), (1, 1), (1, 1), 4),
 }
+# padded in the NCHW -> NCHW16c conversion: name -> (case above, padding (t, l, b, r), zero point)
+CONV_PAD = {
+    "p_3x3_b2": ("c_3x3_b2", (1, 1, 1, 1), 37),
+    "p_rgb_s2_asym": ("c_rgb_s2", (0, 0, 1, 1), 128),  # 3 -> 4 channels and spatial padding together
+    "p_dil2": ("c_dil2", (2, 2, 2, 2), 255),
+    "p_groups4": ("c_groups4", (1, 2, 1, 0), 5),
+}
 
 
 def _rng(name: str) -> np.random.Generator:
@@ -141,6 +148,17 @@ def built(tmp_path_factory):
                 out = bb.emit_output(emit_conv2d_vnni(bb, x, w_np, strides, dilation, groups))
             bb.emit_func_output(out)
         cases[name] = (x_np, np_conv2d(x_np, w_np, strides, dilation, groups))
+    for name, (case, padding, zp) in CONV_PAD.items():
+        xs, ws, strides, dilation, groups = CONV[case]
+        x_np, w_np = _data(name, xs, ws)
+        x = relax.Var("x", relax.TensorType(xs, "uint8"))
+        with bb.function(name, [x]):
+            with bb.dataflow():
+                out = bb.emit_output(emit_conv2d_vnni(bb, x, w_np, strides, dilation, groups, padding, zp))
+            bb.emit_func_output(out)
+        t, l, b, r = padding
+        xp = np.pad(x_np, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=zp)
+        cases[name] = (x_np, np_conv2d(xp, w_np, strides, dilation, groups))
     target = tvm.target.Target(TARGET)
     mod = schedule_vnni(bb.get(), target)
     ex = tvm.compile(mod, target=target)
@@ -150,7 +168,7 @@ def built(tmp_path_factory):
 
 
 @pytest.mark.llvm
-@pytest.mark.parametrize("name", [*DENSE, *CONV])
+@pytest.mark.parametrize("name", [*DENSE, *CONV, *CONV_PAD])
 def test_bit_exact(built, name):
     import tvm
     from tvm import relax
@@ -168,7 +186,8 @@ def test_every_kernel_is_scheduled(built):
 
     mod = built[0]
     kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-    assert len(kernels) == len(DENSE) + 3 * len(CONV) + 1  # + the K-padding copy of d_odd
+    # a dense, or NCHW -> NCHW16c, conv, NCHW16c -> NCHW per case (identical conversions are shared), + K-padding
+    assert len(kernels) >= len(DENSE) + 2 * (len(CONV) + len(CONV_PAD)) + 1
     for name, f in kernels.items():
         if name.startswith("hago_pad_k"):
             continue

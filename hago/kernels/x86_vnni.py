@@ -15,7 +15,7 @@ keeps the plain op's contract: same input, bit-identical int32 accumulator.
 The conv converts NCHW -> NCHW{b}c and back around the kernel for now.
 
 Every kernel block carries the annotation ``hago.kernel`` naming its
-schedule; ``schedule_vnni`` (in ``x86_vnni_schedule``) finds them by it.
+schedule; ``schedule_vnni`` (in ``registry``) finds them by it.
 """
 
 from __future__ import annotations
@@ -125,15 +125,28 @@ def _pad_k_te(a, kp):
     )
 
 
-def _to_nchwc_te(x, cp, b):
+def _to_nchwc_te(x, cp, b, padding=(0, 0, 0, 0), pad_value=0):
+    """NCHW -> NCHW{b}c, zero-padding channels up to ``cp`` and spatially by ``padding`` with ``pad_value``.
+
+    The padded channels meet zero weights, so any value does there; spatial
+    padding holds the input zero point.
+    """
     n, c, h, w = (int(s) for s in x.shape)
+    top, left, bottom, right = padding
 
     def body(i, cc, y, z, cb):
-        if cp == c:
+        conds = []
+        if cp != c:
+            conds.append(cc * b + cb < c)
+        if any(padding):
+            conds += [y >= top, y < top + h, z >= left, z < left + w]
+        if not conds:
             return x[i, cc * b + cb, y, z]
-        return tirx.if_then_else(cc * b + cb < c, x[i, tirx.min(cc * b + cb, c - 1), y, z], tirx.const(0, x.dtype))
+        ch = cc * b + cb if cp == c else tirx.min(cc * b + cb, c - 1)
+        return tirx.if_then_else(tirx.all(*conds), x[i, ch, y - top, z - left], tirx.const(pad_value, x.dtype))
 
-    return te.compute((n, cp // b, h, w, b), body, name=TO_NCHWC, attrs={KERNEL_ATTR: TO_NCHWC})
+    return te.compute((n, cp // b, h + top + bottom, w + left + right, b), body, name=TO_NCHWC,
+                      attrs={KERNEL_ATTR: TO_NCHWC})
 
 
 def _from_nchwc_te(acc, o):
@@ -207,12 +220,14 @@ def emit_dense_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_kn_int8: np.ndar
 
 
 def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8_nchw: relax.Expr, w_oihw_int8: np.ndarray,
-                     strides=(1, 1), dilation=(1, 1), groups: int = 1) -> relax.Expr:
-    """int32 NCHW ``conv2d(x, w)`` (no padding) for uint8 ``x`` through VNNI.
+                     strides=(1, 1), dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0),
+                     pad_value: int = 0) -> relax.Expr:
+    """int32 NCHW ``conv2d(x, w)`` for uint8 ``x`` through VNNI.
 
-    ``x`` must already carry its (zero-point) padding. Bit-identical to
-    ``conv2d(x, w, strides, padding=0, dilation, groups, out_dtype="int32")``.
-    Check ``vnni_applicable`` first.
+    ``padding`` (top, left, bottom, right) is filled with ``pad_value`` (the
+    zero point) by the NCHW -> NCHW16c conversion, so no padded NCHW copy is
+    made. Bit-identical to ``conv2d(pad(x, padding, pad_value), w, strides,
+    padding=0, dilation, groups, out_dtype="int32")``. Check ``vnni_applicable`` first.
     """
     xs = _u8_shape(bb, x_u8_nchw, "conv2d")
     w = _int8(w_oihw_int8, "conv2d")
@@ -224,7 +239,8 @@ def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8_nchw: relax.Expr, w_oihw_int8:
     wp = pack_conv_weight(w, groups)
     b = int(wp.shape[4]) * RED
     cp = int(wp.shape[1]) * b * groups
-    data = bb.emit_te(_to_nchwc_te, x_u8_nchw, cp, b, primfunc_name_hint="hago_nchw_to_nchwc")
+    padding = tuple(int(p) for p in padding)
+    data = bb.emit_te(_to_nchwc_te, x_u8_nchw, cp, b, padding, int(pad_value), primfunc_name_hint="hago_nchw_to_nchwc")
     acc = bb.emit_te(_conv_te, data, relax.const(wp, "int8"), _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_vnni")
     return bb.emit_te(_from_nchwc_te, acc, o, primfunc_name_hint="hago_nchwc_to_nchw")

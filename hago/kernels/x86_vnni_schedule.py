@@ -17,19 +17,17 @@ schedules follow TOPI's old x86 int8 ones (``dense_vnni_schedule``,
 Tile sizes are exact divisors (a ragged split puts a predicate on the
 tensorized block, which ``tensorize`` rejects), chosen to maximise
 multiply-adds per load with at most ``MAX_ACC`` accumulator registers.
+
+``hago.kernels.registry`` maps each kernel block to its schedule here and
+applies them (``schedule_vnni``).
 """
 
 from __future__ import annotations
 
-import logging
-
-import tvm
 from tvm.s_tir import Schedule, ScheduleError
 
 from .vnni_intrin import vnni_intrin
-from .x86_vnni import CONV, DENSE, FROM_NCHWC, KERNEL_ATTR, LANES, RED, TO_NCHWC
-
-log = logging.getLogger(__name__)
+from .x86_vnni import LANES, RED
 
 MAX_ACC = 24  # of the 32 zmm registers: accumulators; the rest hold weights and a broadcast
 MAX_BLOCKS = 4  # 16-lane weight vectors live at once
@@ -91,10 +89,33 @@ def schedule_conv(sch: Schedule, blk) -> None:
 
 
 def schedule_to_nchwc(sch: Schedule, blk) -> None:
-    """NCHW -> NCHW{b}c: parallel over (n, chunk, h), the b-lane gather vectorized."""
+    """NCHW -> NCHW{b}c: parallel over (n, chunk, h), the b-lane gather vectorized.
+
+    With spatial padding: per (n, chunk) plane a vectorized fill with the pad
+    value, then the condition-free copy of the rows in (``decompose_padding``;
+    a bounds test in a vectorized loop would make it scalar).
+    """
     n, cc, h, _, cb = sch.get_loops(blk)
+    if _is_padding(sch, blk):
+        plane = sch.fuse(n, cc)
+        try:
+            fill = sch.decompose_padding(blk, h)
+        except ScheduleError:  # e.g. padded channels too: the bounds test stays
+            sch.parallel(sch.fuse(plane, h))
+            sch.vectorize(cb)
+            return
+        sch.parallel(plane)
+        sch.vectorize(sch.fuse(*sch.get_loops(fill)[-2:]))
+        sch.vectorize(sch.get_loops(blk)[-1])
+        return
     sch.parallel(sch.fuse(n, cc, h))
     sch.vectorize(cb)
+
+
+def _is_padding(sch: Schedule, blk) -> bool:
+    """Whether the block's value is a bounds-tested ``if_then_else`` (padding)."""
+    v = getattr(sch.get(blk).body, "value", None)
+    return str(getattr(getattr(v, "op", None), "name", "")).endswith("if_then_else")
 
 
 def schedule_from_nchwc(sch: Schedule, blk) -> None:
@@ -107,90 +128,3 @@ def schedule_from_nchwc(sch: Schedule, blk) -> None:
     sch.parallel(sch.fuse(n, oc, h))
     sch.unroll(ob)
     sch.vectorize(wi)
-
-
-_SCHEDULES = {DENSE: schedule_dense, CONV: schedule_conv, TO_NCHWC: schedule_to_nchwc,
-              FROM_NCHWC: schedule_from_nchwc}
-
-
-def _kernel_blocks(sch: Schedule) -> list[tuple[str, object]]:
-    out = []
-    for blk in sch.get_child_blocks(sch.get_sblock("root")):
-        kind = sch.get(blk).annotations.get(KERNEL_ATTR)
-        if kind is not None and str(kind) in _SCHEDULES:
-            out.append((str(kind), blk))
-    return out
-
-
-def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
-    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
-
-
-def schedule_func(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
-    """The scheduled ``func``, or None when it holds no hago kernel block."""
-    sch = Schedule(tvm.IRModule({"main": func}))
-    blocks = _kernel_blocks(sch)
-    if not blocks:
-        return None
-    try:
-        for kind, blk in blocks:
-            _SCHEDULES[kind](sch, blk)
-    except (ScheduleError, tvm.error.InternalError) as e:  # unscheduled is slow but still correct
-        log.warning("default VNNI schedule failed, the kernel stays naive: %s", str(e).strip().splitlines()[-1])
-        return None
-    # opaque to FuseOps (FuseTIR would merge an epilogue into a scheduled body); dlight skips it
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
-
-
-def has_vnni(target: tvm.target.Target) -> bool:
-    """Whether ``target`` can run the 512-bit ``vpdpbusd`` these schedules emit."""
-    from tvm.target.codegen import target_has_features
-
-    return target.kind.name == "llvm" and bool(target_has_features("avx512vnni", target))
-
-
-def schedule_vnni(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
-    """Apply the default VNNI schedules to every hago kernel PrimFunc in ``mod``.
-
-    Runs after ``realize`` (the kernels are PrimFuncs from the moment
-    ``emit_*_vnni`` emits them) and before ``tvm.compile``; every other
-    function, and every function already scheduled (``tirx.is_scheduled``,
-    e.g. by a MetaSchedule database), is left alone.
-
-    Parameters
-    ----------
-    mod
-        A Relax module, before or after ``LegalizeOps``; best before
-        ``FuseOps`` so the kernels are still functions of their own.
-    target
-        The build target (default: ``Target.current()``). Without
-        ``avx512vnni`` (skylake, AVX2-only CPUs, ARM) ``mod`` is returned
-        unchanged: the naive kernels are slow but correct everywhere.
-    """
-    target = target or tvm.target.Target.current(allow_none=True)
-    if target is not None and not has_vnni(target):
-        log.info("target %s has no avx512vnni: VNNI kernels stay unscheduled", target)
-        return mod
-    updates = {}
-    for gv, func in mod.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and not _is_scheduled(func):
-            new = schedule_func(func)
-            if new is not None:
-                updates[gv] = new
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod.update_func(gv, func)
-    log.debug("scheduled %d VNNI kernels", len(updates))
-    return mod
-
-
-def ScheduleVNNI() -> tvm.transform.Pass:  # noqa: N802  (TVM pass naming)
-    """``schedule_vnni`` as a module pass, for a ``tvm.transform.Sequential``."""
-
-    @tvm.transform.module_pass(opt_level=0, name="hago.ScheduleVNNI")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return schedule_vnni(mod)
-
-    return _pass

@@ -6,10 +6,12 @@
   while it misses the target, restore precision where accuracy gained per
   predicted millisecond is highest. Accuracy is cheap (host); latency is
   measured only for points that meet the target.
-* ``evolve``: cost-model-guided evolution. Accuracy is measured on the host
-  for a population grown by mutation; an xgboost latency model trained on the
-  measurements so far picks which candidates meeting the target are worth a
-  device measurement; finalists are confirmed end to end.
+* ``evolve``: cost-model-guided search. FP32 and the all-integer build are
+  measured; every other candidate's latency is predicted (kernel-cache
+  estimate, else a per-layer prior corrected by an xgboost model trained on
+  the measurements so far). Accuracy is measured on the host; only candidates
+  that meet the target and are predicted faster than the best measured answer
+  are measured on the device.
 
 FP32 (every layer float) is always measured, so the answer is never slower
 than FP32 without the report saying so.
@@ -21,7 +23,7 @@ import random
 
 import numpy as np
 
-from .costmodel import LatencyModel
+from .costmodel import LatencyModel, LayerPrior, layer_macs
 
 ALGORITHMS = {}
 
@@ -95,43 +97,167 @@ def latency_aware(engine) -> None:
         engine.latency(current.point)
 
 
+def _meets(engine, c) -> bool:
+    return c.accuracy is not None and c.accuracy >= engine.threshold
+
+
+class _Predictor:
+    """Latency of a candidate without measuring it: for a candidate already built (its kernel calls
+    listed), the kernel-cache estimate, unknown kernels priced like known ones of their kind; else
+    the per-layer prior corrected by the learned model."""
+
+    def __init__(self, engine, prior, seed: int):
+        self.engine, self.prior = engine, prior
+        self.model = LatencyModel(engine.space, seed=seed)
+
+    def refit(self) -> None:
+        pts, lats = _measured(self.engine)
+        self.model.fit(pts, lats, base=self.prior(pts) if pts else None)
+
+    def __call__(self, points: list) -> np.ndarray:
+        if not points:
+            return np.zeros(0)
+        learned = self.model.predict(points, base=self.prior(points))
+        out = []
+        for p, guess in zip(points, learned):
+            est = self.engine.estimate_partial(p, build=False)
+            out.append(est if est is not None else guess)
+        return np.asarray(out, np.float64)
+
+
+def _changes(space, point, allowed) -> list:
+    """Every point that differs from ``point`` in one knob, within the allowed choices."""
+    out = []
+    for i, choices in enumerate(allowed):
+        for c in choices:
+            if c != point[i]:
+                out.append(tuple(point[:i]) + (c,) + tuple(point[i + 1:]))
+    return out
+
+
 @register("evolve")
-def evolve(engine, population: int = 6, rounds: int = 4, per_round: int = 2, seed: int = 0) -> None:
+def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, seed: int = 0) -> None:
+    """Cost-model-guided search: measure little, predict the rest.
+
+    1. Measure FP32 and the all-integer build (widest weights): between them
+       they time every float and every integer kernel (kernel cache), and
+       they anchor the per-layer prior. One more build lists the narrowest
+       build's kernels: where they are the same, narrower widths cannot be
+       faster and are dropped from the space.
+    2. While the fastest point misses the target, restore precision: score
+       every single-knob step up once (accuracy on the host, no device
+       time), then stack the steps in order of accuracy gained per
+       predicted millisecond, doubling and bisecting the count to the
+       fewest that meet the target.
+    3. Rounds of mutation around the fastest candidates that meet the
+       target: accuracy is evaluated only for children predicted faster than
+       the best measured answer, and only the ``per_round`` fastest predicted
+       of those meeting the target are measured on the device.
+    """
     rng = random.Random(seed)
-    space, model = engine.space, LatencyModel(engine.space, seed=seed)
+    space, tol = engine.space, engine.tie_tolerance
     _fp32_baseline(engine)
-    seeds = {space.narrowest(), space.widest()}
-    while len(seeds) < population and len(seeds) < len(space):
-        seeds.add(tuple(rng.choice(k.choices) for k in space.knobs))
-    pool = {p: engine.accuracy(p) for p in seeds}
+    top = engine.latency(space.widest())
+    fp32 = engine.candidate(space.all_float())
+    narrow = space.narrowest()
+    allowed = [k.choices for k in space.knobs]
+    narrow_ms = None
+    if narrow != top.point:
+        est_top, est_narrow = engine.estimate(top.point), engine.estimate(narrow)
+        if est_top is not None and est_narrow is not None:
+            narrow_ms = top.latency_ms * est_narrow / est_top if top.latency_ms and est_top > 0 else None
+            if est_narrow >= est_top * (1 - tol):  # the same kernels: narrower weights only cost accuracy
+                allowed = [tuple(c for c in k.choices if c in (0, max(k.choices))) if k.kind == "weight"
+                           else k.choices for k in space.knobs]
+    top_ms = top.latency_ms if top.latency_ms is not None else (fp32.latency_ms or 1.0)
+    prior = LayerPrior(space, layer_macs(engine.device_graph, space), top.point, top_ms,
+                       fp32.latency_ms, narrow_ms)
+    predict = _Predictor(engine, prior, seed)
+    pool = {top.point: engine.accuracy(top.point)}
+    start = top.point
+    if narrow_ms is not None and narrow_ms < top_ms * (1 - tol):
+        start = narrow  # narrower kernels are faster here: restore precision from the narrowest build
+        pool[narrow] = engine.accuracy(narrow)
+
+    # 2. restoration: accuracy only. Every single-knob step up is scored once (sensitivity); if none
+    #    meets the target alone, the steps are stacked in order of accuracy gained per predicted
+    #    millisecond, doubling how many until the target is met, then bisecting down.
+    current = pool[start]
+    while not _meets(engine, current):
+        ups = [p for p in space.neighbours(current.point, +1) if all(b in a for b, a in zip(p, allowed))]
+        if not ups:
+            break
+        predict.refit()
+        base, pred = predict([current.point])[0], predict(ups)
+        cands = [engine.accuracy(p) for p in ups]
+        pool.update((c.point, c) for c in cands)
+        good = [(lat, c) for lat, c in zip(pred, cands) if _meets(engine, c)]
+        if good:
+            current = min(good, key=lambda g: (g[0], g[1].point))[1]
+            break
+        order = sorted(zip(pred, cands), key=lambda g: (-(g[1].accuracy - current.accuracy) / max(g[0] - base, 1e-3 * base),
+                                                        g[1].point))
+
+        def stacked(n, _from=current.point, _order=order):
+            p = list(_from)
+            for _, c in _order[:n]:
+                i = next(j for j, (x, y) in enumerate(zip(_from, c.point)) if x != y)
+                p[i] = c.point[i]
+            c = engine.accuracy(tuple(p))
+            pool[c.point] = c
+            return c
+
+        n, hit = 2, None
+        while n < len(order):
+            if _meets(engine, c := stacked(n)):
+                hit = (n // 2, n, c)
+                break
+            n *= 2
+        if hit is None:
+            c = stacked(len(order))
+            if not _meets(engine, c):
+                current = c
+                continue  # every step taken and still short: climb again from there
+            hit = (n // 2, len(order), c)
+        lo, hi, best = hit  # stacked(lo) misses, stacked(hi) meets
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _meets(engine, c := stacked(mid)):
+                hi, best = mid, c
+            else:
+                lo = mid
+        current = best
+    if _meets(engine, current):
+        engine.latency(current.point)
+
+    # 3. evolution around the fastest answers, measuring only predicted improvements
     for _ in range(rounds):
-        good = [c for c in pool.values() if c.accuracy >= engine.threshold]
-        model.fit(*_measured(engine))
-        todo = [c for c in good if c.latency_ms is None and c.error is None]
-        if todo:
-            pred = _predict(engine, model, [c.point for c in todo])
-            order = np.argsort(np.nan_to_num(pred, nan=0.0))
-            for j in order[:per_round]:
-                engine.latency(todo[j].point)
-        # parents: the fastest measured (or predicted) good candidates, then mutate one or two knobs
-        ranked = sorted(good, key=lambda c: c.latency_ms if c.latency_ms is not None else float("inf"))
-        parents = [c.point for c in ranked[:3]] or list(pool)
+        predict.refit()
+        measured_good = [c for c in engine.all_candidates() if c.latency_ms is not None and _meets(engine, c)]
+        best = min((c.latency_ms for c in measured_good), default=float("inf"))
+        bound = best * (1 - tol)
+        good = sorted((c for c in pool.values() if _meets(engine, c) and c.error is None),
+                      key=lambda c: (c.latency_ms if c.latency_ms is not None else float("inf"), c.point))
+        parents = [c.point for c in good[:3]] or [current.point]
         children = set()
-        for _ in range(population):
-            child = list(rng.choice(parents))
-            for _ in range(rng.choice((1, 2))):
-                i = rng.randrange(len(space.knobs))
-                child[i] = rng.choice(space.knobs[i].choices)
-            children.add(tuple(child))
-        new = children - set(pool)
-        if not new and not todo:
-            break  # the neighbourhood is exhausted
-        for p in new:
-            pool[p] = engine.accuracy(p)
-    # finalists: confirm the best predicted unmeasured good candidates end to end
-    model.fit(*_measured(engine))
-    good = [c for c in pool.values() if c.accuracy >= engine.threshold and c.latency_ms is None and c.error is None]
-    if good:
-        pred = _predict(engine, model, [c.point for c in good])
-        for j in np.argsort(np.nan_to_num(pred, nan=0.0))[:2]:
-            engine.latency(good[j].point)
+        for parent in parents:
+            children.update(_changes(space, parent, allowed))
+            for _ in range(population):  # and a few two-knob jumps
+                child = list(parent)
+                for i in rng.sample(range(len(allowed)), min(2, len(allowed))):
+                    child[i] = rng.choice(allowed[i])
+                children.add(tuple(child))
+        children = sorted(children - set(pool))
+        pred = predict(children)
+        promising = [p for lat, p in sorted(zip(pred, children)) if lat < bound][:population]
+        if not promising:
+            break  # nothing left that the model expects to beat the best measured answer
+        cands = [engine.accuracy(p) for p in promising]
+        pool.update((c.point, c) for c in cands)
+        good = [c for c in cands if _meets(engine, c)]
+        if not good:
+            continue
+        pred = predict([c.point for c in good])  # built now: exact where every kernel is known
+        for lat, c in sorted(zip(pred, good), key=lambda g: (g[0], g[1].point))[:per_round]:
+            if lat < bound:
+                engine.latency(c.point)

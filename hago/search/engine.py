@@ -13,12 +13,21 @@ candidate within ``tie_tolerance`` of the fastest wins on accuracy instead,
 so timer noise does not pick between builds that run the same kernels.
 When nothing measured meets the target, the most accurate measured candidate
 is returned with a message saying so.
+
+When the device is this machine, a candidate is built once, at the device's
+batch: that build scores its accuracy (one sample per call), lists its kernel
+calls for :meth:`SearchEngine.estimate` and is the library measured. The FP32
+reference outputs and the calibration statistics are cached under the cache
+directory, keyed by graph and data, so a resumed search starts without
+re-running FP32.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections import OrderedDict
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,6 +54,13 @@ from .space import Point, SearchSpace
 from .target import AccuracyTarget, SearchError, make_metric
 
 log = logging.getLogger(__name__)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 class BudgetExhausted(Exception):
@@ -97,22 +113,24 @@ class SearchEngine:
         self.host = build_mod.host_target() if not build_mod.is_local(self.spec) else build_mod.target_of(self.spec)
         self.device_target = build_mod.target_of(self.spec)
         self.names = [i.name for i in self.infos]
-        self.eval_batch = eval_batch
         # builds are static (the hand-scheduled kernels tile exact shapes): batch 1 on the device,
-        # eval_batch for accuracy on the host; same node names, so one strategy serves all three graphs
+        # eval_batch for accuracy on the host; same node names, so one strategy serves all three graphs.
+        # On this machine the device build also scores accuracy (batch 1): one build per candidate.
+        self.shared_build = build_mod.is_local(self.spec)
+        self.eval_batch = 1 if self.shared_build else eval_batch
         self.device_graph = analyze(build_mod.static_batch(self.fp32, 1))
-        self.eval_graph = analyze(build_mod.static_batch(self.fp32, eval_batch))
-        self._calibrate(calib, calibrator)
+        self.eval_graph = self.device_graph if self.shared_build else analyze(build_mod.static_batch(self.fp32, eval_batch))
+        cache_dir = Path(cache_dir or os.environ.get("HAGO_CACHE_DIR", Path.home() / ".cache" / "hago"))
+        self._executables: OrderedDict = OrderedDict()
+        self._calibrate(calib, calibrator, cache_dir)
         self.eval_samples = load_samples(eval_data, self.infos, name="evaluation")
-        fp32_out = predict(build_mod.build(build_mod.static_batch(self.fp32, eval_batch), self.host, "host"),
-                           self.eval_samples, self.names, eval_batch, static=True)
+        fp32_out = self._fp32_outputs(cache_dir)
         self.score, self.metric_name = make_metric(self.eval_samples.labels, fp32_out, metric)
         self.fp32_score = self.score(fp32_out)
         self.threshold = self.target.threshold(self.fp32_score)
         header = {"graph_hash": self.ghash, "device": self.spec.name, "space": [self.space.key(self.space.widest())],
                   "target": str(self.target), "metric": self.metric_name}
         self.log = SearchLog(log_path, header)
-        cache_dir = Path(cache_dir or os.environ.get("HAGO_CACHE_DIR", Path.home() / ".cache" / "hago"))
         self.kernels = KernelCache(cache_dir / "kernels" / f"{self.spec.name}.json", self.spec.name)
         self._signatures: dict[Point, list[str]] = {}
         self.trials = 0
@@ -132,10 +150,49 @@ class SearchEngine:
             knobs.append(type(k)(k.name, k.kind, ch))
         return SearchSpace(tuple(knobs))
 
-    def _calibrate(self, calib, calibrator: str) -> None:
+    def _digest(self, what: str, samples, *extra) -> str:
+        h = hashlib.sha1(f"{what}|{self.ghash}|{extra}".encode())
+        for name in sorted(samples.arrays):
+            a = np.ascontiguousarray(samples.arrays[name])
+            h.update(f"{name}{a.shape}{a.dtype}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()[:20]
+
+    def _calibrate(self, calib, calibrator: str, cache_dir: Path) -> None:
         samples = load_samples(calib, self.infos, name="calibration")
         self.calibrator = get_calibrator(calibrator)
+        path = cache_dir / "reference" / f"calib-{self._digest('calib', samples, calibrator)}.pkl"
+        if path.exists():
+            import pickle
+
+            try:
+                self.calibrator.load_state_dict(pickle.loads(path.read_bytes()))
+                return
+            except Exception as e:  # a stale or foreign file: observe again
+                log.warning("ignoring cached calibration %s: %s", path, e)
+                self.calibrator = get_calibrator(calibrator)
         observe(self.fp32, self.graph, samples, self.calibrator, self.host)
+        _write_atomic(path, __import__("pickle").dumps(self.calibrator.state_dict()))
+
+    def _fp32_outputs(self, cache_dir: Path) -> np.ndarray:
+        path = cache_dir / "reference" / f"fp32-{self._digest('fp32', self.eval_samples, str(self.host))}.npy"
+        if path.exists():
+            try:
+                return np.load(path)
+            except (OSError, ValueError):
+                pass
+        mod = build_mod.static_batch(self.fp32, self.eval_batch)
+        if self.shared_build:
+            ex = build_mod.build(mod, self.device_target, "host")
+        else:
+            ex = build_mod.build(mod, self.host, "host")
+        out = predict(ex, self.eval_samples, self.names, self.eval_batch, static=True)
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, out)
+        _write_atomic(path, buf.getvalue())
+        return out
 
     # -- one candidate ---------------------------------------------------------
     def strategy(self, point: Point):
@@ -156,14 +213,34 @@ class SearchEngine:
             c.latency_ms, c.error = rec.get("latency_ms"), rec.get("error")
         return c
 
+    def _remember(self, point: Point, ex) -> None:
+        self._executables[point] = ex
+        self._executables.move_to_end(point)
+        while len(self._executables) > 8:
+            self._executables.popitem(last=False)
+
+    def executable(self, point: Point):
+        """The candidate's device build (batch 1), built once and kept for its next use."""
+        if point in self._executables:
+            self._executables.move_to_end(point)
+            return self._executables[point]
+        realized = realize(self.device_graph, self.strategy(point), self.spec.requantize)
+        mod = apply_arm_schedules(realized.mod, self.spec)
+        ex = build_mod.build(mod, self.device_target, self.spec.name)
+        self._remember(point, ex)
+        return ex
+
     def accuracy(self, point: Point) -> Candidate:
         c = self.candidate(point)
         if c.accuracy is not None:
             return c
         self._check_time()
-        realized = realize(self.eval_graph, self.strategy(point), self.spec.requantize)
-        out = predict(build_mod.build(realized.mod, self.host, "host"), self.eval_samples, self.names,
-                      self.eval_batch, static=True)
+        if self.shared_build:
+            ex = self.executable(point)
+        else:
+            realized = realize(self.eval_graph, self.strategy(point), self.spec.requantize)
+            ex = build_mod.build(realized.mod, self.host, "host")
+        out = predict(ex, self.eval_samples, self.names, self.eval_batch, static=True)
         c.accuracy = float(self.score(out))
         self.log.add({"key": f"accuracy|{c.key}", "point": list(point), "accuracy": c.accuracy})
         return c
@@ -176,11 +253,9 @@ class SearchEngine:
         if self.max_trials is not None and self.trials >= self.max_trials:
             raise BudgetExhausted(f"{self.max_trials} trials")
         self._check_time()
-        realized = realize(self.device_graph, self.strategy(point), self.spec.requantize)
         lib = self._tmp / f"cand_{self.trials}.so"
         try:
-            mod = apply_arm_schedules(realized.mod, self.spec)
-            build_mod.export(build_mod.build(mod, self.device_target, self.spec.name), self.spec, lib)
+            build_mod.export(self.executable(point), self.spec, lib)
             m = self.measurer.measure(lib, self._input_spec())
             c.latency_ms, c.error = m.latency_ms, m.error
             if m.kernels:
@@ -193,25 +268,46 @@ class SearchEngine:
             log.warning("candidate %s failed: %s", c.label, c.error)
         return c
 
-    def estimate(self, point: Point) -> float | None:
+    def signatures(self, point: Point, build: bool = True) -> list[str] | None:
+        """The candidate's kernel calls (see :mod:`.kernelcache`), kept in the log; None if that needs a
+        build and ``build`` is False (a build already made for its accuracy costs one run)."""
+        if point not in self._signatures:
+            key = f"kernels|{self.space.key(point)}"
+            if (rec := self.log.get(key)) is not None:
+                self._signatures[point] = rec["signatures"]
+            elif build or point in self._executables:
+                from tvm import relax
+                import tvm
+
+                vm = relax.VirtualMachine(self.executable(point), tvm.cpu())
+                rng = np.random.default_rng(0)
+                args = [tvm.runtime.tensor(rng.standard_normal(s).astype(d)) for s, d in self._input_spec()]
+                self._signatures[point] = [sig for sig, _ in profile_calls(vm, args, runs=1)]
+                self.log.add({"key": key, "signatures": self._signatures[point]})
+            else:
+                return None
+        return self._signatures[point]
+
+    def estimate(self, point: Point, build: bool = True) -> float | None:
         """Latency from cached per-kernel times, without a device measurement (None if a kernel is new).
 
         The candidate is built for this machine and run once under the VM's
         instrument hook to list its kernel calls; only for devices that are
-        this machine, where those calls are the device's calls.
+        this machine, where those calls are the device's calls. With
+        ``build=False``, only candidates already built or listed are estimated.
         """
         if not build_mod.is_local(self.spec):
             return None
-        if point not in self._signatures:
-            from tvm import relax
-            import tvm
+        sigs = self.signatures(point, build)
+        return None if sigs is None else self.kernels.estimate(sigs)
 
-            realized = realize(self.device_graph, self.strategy(point), self.spec.requantize)
-            vm = relax.VirtualMachine(build_mod.build(realized.mod, self.device_target, "host"), tvm.cpu())
-            rng = np.random.default_rng(0)
-            args = [tvm.runtime.tensor(rng.standard_normal(s).astype(d)) for s, d in self._input_spec()]
-            self._signatures[point] = [sig for sig, _ in profile_calls(vm, args, runs=1)]
-        return self.kernels.estimate(self._signatures[point])
+    def estimate_partial(self, point: Point, build: bool = False) -> float | None:
+        """:meth:`estimate`, with kernels never timed priced like timed ones of their kind (see
+        :meth:`KernelCache.estimate_partial`); a guess, used to rank candidates, never as a result."""
+        if not build_mod.is_local(self.spec):
+            return None
+        sigs = self.signatures(point, build)
+        return None if sigs is None else self.kernels.estimate_partial(sigs)
 
     def _input_spec(self):
         return [([d if d is not None else 1 for d in i.shape], i.dtype) for i in self.infos]

@@ -44,6 +44,7 @@ class LocalMeasurer:
         self.command = command or [sys.executable, "-m", "hago.search.worker"]
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen | None = None
+        self._eof = False  # the last _readline hit end-of-file (the child closed stdout)
 
     def _start(self) -> str | None:
         self._proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -55,10 +56,12 @@ class LocalMeasurer:
         """One JSON line from the child, or None on time-out or EOF."""
         import select
 
+        self._eof = False
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
         if not ready:
             return None
         line = self._proc.stdout.readline()
+        self._eof = line == ""
         return json.loads(line) if line.startswith("{") else None
 
     def close(self) -> None:
@@ -82,6 +85,11 @@ class LocalMeasurer:
             return Measurement(None, error="measurement process died before the request")
         reply = self._readline(self.timeout_s)
         if reply is None:
+            if self._eof:  # EOF can arrive before the exit status: give the dying child a moment
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
             died = self._proc.poll() is not None
             code = self._proc.returncode
             self.close()

@@ -29,16 +29,13 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu  # the package omits dataflow_lower_passes
 
-from ..kernels import KERNEL_ATTR, fix_shipped_vnni_intrin, has_vnni, schedule_vnni, vnni_intrin
-from ..kernels.x86_vnni import CONV, DENSE, FROM_NCHWC, TO_NCHWC
-from ..kernels.x86_vnni_schedule import schedule_conv, schedule_dense, schedule_from_nchwc, schedule_to_nchwc
+from ..kernels import fix_shipped_vnni_intrin, has_vnni, is_kernel, register_intrinsics, schedule_kernels, schedule_vnni
 from ..lower import finish
 from .cache import Entry, TuningCache
 
 log = logging.getLogger(__name__)
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
-_KERNELS = {DENSE: schedule_dense, CONV: schedule_conv, TO_NCHWC: schedule_to_nchwc, FROM_NCHWC: schedule_from_nchwc}
 MAX_TRIALS_PER_ITER = 32
 MIN_POPULATION = 16
 XGB_WARMUP = 100
@@ -53,30 +50,11 @@ class Task:
 
 
 # ---- step 1 ------------------------------------------------------------------
-def _kernel_blocks(sch) -> list:
-    # as hago.kernels' private ``_kernel_blocks``: the default schedules are replayed here with a trace
-    blocks = []
-    for blk in sch.get_child_blocks(sch.get_sblock("root")):
-        kind = sch.get(blk).annotations.get(KERNEL_ATTR)
-        if kind is not None and str(kind) in _KERNELS:
-            blocks.append((str(kind), blk))
-    return blocks
-
-
-def _is_kernel(func: tvm.tirx.PrimFunc) -> bool:
-    from tvm.s_tir import Schedule
-
-    try:
-        return bool(_kernel_blocks(Schedule(tvm.IRModule({"main": func}))))
-    except Exception:  # not a schedulable PrimFunc (already lowered, no root block)
-        return False
-
-
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalize and fuse ``mod`` for ``target`` with hago kernels kept standalone."""
     mod = mod.clone()
     for gv, func in list(mod.functions_items()):
-        if isinstance(func, tvm.tirx.PrimFunc) and "op_pattern" not in (func.attrs or {}) and _is_kernel(func):
+        if isinstance(func, tvm.tirx.PrimFunc) and "op_pattern" not in (func.attrs or {}) and is_kernel(func):
             mod.update_func(gv, func.with_attr("op_pattern", _OPAQUE))
     passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
     with target:
@@ -99,7 +77,7 @@ def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCach
         func = wl["main"]
         if _is_scheduled(func):
             continue
-        tasks.append(Task(str(t.task_name), wl, cache.entry(wl), _is_kernel(func)))
+        tasks.append(Task(str(t.task_name), wl, cache.entry(wl), is_kernel(func)))
     return tasks
 
 
@@ -133,8 +111,8 @@ def ensure_intrinsics(target: tvm.target.Target, names: set[str] = frozenset(), 
     """Register what tuning (``tuning``) or replaying records (``names``) needs."""
     from tvm.s_tir import TensorIntrin
 
-    if has_vnni(target):
-        vnni_intrin()
+    if target.kind.name == "llvm":
+        register_intrinsics()  # hago's own: the default schedules (and their records) tensorize with them
     missing = {n for n in names if TensorIntrin.get(n, allow_missing=True) is None}
     if tuning or missing or "dot_16x4_vnni" in names:
         import_cpu_intrinsics()
@@ -147,13 +125,10 @@ def default_schedule(mod: tvm.IRModule):
     """The hand-written schedule of a hago kernel workload as a traced ``Schedule`` (None: none)."""
     from tvm.s_tir import Schedule, ScheduleError
 
-    sch = Schedule(mod)
-    blocks = _kernel_blocks(sch)
-    if not blocks:
-        return None
+    sch = Schedule(mod)  # traced: the record replays the hand-written schedule
     try:
-        for kind, blk in blocks:
-            _KERNELS[kind](sch, blk)
+        if not schedule_kernels(sch):
+            return None
     except (ScheduleError, tvm.error.InternalError) as e:
         log.warning("default schedule of a hago kernel failed: %s", str(e).strip().splitlines()[-1])
         return None
