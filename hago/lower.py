@@ -69,23 +69,36 @@ def schedule_elementwise(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def schedule_elementwise_func(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
-    """Default schedule of a fused PrimFunc; None when nothing could be scheduled.
+    """Default schedule of a fused PrimFunc; None when nothing could be scheduled."""
+    from tvm.s_tir import Schedule
+
+    try:
+        sch = Schedule(tvm.IRModule({"main": func}))
+    except Exception:  # not schedulable (already lowered)
+        return None
+    if not apply_default_schedule(sch):
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def apply_default_schedule(sch) -> bool:
+    """Schedule ``sch`` (one PrimFunc "main") in place; False when it could not be scheduled.
 
     Element-wise blocks are inlined into their consumers (the epilogue of a
     fused conv collapses into one loop nest) and run parallel and
     vectorized. A reduction block (an integer conv TVM lowered naively, such
     as a depthwise one) keeps its loop order but runs its outer spatial loops
-    in parallel: a real schedule for it comes from tuning.
+    in parallel: a real schedule for it comes from tuning. Works on a traced
+    schedule too, so the tuner can commit it as a record.
     """
-    from tvm.s_tir import Schedule, ScheduleError
+    from tvm.s_tir import ScheduleError
 
     try:
-        sch = Schedule(tvm.IRModule({"main": func}))
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except Exception:  # no root block (already lowered) or not schedulable
-        return None
+    except Exception:  # no root block
+        return False
     if not blocks:
-        return None
+        return False
     try:
         for blk in blocks[:-1]:
             if not _has_reduction(sch, blk):
@@ -100,8 +113,8 @@ def schedule_elementwise_func(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | No
                 _parallel_vectorize(sch, blk)
     except (ScheduleError, tvm.error.InternalError) as e:
         log.debug("default schedule failed, loops stay naive: %s", str(e).strip().splitlines()[-1])
-        return None
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        return False
+    return True
 
 
 def _parallel_spatial(sch, blk) -> None:

@@ -97,6 +97,9 @@ def test_cache_layout_and_default_records(tuned):
     kernels = [m for m in metas if m["task"].startswith("hago_")]
     # the hand-written schedule of every VNNI kernel was measured and committed first
     assert kernels and all(m["default_ms"] is not None for m in kernels)
+    # and so was hago.lower's default for the fused element-wise tasks: tuning starts from the untuned build
+    fused = [m for m in metas if m["task"].startswith("fused_") and "conv2d" not in m["task"]]
+    assert fused and all(m["default_ms"] is not None for m in fused), [(m["task"], m["default_ms"]) for m in fused]
 
 
 def test_second_build_makes_no_trials(tuned, int_mod, target, reference, x):

@@ -105,11 +105,11 @@ def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=No
 
 
 def _tune_task(task: Task, target, trials: int, builder, runner, model, callback, counts: dict) -> None:
-    """Default record (hago kernels), then the search; the task's ``meta.json`` gets the result."""
+    """Default record (hago's untuned schedule), then the search; the task's ``meta.json`` gets the result."""
     before = dict(counts)
     db = task.entry.database()
     default_ms = None
-    if task.kernel and task.entry.meta().get("default_ms") is None:
+    if task.entry.meta().get("default_ms") is None:
         default_ms = commit_default(task, db, target, builder, runner)
     try:
         search(task, db, target, trials - task.entry.budget, builder, runner, model, [callback])

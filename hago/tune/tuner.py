@@ -30,7 +30,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu  # the package omits dataflow_lower_passes
 
 from ..kernels import fix_shipped_vnni_intrin, has_vnni, is_kernel, register_intrinsics, schedule_kernels, schedule_vnni
-from ..lower import finish
+from ..lower import apply_default_schedule, finish
 from .cache import Entry, TuningCache
 
 log = logging.getLogger(__name__)
@@ -122,21 +122,29 @@ def ensure_intrinsics(target: tvm.target.Target, names: set[str] = frozenset(), 
 
 # ---- step 2 ------------------------------------------------------------------
 def default_schedule(mod: tvm.IRModule):
-    """The hand-written schedule of a hago kernel workload as a traced ``Schedule`` (None: none)."""
+    """The schedule an untuned build gives ``mod``, as a traced ``Schedule`` (None: none).
+
+    hago kernels get their hand-written schedule; any other workload the
+    default of ``hago.lower`` (parallel, vectorized). Committed as the first
+    record of every task, so a small budget can only improve on the untuned
+    build: MetaSchedule's few random samples of a fused element-wise
+    function are often slower than the default.
+    """
     from tvm.s_tir import Schedule, ScheduleError
 
-    sch = Schedule(mod)  # traced: the record replays the hand-written schedule
+    sch = Schedule(mod)  # traced: the record replays the default schedule
     try:
-        if not schedule_kernels(sch):
-            return None
+        if schedule_kernels(sch):
+            return sch
     except (ScheduleError, tvm.error.InternalError) as e:
         log.warning("default schedule of a hago kernel failed: %s", str(e).strip().splitlines()[-1])
         return None
-    return sch
+    sch = Schedule(mod)
+    return sch if apply_default_schedule(sch) else None
 
 
 def commit_default(task: Task, database, target, builder, runner) -> float | None:
-    """Measure the hand-written schedule of ``task`` and commit it; its latency in ms (None: failed)."""
+    """Measure the default schedule of ``task`` and commit it; its latency in ms (None: failed)."""
     import shutil
     from pathlib import Path
 
