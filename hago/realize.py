@@ -187,22 +187,21 @@ class _Realizer:
             pad = [int(p) for p in a.padding]  # (top, left, bottom, right)
             groups = int(a.groups)
             depthwise = self.depthwise_kernel(choice, qx) and kernels.depthwise_applicable(_shape(xq), wq.shape, groups)
-            if depthwise:  # pads itself (wider, for whole vectors) and requantizes in its write-back
-                rq = None
-                if consts.multiplier is not None:
-                    rq = kernels.Requant(folded.astype(np.int32), consts.multiplier, consts.shift, int(qy.zero_point),
-                                         int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype))
-                y = kernels.emit_conv2d_depthwise(self.bb, xq, wq, _ints(a.strides), pad, _ints(a.dilation),
-                                                  pad_value=zx, groups=groups, requant=rq)
-                if rq is not None:
-                    self.qval[node.name] = y
-                    return
-                acc = y
-            elif packed and kernels.vnni_applicable("conv2d", _shape(xq), wq.shape, groups):
-                # the NCHW -> NCHW16c conversion pads: no padded NCHW copy
+            vnni = packed and kernels.vnni_applicable("conv2d", _shape(xq), wq.shape, groups)
+            rq = None  # hago's kernels requantize in their own write-back when the output is integer
+            if consts.multiplier is not None and (depthwise or vnni):
+                rq = kernels.Requant(folded.astype(np.int32), consts.multiplier, consts.shift, int(qy.zero_point),
+                                     int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype))
+            if depthwise:  # pads itself (wider, for whole vectors)
+                acc = kernels.emit_conv2d_depthwise(self.bb, xq, wq, _ints(a.strides), pad, _ints(a.dilation),
+                                                    pad_value=zx, groups=groups, requant=rq)
+            elif vnni:  # the NCHW -> NCHW16c conversion pads: no padded NCHW copy
                 acc = kernels.emit_conv2d_vnni(self.bb, xq, wq, _ints(a.strides), _ints(a.dilation), groups,
-                                               padding=pad, pad_value=zx)
-            else:
+                                               padding=pad, pad_value=zx, requant=rq)
+            if rq is not None:
+                self.qval[node.name] = acc
+                return
+            if not (depthwise or vnni):
                 if any(pad):
                     top, left, bottom, right = pad
                     xq = self.bb.emit(O.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))

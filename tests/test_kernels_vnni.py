@@ -250,3 +250,43 @@ def test_target_without_vnni_keeps_naive_correct_kernels():
     assert "vpdpbusd" not in ex.mod.imports[0].inspect_source("asm")
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x_np)).numpy()
     assert np.array_equal(out, np_dense(x_np, w_np))
+
+
+def test_vnni_conv_requantizes_in_its_write_back_bit_exact(run_tvm):
+    """A static build runs VNNI convs whose NCHW16c -> NCHW conversion also requantizes (uint8 out);
+    the network output equals the dynamic build's plain int32 conv + separate requantize, exactly."""
+    import re
+
+    import torch
+    import tvm
+    from torch import nn
+    from tvm import relax
+
+    from hago.build import build
+    from hago.compile import quantize, static_pair
+    from hago.hwspec import HardwareSpec
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1)
+            self.c3 = nn.Conv2d(16, 16, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.c2(torch.relu(self.c1(x))))
+            return self.c3(y) + y  # the residual add reads the requantized kernel outputs
+
+    spec = HardwareSpec.load("x86-avx512-vnni")
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32)
+    q = quantize(model, spec, {"x": x}, calibrator="minmax", example_inputs=(torch.from_numpy(x[:2]),))
+    _, int_mod = static_pair(q, spec, 2)
+    text = int_mod.script(show_meta=False)
+    assert len(re.findall(r"call_tir\(cls\.hago_conv2d_nchwc_vnni", text)) == 3
+    # every conv's output edge is integer here: all three conversions back write uint8
+    back = re.findall(r"call_tir\(cls\.hago_nchwc_to_nchw\d*, .*?out_ty=R\.Tensor\(\([^)]*\), dtype=\"(\w+)\"\)", text)
+    assert back == ["uint8"] * 3, back
+    ex = build(int_mod, tvm.target.Target(spec.target))
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:2])).numpy()
+    np.testing.assert_array_equal(out, run_tvm(q.realized.mod, x[:2]))

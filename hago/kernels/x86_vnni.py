@@ -25,6 +25,7 @@ from tvm import relax, te, tirx
 from tvm.relax import op as O
 
 from ..errors import QuantizeError
+from .epilogue import Requant, requant_expr
 
 KERNEL_ATTR = "hago.kernel"
 DENSE = "dense_vnni"
@@ -157,6 +158,16 @@ def _from_nchwc_te(acc, o):
     )
 
 
+def _from_nchwc_requant_te(acc, o, bias, mult, half, shift, rq: Requant):
+    """NCHW16c int32 -> NCHW 8-bit, requantized on the way (same loops as ``_from_nchwc_te``)."""
+    n, _, h, w, ob = (int(s) for s in acc.shape)
+    return te.compute(
+        (n, o, h, w),
+        lambda i, c, y, z: requant_expr(acc[i, c // ob, y, z, c % ob], c, bias, mult, half, shift, rq),
+        name=FROM_NCHWC, attrs={KERNEL_ATTR: FROM_NCHWC},
+    )
+
+
 def _conv_te(data, kernel, strides, dilation, groups):
     n, _, h, w, b = (int(s) for s in data.shape)
     occ, icc, kh_, kw_, nf, ob, _ = (int(s) for s in kernel.shape)
@@ -221,13 +232,15 @@ def emit_dense_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_kn_int8: np.ndar
 
 def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8_nchw: relax.Expr, w_oihw_int8: np.ndarray,
                      strides=(1, 1), dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0),
-                     pad_value: int = 0) -> relax.Expr:
-    """int32 NCHW ``conv2d(x, w)`` for uint8 ``x`` through VNNI.
+                     pad_value: int = 0, requant: Requant | None = None) -> relax.Expr:
+    """int32 NCHW ``conv2d(x, w)`` for uint8 ``x`` through VNNI (8-bit with ``requant``).
 
     ``padding`` (top, left, bottom, right) is filled with ``pad_value`` (the
     zero point) by the NCHW -> NCHW16c conversion, so no padded NCHW copy is
     made. Bit-identical to ``conv2d(pad(x, padding, pad_value), w, strides,
     padding=0, dilation, groups, out_dtype="int32")``. Check ``vnni_applicable`` first.
+    With ``requant`` (see ``epilogue``) the layout conversion back to NCHW
+    also adds the bias and requantizes, and the result is ``requant.dtype``.
     """
     xs = _u8_shape(bb, x_u8_nchw, "conv2d")
     w = _int8(w_oihw_int8, "conv2d")
@@ -243,4 +256,9 @@ def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8_nchw: relax.Expr, w_oihw_int8:
     data = bb.emit_te(_to_nchwc_te, x_u8_nchw, cp, b, padding, int(pad_value), primfunc_name_hint="hago_nchw_to_nchwc")
     acc = bb.emit_te(_conv_te, data, relax.const(wp, "int8"), _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_vnni")
+    if requant is not None:  # requantize in the NCHW16c -> NCHW write-back: no int32 NCHW pass
+        def back(a, bias, mult, half, shift):  # emit_te takes tensors and numbers, not a Requant
+            return _from_nchwc_requant_te(a, o, bias, mult, half, shift, requant)
+
+        return bb.emit_te(back, acc, *requant.constants(o), primfunc_name_hint="hago_nchwc_to_nchw")
     return bb.emit_te(_from_nchwc_te, acc, o, primfunc_name_hint="hago_nchwc_to_nchw")
