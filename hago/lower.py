@@ -47,17 +47,18 @@ def finish(mod: tvm.IRModule, target: tvm.target.Target):
         return tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lower))
 
 
-def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
+def is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
+    """Whether a schedule was already applied (hago's kernels, MetaSchedule records; ARM uses the old name)."""
     attrs = func.attrs or {}
     return bool(attrs.get("tirx.is_scheduled", False)) or bool(attrs.get("tir.is_scheduled", False))
 
 
-def schedule_elementwise(mod: tvm.IRModule) -> tvm.IRModule:
-    """Default schedules for the unscheduled, reduction-free PrimFuncs of ``mod``."""
+def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
+    """``mod`` with ``schedule(func)`` applied to each unscheduled PrimFunc (None from it: left alone)."""
     updates = {}
     for gv, func in mod.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and not _is_scheduled(func):
-            new = schedule_elementwise_func(func)
+        if isinstance(func, tvm.tirx.PrimFunc) and not is_scheduled(func):
+            new = schedule(func)
             if new is not None:
                 updates[gv] = new
     if not updates:
@@ -66,6 +67,11 @@ def schedule_elementwise(mod: tvm.IRModule) -> tvm.IRModule:
     for gv, func in updates.items():
         mod.update_func(gv, func)
     return mod
+
+
+def schedule_elementwise(mod: tvm.IRModule) -> tvm.IRModule:
+    """Default schedules for the unscheduled PrimFuncs of ``mod`` (see :func:`apply_default_schedule`)."""
+    return schedule_unscheduled(mod, schedule_elementwise_func)
 
 
 def schedule_elementwise_func(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:

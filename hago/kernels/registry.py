@@ -70,11 +70,6 @@ def schedule_kernels(sch: Schedule) -> bool:
     return bool(blocks)
 
 
-def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
-    attrs = func.attrs or {}
-    return bool(attrs.get("tirx.is_scheduled", False)) or bool(attrs.get("tir.is_scheduled", False))
-
-
 def schedule_func(func: tvm.tirx.PrimFunc, vnni: bool = True) -> tvm.tirx.PrimFunc | None:
     """The scheduled ``func``, or None when it holds no hago kernel block (``vnni``: or only VNNI ones)."""
     sch = Schedule(tvm.IRModule({"main": func}))
@@ -122,19 +117,9 @@ def schedule_vnni(mod: tvm.IRModule, target: tvm.target.Target | None = None) ->
     vnni = target is None or has_vnni(target)
     if not vnni:
         log.info("target %s has no avx512vnni: VNNI kernels stay unscheduled", target)
-    updates = {}
-    for gv, func in mod.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and not _is_scheduled(func):
-            new = schedule_func(func, vnni)
-            if new is not None:
-                updates[gv] = new
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod.update_func(gv, func)
-    log.debug("scheduled %d hago kernels", len(updates))
-    return mod
+    from ..lower import schedule_unscheduled
+
+    return schedule_unscheduled(mod, lambda func: schedule_func(func, vnni))
 
 
 def ScheduleVNNI() -> tvm.transform.Pass:  # noqa: N802  (TVM pass naming)

@@ -30,7 +30,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu  # the package omits dataflow_lower_passes
 
 from ..kernels import fix_shipped_vnni_intrin, has_vnni, is_kernel, register_intrinsics, schedule_kernels, schedule_vnni
-from ..lower import apply_default_schedule, finish
+from ..lower import apply_default_schedule, finish, is_scheduled
 from .cache import Entry, TuningCache
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,6 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(passes)(mod)
 
 
-def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
-    # hago.arm marks its kernels with the pre-0.27 name "tir.is_scheduled"
-    attrs = func.attrs or {}
-    return bool(attrs.get("tirx.is_scheduled", False)) or bool(attrs.get("tir.is_scheduled", False))
-
-
 def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCache) -> list[Task]:
     """The tunable PrimFuncs of ``prepared`` (pre-scheduled ones, e.g. ARM kernels, are left out)."""
     from tvm.s_tir import meta_schedule as ms
@@ -75,7 +69,7 @@ def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCach
     for t in ms.relax_integration.extract_tasks(prepared, target):
         wl = t.dispatched[0]
         func = wl["main"]
-        if _is_scheduled(func):
+        if is_scheduled(func):
             continue
         tasks.append(Task(str(t.task_name), wl, cache.entry(wl), is_kernel(func)))
     return tasks
