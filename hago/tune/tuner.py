@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import relax
-from tvm.relax.backend.cpu_generic import pipeline as cpu  # the package omits dataflow_lower_passes
 
 from ..kernels import fix_shipped_vnni_intrin, has_vnni, is_kernel, register_intrinsics, schedule_kernels, schedule_vnni
-from ..lower import apply_default_schedule, finish, is_scheduled
+from ..lower import apply_default_schedule, finish, fuse, is_scheduled
 from .cache import Entry, TuningCache
 
 log = logging.getLogger(__name__)
@@ -56,9 +55,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     for gv, func in list(mod.functions_items()):
         if isinstance(func, tvm.tirx.PrimFunc) and "op_pattern" not in (func.attrs or {}) and is_kernel(func):
             mod.update_func(gv, func.with_attr("op_pattern", _OPAQUE))
-    passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-    with target:
-        return tvm.transform.Sequential(passes)(mod)
+    return fuse(mod, target)
 
 
 def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCache) -> list[Task]:
