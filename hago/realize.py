@@ -21,6 +21,13 @@ Where the spec's descriptor names them, hago's hand-scheduled kernels
 (:mod:`hago.kernels`) stand in for the plain ops: VNNI conv/dense, and the
 depthwise kernel, which pads and requantizes inside its own loop nest.
 
+On VNNI specs, integer activations between VNNI convs stay in the blocked
+NCHW16c layout (``kernels.x86_vnni``: channels padded to 16 with the zero
+point): the conv requantizes on its register tiles, and residual adds,
+relu/clip, max-pool and depthwise convs (``kernels.x86_depthwise_blocked``)
+run on the blocked tensor. The layout changes back to NCHW only where an op
+needs it (a float op, a reshape).
+
 Quantize and dequantize appear only where a float op meets an integer one,
 and an integer layer that feeds only float ops is dequantized straight from
 its int32 accumulator (no rounding to 8 bits on the way out).
@@ -78,6 +85,7 @@ class _Realizer:
         self.bb = relax.BlockBuilder()
         self.fval: dict[str, relax.Expr] = {}
         self.qval: dict[str, relax.Expr] = {}
+        self.blocked: dict[str, relax.Expr] = {}  # edge -> its uint8 NCHW16c value (see the module docstring)
         self.var_map: dict = {}
         self.edge_of_var = {v: e for e, v in graph.edge_var.items()}
         self.layers: dict[str, LayerConstants] = {}
@@ -92,13 +100,17 @@ class _Realizer:
     def get_float(self, edge: str) -> relax.Expr:
         if edge not in self.fval:
             qp = self.qparams(edge)
+            q, _ = self.get_quant(edge)
             self.fval[edge] = self.bb.emit(
-                O.dequantize(self.qval[edge], _c(qp.scale, "float32"), _c(qp.zero_point, container_dtype(qp.dtype)))
+                O.dequantize(q, _c(qp.scale, "float32"), _c(qp.zero_point, container_dtype(qp.dtype)))
             )
         return self.fval[edge]
 
     def get_quant(self, edge: str) -> tuple[relax.Expr, QParams]:
+        """The integer value of ``edge`` in its plain layout (converted from NCHW16c at most once)."""
         qp = self.qparams(edge)
+        if edge not in self.qval and edge in self.blocked:
+            self.qval[edge] = kernels.emit_from_blocked(self.bb, self.blocked[edge], self.channels(edge))
         if edge not in self.qval:
             x = self.get_float(edge)
             cdt = container_dtype(qp.dtype)
@@ -110,6 +122,44 @@ class _Realizer:
                 q = O.astype(O.clip(r, qp.qmin, qp.qmax), cdt)
             self.qval[edge] = self.bb.emit(q)
         return self.qval[edge], qp
+
+    # ---- the blocked NCHW16c layout ---------------------------------------
+    def channels(self, edge: str) -> int:
+        return int(_shape(self.g.edge_var[edge])[1])
+
+    def get_blocked(self, edge: str) -> relax.Expr:
+        """The uint8 NCHW16c value of ``edge`` (converted from NCHW at most once)."""
+        if edge not in self.blocked:
+            q, qp = self.get_quant(edge)
+            self.blocked[edge] = kernels.emit_to_blocked(self.bb, q, int(qp.zero_point))
+        return self.blocked[edge]
+
+    def can_block(self, edge: str) -> bool:
+        """Whether ``edge`` may be held blocked: a static 4-D uint8 integer tensor."""
+        shape = _shape(self.g.edge_var[edge]) if edge in self.g.edge_var else []
+        res = self.s.resolved(edge)
+        return (len(shape) == 4 and all(isinstance(d, int) for d in shape) and bool(res.bits)
+                and res.qparams is not None and container_dtype(res.qparams.dtype) == "uint8")
+
+    def takes_blocked(self, name: str, edge: str) -> bool:
+        """Whether integer node ``name`` would run on ``edge`` blocked rather than in NCHW."""
+        node, choice = self.g.node(name), self.s.ops[name]
+        if choice.mode != "integer":
+            return False
+        if node.kind in ("relu", "clip", "max_pool2d", "add"):
+            return True
+        if node.kind == "depthwise_conv2d":  # the blocked kernel writes 8 bits: an integer output only
+            return (bool(self.s.edges[name].bits) and self.depthwise_kernel(choice, self.qparams(edge))
+                    and node.weight.shape[0] == self.channels(edge))
+        if node.kind == "conv2d" and node.inputs[0] == edge:
+            xs = _shape(self.g.edge_var[edge])
+            return (int(node.call.attrs.groups) == 1 and self.packed_layout(choice, self.qparams(edge))
+                    and kernels.vnni_applicable("conv2d", xs, node.weight.shape, 1))
+        return False
+
+    def block_output(self, edge: str) -> bool:
+        """Hold ``edge`` blocked when its producer can emit it so and some consumer takes it so."""
+        return self.can_block(edge) and any(self.takes_blocked(c, edge) for c in self.g.consumers.get(edge, []))
 
     # ---- substitution for float ops ---------------------------------------
     def subst(self, expr):
@@ -159,8 +209,11 @@ class _Realizer:
         if node.kind == "dense" and self.s.resolved(node.inputs[0]).dynamic:
             self.dynamic_dense(node, choice)
             return
-        xq, qx = self.get_quant(node.inputs[0])
         conv = node.kind != "dense"
+        src = node.inputs[0]
+        blocked_in = conv and src in self.blocked and self.takes_blocked(node.name, src)
+        xq, qx = (self.blocked[src], self.qparams(src)) if blocked_in else self.get_quant(src)
+        xs = _shape(self.g.edge_var[src]) if blocked_in else _shape(xq)
         w = node.weight
         axis = 0 if conv else 1
         sx, zx = float(qx.scale), int(qx.zero_point)
@@ -186,18 +239,26 @@ class _Realizer:
             a = node.call.attrs
             pad = [int(p) for p in a.padding]  # (top, left, bottom, right)
             groups = int(a.groups)
-            depthwise = self.depthwise_kernel(choice, qx) and kernels.depthwise_applicable(_shape(xq), wq.shape, groups)
-            vnni = packed and kernels.vnni_applicable("conv2d", _shape(xq), wq.shape, groups)
+            depthwise = self.depthwise_kernel(choice, qx) and kernels.depthwise_applicable(xs, wq.shape, groups)
+            vnni = packed and kernels.vnni_applicable("conv2d", xs, wq.shape, groups)
             rq = None  # hago's kernels requantize in their own write-back when the output is integer
             if consts.multiplier is not None and (depthwise or vnni):
                 rq = kernels.Requant(folded.astype(np.int32), consts.multiplier, consts.shift, int(qy.zero_point),
                                      int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype))
+            if depthwise and blocked_in and rq is not None:  # NCHW16c in and out, pads itself
+                self.blocked[node.name] = kernels.emit_conv2d_depthwise_blocked(
+                    self.bb, xq, wq, rq, _ints(a.strides), pad, _ints(a.dilation), pad_value=zx)
+                return
             if depthwise:  # pads itself (wider, for whole vectors)
                 acc = kernels.emit_conv2d_depthwise(self.bb, xq, wq, _ints(a.strides), pad, _ints(a.dilation),
                                                     pad_value=zx, groups=groups, requant=rq)
             elif vnni:  # the NCHW -> NCHW16c conversion pads: no padded NCHW copy
+                layout = "NCHW16c" if rq is not None and groups == 1 and self.block_output(node.name) else "NCHW"
                 acc = kernels.emit_conv2d_vnni(self.bb, xq, wq, _ints(a.strides), _ints(a.dilation), groups,
-                                               padding=pad, pad_value=zx, requant=rq)
+                                               padding=pad, pad_value=zx, requant=rq, out_layout=layout)
+                if layout != "NCHW":
+                    self.blocked[node.name] = acc
+                    return
             if rq is not None:
                 self.qval[node.name] = acc
                 return
@@ -209,7 +270,7 @@ class _Realizer:
                                   groups=groups, out_dtype="int32")
             bshape = (1, -1, 1, 1)
         else:
-            if packed and kernels.vnni_applicable("dense", _shape(xq), wq.shape):
+            if packed and kernels.vnni_applicable("dense", xs, wq.shape):
                 acc = kernels.emit_dense_vnni(self.bb, xq, wq)
             else:
                 acc = O.matmul(xq, _c(wq, "int8"), out_dtype="int32")
@@ -262,17 +323,26 @@ class _Realizer:
             self.fval[node.name] = self.bb.emit(O.add(a, b))
             return
         qy = self.qparams(node.name)
+        # blocked when an input already is and both have the output's shape (no broadcast)
+        blocked = (any(e in self.blocked for e in node.inputs) and self.can_block(node.name)
+                   and all(_shape(self.g.edge_var[e]) == _shape(self.g.edge_var[node.name]) for e in node.inputs))
         terms = []
         for e in node.inputs:
-            q, qp = self.get_quant(e)
+            qp = self.qparams(e)
+            q = self.get_blocked(e) if blocked else self.get_quant(e)[0]
             centred = O.subtract(O.astype(q, "int64"), _c(qp.zero_point, "int64"))
             terms.append(self.bb.emit(self.fixed_point(centred, float(qp.scale) / float(qy.scale), ())))
         y = O.add(O.add(terms[0], terms[1]), _c(qy.zero_point, "int64"))
-        self.qval[node.name] = self.bb.emit(O.astype(O.clip(y, qy.qmin, qy.qmax), container_dtype(qy.dtype)))
+        out = self.blocked if blocked else self.qval
+        out[node.name] = self.bb.emit(O.astype(O.clip(y, qy.qmin, qy.qmax), container_dtype(qy.dtype)))
 
     def passthrough_node(self, node: Node) -> None:
-        q, qp = self.get_quant(node.inputs[0])
+        src = node.inputs[0]
+        qp = self.qparams(src)
         cdt = container_dtype(qp.dtype)
+        blocked = src in self.blocked and (node.kind in ("relu", "clip")
+                                           or (node.kind == "max_pool2d" and node.call.attrs.layout == "NCHW"))
+        q = self.blocked[src] if blocked else self.get_quant(src)[0]
         if node.kind == "relu":
             y = O.maximum(q, _c(qp.zero_point, cdt))
         elif node.kind == "clip":
@@ -280,10 +350,14 @@ class _Realizer:
             qlo = int(np.clip(np.round(lo / qp.scale) + qp.zero_point, qp.qmin, qp.qmax))
             qhi = int(np.clip(np.round(hi / qp.scale) + qp.zero_point, qp.qmin, qp.qmax))
             y = O.clip(q, qlo, qhi)
+        elif blocked:  # max-pool on NCHW16c: the padded channels stay at the zero point
+            a = node.call.attrs
+            y = O.nn.max_pool2d(q, _ints(a.pool_size), _ints(a.strides), _ints(a.padding), _ints(a.dilation),
+                                bool(a.ceil_mode), layout="NCHW16c", out_layout="NCHW16c")
         else:  # max-pool and reshapes commute with a monotone affine map
             rest = [self.subst(a) for a in node.call.args[1:]]
             y = relax.Call(node.call.op, [q, *rest], node.call.attrs, node.call.ty_args)
-        self.qval[node.name] = self.bb.emit(y)
+        (self.blocked if blocked else self.qval)[node.name] = self.bb.emit(y)
 
     def run(self) -> Realized:
         g = self.g

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 import intref
-from hago.kernels import SCHEDULES, Requant, depthwise_applicable, emit_conv2d_depthwise, schedule_vnni
+from hago.kernels import (SCHEDULES, Requant, depthwise_applicable, emit_conv2d_depthwise,
+                          emit_conv2d_depthwise_blocked, schedule_vnni)
 from hago.kernels.x86_depthwise import DEPTHWISE, depthwise_tile, vector_lanes
+from hago.kernels.x86_depthwise_blocked import DEPTHWISE_NCHWC
 
 TARGET = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
 
@@ -28,6 +30,7 @@ CASES = {
     "s1_dil2_w16": ((1, 16, 20, 20), (16, 1, 3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 9),  # exactly one zmm
     "s3_3x3": ((1, 8, 16, 17), (8, 1, 3, 3), (3, 3), (1, 1, 1, 1), (1, 1), 5),  # stride 3: gathered split
     "mult2_3x2": ((1, 8, 9, 11), (16, 1, 3, 2), (1, 2), (0, 1, 0, 0), (1, 1), 1),  # channel multiplier 2
+    "s1_3x3_c24": ((1, 24, 10, 13), (24, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 11),  # 24 channels: 2 blocks
 }
 # requantizing write-back: name -> (case, output dtype, qmin, qmax, zero point)
 REQUANT = {
@@ -35,7 +38,25 @@ REQUANT = {
     "rq_s2_b2_relu6": ("s2_3x3_b2", "uint8", 10, 200, 10),  # a clip range narrower than the dtype
     "rq_w7_s8": ("s1_5x5_w7", "int8", -128, 127, -5),
     "rq_mult2_u8": ("mult2_3x2", "uint8", 0, 255, 128),
+    "rq_c24_u8": ("s1_3x3_c24", "uint8", 0, 255, 4),
 }
+# the NCHW16c kernel (one filter per channel): these requantizing cases, blocked in and out
+BLOCKED = ["rq_s1_w20_u8", "rq_s2_b2_relu6", "rq_w7_s8", "rq_c24_u8"]
+IN_PAD = 77  # what the input's padded channels hold: their zero weights must ignore it
+
+
+def to_blocked(x: np.ndarray, fill: int) -> np.ndarray:
+    """NCHW -> NCHW16c, channels padded to 16 with ``fill``."""
+    n, c, h, w = x.shape
+    cb = -(-c // 16)
+    xp = np.full((n, cb * 16, h, w), fill, x.dtype)
+    xp[:, :c] = x
+    return np.ascontiguousarray(xp.reshape(n, cb, 16, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def from_blocked(y: np.ndarray) -> np.ndarray:
+    n, cb, h, w, _ = y.shape
+    return y.transpose(0, 1, 4, 2, 3).reshape(n, cb * 16, h, w)
 
 
 def _data(name, xs, ws):
@@ -77,7 +98,7 @@ def test_tile_and_lanes():
 
 
 def test_registered():
-    assert DEPTHWISE in SCHEDULES
+    assert DEPTHWISE in SCHEDULES and DEPTHWISE_NCHWC in SCHEDULES
 
 
 # ---- one build for all cases -------------------------------------------------------
@@ -121,6 +142,13 @@ def built():
         ref = intref.requantize_fixed_point(acc.astype(np.int32), rq.multiplier, rq.shift, rq.zero_point, rq.qmin,
                                             rq.qmax, axis=1, out_dtype=rq.dtype)
         cases[name] = (x_np, ref)
+        if name in BLOCKED:
+            xb = relax.Var("x", relax.TensorType(to_blocked(x_np, IN_PAD).shape, "uint8"))
+            with bb.function(name + "_blocked", [xb]):
+                with bb.dataflow():
+                    out = bb.emit_output(emit_conv2d_depthwise_blocked(bb, xb, w_np, rq, strides, padding, dilation,
+                                                                       pad_value=zp))
+                bb.emit_func_output(out)
     target = tvm.target.Target(TARGET)
     mod = schedule_vnni(bb.get(), target)
     return mod, finish(fuse(mod, target), target), cases
@@ -138,6 +166,23 @@ def test_requantizing_write_back_bit_exact(built, name):
     assert out.dtype == ref.dtype == np.dtype(REQUANT[name][1]) and out.shape == ref.shape
     assert np.array_equal(out, ref)
     assert len(np.unique(out)) > 20  # not a degenerate all-clipped output
+
+
+@pytest.mark.llvm
+@pytest.mark.parametrize("name", BLOCKED)
+def test_blocked_kernel_bit_exact(built, name):
+    """NCHW16c in and out: the same requantized values, and the padded output channels at the zero point."""
+    import tvm
+    from tvm import relax
+
+    _, ex, cases = built
+    x, ref = cases[name]
+    c = x.shape[1]
+    out = from_blocked(relax.VirtualMachine(ex, tvm.cpu())[name + "_blocked"](tvm.runtime.tensor(to_blocked(x, IN_PAD)))
+                       .numpy())
+    assert out.dtype == ref.dtype and out.shape[2:] == ref.shape[2:]
+    assert np.array_equal(out[:, :c], ref)
+    assert (out[:, c:] == REQUANT[name][4]).all()
 
 
 @pytest.mark.llvm
@@ -161,7 +206,7 @@ def test_kernels_scheduled_and_vectorized(built):
 
     mod, ex, _ = built
     kernels = [f for gv, f in mod.functions_items() if gv.name_hint.startswith("hago_conv2d_depthwise")]
-    assert len(kernels) == len(CASES) + len(REQUANT)
+    assert len(kernels) == len(CASES) + len(REQUANT) + len(BLOCKED)
     assert all(f.attrs["tirx.is_scheduled"] and int(f.attrs["op_pattern"]) == 8 for f in kernels)
     asm = ex.mod.imports[0].inspect_source("asm")
     assert "vpmovzxbd" in asm and ("vpdpwssd" in asm or "vpmaddwd" in asm)  # widened u8 x s8 multiply-adds

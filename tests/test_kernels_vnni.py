@@ -252,41 +252,121 @@ def test_target_without_vnni_keeps_naive_correct_kernels():
     assert np.array_equal(out, np_dense(x_np, w_np))
 
 
-def test_vnni_conv_requantizes_in_its_write_back_bit_exact(run_tvm):
-    """A static build runs VNNI convs whose NCHW16c -> NCHW conversion also requantizes (uint8 out);
-    the network output equals the dynamic build's plain int32 conv + separate requantize, exactly."""
-    import re
-
+def _static_int_mod(model, x):
     import torch
+
+    from hago.compile import quantize, static_pair
+    from hago.hwspec import HardwareSpec
+
+    spec = HardwareSpec.load("x86-avx512-vnni")
+    q = quantize(model, spec, {"x": x}, calibrator="minmax", example_inputs=(torch.from_numpy(x[:2]),))
+    _, int_mod = static_pair(q, spec, 2)
+    return spec, q, int_mod
+
+
+def _run_static(spec, int_mod, x):
     import tvm
-    from torch import nn
     from tvm import relax
 
     from hago.build import build
-    from hago.compile import quantize, static_pair
-    from hago.hwspec import HardwareSpec
+
+    ex = build(int_mod, tvm.target.Target(spec.target))
+    return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _calls(text: str, func: str) -> list[str]:
+    """The output dtypes of every ``call_tir`` of ``func`` (numbered variants included)."""
+    return re.findall(rf"call_tir\(cls\.{func}\d*, .*?out_ty=R\.Tensor\(\([^)]*\), dtype=\"(\w+)\"\)", text)
+
+
+def test_vnni_conv_requantizes_in_its_write_back_bit_exact(run_tvm):
+    """A VNNI conv whose integer output feeds an NCHW-only op (here the depthwise kernel) requantizes in its
+    NCHW16c -> NCHW conversion (uint8 out); the output equals the dynamic build's plain int32 conv + separate
+    requantize, exactly."""
+    import torch
+    from torch import nn
+
+    class ConvDepthwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+
+        def forward(self, x):
+            return self.dw(torch.relu(self.c1(x)))
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32)
+    spec, q, int_mod = _static_int_mod(ConvDepthwise().eval(), x)
+    text = int_mod.script(show_meta=False)
+    assert len(re.findall(r"call_tir\(cls\.hago_conv2d_nchwc_vnni", text)) == 1
+    assert _calls(text, "hago_nchwc_to_nchw") == ["uint8"]
+    np.testing.assert_array_equal(_run_static(spec, int_mod, x[:2]), run_tvm(q.realized.mod, x[:2]))
+
+
+def test_integer_layers_stay_blocked_nchw16c_bit_exact(run_tvm):
+    """Between VNNI convs, relu, max-pool and a residual add the activations stay NCHW16c (channels padded to
+    16 with the zero point: 24 -> 32 here): one NCHW -> NCHW16c conversion at the input, one back at the float
+    output, none in between; the output equals the plain-layout integer program exactly."""
+    import torch
+    from torch import nn
 
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1)
-            self.c3 = nn.Conv2d(16, 16, 1)
+            self.c1, self.c2 = nn.Conv2d(3, 24, 3, padding=1), nn.Conv2d(24, 24, 3, stride=2, padding=1)
+            self.c3 = nn.Conv2d(24, 24, 1)
 
         def forward(self, x):
-            y = torch.relu(self.c2(torch.relu(self.c1(x))))
-            return self.c3(y) + y  # the residual add reads the requantized kernel outputs
+            y = nn.functional.max_pool2d(torch.relu(self.c1(x)), 3, 2, 1)
+            y = torch.relu(self.c2(y))
+            return torch.relu(self.c3(y) + y)
 
-    spec = HardwareSpec.load("x86-avx512-vnni")
     torch.manual_seed(0)
-    model = Residual().eval()
-    x = np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32)
-    q = quantize(model, spec, {"x": x}, calibrator="minmax", example_inputs=(torch.from_numpy(x[:2]),))
-    _, int_mod = static_pair(q, spec, 2)
+    x = np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    spec, q, int_mod = _static_int_mod(Residual().eval(), x)
+    assert all(c.mode == "integer" for c in q.strategy.ops.values())
     text = int_mod.script(show_meta=False)
-    assert len(re.findall(r"call_tir\(cls\.hago_conv2d_nchwc_vnni", text)) == 3
-    # every conv's output edge is integer here: all three conversions back write uint8
-    back = re.findall(r"call_tir\(cls\.hago_nchwc_to_nchw\d*, .*?out_ty=R\.Tensor\(\([^)]*\), dtype=\"(\w+)\"\)", text)
-    assert back == ["uint8"] * 3, back
-    ex = build(int_mod, tvm.target.Target(spec.target))
-    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:2])).numpy()
+    convs = _calls(text, "hago_conv2d_nchwc_vnni")
+    assert convs == ["uint8"] * 3, convs  # each conv requantizes on its tiles, blocked out
+    assert len(_calls(text, "hago_nchw_to_nchwc")) == 1  # the first conv's (padding, 3 -> 4 channels)
+    assert _calls(text, "hago_nchwc_to_nchw") == ["uint8"]  # at the float output only
+    assert "NCHW16c" in text  # the max-pool
+    out = _run_static(spec, int_mod, x[:2])
     np.testing.assert_array_equal(out, run_tvm(q.realized.mod, x[:2]))
+    assert np.abs(out).max() > 0
+
+
+
+
+def test_inverted_residual_block_stays_blocked_bit_exact(run_tvm):
+    """A MobileNetV2-style block (1x1 expand, relu6, 3x3 depthwise, relu6, 1x1 project, residual add) runs
+    wholly in NCHW16c: the depthwise conv is the blocked kernel, and the only layout changes are at the
+    float boundaries. Bit-exact against the plain-layout integer program."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 24, 3, stride=2, padding=1)
+            self.expand, self.project = nn.Conv2d(24, 72, 1), nn.Conv2d(72, 24, 1)
+            self.dw = nn.Conv2d(72, 72, 3, padding=1, groups=72)
+
+        def forward(self, x):
+            s = nn.functional.relu6(self.stem(x))
+            y = nn.functional.relu6(self.dw(nn.functional.relu6(self.expand(s))))
+            return self.project(y) + s
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(2).standard_normal((8, 3, 20, 20)).astype(np.float32)
+    spec, q, int_mod = _static_int_mod(Block().eval(), x)
+    assert all(c.mode == "integer" for c in q.strategy.ops.values())
+    text = int_mod.script(show_meta=False)
+    assert _calls(text, "hago_conv2d_depthwise_nchwc") == ["uint8"]
+    assert not re.findall(r"cls\.hago_conv2d_depthwise\d*,", text)  # no NCHW depthwise kernel
+    assert len(_calls(text, "hago_nchw_to_nchwc")) == 1
+    assert _calls(text, "hago_nchwc_to_nchw") == ["uint8"]
+    out = _run_static(spec, int_mod, x[:2])
+    np.testing.assert_array_equal(out, run_tvm(q.realized.mod, x[:2]))
+    assert np.abs(out).max() > 0

@@ -24,10 +24,13 @@ from .registry import (
 from .vnni_intrin import HAGO_VNNI_INTRIN, fix_shipped_vnni_intrin, vnni_intrin
 from .epilogue import Requant
 from .x86_depthwise import depthwise_applicable, emit_conv2d_depthwise
+from .x86_depthwise_blocked import emit_conv2d_depthwise_blocked
 from .x86_vnni import (
     KERNEL_ATTR,
     emit_conv2d_vnni,
     emit_dense_vnni,
+    emit_from_blocked,
+    emit_to_blocked,
     pack_conv_weight,
     pack_dense_weight,
     vnni_applicable,
@@ -42,8 +45,11 @@ __all__ = [
     "ScheduleVNNI",
     "depthwise_applicable",
     "emit_conv2d_depthwise",
+    "emit_conv2d_depthwise_blocked",
     "emit_conv2d_vnni",
     "emit_dense_vnni",
+    "emit_from_blocked",
+    "emit_to_blocked",
     "fix_shipped_vnni_intrin",
     "has_vnni",
     "is_kernel",

@@ -33,17 +33,22 @@ class Requant:
     dtype: str  # "uint8" | "int8"
 
     def constants(self, channels: int) -> list[relax.Constant]:
-        """``bias`` int32, ``multiplier`` int32, ``half = 2**(shift-1)`` int64, ``shift`` int64, each ``[O]``.
+        """``bias`` int32, ``multiplier`` int32, ``half = 2**(shift-1)`` int64, ``shift`` int64, each ``[channels]``.
 
         The multiplier stays int32 so the product is a sign-extended 32 x 32
-        -> 64 bit one (``vpmuldq``), not a full 64-bit multiply.
+        -> 64 bit one (``vpmuldq``), not a full 64-bit multiply. Channels past
+        the per-channel arrays (a blocked layout's padding) get bias 0 and
+        multiplier 0, so they requantize to the zero point: real value 0.
         """
-        def full(v, dtype):
-            return relax.const(np.ascontiguousarray(np.broadcast_to(np.asarray(v).astype(dtype), (channels,))), dtype)
+        def full(v, dtype, pad):
+            a = np.asarray(v).astype(dtype).reshape(-1)
+            if a.size == 1:
+                return relax.const(np.full(channels, a[0], dtype), dtype)
+            return relax.const(np.concatenate([a, np.full(channels - a.size, pad, dtype)]), dtype)
 
         shift = np.asarray(self.shift).astype(np.int64)
-        return [full(self.bias, "int32"), full(self.multiplier, "int32"),
-                full(np.int64(1) << (shift - 1), "int64"), full(shift, "int64")]
+        return [full(self.bias, "int32", 0), full(self.multiplier, "int32", 0),
+                full(np.int64(1) << (shift - 1), "int64", 1), full(shift, "int64", 1)]
 
 
 def requant_expr(acc_value, c, bias, mult, half, shift, rq: Requant):

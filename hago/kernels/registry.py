@@ -16,9 +16,11 @@ import tvm
 from tvm.s_tir import Schedule, ScheduleError
 
 from .x86_depthwise import DEPTHWISE, deinterleave_intrin, schedule_depthwise
+from .x86_depthwise_blocked import DEPTHWISE_NCHWC, schedule_depthwise_blocked
 from .vnni_intrin import vnni_intrin
-from .x86_vnni import CONV, DENSE, FROM_NCHWC, KERNEL_ATTR, TO_NCHWC
-from .x86_vnni_schedule import schedule_conv, schedule_dense, schedule_from_nchwc, schedule_to_nchwc
+from .x86_vnni import CONV, DENSE, FROM_NCHWC, KERNEL_ATTR, PAD_NCHWC, TO_NCHWC
+from .x86_vnni_schedule import (schedule_conv, schedule_dense, schedule_from_nchwc, schedule_pad_nchwc,
+                                schedule_to_nchwc)
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,12 @@ SCHEDULES: dict[str, Callable] = {
     CONV: schedule_conv,
     TO_NCHWC: schedule_to_nchwc,
     FROM_NCHWC: schedule_from_nchwc,
+    PAD_NCHWC: schedule_pad_nchwc,
     DEPTHWISE: schedule_depthwise,
+    DEPTHWISE_NCHWC: schedule_depthwise_blocked,
 }
 #: kinds whose schedules need ``avx512vnni`` (``vpdpbusd``); the others are plain vector code for any LLVM CPU
-NEEDS_VNNI = frozenset({DENSE, CONV, TO_NCHWC, FROM_NCHWC})
+NEEDS_VNNI = frozenset({DENSE, CONV, TO_NCHWC, FROM_NCHWC, PAD_NCHWC})
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the kernel a function of its own
 
 

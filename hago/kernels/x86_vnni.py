@@ -12,7 +12,12 @@ block order, so this module packs them at compile time in numpy:
 K, N, C and O are padded with zero weights up to the block sizes (a zero
 weight contributes nothing) and the output is sliced back, so each emitter
 keeps the plain op's contract: same input, bit-identical int32 accumulator.
-The conv converts NCHW -> NCHW{b}c and back around the kernel for now.
+
+Between integer layers the conv can also stay blocked (``out_layout=
+"NCHW16c"``): it then takes and/or returns uint8 ``[N, Cp/16, H, W, 16]``,
+channels padded up to 16 with the *zero point* (real value 0), so the next
+conv, a residual add, relu/clip and max-pool run on the blocked tensor and
+the layout changes only where a float op or a plain-layout op needs NCHW.
 
 Every kernel block carries the annotation ``hago.kernel`` naming its
 schedule; ``schedule_vnni`` (in ``registry``) finds them by it.
@@ -32,6 +37,9 @@ DENSE = "dense_vnni"
 CONV = "conv2d_nchwc_vnni"
 TO_NCHWC = "nchw_to_nchwc"
 FROM_NCHWC = "nchwc_to_nchw"
+PAD_NCHWC = "pad_nchwc"
+CONV_EPILOGUE = "hago_conv_requant"
+BLOCKED = "NCHW16c"  # the layout of blocked uint8 activations between integer layers
 LANES, RED = 16, 4  # vpdpbusd: 16 int32 output lanes, 4 bytes reduced per lane
 
 
@@ -89,14 +97,16 @@ def pack_dense_weight(w_kn: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.T.reshape(np_ // LANES, LANES, kp // RED, RED).transpose(0, 2, 1, 3))
 
 
-def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1) -> np.ndarray:
+def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, in_channels: int | None = None) -> np.ndarray:
     """int8 ``[O, I, KH, KW] -> [Op/16, Ip/b, KH, KW, b/4, 16, 4]`` (``b = in_block(I)``).
 
     ``I`` is per group; with one group O and I are zero-padded up to 16 and 4.
+    ``in_channels`` (one group only) is the channel count of a blocked NCHW16c
+    input, channel padding included: I is zero-padded up to it and ``b = 16``.
     """
     o, i, kh, kw = w_oihw.shape
-    b = in_block(i)
-    op, ip = (_up(o, LANES), _up(i, RED)) if groups == 1 else (o, i)
+    b = in_block(i) if in_channels is None else LANES
+    op, ip = (_up(o, LANES), _up(i, RED) if in_channels is None else int(in_channels)) if groups == 1 else (o, i)
     w = np.zeros((op, ip, kh, kw), np.int8)
     w[:o, :i] = w_oihw
     w = w.reshape(op // LANES, LANES, ip // b, b // RED, RED, kh, kw)
@@ -168,6 +178,29 @@ def _from_nchwc_requant_te(acc, o, bias, mult, half, shift, rq: Requant):
     )
 
 
+def _pad_nchwc_te(x, padding, pad_value):
+    """Blocked ``[N, C/b, H, W, b]`` padded spatially by ``(top, left, bottom, right)`` with ``pad_value``."""
+    n, cc, h, w, b = (int(s) for s in x.shape)
+    top, left, bottom, right = padding
+
+    def body(i, c, y, z, l):
+        inside = tirx.all(y >= top, y < top + h, z >= left, z < left + w)
+        return tirx.if_then_else(inside, x[i, c, y - top, z - left, l], tirx.const(pad_value, x.dtype))
+
+    return te.compute((n, cc, h + top + bottom, w + left + right, b), body, name=PAD_NCHWC,
+                      attrs={KERNEL_ATTR: PAD_NCHWC})
+
+
+def to_blocked_te(x, pad_value):
+    """NCHW uint8 -> NCHW16c, channels padded to 16 with ``pad_value`` (the zero point)."""
+    return _to_nchwc_te(x, _up(int(x.shape[1]), LANES), LANES, (0, 0, 0, 0), pad_value)
+
+
+def from_blocked_te(x, channels):
+    """NCHW16c -> NCHW, the first ``channels`` channels (the padding dropped)."""
+    return _from_nchwc_te(x, channels)
+
+
 def _conv_te(data, kernel, strides, dilation, groups):
     n, _, h, w, b = (int(s) for s in data.shape)
     occ, icc, kh_, kw_, nf, ob, _ = (int(s) for s in kernel.shape)
@@ -188,7 +221,31 @@ def _conv_te(data, kernel, strides, dilation, groups):
     return te.compute((n, occ, oh, ow, ob), body, name=CONV, attrs={KERNEL_ATTR: CONV})
 
 
+def _conv_requant_te(data, kernel, bias, mult, half, shift, strides, dilation, groups, rq: Requant):
+    """The conv with its requantize as a second block of the same PrimFunc: blocked uint8 out.
+
+    ``schedule_conv`` computes the epilogue on each register tile (it takes the
+    place of the accumulator write-back), so the int32 result never leaves the cache.
+    """
+    acc = _conv_te(data, kernel, strides, dilation, groups)
+    return te.compute(
+        acc.shape,
+        lambda i, c, y, x, l: requant_expr(acc[i, c, y, x, l], c * LANES + l, bias, mult, half, shift, rq),
+        name=CONV_EPILOGUE,
+    )
+
+
 # ---- Relax emitters ---------------------------------------------------------
+def emit_to_blocked(bb: relax.BlockBuilder, x_u8_nchw: relax.Expr, zero_point: int) -> relax.Expr:
+    """uint8 NCHW -> NCHW16c with the channel padding at ``zero_point`` (see the module docstring)."""
+    return bb.emit_te(to_blocked_te, x_u8_nchw, int(zero_point), primfunc_name_hint="hago_nchw_to_nchwc")
+
+
+def emit_from_blocked(bb: relax.BlockBuilder, x_blocked: relax.Expr, channels: int) -> relax.Expr:
+    """NCHW16c -> NCHW with ``channels`` channels."""
+    return bb.emit_te(from_blocked_te, x_blocked, int(channels), primfunc_name_hint="hago_nchwc_to_nchw")
+
+
 def _u8_shape(bb: relax.BlockBuilder, expr: relax.Expr, what: str) -> list[int]:
     ty = bb.normalize(expr).ty
     if str(ty.dtype) != "uint8":
@@ -230,9 +287,9 @@ def emit_dense_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_kn_int8: np.ndar
     return acc
 
 
-def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8_nchw: relax.Expr, w_oihw_int8: np.ndarray,
+def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_oihw_int8: np.ndarray,
                      strides=(1, 1), dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0),
-                     pad_value: int = 0, requant: Requant | None = None) -> relax.Expr:
+                     pad_value: int = 0, requant: Requant | None = None, out_layout: str = "NCHW") -> relax.Expr:
     """int32 NCHW ``conv2d(x, w)`` for uint8 ``x`` through VNNI (8-bit with ``requant``).
 
     ``padding`` (top, left, bottom, right) is filled with ``pad_value`` (the
@@ -241,20 +298,45 @@ def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8_nchw: relax.Expr, w_oihw_int8:
     padding=0, dilation, groups, out_dtype="int32")``. Check ``vnni_applicable`` first.
     With ``requant`` (see ``epilogue``) the layout conversion back to NCHW
     also adds the bias and requantizes, and the result is ``requant.dtype``.
+
+    Blocked layouts (one group only): a 5-D ``x`` is taken as NCHW16c (see
+    the module docstring; it is padded in that layout), and with
+    ``out_layout="NCHW16c"`` (needs ``requant``) the result stays blocked:
+    the requantize runs on the kernel's register tiles and no layout
+    conversion is emitted at all.
     """
-    xs = _u8_shape(bb, x_u8_nchw, "conv2d")
+    blocked_in = len(bb.normalize(x_u8).ty.shape.values) == 5
+    xs = _u8_shape(bb, x_u8, "conv2d")
     w = _int8(w_oihw_int8, "conv2d")
     groups = int(groups)
-    if not vnni_applicable("conv2d", xs, w.shape, groups):
+    logical = [xs[0], w.shape[1] * groups, xs[2], xs[3]] if blocked_in else xs
+    if not vnni_applicable("conv2d", logical, w.shape, groups):
         raise QuantizeError(f"conv2d {xs} x {list(w.shape)} groups={groups} has no VNNI layout; "
                             "check vnni_applicable first")
+    if (blocked_in or out_layout != "NCHW") and (groups != 1 or (blocked_in and xs[4] != LANES)):
+        raise QuantizeError(f"conv2d {xs}: blocked layouts need one group and 16-channel blocks")
+    if out_layout not in ("NCHW", BLOCKED) or (out_layout == BLOCKED and requant is None):
+        raise QuantizeError(f"conv2d: out_layout {out_layout!r} needs 'NCHW', or 'NCHW16c' with a requant")
     o = int(w.shape[0])
-    wp = pack_conv_weight(w, groups)
-    b = int(wp.shape[4]) * RED
-    cp = int(wp.shape[1]) * b * groups
     padding = tuple(int(p) for p in padding)
-    data = bb.emit_te(_to_nchwc_te, x_u8_nchw, cp, b, padding, int(pad_value), primfunc_name_hint="hago_nchw_to_nchwc")
-    acc = bb.emit_te(_conv_te, data, relax.const(wp, "int8"), _pair(strides), _pair(dilation), groups,
+    if blocked_in:
+        wp = pack_conv_weight(w, 1, in_channels=xs[1] * LANES)
+        data = x_u8
+        if any(padding):
+            data = bb.emit_te(_pad_nchwc_te, x_u8, padding, int(pad_value), primfunc_name_hint="hago_pad_nchwc")
+    else:
+        wp = pack_conv_weight(w, groups)
+        b = int(wp.shape[4]) * RED
+        cp = int(wp.shape[1]) * b * groups
+        data = bb.emit_te(_to_nchwc_te, x_u8, cp, b, padding, int(pad_value), primfunc_name_hint="hago_nchw_to_nchwc")
+    kernel = relax.const(wp, "int8")
+    if out_layout == BLOCKED:
+        def fused(d, k, bias, mult, half, shift):  # emit_te takes tensors and numbers, not a Requant
+            return _conv_requant_te(d, k, bias, mult, half, shift, _pair(strides), _pair(dilation), 1, requant)
+
+        return bb.emit_te(fused, data, kernel, *requant.constants(int(wp.shape[0]) * LANES),
+                          primfunc_name_hint="hago_conv2d_nchwc_vnni")
+    acc = bb.emit_te(_conv_te, data, kernel, _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_vnni")
     if requant is not None:  # requantize in the NCHW16c -> NCHW write-back: no int32 NCHW pass
         def back(a, bias, mult, half, shift):  # emit_te takes tensors and numbers, not a Requant

@@ -27,7 +27,7 @@ from __future__ import annotations
 from tvm.s_tir import Schedule, ScheduleError
 
 from .vnni_intrin import vnni_intrin
-from .x86_vnni import LANES, RED
+from .x86_vnni import CONV_EPILOGUE, LANES, RED
 
 MAX_ACC = 24  # of the 32 zmm registers: accumulators; the rest hold weights and a broadcast
 MAX_BLOCKS = 4  # 16-lane weight vectors live at once
@@ -51,8 +51,13 @@ def _extent(sch: Schedule, loop) -> int:
 
 
 def _finish(sch: Schedule, blk, reduce_loop, lane_loop, tile_loops, parallel_loops) -> None:
-    """Write-back at the tile, parallel outer loops, init split off, tensorize the lanes."""
-    acc = sch.cache_write(blk, 0, "global")
+    """Write-back at the tile, parallel outer loops, init split off, tensorize the lanes.
+
+    A requantize epilogue in the same PrimFunc (``CONV_EPILOGUE``) *is* the
+    write-back: computed on the tile, it writes 8-bit outputs.
+    """
+    epilogue = [c for c in sch.get_consumers(blk) if sch.get(c).name_hint == CONV_EPILOGUE]
+    acc = epilogue[0] if epilogue else sch.cache_write(blk, 0, "global")
     sch.reverse_compute_at(acc, parallel_loops[-1])
     sch.parallel(sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0])
     init = sch.decompose_reduction(blk, reduce_loop)
@@ -110,6 +115,16 @@ def schedule_to_nchwc(sch: Schedule, blk) -> None:
         return
     sch.parallel(sch.fuse(n, cc, h))
     sch.vectorize(cb)
+
+
+def schedule_pad_nchwc(sch: Schedule, blk) -> None:
+    """Spatial zero-point padding of a blocked tensor: per plane a vectorized fill, then the rows copied in."""
+    n, cc, h, _, _ = sch.get_loops(blk)
+    plane = sch.fuse(n, cc)
+    fill = sch.decompose_padding(blk, h)
+    sch.parallel(plane)
+    sch.vectorize(sch.fuse(*sch.get_loops(fill)[-2:]))
+    sch.vectorize(sch.fuse(*sch.get_loops(blk)[-2:]))
 
 
 def _is_padding(sch: Schedule, blk) -> bool:
