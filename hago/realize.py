@@ -35,7 +35,7 @@ its int32 accumulator (no rounding to 8 bits on the way out).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tvm
@@ -86,6 +86,7 @@ class _Realizer:
         self.fval: dict[str, relax.Expr] = {}
         self.qval: dict[str, relax.Expr] = {}
         self.blocked: dict[str, relax.Expr] = {}  # edge -> its uint8 NCHW16c value (see the module docstring)
+        self.absorbed: set[str] = set()  # relu/clip nodes done by their producer kernel's requantize clip
         self.var_map: dict = {}
         self.edge_of_var = {v: e for e, v in graph.edge_var.items()}
         self.layers: dict[str, LayerConstants] = {}
@@ -245,6 +246,7 @@ class _Realizer:
             if consts.multiplier is not None and (depthwise or vnni):
                 rq = kernels.Requant(folded.astype(np.int32), consts.multiplier, consts.shift, int(qy.zero_point),
                                      int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype))
+                rq = self.absorb_activation(node.name, rq)
             if depthwise and blocked_in and rq is not None:  # NCHW16c in and out, pads itself
                 self.blocked[node.name] = kernels.emit_conv2d_depthwise_blocked(
                     self.bb, xq, wq, rq, _ints(a.strides), pad, _ints(a.dilation), pad_value=zx)
@@ -336,20 +338,50 @@ class _Realizer:
         out = self.blocked if blocked else self.qval
         out[node.name] = self.bb.emit(O.astype(O.clip(y, qy.qmin, qy.qmax), container_dtype(qy.dtype)))
 
+    @staticmethod
+    def activation_bounds(node: Node, qp: QParams) -> tuple[int, int]:
+        """The integer range a relu / clip node keeps of a tensor quantized by ``qp``."""
+        if node.kind == "relu":
+            return int(qp.zero_point), int(qp.qmax)
+        lo, hi = (float(v.value) for v in node.call.args[1:3])
+        return (int(np.clip(np.round(lo / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)),
+                int(np.clip(np.round(hi / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)))
+
+    def absorb_activation(self, name: str, rq):
+        """``rq`` with the clip of the relu/clip that alone consumes ``name`` folded in (see ``absorbed``).
+
+        A kernel that requantizes in its own loop nest is opaque to FuseOps, so
+        a relu6 after it would be one more pass over the tensor; clipping in
+        the requantize is the same arithmetic. Only where the activation's
+        output keeps the conv's scale and zero point (it always should).
+        """
+        users = self.g.consumers.get(name, [])
+        if len(users) != 1 or name in self.g.outputs:
+            return rq
+        act = self.g.node(users[0])
+        if act.kind not in ("relu", "clip") or self.s.ops[act.name].mode != "integer" or not self.s.resolved(act.name).bits:
+            return rq
+        qp, qa = self.qparams(name), self.qparams(act.name)
+        if (float(qp.scale), int(qp.zero_point), qp.dtype) != (float(qa.scale), int(qa.zero_point), qa.dtype):
+            return rq
+        lo, hi = self.activation_bounds(act, qp)
+        self.absorbed.add(act.name)
+        return replace(rq, qmin=max(rq.qmin, lo), qmax=min(rq.qmax, hi))
+
     def passthrough_node(self, node: Node) -> None:
         src = node.inputs[0]
+        if node.name in self.absorbed:  # its producer's requantize clipped already: the same value
+            for table in (self.blocked, self.qval):
+                if src in table:
+                    table[node.name] = table[src]
+            return
         qp = self.qparams(src)
         cdt = container_dtype(qp.dtype)
         blocked = src in self.blocked and (node.kind in ("relu", "clip")
                                            or (node.kind == "max_pool2d" and node.call.attrs.layout == "NCHW"))
         q = self.blocked[src] if blocked else self.get_quant(src)[0]
-        if node.kind == "relu":
-            y = O.maximum(q, _c(qp.zero_point, cdt))
-        elif node.kind == "clip":
-            lo, hi = (float(v.value) for v in node.call.args[1:3])
-            qlo = int(np.clip(np.round(lo / qp.scale) + qp.zero_point, qp.qmin, qp.qmax))
-            qhi = int(np.clip(np.round(hi / qp.scale) + qp.zero_point, qp.qmin, qp.qmax))
-            y = O.clip(q, qlo, qhi)
+        if node.kind in ("relu", "clip"):
+            y = O.clip(q, *self.activation_bounds(node, qp))
         elif blocked:  # max-pool on NCHW16c: the padded channels stay at the zero point
             a = node.call.attrs
             y = O.nn.max_pool2d(q, _ints(a.pool_size), _ints(a.strides), _ints(a.padding), _ints(a.dilation),

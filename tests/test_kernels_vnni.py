@@ -341,8 +341,9 @@ def test_integer_layers_stay_blocked_nchw16c_bit_exact(run_tvm):
 
 def test_inverted_residual_block_stays_blocked_bit_exact(run_tvm):
     """A MobileNetV2-style block (1x1 expand, relu6, 3x3 depthwise, relu6, 1x1 project, residual add) runs
-    wholly in NCHW16c: the depthwise conv is the blocked kernel, and the only layout changes are at the
-    float boundaries. Bit-exact against the plain-layout integer program."""
+    wholly in NCHW16c: the depthwise conv is the blocked kernel, the relu6s are folded into the kernels'
+    requantize, and the only layout changes are at the float boundaries. Bit-exact against the
+    plain-layout integer program."""
     import torch
     from torch import nn
 
@@ -364,6 +365,7 @@ def test_inverted_residual_block_stays_blocked_bit_exact(run_tvm):
     assert all(c.mode == "integer" for c in q.strategy.ops.values())
     text = int_mod.script(show_meta=False)
     assert _calls(text, "hago_conv2d_depthwise_nchwc") == ["uint8"]
+    assert not re.search(r'dtype="uint8"\) = R\.clip\(', text)  # each relu6 is the clip of its kernel's requantize
     assert not re.findall(r"cls\.hago_conv2d_depthwise\d*,", text)  # no NCHW depthwise kernel
     assert len(_calls(text, "hago_nchw_to_nchwc")) == 1
     assert _calls(text, "hago_nchwc_to_nchw") == ["uint8"]
