@@ -54,8 +54,10 @@ class Requant:
 def requant_expr(acc_value, c, bias, mult, half, shift, rq: Requant):
     """The requantized 8-bit value of the int32 ``acc_value`` of output channel ``c`` (TE expression)."""
     p = (acc_value + bias[c]).astype("int64") * mult[c].astype("int64")
-    mag = tirx.shift_right(tirx.abs(p) + half[c], shift[c])
-    r = tirx.Select(p < tirx.const(0, "int64"), -mag, mag) + tirx.const(rq.zero_point, "int64")
+    # round half away from zero without |p| and a select: for p < 0, ceil((p - half) / 2**s) is
+    # floor((p + half - 1) / 2**s), and p >> 63 is that -1 (arithmetic shifts floor)
+    r = tirx.shift_right(p + half[c] + tirx.shift_right(p, tirx.const(63, "int64")), shift[c])
+    r = r + tirx.const(rq.zero_point, "int64")
     y = tirx.max(tirx.min(r, tirx.const(rq.qmax, "int64")), tirx.const(rq.qmin, "int64"))
     return y.astype(rq.dtype)
 
