@@ -25,11 +25,14 @@ import logging
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
+from tvm.sym.pattern import detect_linear_equation
 
 log = logging.getLogger(__name__)
 
 VECTOR_BYTES = 64  # one zmm register; the split is rounded to what divides the extent
 MIN_PARALLEL = 4096  # below this many elements a thread pool costs more than it saves
+TILE_ROWS = 4  # register tile of a naive reduction (float conv, matmul): rows x vectors accumulators
+TILE_VECTORS = 2
 
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -106,14 +109,19 @@ def apply_default_schedule(sch) -> bool:
     if not blocks:
         return False
     try:
+        tiled = [b for b in blocks if _has_reduction(sch, b) and _tileable(sch, b)]
+        keep = {sch.get(p).name_hint for b in tiled for p in sch.get_producers(b)}  # pads: no bounds test in the tile
         for blk in blocks[:-1]:
-            if not _has_reduction(sch, blk):
+            if not _has_reduction(sch, blk) and sch.get(blk).name_hint not in keep:
                 try:
                     sch.compute_inline(blk)
                 except ScheduleError:  # e.g. read with a different index map: keeps its own loop
                     pass
+        tiled_names = {sch.get(b).name_hint for b in tiled}
         for blk in sch.get_child_blocks(sch.get_sblock("root")):
-            if _has_reduction(sch, blk):
+            if sch.get(blk).name_hint in tiled_names:
+                _register_tile(sch, blk)
+            elif _has_reduction(sch, blk):
                 _parallel_spatial(sch, blk)
             else:
                 _parallel_vectorize(sch, blk)
@@ -121,6 +129,72 @@ def apply_default_schedule(sch) -> bool:
         log.debug("default schedule failed, loops stay naive: %s", str(e).strip().splitlines()[-1])
         return False
     return True
+
+
+def _tileable(sch, blk) -> bool:
+    """Whether a reduction block can take ``_register_tile``: spatial loops first, then reductions, and
+    along the innermost spatial loop every read either stays put or walks contiguously in its last
+    dimension (a float conv of stride 1, a matmul), so the vectorized lanes are plain vector loads."""
+    b = sch.get(blk)
+    kinds = [int(iv.iter_type) for iv in b.iter_vars]
+    spatial = kinds.count(0)
+    if spatial < 2 or kinds[:spatial] != [0] * spatial or len(sch.get_loops(blk)) != len(kinds):
+        return False
+    if str(b.writes[0].source.dtype) not in ("float32", "int32"):
+        return False
+    v = b.iter_vars[spatial - 1].var
+    if int(b.iter_vars[spatial - 1].dom.extent) % 4:
+        return False
+    walks = False
+    for r in b.reads:
+        region = [rg.min for rg in r.region]
+        if any(_uses(e, v) for e in region[:-1]):
+            return False
+        if region and _uses(region[-1], v):
+            coef = detect_linear_equation(region[-1], [v])
+            if len(coef) != 2 or not isinstance(coef[0], tvm.tirx.IntImm) or int(coef[0]) != 1:
+                return False
+            walks = True
+    return walks
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in tvm.tirx.analysis.undefined_vars(expr))
+
+
+def _register_tile(sch, blk) -> None:
+    """A register-blocked reduction: ``rows x vectors`` accumulators, reductions outside the tile.
+
+    The two innermost spatial loops are split into a tile of up to ``TILE_ROWS``
+    rows by ``TILE_VECTORS`` vectors of the innermost one; per reduction
+    step each read is one vector load or one broadcast, reused across the
+    tile. The accumulators live in a cache written back at the tile (LLVM
+    keeps them in registers), the outer loops run in parallel.
+    """
+    loops = sch.get_loops(blk)
+    spatial = sum(1 for iv in sch.get(blk).iter_vars if int(iv.iter_type) == 0)
+    outer, (t, v), red = loops[:spatial - 2], loops[spatial - 2:spatial], loops[spatial:]
+    bits = int(tvm.DataType(str(sch.get(blk).writes[0].source.dtype)).bits)
+    ext_v, ext_t = int(sch.get(v).extent), int(sch.get(t).extent)
+    lanes = next(n for n in (VECTOR_BYTES * 8 // bits, 8, 4) if ext_v % n == 0)
+    nvec = max(d for d in range(1, TILE_VECTORS + 1) if (ext_v // lanes) % d == 0)
+    rows = max(d for d in range(1, TILE_ROWS + 1) if ext_t % d == 0)
+    to, ti = sch.split(t, [None, rows])
+    vo, vn, vl = sch.split(v, [None, nvec, lanes])
+    sch.reorder(*outer, to, vo, *red, ti, vn, vl)
+    wb = sch.cache_write(blk, 0, "global")
+    sch.reverse_compute_at(wb, vo)
+    sch.parallel(sch.fuse(*outer, to, vo))
+    sch.unroll(ti)
+    sch.unroll(vn)
+    sch.vectorize(vl)  # before the init is split off: vectorize needs the whole reduction block
+    init = sch.decompose_reduction(blk, red[0])
+    for b in (init, wb):
+        bl = sch.get_loops(b)
+        inner = bl[-1]
+        if int(sch.get(inner).extent) % lanes == 0 and int(sch.get(inner).extent) > lanes:
+            inner = sch.split(inner, [None, lanes])[-1]
+        sch.vectorize(inner)
 
 
 def _parallel_spatial(sch, blk) -> None:

@@ -74,3 +74,54 @@ def test_fused_elementwise_code_is_parallel_and_vectorized(realized):
         text = f.script()
         assert "T.vectorized" in text, text
     assert any("T.parallel" in f.script() for f in requant)
+
+
+def _float_module(kind: str):
+    """One float conv (stride 1 or 2) + bias + relu, or one dense, at batch 1, with its input."""
+    from tvm.relax import op as O
+
+    rng = np.random.default_rng(3)
+    bb = relax.BlockBuilder()
+    if kind == "dense":
+        x_np = rng.standard_normal((1, 24, 64)).astype(np.float32)
+        w = rng.standard_normal((64, 96)).astype(np.float32)
+    else:
+        x_np = rng.standard_normal((1, 8, 20, 32)).astype(np.float32)
+        w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    x = relax.Var("x", relax.TensorType(x_np.shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if kind == "dense":
+                y = bb.emit(O.matmul(x, relax.const(w)))
+            else:
+                stride = 2 if kind == "conv_s2" else 1
+                y = bb.emit(O.nn.conv2d(x, relax.const(w), strides=stride, padding=1))
+                y = bb.emit(O.nn.relu(O.add(y, relax.const(rng.standard_normal((1, 16, 1, 1)).astype(np.float32)))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get(), x_np
+
+
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_float_reductions_get_a_register_tile(kind, cpu_target):
+    """An untuned float conv (stride 1) or dense is register-tiled: accumulators written back from a cache at the
+    tile, lanes vectorized; the result equals TVM's naive loop nest (same reduction order, so bit-exact)."""
+    from hago.lower import finish
+
+    mod, x = _float_module(kind)
+    target = tvm.target.Target(cpu_target)
+    scheduled = schedule_elementwise(fuse(mod, target))
+    text = scheduled.script(show_meta=False)
+    assert "_global" in text and "T.vectorized" in text and "T.unroll" in text
+    ex = finish(fuse(mod, target), target)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    naive = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(out, naive)
+
+
+def test_strided_conv_keeps_the_plain_parallel_schedule(cpu_target):
+    """Stride 2 would make the vector lanes a gather: that conv keeps parallel outer loops only."""
+    mod, _ = _float_module("conv_s2")
+    target = tvm.target.Target(cpu_target)
+    text = schedule_elementwise(fuse(mod, target)).script(show_meta=False)
+    assert "conv2d_nchw_global" not in text and "T.parallel" in text

@@ -111,6 +111,23 @@ def test_second_build_makes_no_trials(tuned, int_mod, target, reference, x):
     np.testing.assert_array_equal(_run(ex, x), reference)
 
 
+def test_changed_default_schedule_is_committed_again(tuned, int_mod, target, reference, x):
+    """A cached workload whose default schedule changed since (hago's defaults improved) gets the new one
+    measured and committed as a record, with no search trials: a tuned build is never slower than untuned."""
+    from hago.tune import tune_and_build
+
+    cache, (_, first) = tuned
+    path = next(p for p in cache.glob(f"v*/{KEY}/*/meta.json") if json.loads(p.read_text())["task"].startswith("hago_"))
+    meta = json.loads(path.read_text())
+    records = (path.parent / "database_tuning_record.json").read_text().count("\n")
+    path.write_text(json.dumps({**meta, "default_schedule": "an older default"}))
+    ex, stats = tune_and_build(int_mod, target, trials=TRIALS, cache_dir=cache, device_key=KEY, progress=False)
+    assert stats.new_trials == 0 and stats.tuned_tasks == 1 and stats.reused_tasks == first.tasks - 1
+    assert json.loads(path.read_text())["default_schedule"] == meta["default_schedule"]
+    assert (path.parent / "database_tuning_record.json").read_text().count("\n") == records + 1
+    np.testing.assert_array_equal(_run(ex, x), reference)
+
+
 @needs_objdump
 def test_untuned_build_reuses_cache(tuned, int_mod, target, reference, x, tmp_path):
     from hago.tune import tune_and_build

@@ -36,7 +36,8 @@ from .cache import CACHE_ENV, DEFAULT_CACHE_DIR, SCHEMA, TuningCache, default_ca
 from .measure import PoolBuilder, fast_build, local_builder, local_runner, progress_callback, rpc_runner
 from .options import TuneOptions
 from .progress import bar
-from .tuner import Task, commit_default, compile_cached, cost_model, ensure_intrinsics, extract, prepare, search
+from .tuner import (Task, commit_default, compile_cached, cost_model, default_fingerprint, ensure_intrinsics, extract,
+                    prepare, search)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Tuned(NamedTuple):
 def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=None, builder=None,
          cross_compiler: str | None = None, progress: bool = True) -> TuneStats:
     """Tune every task of ``tasks`` whose cached budget is below ``trials``, by the difference."""
-    todo = [t for t in tasks if t.entry.budget < trials]
+    todo = [t for t in tasks if t.entry.budget < trials or _stale_default(t)]
     if not todo:
         return TuneStats(len(tasks), len(tasks), 0)
     if runner is None and cross_compiler:
@@ -79,7 +80,7 @@ def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=No
     own_builder = builder is None
     builder = builder or local_builder(cross_compiler)
     runner = runner or local_runner()
-    total = sum(trials - t.entry.budget for t in todo)
+    total = sum(max(0, trials - t.entry.budget) for t in todo)
     model = cost_model(total)
     counts = {"trials": 0, "failed": 0}
     try:
@@ -92,7 +93,7 @@ def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=No
             callback = progress_callback(on_batch)
             for task in todo:
                 advance(0, description=task.name)
-                budget, before = trials - task.entry.budget, counts["trials"]
+                budget, before = max(0, trials - task.entry.budget), counts["trials"]
                 _tune_task(task, target, trials, builder, runner, model, callback, counts)
                 advance(max(0, budget - (counts["trials"] - before)))  # a small search space ends early
     finally:
@@ -104,19 +105,27 @@ def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=No
     return TuneStats(len(tasks), len(tasks) - len(todo), len(todo), counts["trials"], counts["failed"], secs)
 
 
+def _stale_default(task: Task) -> bool:
+    """Whether ``task``'s cached records lack its current default schedule (see ``default_fingerprint``)."""
+    fp = default_fingerprint(task)
+    return fp is not None and task.entry.default_schedule != fp
+
+
 def _tune_task(task: Task, target, trials: int, builder, runner, model, callback, counts: dict) -> None:
     """Default record (hago's untuned schedule), then the search; the task's ``meta.json`` gets the result."""
     before = dict(counts)
     db = task.entry.database()
-    default_ms = None
-    if task.entry.meta().get("default_ms") is None:
+    default_ms, fp = None, default_fingerprint(task)
+    if fp is not None and task.entry.default_schedule != fp:
         default_ms = commit_default(task, db, target, builder, runner)
-    try:
-        search(task, db, target, trials - task.entry.budget, builder, runner, model, [callback])
-    except Exception as e:  # a task MetaSchedule cannot tune keeps its default schedule
-        log.warning("tuning %s failed, it keeps its default schedule: %s", task.name, _last_line(e))
+    if trials > task.entry.budget:
+        try:
+            search(task, db, target, trials - task.entry.budget, builder, runner, model, [callback])
+        except Exception as e:  # a task MetaSchedule cannot tune keeps its default schedule
+            log.warning("tuning %s failed, it keeps its default schedule: %s", task.name, _last_line(e))
     task.entry.record(task=task.name, budget=trials, trials=counts["trials"] - before["trials"],
-                      failed=counts["failed"] - before["failed"], default_ms=default_ms)
+                      failed=counts["failed"] - before["failed"], default_ms=default_ms,
+                      default_schedule=fp)  # also when it failed to build or run: not retried every build
 
 
 def tune_and_build(mod: tvm.IRModule, target: tvm.target.Target, *, trials: int, cache_dir: str | Path | None = None,

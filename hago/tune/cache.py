@@ -126,7 +126,13 @@ class Entry:
             self.folder.mkdir(parents=True, exist_ok=True)
             return ms.database.JSONDatabase(work_dir=str(self.folder))
 
-    def record(self, *, task: str, budget: int, trials: int, failed: int, default_ms: float | None = None) -> None:
+    @property
+    def default_schedule(self) -> str | None:
+        """Fingerprint of the default schedule committed as a record (None: none yet)."""
+        return self.meta().get("default_schedule")
+
+    def record(self, *, task: str, budget: int, trials: int, failed: int, default_ms: float | None = None,
+               default_schedule: str | None = None) -> None:
         """Add a finished tuning round to ``meta.json`` (atomically replaced)."""
         old = self.meta()
         meta = {
@@ -136,6 +142,7 @@ class Entry:
             "trials": int(old.get("trials", 0)) + trials,
             "failed_trials": int(old.get("failed_trials", 0)) + failed,
             "default_ms": default_ms if default_ms is not None else old.get("default_ms"),
+            "default_schedule": default_schedule if default_schedule is not None else old.get("default_schedule"),
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.meta_path.with_suffix(f".tmp{os.getpid()}")

@@ -134,6 +134,20 @@ def default_schedule(mod: tvm.IRModule):
     return sch if apply_default_schedule(sch) else None
 
 
+def default_fingerprint(task: Task) -> str | None:
+    """A hash of the trace of ``task``'s default schedule (None: it has none).
+
+    Stored with the records, so a cached workload whose default schedule
+    has since changed (hago's defaults improved) gets the new one committed
+    too: a tuned build is then never slower than an untuned one.
+    """
+    import hashlib
+    import json
+
+    sch = default_schedule(task.mod)
+    return None if sch is None else hashlib.sha256(json.dumps(sch.trace.as_json(), default=str).encode()).hexdigest()[:16]
+
+
 def commit_default(task: Task, database, target, builder, runner) -> float | None:
     """Measure the default schedule of ``task`` and commit it; its latency in ms (None: failed)."""
     import shutil
