@@ -37,9 +37,48 @@ TILE_VECTORS = 2
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Dispatch, legalize and fuse ``mod`` (kernels marked opaque stay standalone)."""
-    passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    legalize = cpu.legalize_passes(target)
+    assert isinstance(legalize[0], type(relax.transform.LegalizeOps()))  # replaced by ours, with fast math
+    passes = cpu.library_dispatch_passes(target) + [relax.transform.LegalizeOps(fast_math_legalizations())]
     with target:
-        return tvm.transform.Sequential(passes)(mod)
+        return tvm.transform.Sequential(passes + legalize[1:])(mod)
+
+
+def fast_math_legalizations() -> dict:
+    """Legalizations of float32 GELU / softmax / exp / erf / tanh with TOPI's fast approximations.
+
+    The exact ``erf`` and ``exp`` lower to scalar libm calls, which left
+    GELU and softmax the largest kernels of a transformer (MiniLM: 28 of
+    46 ms) once its dense layers ran in VNNI. TOPI's polynomial versions
+    vectorize; their error (~1e-6 relative) is far below any quantization
+    step, and ONNX Runtime approximates the same functions. FP32 and integer
+    builds go through this one pipeline, so both baselines get them.
+    """
+    from tvm import te, tirx, topi
+
+    def f32_only(name, fast):
+        default = tvm.ir.Op.get(name).get_attr("FLegalize")
+
+        def legalize(bb, call):
+            if str(call.ty.dtype) != "float32":
+                return default(bb, call)
+            return fast(bb, call)
+
+        return legalize
+
+    def gelu(x: te.Tensor):
+        half = tirx.const(0.5, "float32")
+        return x * (half + topi.fast_erf(x * tirx.const(0.5**0.5, "float32")) * half)
+
+    return {
+        "relax.nn.gelu": f32_only("relax.nn.gelu", lambda bb, c: bb.call_te(gelu, c.args[0], primfunc_name_hint="gelu")),
+        "relax.nn.softmax": f32_only("relax.nn.softmax", lambda bb, c: bb.call_te(
+            topi.nn.fast_softmax, c.args[0], int(c.attrs.axis), primfunc_name_hint="softmax")),
+        "relax.exp": f32_only("relax.exp", lambda bb, c: bb.call_te(topi.fast_exp, c.args[0], primfunc_name_hint="exp")),
+        "relax.erf": f32_only("relax.erf", lambda bb, c: bb.call_te(topi.fast_erf, c.args[0], primfunc_name_hint="erf")),
+        "relax.tanh": f32_only("relax.tanh", lambda bb, c: bb.call_te(topi.fast_tanh, c.args[0],
+                                                                        primfunc_name_hint="tanh")),
+    }
 
 
 def finish(mod: tvm.IRModule, target: tvm.target.Target):
@@ -122,7 +161,8 @@ def apply_default_schedule(sch) -> bool:
             if sch.get(blk).name_hint in tiled_names:
                 _register_tile(sch, blk)
             elif _has_reduction(sch, blk):
-                _parallel_spatial(sch, blk)
+                if not _row_reduce(sch, blk):
+                    _parallel_spatial(sch, blk)
             else:
                 _parallel_vectorize(sch, blk)
     except (ScheduleError, tvm.error.InternalError) as e:
@@ -181,10 +221,11 @@ def _register_tile(sch, blk) -> None:
     rows = max(d for d in range(1, TILE_ROWS + 1) if ext_t % d == 0)
     to, ti = sch.split(t, [None, rows])
     vo, vn, vl = sch.split(v, [None, nvec, lanes])
-    sch.reorder(*outer, to, vo, *red, ti, vn, vl)
+    # column panels outside rows: the panel of the constant operand (a matmul's weights) stays in L2
+    sch.reorder(*outer, vo, to, *red, ti, vn, vl)
     wb = sch.cache_write(blk, 0, "global")
-    sch.reverse_compute_at(wb, vo)
-    sch.parallel(sch.fuse(*outer, to, vo))
+    sch.reverse_compute_at(wb, to)
+    sch.parallel(sch.fuse(*outer, vo, to))
     sch.unroll(ti)
     sch.unroll(vn)
     sch.vectorize(vl)  # before the init is split off: vectorize needs the whole reduction block
@@ -195,6 +236,47 @@ def _register_tile(sch, blk) -> None:
         if int(sch.get(inner).extent) % lanes == 0 and int(sch.get(inner).extent) > lanes:
             inner = sch.split(inner, [None, lanes])[-1]
         sch.vectorize(inner)
+
+
+def _row_reduce(sch, blk) -> bool:
+    """A reduction along the contiguous last dimension (softmax's max and sum, a row min/max) in vectors.
+
+    The reduction loop is split into lane-wide steps and factored
+    (``rfactor``): per row a vector of partial results accumulates with
+    vector loads, and only the last step folds its lanes. Returns False
+    (nothing changed) when the block is not such a reduction.
+    """
+    from tvm.s_tir import ScheduleError
+
+    b = sch.get(blk)
+    kinds = [int(iv.iter_type) for iv in b.iter_vars]
+    loops = sch.get_loops(blk)
+    if kinds.count(0) != len(kinds) - 1 or kinds[-1] == 0 or len(loops) != len(kinds) or len(loops) < 2:
+        return False
+    k = b.iter_vars[-1]
+    bits = int(tvm.DataType(str(b.writes[0].source.dtype)).bits)
+    lanes = next((n for n in (VECTOR_BYTES * 8 // bits, 8, 4) if int(k.dom.extent) % n == 0), None)
+    if lanes is None or int(k.dom.extent) <= lanes:
+        return False
+    walks = False
+    for r in b.reads:  # reads walk the last dimension with the reduction variable, or stay put (per row)
+        region = [rg.min for rg in r.region]
+        if any(_uses(e, k.var) for e in region[:-1]):
+            return False
+        walks = walks or bool(region and _uses(region[-1], k.var))
+    if not walks:
+        return False
+    try:
+        ko, ki = sch.split(loops[-1], [None, lanes])
+        rf = sch.rfactor(ki, len(loops) - 1)
+    except (ScheduleError, tvm.error.InternalError):
+        return False
+    rf_loops = sch.get_loops(rf)  # spatial..., ko, ki: the lanes stay innermost
+    outer = rf_loops[:len(loops) - 1]
+    sch.reverse_compute_at(blk, outer[-1])
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    sch.vectorize(rf_loops[-1])
+    return True
 
 
 def _parallel_spatial(sch, blk) -> None:

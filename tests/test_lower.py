@@ -125,3 +125,39 @@ def test_strided_conv_keeps_the_plain_parallel_schedule(cpu_target):
     target = tvm.target.Target(cpu_target)
     text = schedule_elementwise(fuse(mod, target)).script(show_meta=False)
     assert "conv2d_nchw_global" not in text and "T.parallel" in text
+
+
+def _one_op_module(op, shape):
+    from tvm.relax import op as O  # noqa: F401  (op is a callable of relax.op)
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(op(x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_gelu_and_softmax_use_fast_vectorizable_math(cpu_target):
+    """GELU's erf and softmax's exp are TOPI's polynomial approximations (no libm call per element), the
+    softmax row max/sum run as lane-wide partial reductions (rfactor), and the results stay within 1e-5."""
+    from tvm.relax import op as O
+
+    from hago.lower import finish
+
+    target = tvm.target.Target(cpu_target)
+    x = np.random.default_rng(4).standard_normal((2, 4, 32, 64)).astype(np.float32) * 3
+    cases = {
+        "gelu": (O.nn.gelu, torch.nn.functional.gelu(torch.from_numpy(x)).numpy()),
+        "softmax": (lambda v: O.nn.softmax(v, -1), torch.softmax(torch.from_numpy(x), -1).numpy()),
+    }
+    for name, (op, ref) in cases.items():
+        fused = fuse(_one_op_module(op, x.shape), target)
+        text = fused.script(show_meta=False)
+        assert "T.erf(" not in text and "T.exp(" not in text, name
+        scheduled = schedule_elementwise(fused).script(show_meta=False)
+        if name == "softmax":
+            assert "_rf" in scheduled and "T.vectorized" in scheduled
+        out = relax.VirtualMachine(finish(fused, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=name)
