@@ -3,6 +3,9 @@
 * classifiers without labelled data (EfficientNet-Lite0 on photographs): top-1
   agreement with FP32 and the mean KL divergence KL(p_fp32 || p_int8) of the
   softmax outputs;
+* how ambiguous the inputs are: FP32's top-1 minus top-2 softmax probability
+  (``top1_margin``), its quantiles (``margin_summary``) and agreement restricted
+  to clear-cut inputs (``agreement_by_margin``);
 * sentence embeddings (MiniLM): the gensim evaluations, each a correlation
   between cosine similarities of embeddings and human judgements:
   Lee (50 documents, Pearson over the 1,225 upper-triangle pairs),
@@ -82,3 +85,33 @@ def sentence_metrics(embed: Callable[[list[str]], np.ndarray]) -> dict:
 def embedding_agreement(emb: np.ndarray, ref: np.ndarray) -> float:
     """Mean cosine similarity between candidate and FP32 embeddings of the same texts."""
     return float(_cos_rows(emb, ref).mean())
+
+
+# ---- ambiguous inputs: how much of the disagreement is on near-ties of FP32 ------------------
+MARGINS = (0.05, 0.1, 0.2, 0.3)
+
+
+def top1_margin(ref: np.ndarray) -> np.ndarray:
+    """FP32's softmax probability of its top-1 class minus that of its top-2, per sample."""
+    p = np.exp(_log_softmax(ref))
+    top2 = np.sort(p, -1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def margin_summary(ref: np.ndarray) -> dict:
+    """Quantiles of the FP32 top-1/top-2 margin and the fraction of samples below each of MARGINS."""
+    m = top1_margin(ref)
+    out = {f"margin_q{q}": float(np.quantile(m, q / 100)) for q in (10, 25, 50, 75)}
+    out.update({f"frac_margin_lt_{t}": float((m < t).mean()) for t in MARGINS})
+    return out
+
+
+def agreement_by_margin(logits: np.ndarray, ref: np.ndarray) -> dict:
+    """Top-1 agreement restricted to samples whose FP32 margin is at least each of MARGINS,
+    and the share of all disagreements that fall on samples below 0.1."""
+    m = top1_margin(ref)
+    agree = np.argmax(logits, -1) == np.argmax(ref, -1)
+    out = {f"agree_margin_ge_{t}": float(agree[m >= t].mean()) if (m >= t).any() else None for t in MARGINS}
+    out["n_disagree"] = int((~agree).sum())
+    out["disagree_share_margin_lt_0.1"] = float((~agree & (m < 0.1)).sum() / max(1, (~agree).sum()))
+    return out

@@ -50,6 +50,13 @@ def _rpc_measurer(args):
     return RPCMeasurer(args.rpc, args.key, timeout_s=args.measure_timeout, device="cuda" if kind == "cuda" else "cpu")
 
 
+def _corrections(text: str | None):
+    """``--corrections bias`` -> ["bias"]; ``none`` -> []; absent -> None (hago's default)."""
+    if text is None:
+        return None
+    return [] if text.strip() in ("", "none") else [c.strip() for c in text.split(",") if c.strip()]
+
+
 def _cmd_compile(args) -> int:
     from .compile import compile as hago_compile
     from .hwspec import HardwareSpec
@@ -70,6 +77,7 @@ def _cmd_compile(args) -> int:
         out_dir=args.output,
         strategy=args.strategy,
         calibrator=args.calibrator,
+        corrections=_corrections(args.corrections),
         measure=not args.no_measure,
         measurer=_rpc_measurer(args),
         tune=tune,
@@ -149,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval", help=".npz of evaluation arrays, with 'label' for top-1 accuracy")
     c.add_argument("--strategy", help="replay a saved strategy.json instead of calibrating")
     c.add_argument("--calibrator", default="mse", help="minmax | percentile | kl | mse (default mse)")
+    c.add_argument("--corrections", default=None,
+                   help="accuracy plug-ins after calibration, comma separated: bias (empirical bias correction, "
+                        "each layer on its FP32 input), bias_sequential (layer by layer, slow) or none; default: bias")
     c.add_argument("-o", "--output", help="output folder for model.so, strategy.json, report.json")
     c.add_argument("--no-measure", action="store_true", help="skip latency measurement")
     c.add_argument("--rpc", help="tracker host:port: measure on the device registered under --key")

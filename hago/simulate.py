@@ -14,6 +14,8 @@ twin; tests check the two agree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -47,14 +49,40 @@ def _fake_weight(node, bits: int, input_scale: float | None) -> np.ndarray:
     return (quantize_weight(node.weight, qp).astype(np.float32) * qp.scale.reshape(shape)).astype(np.float32)
 
 
-def simulate(graph: Graph, strategy: Strategy) -> tvm.IRModule:
-    """Return the FP32 ``main`` of ``graph`` with fake quantization per ``strategy``."""
+def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs: Sequence[str] = (),
+             taps: Sequence[str] = (), local: bool = False) -> tvm.IRModule:
+    """Return the FP32 ``main`` of ``graph`` with fake quantization per ``strategy``.
+
+    Biases are ``node.bias`` (so a graph from :func:`hago.correct.corrected_graph`
+    simulates the corrected biases). The keyword arguments serve
+    :mod:`hago.correct`, which re-runs one compiled program many times:
+
+    * ``fake=False`` keeps every value float (the FP32 twin with the same taps);
+    * ``bias_inputs``: these weighted nodes take their bias as an extra ``[C]``
+      float32 parameter of ``main`` (after the model inputs, in this order), so a
+      correction can change biases without rebuilding;
+    * ``taps``: ``main`` returns, instead of the model output, a tuple with the
+      per-sample, per-output-channel mean (``[N, C]``) of each named weighted
+      node's output (after its bias, before its output edge is fake-quantized);
+    * ``local=True`` (with ``fake=False``): each tap becomes two, the FP32 layer
+      output and the layer's quantized twin on the same FP32 input (input
+      fake-quantized with its edge's parameters, weights rounded): the error one
+      layer adds by itself, with no error arriving from earlier layers.
+    """
     bb = relax.BlockBuilder()
     func = graph.func
     params = [relax.Var(p.name, p.ty) for p in func.params]
     remap: dict = {}
+    pre: dict = {}  # var -> its value before fake quantization
     edge_of_var = {v: e for e, v in graph.edge_var.items()}
     node_of_var = {n.var: n for n in graph.nodes}
+    tap_set = set(taps)
+    twins: dict = {}  # node name -> output of its local quantized twin (local=True)
+    bias_vars = {}
+    for name in bias_inputs:
+        n = graph.node(name)
+        channels = n.weight.shape[0] if n.kind != "dense" else n.weight.shape[1]
+        bias_vars[name] = relax.Var(f"hago_bias_{name}", relax.TensorType([channels], "float32"))
 
     def subst(expr):
         if isinstance(expr, relax.Var):
@@ -68,29 +96,81 @@ def simulate(graph: Graph, strategy: Strategy) -> tvm.IRModule:
         return expr
 
     def after(var, value):
+        pre[var] = value
         edge = edge_of_var.get(var)
-        choice = strategy.edges.get(edge) if edge else None
+        choice = strategy.edges.get(edge) if (edge and fake) else None
         if choice is not None and choice.bits and choice.alias_of is None and choice.dynamic:
             value = fake_quantize_rows(bb, value)  # per-row parameters at run time, as realize does
         elif choice is not None and choice.bits and choice.alias_of is None and choice.qparams is not None:
             value = _fake_quant(bb, value, choice.qparams)
         remap[var] = value
 
+    def with_bias(node, acc):
+        """``acc + bias`` for a weighted node: its bias input, ``node.bias``, or nothing."""
+        shape = (1, -1, 1, 1) if node.kind != "dense" else (-1,)
+        if node.name in bias_vars:
+            return bb.emit(O.add(acc, O.reshape(bias_vars[node.name], shape)))
+        if node.bias is not None:
+            return bb.emit(O.add(acc, relax.const(node.bias.reshape(shape).astype(np.float32), "float32")))
+        return acc
+
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs else None
-    with bb.function("main", params, attrs=attrs):
+    with bb.function("main", params + list(bias_vars.values()), attrs=attrs):
         with bb.dataflow():
             for old, new in zip(func.params, params):
                 after(old, new)
             for blk in func.body.blocks:
                 for b in blk.bindings:
+                    if b.var in graph.fused_vars:  # a weighted node's bias add: emitted with the node
+                        continue
                     value = b.value
                     node = node_of_var.get(b.var)
-                    if node is not None and node.weighted and strategy.ops[node.name].mode == "integer":
+                    if fake and node is not None and node.weighted and strategy.ops[node.name].mode == "integer":
                         qx = strategy.resolved(node.inputs[0]).qparams
                         sx = float(qx.scale) if qx is not None else None
                         w = relax.const(_fake_weight(node, strategy.ops[node.name].weight_bits, sx), "float32")
                         value = relax.Call(value.op, [value.args[0], w], value.attrs, value.ty_args)
+                    if local and node is not None and node.name in tap_set:
+                        twins[node.name] = _local_twin(bb, node, strategy, subst(value), with_bias)
+                    if node is not None and node.weighted:
+                        acc = bb.emit(subst(value))
+                        out = with_bias(node, acc)
+                        if node.out_var is not node.var:
+                            remap[node.var] = acc
+                        after(node.out_var, out)
+                        continue
                     after(b.var, bb.emit(subst(value)))
-            out = bb.emit_output(subst(func.body.body))
+            if taps:
+                means = []
+                for name in taps:
+                    n = graph.node(name)
+                    means.append(_channel_mean(bb, n, pre[n.out_var]))
+                    if local:
+                        means.append(_channel_mean(bb, n, twins[name]))
+                out = bb.emit_output(relax.Tuple(means))
+            else:
+                out = bb.emit_output(subst(func.body.body))
         bb.emit_func_output(out)
     return relax.transform.Normalize()(bb.get())
+
+
+def _channel_mean(bb: relax.BlockBuilder, node, v) -> relax.Expr:
+    """``[N, C]``: the mean of a weighted node's output over everything but batch and channel."""
+    ndim = len(node.out_var.ty.shape)
+    axes = [2, 3] if node.kind != "dense" else list(range(1, ndim - 1))
+    return bb.emit(O.mean(v, axis=axes)) if axes else v
+
+
+def _local_twin(bb: relax.BlockBuilder, node, strategy: Strategy, call: relax.Call, with_bias) -> relax.Expr:
+    """``node``'s op on its fake-quantized FP32 input with rounded weights, plus its bias."""
+    x = call.args[0]
+    choice = strategy.resolved(node.inputs[0])
+    if choice.dynamic:
+        xq = fake_quantize_rows(bb, x)
+    elif choice.bits and choice.qparams is not None:
+        xq = _fake_quant(bb, x, choice.qparams)
+    else:
+        xq = x
+    sx = float(choice.qparams.scale) if choice.qparams is not None else None
+    w = relax.const(_fake_weight(node, strategy.ops[node.name].weight_bits, sx), "float32")
+    return with_bias(node, bb.emit(relax.Call(call.op, [xq, w], call.attrs, call.ty_args)))

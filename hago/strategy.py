@@ -28,6 +28,9 @@ class OpChoice:
     descriptor: dict | None = None
     weight_bits: int | None = None
     reason: str = ""
+    # per-output-channel float amount a correction plug-in (hago.correct) adds to the
+    # layer's bias; stored so a replayed strategy realizes the same integer biases
+    bias_delta: list[float] | None = None
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Strategy:
     calibrator: str = "kl"
     ops: dict[str, OpChoice] = field(default_factory=dict)
     edges: dict[str, EdgeChoice] = field(default_factory=dict)
+    corrections: list[str] = field(default_factory=list)  # hago.correct plug-ins that ran, in order
 
     def integer_ops(self) -> list[str]:
         return [n for n, c in self.ops.items() if c.mode == "integer"]
@@ -88,6 +92,7 @@ class Strategy:
             "graph_hash": self.graph_hash,
             "device": self.device,
             "calibrator": self.calibrator,
+            "corrections": list(self.corrections),
             "ops": {k: asdict(v) for k, v in self.ops.items()},
             "edges": {k: v.to_json() for k, v in self.edges.items()},
         }
@@ -103,6 +108,7 @@ class Strategy:
             graph_hash=d["graph_hash"],
             device=d["device"],
             calibrator=d.get("calibrator", "kl"),
+            corrections=list(d.get("corrections", [])),
             ops={k: OpChoice(**v) for k, v in d["ops"].items()},
             edges={k: EdgeChoice.from_json(v) for k, v in d["edges"].items()},
         )

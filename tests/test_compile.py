@@ -40,6 +40,7 @@ def test_int8_accuracy_on_the_real_test_set(mnist_build):
     result, _ = mnist_build
     r = result.report
     assert r["eval_samples"] == 10000
+    assert r["corrections"] == ["bias"]  # compile's default (hago.compile.DEFAULT_CORRECTIONS)
     assert r["fp32"]["accuracy"] == pytest.approx(0.9905, abs=1e-4)  # TVM FP32 reproduces torch's 99.05%
     assert r["quantized"]["accuracy"] >= 0.989
     assert r["agreement"] >= 0.995
