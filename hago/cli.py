@@ -91,6 +91,8 @@ def _cmd_compile(args) -> int:
 def _engine_options(args) -> dict:
     opts = dict(accuracy_drop=args.accuracy_drop, max_trials=args.max_trials, time_budget=args.time_budget,
                 calibrator=args.calibrator)
+    if args.corrections is not None:
+        opts["corrections"] = _corrections(args.corrections)
     if args.rpc:
         opts["measurer"] = _rpc_measurer(args)
     else:
@@ -132,6 +134,7 @@ def _search_options(p) -> None:
     p.add_argument("--max-trials", type=int, default=16, help="device measurements at most")
     p.add_argument("--time-budget", type=float, default=None, help="seconds at most")
     p.add_argument("--calibrator", default="mse")
+    p.add_argument("--corrections", default=None, help="bias (default) or none: bias correction of every candidate")
     p.add_argument("--rpc", help="tracker host:port; measure on the board registered under --key")
     p.add_argument("--key", help="RPC device key")
     p.add_argument("--measure-timeout", type=float, default=60.0, help="seconds before a measurement is failed")

@@ -212,3 +212,26 @@ def test_cost_model_search_matches_greedy_with_fewer_measurements(mnist_onnx_pat
     assert evolve.trials <= 3 and 3 * evolve.trials <= greedy.trials
     assert evolve.best.latency_ms <= greedy.best.latency_ms
     assert evolve.best.point == engines["evolve"].space.widest()
+
+
+def test_candidates_are_bias_corrected_like_compile(mnist_onnx_path, data, tmp_path):
+    """Every candidate is scored as ``hago compile`` would build it: the all-8-bit candidate carries the
+    same bias deltas compile's ``bias`` correction computes; a layer put back to float carries none, the
+    others keep theirs; ``corrections=()`` turns it off."""
+    from hago.compile import quantize
+
+    e = _engine(mnist_onnx_path, data, tmp_path / "b.jsonl", cache_dir=tmp_path / "cache", max_trials=1)
+    wide = e.strategy(e.space.widest())
+    q = quantize(mnist_onnx_path, "x86-avx512-vnni", data[0], calibrator="mse", corrections=("bias",))
+    deltas = {n: op.bias_delta for n, op in q.strategy.ops.items() if op.bias_delta is not None}
+    assert deltas and wide.corrections == ["bias"]
+    for name, delta in deltas.items():
+        np.testing.assert_allclose(wide.ops[name].bias_delta, delta, rtol=1e-4, atol=1e-6)
+    i = next(j for j, k in enumerate(e.space.knobs) if k.kind == "weight" and k.name in deltas)
+    point = list(e.space.widest())
+    point[i] = 0
+    mixed = e.strategy(tuple(point))
+    assert mixed.ops[e.space.knobs[i].name].bias_delta is None
+    assert sum(op.bias_delta is not None for op in mixed.ops.values()) >= 1
+    plain = _engine(mnist_onnx_path, data, tmp_path / "p.jsonl", cache_dir=tmp_path / "cache", corrections=())
+    assert all(op.bias_delta is None for op in plain.strategy(plain.space.widest()).ops.values())

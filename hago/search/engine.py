@@ -46,6 +46,7 @@ from ..graph import analyze, graph_hash
 from ..hwspec import HardwareSpec
 from ..observe import apply_ranges, observe
 from ..prepare import prepare
+from ..correct import CorrectionContext, check_corrections, corrected_graph, run_corrections
 from ..realize import realize
 from .kernelcache import KernelCache, profile_calls
 from .log import SearchLog
@@ -97,7 +98,7 @@ class SearchEngine:
                  metric=None, measurer: Measurer | None = None, calibrator: str = "mse", example_inputs=None,
                  max_trials: int | None = None, time_budget: float | None = None, allow_float: bool = True,
                  weight_bits: list[int] | None = None, tie_tolerance: float = 0.03, eval_batch: int = 250,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, corrections=("bias",)):
         self.t0 = time.perf_counter()
         self.spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
         self.fp32 = prepare(load_model(model, example_inputs=example_inputs))
@@ -123,6 +124,7 @@ class SearchEngine:
         cache_dir = Path(cache_dir or os.environ.get("HAGO_CACHE_DIR", Path.home() / ".cache" / "hago"))
         self._executables: OrderedDict = OrderedDict()
         self._calibrate(calib, calibrator, cache_dir)
+        self._correct(corrections, cache_dir)
         self.eval_samples = load_samples(eval_data, self.infos, name="evaluation")
         fp32_out = self._fp32_outputs(cache_dir)
         self.score, self.metric_name = make_metric(self.eval_samples.labels, fp32_out, metric)
@@ -159,7 +161,7 @@ class SearchEngine:
         return h.hexdigest()[:20]
 
     def _calibrate(self, calib, calibrator: str, cache_dir: Path) -> None:
-        samples = load_samples(calib, self.infos, name="calibration")
+        samples = self.calib_samples = load_samples(calib, self.infos, name="calibration")
         self.calibrator = get_calibrator(calibrator)
         path = cache_dir / "reference" / f"calib-{self._digest('calib', samples, calibrator)}.pkl"
         if path.exists():
@@ -194,10 +196,59 @@ class SearchEngine:
         _write_atomic(path, buf.getvalue())
         return out
 
+    def _correct(self, corrections, cache_dir: Path) -> None:
+        """Bias deltas of the correction plug-ins (``hago.correct``), measured once, on the widest strategy.
+
+        Only the ``bias`` (local) correction is supported here: it measures each
+        layer on its FP32 input, so a layer's delta depends only on its own
+        weight bits and input quantization, and one measurement serves every
+        candidate that quantizes the layer the same way (``strategy`` copies
+        it there). Candidates are then scored as ``hago compile`` would build them.
+        """
+        self.corrections = (corrections,) if isinstance(corrections, str) else tuple(corrections)
+        self._deltas: dict[str, tuple] = {}
+        if not self.corrections:
+            return
+        check_corrections(self.corrections)
+        if self.corrections != ("bias",):
+            raise SearchError(f"search supports --corrections bias or none, not {','.join(self.corrections)}: "
+                              "the other corrections depend on every layer's choice")
+        path = cache_dir / "reference" / f"bias-{self._digest('bias', self.calib_samples, self.calibrator.name)}.pkl"
+        import pickle
+
+        if path.exists():
+            try:
+                self._deltas = pickle.loads(path.read_bytes())
+                return
+            except Exception as e:  # a stale or foreign file: measure again
+                log.warning("ignoring cached bias correction %s: %s", path, e)
+        strat = self._strategy(self.space.widest())
+        run_corrections(self.corrections, CorrectionContext(self.fp32, self.graph, strat, self.calib_samples,
+                                                            self.host, 64))
+        self._deltas = {name: (self._layer_key(strat, name), op.bias_delta) for name, op in strat.ops.items()
+                        if op.bias_delta is not None}
+        _write_atomic(path, pickle.dumps(self._deltas))
+
+    def _layer_key(self, strat, name: str) -> tuple:
+        """What a local bias delta depends on: the layer's weight bits and its input's quantization."""
+        src = strat.resolved(self.graph.node(name).inputs[0])
+        return strat.ops[name].weight_bits, src.bits, src.dynamic
+
     # -- one candidate ---------------------------------------------------------
-    def strategy(self, point: Point):
+    def _strategy(self, point: Point):
         strat = annotate(self.graph, self.spec, self.ghash, self.space.config(point))
         return apply_ranges(strat, self.calibrator)
+
+    def strategy(self, point: Point):
+        """The calibrated strategy of ``point``, with the stored bias deltas of its integer layers."""
+        strat = self._strategy(point)
+        if self._deltas:
+            for name, op in strat.ops.items():
+                key, delta = self._deltas.get(name, (None, None))
+                if op.mode == "integer" and delta is not None and self._layer_key(strat, name) == key:
+                    op.bias_delta = delta
+            strat.corrections = list(self.corrections)
+        return strat
 
     def label(self, point: Point) -> str:
         if point == self.space.all_float() and all(k.kind == "weight" for k in self.space.knobs):
@@ -224,7 +275,8 @@ class SearchEngine:
         if point in self._executables:
             self._executables.move_to_end(point)
             return self._executables[point]
-        realized = realize(self.device_graph, self.strategy(point), self.spec.requantize)
+        strat = self.strategy(point)
+        realized = realize(corrected_graph(self.device_graph, strat), strat, self.spec.requantize)
         mod = apply_arm_schedules(realized.mod, self.spec)
         ex = build_mod.build(mod, self.device_target, self.spec.name)
         self._remember(point, ex)
@@ -238,7 +290,8 @@ class SearchEngine:
         if self.shared_build:
             ex = self.executable(point)
         else:
-            realized = realize(self.eval_graph, self.strategy(point), self.spec.requantize)
+            strat = self.strategy(point)
+            realized = realize(corrected_graph(self.eval_graph, strat), strat, self.spec.requantize)
             ex = build_mod.build(realized.mod, self.host, "host")
         out = predict(ex, self.eval_samples, self.names, self.eval_batch, static=True)
         c.accuracy = float(self.score(out))
