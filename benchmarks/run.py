@@ -193,13 +193,16 @@ def _command(model: str) -> str:
     return f"`python benchmarks/run.py --model {model}{tune}`"
 
 
-def _hago_build(model, example, calib, out_dir, batch_size, annotate_config=None):
-    """``hago.compile`` at batch 1 (FP32 and INT8 executables); no measurement inside."""
+def _hago_build(model, example, calib, out_dir, batch_size, annotate_config=None, corrections=None):
+    """``hago.compile`` at batch 1 (FP32 and INT8 executables); no measurement inside.
+
+    ``corrections=None`` is hago's default (bias correction); ``()`` turns it off."""
     from hago.compile import compile as hago_compile
 
     t = time.perf_counter()
     res = hago_compile(model, DEVICE, calib, example_inputs=example, out_dir=out_dir, measure=False,
-                       batch_size=batch_size, annotate_config=annotate_config, tune=_tune_options())
+                       batch_size=batch_size, annotate_config=annotate_config, tune=_tune_options(),
+                       corrections=corrections)
     return res, time.perf_counter() - t
 
 
@@ -211,7 +214,9 @@ def _ops_note(res) -> str:
     flo = Counter(c.kind if c.kind != "other" else c.reason.split()[2].rstrip(":")
                   for c in ops.values() if c.mode == "float")
     fmt = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1]))  # noqa: E731
-    return f"hago ops: {sum(ints.values())} integer ({fmt(ints)}); {sum(flo.values())} float ({fmt(flo)})."
+    corr = ", ".join(res.strategy.corrections) or "none"
+    return (f"hago ops: {sum(ints.values())} integer ({fmt(ints)}); {sum(flo.values())} float ({fmt(flo)}). "
+            f"Corrections: {corr}.")
 
 
 def _latency_rows(feeds1: dict[str, np.ndarray], res, onnx_fp32: Path, onnx_int8: Path | None) -> dict:
@@ -299,10 +304,16 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
         outs = {HAGO_INT8: _run_batched(_tvm_fn(res.int_executable), x, 1),
                 ORT_FP32: _run_batched(_ort_fn(onnx_fp32), x, 50),
                 ORT_INT8: _run_batched(_ort_fn(onnx_int8), x, 50)}
-        x20 = {inp: x[inp][:20]}  # untuned FP32 is slow: a check that it matches PyTorch
-        rows[TVM_FP32].update(accuracy.classifier_metrics(_run_batched(_tvm_fn(res.fp32_executable), x20, 1),
-                                                          ref[:20]))
-        rows[TVM_FP32]["note"] = "(first 20)"
+        outs[TVM_FP32] = _run_batched(_tvm_fn(res.fp32_executable), x, 1)
+        print(f"{name}: hago compile without bias correction", flush=True)
+        import tvm
+
+        no_corr = f"{HAGO_INT8}, no bias correction"
+        plain, _ = _hago_build(model, example, calib, wd / "build_nocorr", batch_size=8, corrections=())
+        vm = _vm(plain.int_executable)
+        args1 = [tvm.runtime.tensor(v) for v in feeds1.values()]
+        rows[no_corr] = {"ms": _median_ms(lambda: vm["main"](*args1))}
+        outs[no_corr] = _run_batched(_tvm_fn(plain.int_executable), x, 1)
         for k, out in outs.items():
             rows[k].update(accuracy.classifier_metrics(out, ref))
         cols = [("top1_agreement", "top-1 agreement with FP32", "{:.1%}"), ("mean_kl", "mean KL vs FP32", "{:.4f}"),

@@ -42,20 +42,21 @@ def load(model: str, n_calib: int = 64, n_eval: int = 250):
     return models.search_inputs(model, n_calib, n_eval)
 
 
-def run(model_name: str, algorithm: str, max_trials: int, cold: bool, n_calib: int = 64, n_eval: int = 250) -> dict:
+def run(model_name: str, algorithm: str, max_trials: int, cold: bool, n_calib: int = 64, n_eval: int = 250,
+        accuracy_drop: str = "1%") -> dict:
     from hago.search.algorithms import ALGORITHMS
     from hago.search.engine import SearchEngine
     from hago.search.measure import LocalMeasurer
 
     work = WORK / model_name / algorithm
     cache = WORK / model_name / "cache"
-    if cold:
+    if cold:  # nothing reused: no log, no kernel timings, no FP32 reference outputs or calibration
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(cache / "kernels", ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
     model, calib, evald, example = load(model_name, n_calib, n_eval)
     t0 = time.perf_counter()
     e = SearchEngine(model, "x86-avx512-vnni", calib, evald, log_path=work / "search.jsonl",
-                     accuracy_drop="1%", example_inputs=example, max_trials=max_trials, cache_dir=cache,
+                     accuracy_drop=accuracy_drop, example_inputs=example, max_trials=max_trials, cache_dir=cache,
                      measurer=LocalMeasurer(timeout_s=600, repeat=5, min_repeat_ms=100))
     t1 = time.perf_counter()
     r = e.run(ALGORITHMS[algorithm])
@@ -71,7 +72,8 @@ def run(model_name: str, algorithm: str, max_trials: int, cold: bool, n_calib: i
     return row
 
 
-def remeasure(model_name: str, rows: list[dict], max_trials: int, n_calib: int, n_eval: int, rounds: int = 3) -> None:
+def remeasure(model_name: str, rows: list[dict], max_trials: int, n_calib: int, n_eval: int, rounds: int = 3,
+              accuracy_drop: str = "1%") -> None:
     """Time every returned strategy again, interleaved, in one process: the shared machine's noise
     between runs minutes apart is larger than the differences between the answers."""
     from hago.search.engine import SearchEngine
@@ -81,7 +83,7 @@ def remeasure(model_name: str, rows: list[dict], max_trials: int, n_calib: int, 
     model, calib, evald, example = load(model_name, n_calib, n_eval)
     tmp = WORK / model_name / "remeasure"
     shutil.rmtree(tmp, ignore_errors=True)
-    e = SearchEngine(model, "x86-avx512-vnni", calib, evald, log_path=tmp / "search.jsonl", accuracy_drop="1%",
+    e = SearchEngine(model, "x86-avx512-vnni", calib, evald, log_path=tmp / "search.jsonl", accuracy_drop=accuracy_drop,
                      example_inputs=example, cache_dir=WORK / model_name / "cache")
     import hago.build as build_mod
 
@@ -119,6 +121,7 @@ def main() -> int:
     p.add_argument("--n-eval", type=int, default=250, help="evaluation images (ImageNet nets)")
     p.add_argument("--runs", default="greedy:cold,greedy:warm,evolve:cold,evolve:warm",
                    help="algorithm:cold|warm, in order (a warm run resumes that algorithm's log)")
+    p.add_argument("--accuracy-drop", default="1%", help="the search target, relative ('1%%') or absolute ('0.5pt')")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--remeasure", action="store_true",
                    help="time the returned strategies again, interleaved (the 're-timed' column)")
@@ -126,17 +129,19 @@ def main() -> int:
     rows = []
     for spec in args.runs.split(","):
         algorithm, start = spec.split(":")
-        rows.append(run(args.model, algorithm, args.max_trials, start == "cold", args.n_calib, args.n_eval))
+        rows.append(run(args.model, algorithm, args.max_trials, start == "cold", args.n_calib, args.n_eval,
+                        args.accuracy_drop))
     if args.remeasure:
-        remeasure(args.model, rows, args.max_trials, args.n_calib, args.n_eval)
+        remeasure(args.model, rows, args.max_trials, args.n_calib, args.n_eval, accuracy_drop=args.accuracy_drop)
     text = table(rows)
     print(text)
     if not args.no_write:
         from run import _machine, write_results
 
         body = (f"## Search: greedy (HAGO) vs cost-model-guided, {args.model}, x86-avx512-vnni\n\n"
-                f"Command: `python benchmarks/search.py --model {args.model} --max-trials {args.max_trials}` "
-                f"({time.strftime('%Y-%m-%d')}). Machine: {_machine()}. Target: 1% relative drop in top-1 "
+                f"Command: `python benchmarks/search.py --model {args.model} --max-trials {args.max_trials} "
+                f"--accuracy-drop {args.accuracy_drop} --n-calib {args.n_calib} --n-eval {args.n_eval} --runs {args.runs}` "
+                f"({time.strftime('%Y-%m-%d')}). Machine: {_machine()}. Target: {args.accuracy_drop} drop in top-1 "
                 f"agreement with FP32 on {'1000 MNIST test' if args.model == 'mnist' else args.n_eval} images; space of {rows[0]['space']} strategies; untuned kernels "
                 f"(hand-written VNNI schedules).\n\n{text}\n")
         write_results(f"search-{args.model}", body)
