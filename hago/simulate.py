@@ -155,10 +155,14 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
 
 
 def _channel_mean(bb: relax.BlockBuilder, node, v) -> relax.Expr:
-    """``[N, C]``: the mean of a weighted node's output over everything but batch and channel."""
+    """``[C]``: the mean of a weighted node's output over everything but its channel axis, batch included.
+
+    A dense layer's input may have its batch merged with other axes (a
+    transformer's ``[N*T, C]``), so the batch is averaged here, never sliced.
+    """
     ndim = len(node.out_var.ty.shape)
-    axes = [2, 3] if node.kind != "dense" else list(range(1, ndim - 1))
-    return bb.emit(O.mean(v, axis=axes)) if axes else v
+    axes = [0, 2, 3] if node.kind != "dense" else list(range(ndim - 1))
+    return bb.emit(O.mean(v, axis=axes))
 
 
 def _local_twin(bb: relax.BlockBuilder, node, strategy: Strategy, call: relax.Call, with_bias) -> relax.Expr:

@@ -134,3 +134,34 @@ def test_cli_option():
     args = build_parser().parse_args(["compile", "m.onnx", "--device", DEVICE, "--corrections", "bias"])
     assert _corrections(args.corrections) == ["bias"]
     assert _corrections("none") == [] and _corrections(None) is None
+
+
+def test_deltas_do_not_depend_on_the_probe_batch_when_dense_rows_merge_the_batch():
+    """A transformer's dense runs on ``[N*T, C]`` rows (batch merged into tokens): the correction must
+    average over every row of every sample, so the deltas are the same whatever batch the probe runs at
+    (a per-sample slice of the rows made them wrong and batch-dependent)."""
+    import torch
+    from torch import nn
+
+    from hago.compile import quantize
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, x):  # x: [N, T, 16]
+            n, t, c = x.shape
+            return self.b(torch.relu(self.a(x.reshape(n * t, c)))).reshape(n, t, 8)
+
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    x = np.random.default_rng(5).standard_normal((16, 6, 16)).astype(np.float32) + 0.5
+    deltas = {}
+    for bs in (1, 8):
+        q = quantize(model, "x86-avx512-vnni", {"x": x}, calibrator="minmax", corrections=("bias",),
+                     batch_size=bs, example_inputs=(torch.from_numpy(x[:2]),))
+        deltas[bs] = {n: np.asarray(op.bias_delta) for n, op in q.strategy.ops.items() if op.bias_delta is not None}
+    assert deltas[1] and deltas[1].keys() == deltas[8].keys()
+    for name in deltas[1]:
+        np.testing.assert_allclose(deltas[1][name], deltas[8][name], rtol=1e-4, atol=1e-6)

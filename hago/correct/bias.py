@@ -50,24 +50,25 @@ def _probe_vm(mod: tvm.IRModule, ctx: CorrectionContext):
 
 
 def _run_means(vm, ctx: CorrectionContext, extra_args=()) -> list[np.ndarray]:
-    """Per-channel means of each tap over all calibration samples (float64).
+    """Per-channel means of each tap over the calibration samples (float64).
 
-    The last batch is padded with zeros; the taps are per sample, so the
-    padding's rows are dropped before averaging.
+    The taps average over the whole batch (``simulate._channel_mean``: a
+    dense layer's batch may be merged into its rows), so only whole batches
+    run: a last, partial batch is left out (at most ``batch - 1`` samples)
+    rather than padded, since padding rows would enter the means.
     """
     names = [p.name for p in ctx.graph.params]
     extra = [tvm.runtime.tensor(np.ascontiguousarray(a, np.float32)) for a in extra_args]
     bs = _batch(ctx)
     sums, n = None, 0
     for batch in ctx.samples.batches(bs):
-        k = len(next(iter(batch.values())))
+        if len(next(iter(batch.values()))) < bs:
+            continue
         arrays = [np.ascontiguousarray(batch[m]) for m in names]
-        if k < bs:
-            arrays = [np.concatenate([a, np.zeros((bs - k, *a.shape[1:]), a.dtype)]) for a in arrays]
         outs = vm["main"](*[tvm.runtime.tensor(a) for a in arrays], *extra)
-        vals = [outs[i].numpy()[:k].astype(np.float64).sum(0) for i in range(len(outs))]
+        vals = [outs[i].numpy().astype(np.float64) for i in range(len(outs))]
         sums = vals if sums is None else [s + v for s, v in zip(sums, vals)]
-        n += k
+        n += 1
     return [s / n for s in sums]
 
 
