@@ -13,15 +13,16 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hago.calibrate.histogram import RunningMinMax, StreamingHistogram
 from hago.errors import CalibrationError
+from hago.plugins import registrar
 
 logger = logging.getLogger(__name__)
 
@@ -245,20 +246,10 @@ def _nonzero_width(rng: Range, symmetric: bool) -> Range:
 
 # -- registry --------------------------------------------------------------------
 CALIBRATORS: dict[str, type[Calibrator]] = {}
-_C = TypeVar("_C", bound=type[Calibrator])
 
 
-def register(name: str) -> Callable[[_C], _C]:
-    """Class decorator: add a calibrator to :data:`CALIBRATORS` under ``name``."""
-
-    def wrap(cls: _C) -> _C:
-        if name in CALIBRATORS and CALIBRATORS[name] is not cls:
-            raise CalibrationError(f"calibrator {name!r} is registered twice; rename one")
-        cls.name = name
-        CALIBRATORS[name] = cls
-        return cls
-
-    return wrap
+#: Class decorator: ``@register("mse")`` adds a calibrator to :data:`CALIBRATORS` under that name.
+register = registrar(CALIBRATORS, "calibrator", CalibrationError)
 
 
 def get_calibrator(name: str, **options: Any) -> Calibrator:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from hago.data import Samples
 from hago.errors import QuantizeError
+from hago.plugins import registrar
 from hago.graph import Graph
 from hago.strategy import Strategy
 
@@ -51,17 +52,8 @@ class Correction(ABC):
 CORRECTIONS: dict[str, type[Correction]] = {}
 
 
-def register(name: str) -> Callable[[type[Correction]], type[Correction]]:
-    """Class decorator: add a correction to :data:`CORRECTIONS` under ``name``."""
-
-    def wrap(cls):
-        if name in CORRECTIONS and CORRECTIONS[name] is not cls:
-            raise QuantizeError(f"correction {name!r} is registered twice; rename one")
-        cls.name = name
-        CORRECTIONS[name] = cls
-        return cls
-
-    return wrap
+#: Class decorator: ``@register("bias")`` adds a correction to :data:`CORRECTIONS` under that name.
+register = registrar(CORRECTIONS, "correction", QuantizeError)
 
 
 def get_correction(name: str, **options) -> Correction:

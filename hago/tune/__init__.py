@@ -69,7 +69,8 @@ class Tuned(NamedTuple):
 def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=None, builder=None,
          cross_compiler: str | None = None, progress: bool = True) -> TuneStats:
     """Tune every task of ``tasks`` whose cached budget is below ``trials``, by the difference."""
-    todo = [t for t in tasks if t.entry.budget < trials or _stale_default(t)]
+    fingerprints = {t.name: default_fingerprint(t) for t in tasks}  # one default schedule per task, not three
+    todo = [t for t in tasks if t.entry.budget < trials or _stale_default(t, fingerprints[t.name])]
     if not todo:
         return TuneStats(len(tasks), len(tasks), 0)
     if runner is None and cross_compiler:
@@ -94,7 +95,7 @@ def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=No
             for task in todo:
                 advance(0, description=task.name)
                 budget, before = max(0, trials - task.entry.budget), counts["trials"]
-                _tune_task(task, target, trials, builder, runner, model, callback, counts)
+                _tune_task(task, fingerprints[task.name], target, trials, builder, runner, model, callback, counts)
                 advance(max(0, budget - (counts["trials"] - before)))  # a small search space ends early
     finally:
         if own_builder:
@@ -105,18 +106,18 @@ def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=No
     return TuneStats(len(tasks), len(tasks) - len(todo), len(todo), counts["trials"], counts["failed"], secs)
 
 
-def _stale_default(task: Task) -> bool:
-    """Whether ``task``'s cached records lack its current default schedule (see ``default_fingerprint``)."""
-    fp = default_fingerprint(task)
+def _stale_default(task: Task, fp: str | None) -> bool:
+    """Whether ``task``'s cached records lack its current default schedule ``fp`` (``default_fingerprint``)."""
     return fp is not None and task.entry.default_schedule != fp
 
 
-def _tune_task(task: Task, target, trials: int, builder, runner, model, callback, counts: dict) -> None:
-    """Default record (hago's untuned schedule), then the search; the task's ``meta.json`` gets the result."""
+def _tune_task(task: Task, fp: str | None, target, trials: int, builder, runner, model, callback,
+               counts: dict) -> None:
+    """Default record (hago's untuned schedule, fingerprint ``fp``), then the search; ``meta.json`` gets the result."""
     before = dict(counts)
     db = task.entry.database()
-    default_ms, fp = None, default_fingerprint(task)
-    if fp is not None and task.entry.default_schedule != fp:
+    default_ms = None
+    if _stale_default(task, fp):
         default_ms = commit_default(task, db, target, builder, runner)
     if trials > task.entry.budget:
         try:
