@@ -1,7 +1,7 @@
 """Accuracy plug-ins on EfficientNet-Lite0: agreement and KL with and without them.
 
     python benchmarks/correction.py [--n-calib 128] [--n-eval 300] [--corrections none,bias]
-                                    [--simulated] [--ablate weights,acts,dw,pw] [--threads 2]
+                                    [--simulated] [--ablate weights,acts,dw,pw] [--noise-floor] [--threads 2]
 
 Calibration on ``photo_crops(n_calib, seed=1)``, evaluation on ``photo_crops(n_eval, seed=2)``
 (the split ``benchmarks/run.py`` uses), FP32 reference from PyTorch. For each setting it prints
@@ -68,6 +68,30 @@ def _ablated(strategy, part: str):
     return s
 
 
+def _noise_floor(model, x: np.ndarray, ref: np.ndarray) -> dict:
+    """How often FP32 itself changes its top-1 when a crop changes imperceptibly.
+
+    ``uint8``: the crop stored as an 8-bit image (each value rounded to 1/255 of the
+    range, at most half a grey level); ``shift``: moved one pixel right (edge column
+    repeated). An INT8 build cannot be expected to agree with FP32 more often than
+    FP32 agrees with itself under such changes.
+    """
+    import torch
+
+    import accuracy
+
+    pixels = np.round((x * 0.5 + 0.5) * 255.0) / 255.0
+    as_uint8 = ((pixels - 0.5) / 0.5).astype(np.float32)
+    shifted = np.concatenate([x[..., :1], x[..., :-1]], axis=-1)
+    out = {}
+    for name, xp in (("uint8", as_uint8), ("shift", shifted)):
+        with torch.no_grad():
+            y = np.concatenate([model(torch.from_numpy(np.ascontiguousarray(xp[i:i + 50]))).numpy()
+                                for i in range(0, len(xp), 50)])
+        out[name] = accuracy.classifier_metrics(y, ref)
+    return out
+
+
 def main() -> int:
     import torch
 
@@ -81,10 +105,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-calib", type=int, default=128)
     p.add_argument("--n-eval", type=int, default=300)
-    p.add_argument("--corrections", default="none,bias", help="comma list; 'none' = no plug-in")
+    p.add_argument("--corrections", default="none,bias",
+                   help="comma list of settings; a setting is none or plug-ins joined by + (adaround+bias)")
     p.add_argument("--calibrator", default="mse")
     p.add_argument("--simulated", action="store_true", help="also run the fake-quant twin")
     p.add_argument("--ablate", default="", help="comma list of weights, acts, dw, pw (fake-quant twin)")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="FP32 against FP32 on imperceptibly changed crops (stored as 8-bit; shifted 1 pixel)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=25)
     args = p.parse_args()
@@ -105,9 +132,12 @@ def main() -> int:
     print("FP32 margin study:", json.dumps(accuracy.margin_summary(ref)), flush=True)
 
     results = {"fp32_margins": accuracy.margin_summary(ref)}
+    if args.noise_floor:
+        results["fp32_noise_floor"] = _noise_floor(model, x, ref)
+        print("FP32 noise floor:", json.dumps(results["fp32_noise_floor"]), flush=True)
     for corr in args.corrections.split(","):
         t = time.perf_counter()
-        corrections = [] if corr == "none" else [corr]
+        corrections = [] if corr == "none" else corr.split("+")
         q = quantize(model, DEVICE, calib, example_inputs=models.example_inputs(MODEL), batch_size=8,
                      calibrator=args.calibrator, corrections=corrections)
         t_q = time.perf_counter() - t

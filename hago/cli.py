@@ -161,8 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strategy", help="replay a saved strategy.json instead of calibrating")
     c.add_argument("--calibrator", default="mse", help="minmax | percentile | kl | mse (default mse)")
     c.add_argument("--corrections", default=None,
-                   help="accuracy plug-ins after calibration, comma separated: bias (empirical bias correction, "
-                        "each layer on its FP32 input), bias_sequential (layer by layer, slow) or none; default: bias")
+                   help="accuracy plug-ins after calibration, comma separated, in order: bias (empirical bias "
+                        "correction, each layer on its FP32 input), bias_sequential (layer by layer, slow), "
+                        "adaround / adaround_conv (learned rounding of depthwise / all conv weights; put it "
+                        "before bias) or none; default: bias")
     c.add_argument("-o", "--output", help="output folder for model.so, strategy.json, report.json")
     c.add_argument("--no-measure", action="store_true", help="skip latency measurement")
     c.add_argument("--rpc", help="tracker host:port: measure on the device registered under --key")

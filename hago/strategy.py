@@ -31,6 +31,9 @@ class OpChoice:
     # per-output-channel float amount a correction plug-in (hago.correct) adds to the
     # layer's bias; stored so a replayed strategy realizes the same integer biases
     bias_delta: list[float] | None = None
+    # learned rounding (hago.correct.adaround): one up/down bit per weight, packed
+    # (hago.correct.rounding); None rounds to nearest
+    weight_round: str | None = None
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The correction interface, its registry, and the graph with corrected biases.
 
 A correction is one class registered under a CLI name (``@register("bias")``)
-with ``run(ctx)``; it may only write ``strategy.ops[node].bias_delta``. Keeping
+with ``run(ctx)``; it may only write ``strategy.ops[node].bias_delta`` and ``.weight_round``. Keeping
 its output in the strategy (not in a modified model) leaves the FP32 graph and
 its hash untouched, so the FP32 baseline and strategy replay stay exact.
 """
@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from hago.correct import rounding
 from hago.data import Samples
 from hago.errors import QuantizeError
 from hago.plugins import registrar
@@ -84,23 +85,35 @@ def channels(node) -> int:
 
 
 def corrected_graph(graph: Graph, strategy: Strategy) -> Graph:
-    """``graph`` with every stored ``bias_delta`` added to its node's bias (the same graph if none).
+    """``graph`` with the strategy's corrections in its constants (the same graph if none).
 
-    A layer without a bias gets the delta as its bias; ``realize`` and
-    ``simulate`` read ``node.bias``, so both see the corrected values.
+    Every stored ``bias_delta`` is added to its node's bias (a layer without a
+    bias gets the delta as its bias); a stored ``weight_round`` replaces the
+    weights by ones already on their grid, rounded the learned way
+    (:mod:`hago.correct.rounding`). ``realize`` and ``simulate`` read
+    ``node.bias`` and ``node.weight``, so both see the corrected values.
     """
-    deltas = {n: c.bias_delta for n, c in strategy.ops.items() if c.bias_delta is not None}
-    if not deltas:
+    ops = {n: c for n, c in strategy.ops.items() if c.bias_delta is not None or c.weight_round is not None}
+    if not ops:
         return graph
     nodes = []
     for node in graph.nodes:
-        d = deltas.get(node.name)
-        if d is None:
+        c = ops.get(node.name)
+        if c is None:
             nodes.append(node)
             continue
-        d = np.asarray(d, np.float32)
-        if not node.weighted or d.shape != (channels(node),):
-            raise QuantizeError(f"strategy's bias_delta for {node.name} does not fit the layer; re-run hago compile")
-        base = node.bias if node.bias is not None else np.zeros_like(d)
-        nodes.append(dataclasses.replace(node, bias=(base + d).astype(np.float32)))
+        if not node.weighted:
+            raise QuantizeError(f"strategy corrects {node.name}, which has no weights; re-run hago compile")
+        changes = {}
+        if c.weight_round is not None:
+            up = rounding.decode(c.weight_round, node.weight.shape)
+            changes["weight"] = rounding.rounded_weight(node.weight, node.kind, c.weight_bits, up)
+        if c.bias_delta is not None:
+            d = np.asarray(c.bias_delta, np.float32)
+            if d.shape != (channels(node),):
+                raise QuantizeError(f"strategy's bias_delta for {node.name} does not fit the layer; "
+                                    "re-run hago compile")
+            base = node.bias if node.bias is not None else np.zeros_like(d)
+            changes["bias"] = (base + d).astype(np.float32)
+        nodes.append(dataclasses.replace(node, **changes))
     return dataclasses.replace(graph, nodes=nodes)
