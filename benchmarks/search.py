@@ -43,7 +43,7 @@ def load(model: str, n_calib: int = 64, n_eval: int = 250):
 
 
 def run(model_name: str, algorithm: str, max_trials: int, cold: bool, n_calib: int = 64, n_eval: int = 250,
-        accuracy_drop: str = "1%") -> dict:
+        accuracy_drop: str = "1%", corrections: tuple[str, ...] = ("bias",)) -> dict:
     from hago.search.algorithms import ALGORITHMS
     from hago.search.engine import SearchEngine
     from hago.search.measure import LocalMeasurer
@@ -57,7 +57,7 @@ def run(model_name: str, algorithm: str, max_trials: int, cold: bool, n_calib: i
     t0 = time.perf_counter()
     e = SearchEngine(model, "x86-avx512-vnni", calib, evald, log_path=work / "search.jsonl",
                      accuracy_drop=accuracy_drop, example_inputs=example, max_trials=max_trials, cache_dir=cache,
-                     measurer=LocalMeasurer(timeout_s=600, repeat=5, min_repeat_ms=100))
+                     measurer=LocalMeasurer(timeout_s=600, repeat=5, min_repeat_ms=100), corrections=corrections)
     t1 = time.perf_counter()
     r = e.run(ALGORITHMS[algorithm])
     e.measurer.close()
@@ -73,7 +73,7 @@ def run(model_name: str, algorithm: str, max_trials: int, cold: bool, n_calib: i
 
 
 def remeasure(model_name: str, rows: list[dict], max_trials: int, n_calib: int, n_eval: int, rounds: int = 3,
-              accuracy_drop: str = "1%") -> None:
+              accuracy_drop: str = "1%", corrections: tuple[str, ...] = ("bias",)) -> None:
     """Time every returned strategy again, interleaved, in one process: the shared machine's noise
     between runs minutes apart is larger than the differences between the answers."""
     from hago.search.engine import SearchEngine
@@ -84,7 +84,7 @@ def remeasure(model_name: str, rows: list[dict], max_trials: int, n_calib: int, 
     tmp = WORK / model_name / "remeasure"
     shutil.rmtree(tmp, ignore_errors=True)
     e = SearchEngine(model, "x86-avx512-vnni", calib, evald, log_path=tmp / "search.jsonl", accuracy_drop=accuracy_drop,
-                     example_inputs=example, cache_dir=WORK / model_name / "cache")
+                     example_inputs=example, cache_dir=WORK / model_name / "cache", corrections=corrections)
     import hago.build as build_mod
 
     libs = {p: build_mod.export(e.executable(p), e.spec, tmp / f"{i}.so") for i, p in enumerate(points)}
@@ -122,17 +122,21 @@ def main() -> int:
     p.add_argument("--runs", default="greedy:cold,greedy:warm,evolve:cold,evolve:warm",
                    help="algorithm:cold|warm, in order (a warm run resumes that algorithm's log)")
     p.add_argument("--accuracy-drop", default="1%", help="the search target, relative ('1%%') or absolute ('0.5pt')")
+    p.add_argument("--corrections", default="bias",
+                   help="per-layer corrections every candidate gets: bias, adaround,bias, adaround_conv,bias or none")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--remeasure", action="store_true",
                    help="time the returned strategies again, interleaved (the 're-timed' column)")
     args = p.parse_args()
+    corrections = () if args.corrections == "none" else tuple(args.corrections.split(","))
     rows = []
     for spec in args.runs.split(","):
         algorithm, start = spec.split(":")
         rows.append(run(args.model, algorithm, args.max_trials, start == "cold", args.n_calib, args.n_eval,
-                        args.accuracy_drop))
+                        args.accuracy_drop, corrections))
     if args.remeasure:
-        remeasure(args.model, rows, args.max_trials, args.n_calib, args.n_eval, accuracy_drop=args.accuracy_drop)
+        remeasure(args.model, rows, args.max_trials, args.n_calib, args.n_eval, accuracy_drop=args.accuracy_drop,
+                  corrections=corrections)
     text = table(rows)
     print(text)
     if not args.no_write:
@@ -140,10 +144,11 @@ def main() -> int:
 
         body = (f"## Search: greedy (HAGO) vs cost-model-guided, {args.model}, x86-avx512-vnni\n\n"
                 f"Command: `python benchmarks/search.py --model {args.model} --max-trials {args.max_trials} "
-                f"--accuracy-drop {args.accuracy_drop} --n-calib {args.n_calib} --n-eval {args.n_eval} --runs {args.runs}` "
+                f"--accuracy-drop {args.accuracy_drop} --n-calib {args.n_calib} --n-eval {args.n_eval} --runs {args.runs} "
+                f"--corrections {args.corrections}{' --remeasure' if args.remeasure else ''}` "
                 f"({time.strftime('%Y-%m-%d')}). Machine: {_machine()}. Target: {args.accuracy_drop} drop in top-1 "
                 f"agreement with FP32 on {'1000 MNIST test' if args.model == 'mnist' else args.n_eval} images; space of {rows[0]['space']} strategies; untuned kernels "
-                f"(hand-written VNNI schedules).\n\n{text}\n")
+                f"(hand-written VNNI schedules); every candidate gets the corrections {args.corrections}.\n\n{text}\n")
         write_results(f"search-{args.model}", body)
     return 0
 

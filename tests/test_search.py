@@ -235,3 +235,30 @@ def test_candidates_are_bias_corrected_like_compile(mnist_onnx_path, data, tmp_p
     assert sum(op.bias_delta is not None for op in mixed.ops.values()) >= 1
     plain = _engine(mnist_onnx_path, data, tmp_path / "p.jsonl", cache_dir=tmp_path / "cache", corrections=())
     assert all(op.bias_delta is None for op in plain.strategy(plain.space.widest()).ops.values())
+
+
+def test_candidates_carry_learned_rounding_like_compile(mnist_onnx_path, data, tmp_path):
+    """``adaround_conv,bias``: the all-8-bit candidate gets compile's learned rounding bits and the bias
+    deltas measured after them; a layer put back to float gets neither; a correction whose result depends
+    on the other layers is refused before any work."""
+    from hago.compile import quantize
+    from hago.search.target import SearchError
+
+    names = ("adaround_conv", "bias")
+    e = _engine(mnist_onnx_path, data, tmp_path / "a.jsonl", cache_dir=tmp_path / "cache", corrections=names)
+    wide = e.strategy(e.space.widest())
+    q = quantize(mnist_onnx_path, "x86-avx512-vnni", data[0], calibrator="mse", corrections=names)
+    learned = {n: op for n, op in q.strategy.ops.items() if op.weight_round is not None}
+    assert learned and wide.corrections == list(names)
+    for name, op in learned.items():
+        assert wide.ops[name].weight_round == op.weight_round
+        np.testing.assert_allclose(wide.ops[name].bias_delta, op.bias_delta, rtol=1e-4, atol=1e-6)
+    i = next(j for j, k in enumerate(e.space.knobs) if k.kind == "weight" and k.name in learned)
+    point = list(e.space.widest())
+    point[i] = 0
+    mixed = e.strategy(tuple(point))
+    assert mixed.ops[e.space.knobs[i].name].weight_round is None
+    assert mixed.ops[e.space.knobs[i].name].bias_delta is None
+    with pytest.raises(SearchError, match="bias_sequential"):
+        _engine(mnist_onnx_path, data, tmp_path / "s.jsonl", cache_dir=tmp_path / "cache",
+                corrections=("bias_sequential",))

@@ -56,6 +56,8 @@ class AdaRound(Correction):
     averaged, the output MSE of the learned rounding relative to nearest.
     """
 
+    local = True  # each layer learns on its own FP32 input, quantized by its own input edge
+
     def __init__(self, layers: str = "depthwise", iters: int = 600, max_samples: int = 32, batch: int = 4,
                  lam: float = 0.01, lr: float = 1e-2, seed: int = 0):
         if layers not in ("depthwise", "conv"):

@@ -44,6 +44,10 @@ class Correction(ABC):
     """One accuracy plug-in; ``run`` fills ``bias_delta`` of the strategy's integer ops."""
 
     name: ClassVar[str]
+    #: True when a layer's result depends only on that layer's own quantization (its weight bits and
+    #: its input edge) and its FP32 input: a search may then compute it once and copy it to every
+    #: candidate that quantizes the layer the same way (``hago.search.engine``)
+    local: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, ctx: CorrectionContext) -> dict:

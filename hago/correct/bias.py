@@ -82,6 +82,8 @@ class BiasCorrection(Correction):
     averaged, before and after (``local``: of the layers' own errors).
     """
 
+    local = True  # in the default mode; the sequential subclass is not
+
     def __init__(self, mode: str = "local", max_samples: int | None = None):
         if mode not in ("local", "sequential"):
             raise ValueError(f"bias correction mode {mode!r}: use local or sequential")
@@ -137,6 +139,8 @@ def _relative(err, ref) -> float:
 @register("bias_sequential")
 class SequentialBiasCorrection(BiasCorrection):
     """``bias`` in ``sequential`` mode on at most 32 samples (one pass per layer: slow on deep nets)."""
+
+    local = False  # each layer's delta depends on every layer before it
 
     def __init__(self, max_samples: int | None = 32):
         super().__init__("sequential", max_samples)

@@ -46,7 +46,7 @@ from ..graph import analyze, graph_hash
 from ..hwspec import HardwareSpec
 from ..observe import apply_ranges, observe
 from ..prepare import prepare
-from ..correct import CorrectionContext, check_corrections, corrected_graph, run_corrections
+from ..correct import CORRECTIONS, CorrectionContext, check_corrections, corrected_graph, run_corrections
 from ..realize import realize
 from .kernelcache import KernelCache, profile_calls
 from .log import SearchLog
@@ -197,40 +197,45 @@ class SearchEngine:
         return out
 
     def _correct(self, corrections, cache_dir: Path) -> None:
-        """Bias deltas of the correction plug-ins (``hago.correct``), measured once, on the widest strategy.
+        """Per-layer results of the correction plug-ins (``hago.correct``), computed once, on the widest strategy.
 
-        Only the ``bias`` (local) correction is supported here: it measures each
-        layer on its FP32 input, so a layer's delta depends only on its own
-        weight bits and input quantization, and one measurement serves every
-        candidate that quantizes the layer the same way (``strategy`` copies
-        it there). Candidates are then scored as ``hago compile`` would build them.
+        Only *local* corrections are supported here (``Correction.local``:
+        ``bias``, ``adaround``, ``adaround_conv``): each works on a layer's FP32
+        input, so its result (bias delta, learned rounding) depends only on the
+        layer's own weight bits and input quantization, and one run serves every
+        candidate that quantizes the layer the same way (``strategy`` copies it
+        there). Candidates are then scored as ``hago compile`` would build them.
         """
         self.corrections = (corrections,) if isinstance(corrections, str) else tuple(corrections)
-        self._deltas: dict[str, tuple] = {}
+        self._corrected: dict[str, tuple] = {}  # layer -> (layer key, bias_delta, weight_round)
         if not self.corrections:
             return
         check_corrections(self.corrections)
-        if self.corrections != ("bias",):
-            raise SearchError(f"search supports --corrections bias or none, not {','.join(self.corrections)}: "
-                              "the other corrections depend on every layer's choice")
-        path = cache_dir / "reference" / f"bias-{self._digest('bias', self.calib_samples, self.calibrator.name)}.pkl"
+        serial = [n for n in self.corrections if not CORRECTIONS[n].local]
+        if serial:
+            raise SearchError(f"search cannot use --corrections {','.join(serial)}: its result for a layer depends "
+                              "on every other layer's choice (use bias, adaround or adaround_conv)")
+        names = "+".join(self.corrections)
+        digest = self._digest(names, self.calib_samples, self.calibrator.name)
+        path = cache_dir / "reference" / f"corrections-{names}-{digest}.pkl"
         import pickle
 
         if path.exists():
             try:
-                self._deltas = pickle.loads(path.read_bytes())
+                self._corrected = pickle.loads(path.read_bytes())
                 return
             except Exception as e:  # a stale or foreign file: measure again
-                log.warning("ignoring cached bias correction %s: %s", path, e)
+                log.warning("ignoring cached corrections %s: %s", path, e)
         strat = self._strategy(self.space.widest())
         run_corrections(self.corrections, CorrectionContext(self.fp32, self.graph, strat, self.calib_samples,
                                                             self.host, 64))
-        self._deltas = {name: (self._layer_key(strat, name), op.bias_delta) for name, op in strat.ops.items()
-                        if op.bias_delta is not None}
-        _write_atomic(path, pickle.dumps(self._deltas))
+        self._corrected = {name: (self._layer_key(strat, name), op.bias_delta, op.weight_round)
+                           for name, op in strat.ops.items()
+                           if op.bias_delta is not None or op.weight_round is not None}
+        _write_atomic(path, pickle.dumps(self._corrected))
 
     def _layer_key(self, strat, name: str) -> tuple:
-        """What a local bias delta depends on: the layer's weight bits and its input's quantization."""
+        """What a local correction depends on: the layer's weight bits and its input's quantization."""
         src = strat.resolved(self.graph.node(name).inputs[0])
         return strat.ops[name].weight_bits, src.bits, src.dynamic
 
@@ -240,13 +245,13 @@ class SearchEngine:
         return apply_ranges(strat, self.calibrator)
 
     def strategy(self, point: Point):
-        """The calibrated strategy of ``point``, with the stored bias deltas of its integer layers."""
+        """The calibrated strategy of ``point``, with the stored corrections of its integer layers."""
         strat = self._strategy(point)
-        if self._deltas:
+        if self.corrections:
             for name, op in strat.ops.items():
-                key, delta = self._deltas.get(name, (None, None))
-                if op.mode == "integer" and delta is not None and self._layer_key(strat, name) == key:
-                    op.bias_delta = delta
+                key, delta, rounding = self._corrected.get(name, (None, None, None))
+                if op.mode == "integer" and key is not None and self._layer_key(strat, name) == key:
+                    op.bias_delta, op.weight_round = delta, rounding
             strat.corrections = list(self.corrections)
         return strat
 
