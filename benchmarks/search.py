@@ -65,7 +65,7 @@ def run(model_name: str, algorithm: str, max_trials: int, cold: bool, n_calib: i
             "setup_s": t1 - t0, "search_s": time.perf_counter() - t1,
             "seconds": time.perf_counter() - t0, "latency_ms": r.best.latency_ms if r.best else None,
             "score": r.best.accuracy if r.best else None, "met": r.met_target, "chosen": r.best.label if r.best else "-",
-            "fp32_ms": r.fp32.latency_ms if r.fp32 else None, "space": len(e.space),
+            "fp32_ms": r.fp32.latency_ms if r.fp32 else None, "space": e.space.size_text(),
             "evaluated": sum(1 for c in r.candidates if c.accuracy is not None),
             "point": r.best.point if r.best else None}
     print(row, flush=True)

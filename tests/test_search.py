@@ -86,7 +86,7 @@ def test_search_over_rpc_matches_local(mnist_onnx_path, data, tmp_path, rpc_trac
 def test_impossible_target_returns_best_with_message(mnist_onnx_path, data, tmp_path):
     e = _engine(mnist_onnx_path, (data[0], {"input": data[1]["input"]}), tmp_path / "i.jsonl",
                 accuracy_drop="0%", allow_float=False, weight_bits=[4], max_trials=3)
-    assert len(e.space) == 1
+    assert e.space.size == 1
     r = e.run(ALGORITHMS["evolve"])
     assert not r.met_target and r.best is not None
     assert "no candidate met the target" in r.message and "agreement" in r.message
@@ -262,3 +262,14 @@ def test_candidates_carry_learned_rounding_like_compile(mnist_onnx_path, data, t
     with pytest.raises(SearchError, match="bias_sequential"):
         _engine(mnist_onnx_path, data, tmp_path / "s.jsonl", cache_dir=tmp_path / "cache",
                 corrections=("bias_sequential",))
+
+
+def test_a_space_too_large_for_len_still_reports_its_size():
+    """EfficientNet-Lite0 has 50 knobs of 3 choices: 3**50 strategies overflowed ``len()`` and crashed
+    ``hago search``'s summary after the search had finished."""
+    from hago.search.space import Knob, SearchSpace
+
+    space = SearchSpace(tuple(Knob(f"n{i}", "weight", (0, 4, 8)) for i in range(50)))
+    assert space.size == 3**50
+    assert space.size_text() == "7.18e+23"
+    assert SearchSpace((Knob("a", "weight", (0, 8)),)).size_text() == "2"

@@ -91,4 +91,4 @@ def print_search(result: SearchResult, console: Console | None = None) -> None:
     style = "green" if result.met_target else "bold red"
     console.print(f"[{style}]{result.message}[/]")
     console.print(f"{result.trials} device measurements this run, {result.reused} reused from the log, "
-                  f"{result.seconds:.0f}s; space of {len(engine.space)} strategies")
+                  f"{result.seconds:.0f}s; space of {engine.space.size_text()} strategies")

@@ -44,11 +44,18 @@ class SearchSpace:
                     knobs.append(Knob(node.inputs[0], "activation", tuple(spec.bits.activation)))
         return cls(tuple(knobs))
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """How many strategies the space holds (3**50 for EfficientNet-Lite0: not an index-sized
+        int, so this is not ``__len__``, which Python caps at sys.maxsize)."""
         n = 1
         for k in self.knobs:
             n *= len(k.choices)
         return n
+
+    def size_text(self) -> str:
+        """``size`` for people: exact up to a million, then 3 significant digits (``7.18e+23``)."""
+        return str(self.size) if self.size <= 10**6 else f"{float(self.size):.3g}"
 
     def key(self, point: Point) -> str:
         """Canonical text of a point: the log's key, stable across runs."""
