@@ -53,7 +53,11 @@ class Requant:
 
 def requant_expr(acc_value, c, bias, mult, half, shift, rq: Requant):
     """The requantized 8-bit value of the int32 ``acc_value`` of output channel ``c`` (TE expression)."""
-    p = (acc_value + bias[c]).astype("int64") * mult[c].astype("int64")
+    # the add runs on uint32 (wrapping, like int32 without overflow): LLVM may not widen an unsigned add
+    # through the sign extension, so the product stays a 32 x 32 -> 64 bit one (vpmuldq, 1 uop) instead
+    # of a full 64-bit multiply (vpmullq, 3 uops), which it picks when the int32 add is hoisted to int64
+    s = (acc_value.astype("uint32") + bias[c].astype("uint32")).astype("int32")
+    p = s.astype("int64") * mult[c].astype("int64")
     # round half away from zero without |p| and a select: for p < 0, ceil((p - half) / 2**s) is
     # floor((p + half - 1) / 2**s), and p >> 63 is that -1 (arithmetic shifts floor)
     r = tirx.shift_right(p + half[c] + tirx.shift_right(p, tirx.const(63, "int64")), shift[c])
