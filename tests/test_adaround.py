@@ -21,6 +21,7 @@ from hago.errors import QuantizeError
 from hago.frontend import load_model
 from hago.qparams import quantize_weight, weight_qparams
 from hago.strategy import Strategy
+from images import smooth_images
 
 pytestmark = pytest.mark.llvm
 DEVICE = "x86-avx512-vnni"
@@ -34,17 +35,10 @@ def _block() -> nn.Module:
                          nn.Conv2d(16, 8, 1)).eval()
 
 
-def _images(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.uniform(0, 1, (n, 3, 4, 4)).astype(np.float32)
-    return np.repeat(np.repeat(base, 4, axis=2), 4, axis=3) + 0.2 * rng.standard_normal((n, 3, 16, 16)).astype(
-        np.float32)
-
-
 @pytest.fixture(scope="module")
 def block_case(run_tvm):
     net = _block()
-    calib, test = _images(128, 1), _images(128, 2)
+    calib, test = smooth_images(128, 1, noise=0.2), smooth_images(128, 2, noise=0.2)
     mod = load_model(net, example_inputs=(torch.from_numpy(calib[:2]),))
     cfg = AnnotateConfig(weight_bits=4)
     q = {c: quantize(mod, DEVICE, calib, annotate_config=cfg, corrections=c, batch_size=32)

@@ -25,6 +25,7 @@ from hago.errors import QuantizeError
 from hago.frontend import load_model
 from hago.simulate import simulate
 from hago.strategy import Strategy
+from images import smooth_images
 
 pytestmark = pytest.mark.llvm
 DEVICE = "x86-avx512-vnni"
@@ -37,19 +38,11 @@ def _small_net() -> nn.Module:
     return net.eval()
 
 
-def _images(n: int, seed: int) -> np.ndarray:
-    """Smooth positive images (so E[x] != 0 and weight rounding shifts the mean)."""
-    rng = np.random.default_rng(seed)
-    base = rng.uniform(0, 1, (n, 3, 4, 4)).astype(np.float32)
-    return np.repeat(np.repeat(base, 4, axis=2), 4, axis=3) + 0.1 * rng.standard_normal((n, 3, 16, 16)).astype(
-        np.float32)
-
-
 @pytest.fixture(scope="module")
 def small_case(run_tvm):
     """One quantization per setting of the small net, and every program's outputs on the test images."""
     net = _small_net()
-    calib, test = _images(256, 1), _images(256, 2)
+    calib, test = smooth_images(256, 1), smooth_images(256, 2)
     example = (torch.from_numpy(calib[:2]),)
     cfg = AnnotateConfig(weight_bits=4)
     mod = load_model(net, example_inputs=example)  # traced once for the three settings
@@ -78,7 +71,7 @@ def _channel_mean_error(out: np.ndarray, ref: np.ndarray) -> float:
 def test_registered():
     assert {"bias", "bias_sequential"} <= set(CORRECTIONS)
     with pytest.raises(QuantizeError, match="unknown correction"):  # before any work is done
-        quantize(_small_net(), DEVICE, _images(8, 0), example_inputs=(torch.zeros(1, 3, 16, 16),),
+        quantize(_small_net(), DEVICE, smooth_images(8, 0), example_inputs=(torch.zeros(1, 3, 16, 16),),
                  corrections=["nope"])
 
 

@@ -41,7 +41,7 @@ class CorrectionContext:
 
 
 class Correction(ABC):
-    """One accuracy plug-in; ``run`` fills ``bias_delta`` of the strategy's integer ops."""
+    """One accuracy plug-in; ``run`` fills ``bias_delta`` and/or ``weight_round`` of the strategy's integer ops."""
 
     name: ClassVar[str]
     #: True when a layer's result depends only on that layer's own quantization (its weight bits and
