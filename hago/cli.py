@@ -134,7 +134,8 @@ def _search_options(p) -> None:
     p.add_argument("--max-trials", type=int, default=16, help="device measurements at most")
     p.add_argument("--time-budget", type=float, default=None, help="seconds at most")
     p.add_argument("--calibrator", default="mse")
-    p.add_argument("--corrections", default=None, help="corrections every candidate gets, comma separated: bias (default), adaround,bias, "
+    p.add_argument("--corrections", default=None,
+                   help="corrections every candidate gets, comma separated: bias (default), adaround,bias, "
                         "adaround_conv,bias or none (per-layer ones only)")
     p.add_argument("--rpc", help="tracker host:port; measure on the board registered under --key")
     p.add_argument("--key", help="RPC device key")

@@ -15,7 +15,8 @@ strategy (``OpChoice.bias_delta``), so ``realize`` and a replayed
   integer conv. Run it before ``bias``.
 
 ``corrected_graph(graph, strategy)`` is the graph whose biases include the
-stored deltas; pass it to ``realize``/``simulate`` instead of the plain graph.
+stored deltas and whose weights sit on their learned grid points; pass it to
+``realize``/``simulate`` instead of the plain graph.
 """
 
 from hago.correct.base import (CORRECTIONS, Correction, CorrectionContext, check_corrections, corrected_graph,
@@ -23,5 +24,6 @@ from hago.correct.base import (CORRECTIONS, Correction, CorrectionContext, check
 from hago.correct.adaround import AdaRound, AdaRoundConv
 from hago.correct.bias import BiasCorrection, SequentialBiasCorrection
 
-__all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Correction", "CorrectionContext", "SequentialBiasCorrection",
-           "check_corrections", "corrected_graph", "get_correction", "register", "run_corrections"]
+__all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Correction", "CorrectionContext",
+           "SequentialBiasCorrection", "check_corrections", "corrected_graph", "get_correction", "register",
+           "run_corrections"]
