@@ -27,6 +27,8 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.sym.pattern import detect_linear_equation
 
+from . import stack_alloc
+
 log = logging.getLogger(__name__)
 
 VECTOR_BYTES = 64  # one zmm register; the split is rounded to what divides the extent
@@ -86,7 +88,8 @@ def finish(mod: tvm.IRModule, target: tvm.target.Target):
     mod = schedule_elementwise(mod)
     lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
     with target:
-        return tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lower))
+        return tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lower),
+                           tir_pipeline=stack_alloc.PIPELINE)
 
 
 def is_scheduled(func: tvm.tirx.PrimFunc) -> bool:

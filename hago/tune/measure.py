@@ -34,12 +34,18 @@ EVALUATOR = {"number": 3, "repeat": 1, "min_repeat_ms": 50, "enable_cpu_cache_fl
 
 
 def fast_build(mod, target, _params):
-    """MetaSchedule's ``default_build`` minus its ``import tvm.s_tir.tensor_intrin``."""
+    """MetaSchedule's ``default_build`` minus its ``import tvm.s_tir.tensor_intrin``, with hago's TIR pipeline.
+
+    The pipeline (``stack_alloc``) is the one the final build uses, so a
+    candidate is timed with the same scratch buffers on the stack.
+    """
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .. import stack_alloc
+
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)
+    return tvm_build(mod, target=target, pipeline=stack_alloc.PIPELINE)
 
 
 def cross_export(compiler: str, rt_mod) -> str:
