@@ -96,14 +96,13 @@ def _engine_options(args) -> dict:
     if args.rpc:
         opts["measurer"] = _rpc_measurer(args)
     else:
+        from . import build as build_mod
+        from .hwspec import HardwareSpec
         from .search.measure import LocalMeasurer
 
-        opts["measurer"] = LocalMeasurer(timeout_s=args.measure_timeout)
-        from .hwspec import HardwareSpec
-        from . import build as build_mod
-
-        if not build_mod.is_local(HardwareSpec.load(args.device)):
-            opts.pop("measurer")  # the engine says clearly that --rpc is needed
+        spec = HardwareSpec.load(args.device)
+        if build_mod.is_local(spec):  # otherwise the engine says clearly that --rpc is needed
+            opts["measurer"] = LocalMeasurer(timeout_s=args.measure_timeout, threads=spec.cores)
     return opts
 
 

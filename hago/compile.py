@@ -27,7 +27,7 @@ from .evaluate import agreement, predict, top1
 from .frontend import input_infos, load_model
 from .graph import Graph, analyze, graph_hash
 from .hwspec import HardwareSpec
-from .measure import measure_local
+from .measure import device_threads, measure_local, pool_threads
 from .observe import apply_ranges, observe, range_sources
 from .prepare import prepare
 from .realize import Realized, realize
@@ -180,6 +180,8 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     """
     t0 = time.perf_counter()
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
+    if measure and build_mod.is_local(spec):
+        device_threads(spec.cores)  # before quantize: calibration starts TVM's thread pool
     q = quantize(model, spec, calib, strategy=strategy, calibrator=calibrator, example_inputs=example_inputs,
                  annotate_config=annotate_config, batch_size=batch_size,
                  corrections=DEFAULT_CORRECTIONS if corrections is None else corrections)
@@ -201,6 +203,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
             report[key]["latency_ms"] = m.latency_ms
             if m.error:
                 report[key]["error"] = m.error
+        report["threads"] = pool_threads()
         _speed_verdict(report)
     elif measure and measurer is not None:
         _measure_remote(result, report, spec, measurer, q, batch)

@@ -207,6 +207,12 @@ class HardwareSpec(_Frozen):
         descs = self.descriptors(op)
         return descs[0].inputs[0] if descs else None
 
+    @property
+    def cores(self) -> int | None:
+        """The target's ``num-cores``: threads a measurement on this device should use (None: unstated)."""
+        n = self.target.get("num-cores")
+        return int(n) if n else None
+
     def target_summary(self) -> str:
         """Short human description of the target, e.g. ``llvm cascadelake x2``."""
         t = self.target

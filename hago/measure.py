@@ -8,6 +8,7 @@ or crashed candidate is data for the search, not the end of it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,28 @@ class Measurement:
     @property
     def ok(self) -> bool:
         return self.error is None and self.latency_ms is not None
+
+
+THREADS_ENV = "TVM_NUM_THREADS"
+
+
+def device_threads(cores: int | None) -> None:
+    """Make this process's TVM thread pool use ``cores`` threads (the spec's ``num-cores``).
+
+    Without it TVM sizes its pool to half the logical CPUs on x86 (it assumes
+    hyper-threading), so a 2-core machine without SMT runs every kernel on one
+    thread. The pool reads the variable once, when it starts, so this must run
+    before the first parallel kernel; a value the user set wins.
+    """
+    if cores:
+        os.environ.setdefault(THREADS_ENV, str(int(cores)))
+
+
+def pool_threads() -> int:
+    """Threads in this process's TVM thread pool (starts the pool if it has not started)."""
+    import tvm_ffi
+
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
 
 def example_args(params, batch: int = 1, seed: int = 0) -> list:

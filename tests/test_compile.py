@@ -110,3 +110,21 @@ def test_strategy_for_another_graph_is_refused(mnist_build):
     other = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()).eval()
     with pytest.raises(QuantizeError, match="strategy is for graph"):
         quantize(other, "x86-avx512-vnni", strategy=out / "strategy.json", example_inputs=(torch.zeros(1, 1, 8, 8),))
+
+
+def test_local_measurements_use_the_spec_cores_unless_the_user_set_threads():
+    """TVM alone sizes its pool to half the logical CPUs on x86 (1 thread on a 2-core CI machine)."""
+    import os
+    import subprocess
+    import sys
+
+    from hago.hwspec import HardwareSpec
+
+    cores = HardwareSpec.load("x86-avx512-vnni").cores
+    code = ("from hago.hwspec import HardwareSpec; from hago.measure import device_threads, pool_threads; "
+            "device_threads(HardwareSpec.load('x86-avx512-vnni').cores); print(pool_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    run = lambda e: int(subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
+                                       check=True).stdout.split()[-1])
+    assert cores == 2 and run(env) == cores
+    assert run({**env, "TVM_NUM_THREADS": "1"}) == 1

@@ -273,3 +273,24 @@ def test_a_space_too_large_for_len_still_reports_its_size():
     assert space.size == 3**50
     assert space.size_text() == "7.18e+23"
     assert SearchSpace((Knob("a", "weight", (0, 8)),)).size_text() == "2"
+
+
+ENV_WORKER = """
+import json, os, sys
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    print(json.dumps({"latency_ms": float(os.environ.get("TVM_NUM_THREADS", "0")), "std_ms": 0.0}), flush=True)
+"""
+
+
+def test_local_measurer_gives_its_worker_the_device_threads(tmp_path, monkeypatch):
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    fake = tmp_path / "env_worker.py"
+    fake.write_text(ENV_WORKER)
+    lib = tmp_path / "x.so"
+    lib.write_bytes(b"")
+    m = LocalMeasurer(timeout_s=30, command=[sys.executable, str(fake)], threads=3)
+    try:
+        assert m.measure(lib, [([1], "float32")]).latency_ms == 3.0
+    finally:
+        m.close()

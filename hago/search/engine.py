@@ -110,7 +110,7 @@ class SearchEngine:
         self.max_trials, self.time_budget, self.tie_tolerance = max_trials, time_budget, tie_tolerance
         if measurer is None and not build_mod.is_local(self.spec):
             raise SearchError(f"{self.spec.name} is not this machine: pass --rpc TRACKER --key KEY to measure on it")
-        self.measurer = measurer or LocalMeasurer()
+        self.measurer = measurer or LocalMeasurer(threads=self.spec.cores)
         self.host = build_mod.host_target() if not build_mod.is_local(self.spec) else build_mod.target_of(self.spec)
         self.device_target = build_mod.target_of(self.spec)
         self.names = [i.name for i in self.infos]

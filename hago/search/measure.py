@@ -11,12 +11,13 @@ crashed, hung past the time-out or the device was unreachable. Implementations:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Protocol
 
-from ..measure import Measurement
+from ..measure import THREADS_ENV, Measurement
 
 InputSpec = list[tuple[list[int], str]]
 
@@ -39,16 +40,20 @@ class LocalMeasurer:
     name = "local"
 
     def __init__(self, timeout_s: float = 60.0, repeat: int = 5, min_repeat_ms: float = 100,
-                 command: list[str] | None = None, start_timeout_s: float = 120.0):
+                 command: list[str] | None = None, start_timeout_s: float = 120.0, threads: int | None = None):
         self.timeout_s, self.repeat, self.min_repeat_ms = timeout_s, repeat, min_repeat_ms
+        self.threads = threads  # the device's cores (TVM's own default is half the logical CPUs on x86)
         self.command = command or [sys.executable, "-m", "hago.search.worker"]
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen | None = None
         self._eof = False  # the last _readline hit end-of-file (the child closed stdout)
 
     def _start(self) -> str | None:
+        env = dict(os.environ)
+        if self.threads:
+            env.setdefault(THREADS_ENV, str(int(self.threads)))
         self._proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
+                                      stderr=subprocess.DEVNULL, text=True, bufsize=1, env=env)
         reply = self._readline(self.start_timeout_s)
         return None if reply and reply.get("ready") else "measurement worker failed to start"
 
