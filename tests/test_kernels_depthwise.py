@@ -31,6 +31,7 @@ CASES = {
     "s3_3x3": ((1, 8, 16, 17), (8, 1, 3, 3), (3, 3), (1, 1, 1, 1), (1, 1), 5),  # stride 3: gathered split
     "mult2_3x2": ((1, 8, 9, 11), (16, 1, 3, 2), (1, 2), (0, 1, 0, 0), (1, 1), 1),  # channel multiplier 2
     "s1_3x3_c24": ((1, 24, 10, 13), (24, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 11),  # 24 channels: 2 blocks
+    "s1_nopad_c20": ((1, 20, 10, 18), (20, 1, 3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 6),
 }
 # requantizing write-back: name -> (case, output dtype, qmin, qmax, zero point)
 REQUANT = {
@@ -39,9 +40,11 @@ REQUANT = {
     "rq_w7_s8": ("s1_5x5_w7", "int8", -128, 127, -5),
     "rq_mult2_u8": ("mult2_3x2", "uint8", 0, 255, 128),
     "rq_c24_u8": ("s1_3x3_c24", "uint8", 0, 255, 4),
+    "rq_nopad_u8": ("s1_nopad_c20", "uint8", 0, 255, 2),
+    "rq_s2_5x5_asym_u8": ("s2_5x5_asym", "uint8", 0, 255, 6),  # padding read in place, asymmetric, stride 2
 }
 # the NCHW16c kernel (one filter per channel): these requantizing cases, blocked in and out
-BLOCKED = ["rq_s1_w20_u8", "rq_s2_b2_relu6", "rq_w7_s8", "rq_c24_u8"]
+BLOCKED = ["rq_s1_w20_u8", "rq_s2_b2_relu6", "rq_w7_s8", "rq_c24_u8", "rq_nopad_u8", "rq_s2_5x5_asym_u8"]
 IN_PAD = 77  # what the input's padded channels hold: their zero weights must ignore it
 
 
