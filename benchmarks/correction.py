@@ -1,10 +1,11 @@
 """Accuracy plug-ins on EfficientNet-Lite0: agreement and KL with and without them.
 
-    python benchmarks/correction.py [--n-calib 128] [--n-eval 300] [--corrections none,bias]
+    python benchmarks/correction.py [--n-calib 128] [--eval photos|crops] [--n-eval 300] [--corrections none,bias]
                                     [--simulated] [--ablate weights,acts,dw,pw] [--noise-floor] [--threads 2]
 
-Calibration on ``photo_crops(n_calib, seed=1)``, evaluation on ``photo_crops(n_eval, seed=2)``
-(the split ``benchmarks/run.py`` uses), FP32 reference from PyTorch. For each setting it prints
+Calibration on ``photo_crops(n_calib, seed=1)``; evaluation (``--eval``) on whole photographs
+and their mirror images (``photo_views``, none of them a calibration photo: what
+``benchmarks/run.py`` reports) or on ``photo_crops(n_eval, seed=2)``. FP32 reference from PyTorch. For each setting it prints
 top-1 agreement, mean KL and top-5 overlap of the realized integer program, the same restricted
 to crops whose FP32 top-1 probability margin is large (the ambiguous-crop study), and with
 ``--simulated`` how often the fake-quant twin (``hago.simulate``) and the integer program agree.
@@ -104,7 +105,10 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-calib", type=int, default=128)
-    p.add_argument("--n-eval", type=int, default=300)
+    p.add_argument("--n-eval", type=int, default=300, help="crops evaluated with --eval crops")
+    p.add_argument("--eval", choices=("photos", "crops"), default="photos",
+                   help="photos: whole photographs and their mirror images (models.photo_views); "
+                        "crops: random crops of the calibration photos (the session-3/4 study)")
     p.add_argument("--corrections", default="none,bias",
                    help="comma list of settings; a setting is none or plug-ins joined by + (adaround+bias)")
     p.add_argument("--calibrator", default="mse")
@@ -121,7 +125,12 @@ def main() -> int:
     model = models.build(MODEL)
     inp = models.input_names(model)[0]
     calib = {inp: models.photo_crops(args.n_calib, seed=1)}
-    x = models.photo_crops(args.n_eval, seed=2)
+    if args.eval == "photos":
+        x, names = models.photo_views()
+        args.n_eval = f"photos{len(x)}"  # names the cached files
+        print(f"{len(x)} views of {len({n.split('|')[0] for n in names})} photos", flush=True)
+    else:
+        x = models.photo_crops(args.n_eval, seed=2)
     ref_path = WORK / f"fp32_{args.n_eval}.npy"
     if ref_path.exists():
         ref = np.load(ref_path)

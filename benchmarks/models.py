@@ -187,6 +187,43 @@ def photo_crops(n: int, seed: int = 0, size: int = IMAGE_SIZE) -> np.ndarray:
     return out
 
 
+#: the packages ``photo_crops`` draws its photos from: ``photo_views`` leaves them out
+CALIBRATION_SOURCES = ("scikit-image", "scikit-learn", "darknet")
+RESIZE = 256  # ImageNet evaluation: short side to 256, centre crop 224
+
+
+def _centre_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """ImageNet evaluation preprocessing: short side resized to ``RESIZE`` (antialiased), centre ``size`` crop."""
+    h, w = img.shape[:2]
+    s = RESIZE / min(h, w)
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    t = F.interpolate(t, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bilinear",
+                      align_corners=False, antialias=True)[0]
+    y, x = (t.shape[1] - size) // 2, (t.shape[2] - size) // 2
+    return t[:, y:y + size, x:x + size].numpy()
+
+
+def photo_views(size: int = IMAGE_SIZE, exclude: tuple[str, ...] = CALIBRATION_SOURCES):
+    """Whole photographs as a classifier is evaluated on them, and their mirror images.
+
+    Every photo of ``photos.real_photos()`` whose package is not in ``exclude``
+    (by default none that ``photo_crops`` calibrates on), centre-cropped the
+    ImageNet way, then the same view flipped left to right: float32 NCHW
+    normalised with mean = std = 0.5, and ``"package:file"`` names (flipped
+    ones end in ``"|flip"``).
+    """
+    import photos
+
+    views, names = [], []
+    for name, img in photos.real_photos(with_names=True):
+        if name.split(":")[0] in exclude:
+            continue
+        v = (_centre_crop(img, size) / 255.0 - 0.5) / 0.5
+        views += [v, v[:, :, ::-1]]
+        names += [name, name + "|flip"]
+    return np.ascontiguousarray(np.stack(views).astype(np.float32)), names
+
+
 def imagenet_class_names() -> list[str] | None:
     try:
         return (ir.files("timm") / "data" / "_info" / "imagenet_synsets.txt").read_text().split()

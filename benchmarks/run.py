@@ -297,9 +297,11 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
     cols = []
     acc_note = "Random weights: latency only (accuracy claims are made on the pretrained models)."
     if pretrained:
-        n_eval = args.n_eval or 300
-        x = {inp: models.photo_crops(n_eval, seed=2)}  # different crops from calibration
-        print(f"{name}: accuracy on {n_eval} crops", flush=True)
+        views, view_names = models.photo_views()  # whole photos, none of those calibration crops come from
+        n_eval = min(args.n_eval or len(views), len(views))
+        x = {inp: views[:n_eval]}
+        n_photos = len({v.split("|")[0] for v in view_names[:n_eval]})
+        print(f"{name}: accuracy on {n_eval} views of {n_photos} photos", flush=True)
         ref = _run_batched(_torch_fn(model), x, 50)
         outs = {HAGO_INT8: _run_batched(_tvm_fn(res.int_executable), x, 1),
                 ORT_FP32: _run_batched(_ort_fn(onnx_fp32), x, 50),
@@ -318,10 +320,10 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
             rows[k].update(accuracy.classifier_metrics(out, ref))
         cols = [("top1_agreement", "top-1 agreement with FP32", "{:.1%}"), ("mean_kl", "mean KL vs FP32", "{:.4f}"),
                 ("top5_overlap", "top-5 overlap", "{:.1%}")]
-        acc_note = (f"Accuracy: {n_eval} crops (random position, 15-100% of the short side, random flip) of "
-                    f"{len(models._sample_photos())} real photographs (scikit-image and scikit-learn samples, "
-                    f"Debian darknet jpgs when installed), against PyTorch FP32 (TVM FP32 matches it to 1e-5). "
-                    f"Calibration used {n_calib} other crops.")
+        acc_note = (f"Accuracy: {n_eval} views ({n_photos} whole photographs, ImageNet centre crop, and their "
+                    f"mirror images; `benchmarks/photos.py`, installed by `tools/install_photos.sh`), against "
+                    f"PyTorch FP32 (TVM FP32 matches it to 1e-5). Calibration used {n_calib} random crops of "
+                    f"{len(models._sample_photos())} other photographs (scikit-image, scikit-learn, darknet).")
     table = to_markdown(rows, TVM_FP32, cols)
     title = {"resnet18": "ResNet-18 (random weights)", "mobilenetv2": "MobileNetV2 (random weights)",
              "efficientnet_lite0": "EfficientNet-Lite0 (pretrained, ImageNet)"}[name]
@@ -485,7 +487,7 @@ def run_one(model: str, args) -> int:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="mnist", choices=[*ALL_MODELS, "all"])
-    p.add_argument("--n-eval", type=int, default=None, help="evaluation samples (mnist 10000, efficientnet 300)")
+    p.add_argument("--n-eval", type=int, default=None, help="evaluation samples (mnist 10000; efficientnet: every photo view)")
     p.add_argument("--n-calib", type=int, default=None, help="calibration samples (CNNs 32/128, minilm 64)")
     p.add_argument("--quick", action="store_true", help="skip the slowest accuracy rows")
     p.add_argument("--no-write", action="store_true")
