@@ -44,6 +44,7 @@ from ..evaluate import predict
 from ..frontend import input_infos, load_model
 from ..graph import analyze, graph_hash
 from ..hwspec import HardwareSpec
+from ..measure import device_threads
 from ..observe import apply_ranges, observe
 from ..prepare import prepare
 from ..correct import CORRECTIONS, CorrectionContext, check_corrections, corrected_graph, run_corrections
@@ -101,6 +102,8 @@ class SearchEngine:
                  cache_dir: str | Path | None = None, corrections=("bias",)):
         self.t0 = time.perf_counter()
         self.spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
+        if build_mod.is_local(self.spec):  # accuracy runs here too: the device's cores, not TVM's half
+            device_threads(self.spec.cores)
         self.fp32 = prepare(load_model(model, example_inputs=example_inputs))
         self.graph = analyze(self.fp32)
         self.ghash = graph_hash(self.fp32)
