@@ -93,6 +93,21 @@ def _noise_floor(model, x: np.ndarray, ref: np.ndarray) -> dict:
     return out
 
 
+def _input_grid(model, x: np.ndarray, ref: np.ndarray, strategy) -> dict:
+    """FP32 on the input rounded to the INT8 build's own uint8 input grid: the ceiling of any build that quantizes its input."""
+    import torch
+
+    import accuracy
+
+    qp = next(e.qparams for name, e in strategy.edges.items() if name.startswith("input:"))
+    q = np.clip(np.round(x / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)
+    xq = ((q - qp.zero_point) * qp.scale).astype(np.float32)
+    with torch.no_grad():
+        y = np.concatenate([model(torch.from_numpy(np.ascontiguousarray(xq[i:i + 50]))).numpy()
+                            for i in range(0, len(xq), 50)])
+    return accuracy.classifier_metrics(y, ref)
+
+
 def main() -> int:
     import torch
 
@@ -115,7 +130,8 @@ def main() -> int:
     p.add_argument("--simulated", action="store_true", help="also run the fake-quant twin")
     p.add_argument("--ablate", default="", help="comma list of weights, acts, dw, pw (fake-quant twin)")
     p.add_argument("--noise-floor", action="store_true",
-                   help="FP32 against FP32 on imperceptibly changed crops (stored as 8-bit; shifted 1 pixel)")
+                   help="FP32 against FP32 on imperceptibly changed inputs (stored as 8-bit; shifted 1 pixel; "
+                        "rounded to the INT8 build's input grid)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=25)
     args = p.parse_args()
@@ -150,6 +166,9 @@ def main() -> int:
         q = quantize(model, DEVICE, calib, example_inputs=models.example_inputs(MODEL), batch_size=8,
                      calibrator=args.calibrator, corrections=corrections)
         t_q = time.perf_counter() - t
+        if args.noise_floor and "fp32_input_grid" not in results:
+            results["fp32_input_grid"] = _input_grid(model, x, ref, q.strategy)
+            print("FP32 on the INT8 input grid:", json.dumps(results["fp32_input_grid"]), flush=True)
         _, int_mod = static_pair(q, HardwareSpec.load(DEVICE), args.batch)  # the realized integer program
         out = _run(int_mod, x, args.batch)
         row = {"quantize_s": round(t_q, 1), **accuracy.classifier_metrics(out, ref),
