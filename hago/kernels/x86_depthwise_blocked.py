@@ -64,7 +64,7 @@ def _padded(x, padding, pad_value):
         inside = tirx.all(y >= top, y < top + h, z >= left, z < left + wd)
         return tirx.if_then_else(inside, x[i, c, y - top, z - left, l], tirx.const(pad_value, x.dtype))
 
-    return (n, cb, h + top + bottom, wd + left + right, lanes), lambda *idx: read(*idx)
+    return (n, cb, h + top + bottom, wd + left + right, lanes), read
 
 
 def _kernel_te(x, w, bias, mult, half, shift, strides, dilation, padding, pad_value, rq: Requant):
