@@ -268,3 +268,24 @@ def test_realized_network_uses_kernel_bit_exact(run_tvm):
     ex = build(int_mod, tvm.target.Target(spec.target))
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:2])).numpy()
     np.testing.assert_array_equal(out, run_tvm(q.realized.mod, x[:2]))
+
+
+@pytest.mark.parametrize("k, stride, cols", [(3, 1, 16), (3, 2, 16), (5, 1, 16), (5, 2, 8)])
+def test_blocked_tile_width_follows_filter_and_stride(k, stride, cols):
+    """The emitter's tile choice reaches the schedule: 16 columns, 8 for 5x5 stride 2 (whose 16 spill)."""
+    import tvm
+    from tvm import relax
+
+    w = np.ones((32, 1, k, k), np.int8)
+    rq = Requant(np.zeros(32, np.int32), np.full(32, 1 << 30, np.int32), np.full(32, 31, np.int32), 0, 0, 255, "uint8")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 2, 64, 64, 16), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            p = k // 2
+            out = bb.emit_output(emit_conv2d_depthwise_blocked(bb, x, w, rq, (stride, stride), (p, p, p, p)))
+        bb.emit_func_output(out)
+    mod = schedule_vnni(bb.get(), tvm.target.Target(TARGET))
+    kernel = next(f for gv, f in mod.functions_items() if "depthwise" in gv.name_hint)
+    unrolled = {int(m) for m in re.findall(r"T\.unroll\(T\.int64\((\d+)\)\)", kernel.script())}
+    assert cols in unrolled and not {c for c in unrolled if c > cols}
