@@ -143,11 +143,12 @@ def main() -> int:
     calib = {inp: models.photo_crops(args.n_calib, seed=1)}
     if args.eval == "photos":
         x, names = models.photo_views()
-        args.n_eval = f"photos{len(x)}"  # names the cached files
+        tag = f"photos{len(x)}"  # names the cached files
         print(f"{len(x)} views of {len({n.split('|')[0] for n in names})} photos", flush=True)
     else:
         x = models.photo_crops(args.n_eval, seed=2)
-    ref_path = WORK / f"fp32_{args.n_eval}.npy"
+        tag = str(args.n_eval)
+    ref_path = WORK / f"fp32_{tag}.npy"
     if ref_path.exists():
         ref = np.load(ref_path)
     else:
@@ -183,10 +184,10 @@ def main() -> int:
             sim = _run(simulate(corrected_graph(q.graph, q.strategy), _ablated(q.strategy, part)), x, args.batch)
             row[f"ablate_{part}"] = accuracy.classifier_metrics(sim, ref)
         q.strategy.save(WORK / f"strategy_{corr}_{args.calibrator}_{args.n_calib}.json")
-        np.save(WORK / f"int_{corr}_{args.calibrator}_{args.n_calib}_{args.n_eval}.npy", out)
+        np.save(WORK / f"int_{corr}_{args.calibrator}_{args.n_calib}_{tag}.npy", out)
         results[corr] = row
         print(corr, json.dumps(row), flush=True)
-    path = WORK / f"results_{args.calibrator}_{args.n_calib}_{args.n_eval}.json"
+    path = WORK / f"results_{args.calibrator}_{args.n_calib}_{tag}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**old, **results}, indent=1))
     return 0
