@@ -24,7 +24,7 @@ from .correct import CorrectionContext, check_corrections, corrected_graph, run_
 from .data import Samples, load_samples
 from .errors import DataError, QuantizeError
 from .evaluate import agreement, predict, top1
-from .frontend import input_infos, load_model
+from .frontend import bind_symbolic_dims, fixed_batch, import_model, input_infos, symbolic_dims
 from .graph import Graph, analyze, graph_hash
 from .hwspec import HardwareSpec
 from .measure import device_threads, measure_local, pool_threads
@@ -83,6 +83,15 @@ class Quantized:
     realized: Realized
     inputs: list
     graph_hash: str
+    #: the batch the model file declared (the default build batch), None when it declared none
+    declared_batch: int | None = None
+    #: the batch the prepared graph is fixed to (a static batch that could not be relaxed), else None
+    fixed_batch: int | None = None
+    notes: list = field(default_factory=list)
+
+    def batch_for(self, wanted: int) -> int:
+        """``wanted``, unless the graph is fixed to another batch (then that one)."""
+        return self.fixed_batch or wanted
 
 
 def quantize(
@@ -109,23 +118,60 @@ def quantize(
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
     names = (corrections,) if isinstance(corrections, str) else tuple(corrections)
     check_corrections(names)
-    fp32 = prepare(load_model(model, example_inputs=example_inputs))
+    imported = import_model(model, example_inputs=example_inputs)
+    fp32 = prepare(imported.mod)
+    notes = list(imported.notes)
+    samples = None
+    if strategy is None:
+        if calib is None:
+            raise DataError("calibration data is required (--calib DATA) unless a --strategy is replayed")
+        samples = load_samples(calib, input_infos(fp32), name="calibration")
+    fp32, bound = _bind_dims(fp32, samples)
+    if bound:
+        notes.append("symbolic input dims bound from the calibration data: "
+                     + ", ".join(f"{k}={v}" for k, v in bound.items()))
     infos = input_infos(fp32)
+    fixed = fixed_batch(infos)
     graph = analyze(fp32)
     ghash = graph_hash(fp32)
     if strategy is not None:
         strat = strategy if isinstance(strategy, Strategy) else Strategy.load(strategy)
         _check_strategy(strat, ghash, spec)
     else:
-        if calib is None:
-            raise DataError("calibration data is required (--calib DATA) unless a --strategy is replayed")
-        samples = load_samples(calib, infos, name="calibration")
+        samples = _whole_batches(samples, fixed, "calibration")
+        batch_size = fixed or batch_size
         strat = annotate(graph, spec, ghash, annotate_config)
         host = build_mod.target_of(spec) if build_mod.is_local(spec) else build_mod.host_target()
         calibrate_strategy(fp32, graph, strat, samples, calibrator, host, batch_size)
         run_corrections(names, CorrectionContext(fp32, graph, strat, samples, host, batch_size))
     realized = realize(corrected_graph(graph, strat), strat, spec.requantize)
-    return Quantized(fp32, graph, strat, realized, infos, ghash)
+    return Quantized(fp32, graph, strat, realized, infos, ghash, imported.declared_batch, fixed, notes)
+
+
+def _bind_dims(fp32, samples: Samples | None):
+    """Bind symbolic non-batch input dims from the calibration data, or refuse in one line without data."""
+    left = symbolic_dims(input_infos(fp32))
+    if not left:
+        return fp32, {}
+    if samples is None:
+        raise DataError(f"model input dims {', '.join(left)} are symbolic; hago builds for fixed sizes and takes "
+                        f"them from the calibration data (--calib), or re-export the model with static sizes")
+    return bind_symbolic_dims(fp32, {k: v.shape for k, v in samples.arrays.items()})
+
+
+def _whole_batches(samples: Samples, fixed: int | None, name: str) -> Samples:
+    """Drop the tail that does not fill a batch of a fixed-batch graph (a static batch > 1)."""
+    if not fixed or fixed == 1:
+        return samples
+    n = len(samples)
+    if n < fixed:
+        raise DataError(f"{name} data has {n} samples but the model's static batch is {fixed}; "
+                        f"give at least {fixed} samples")
+    keep = n - n % fixed
+    if keep < n:
+        log.warning("%s data: %d samples do not fill a batch of %d and are not used", name, n - keep, fixed)
+    return Samples({k: v[:keep] for k, v in samples.arrays.items()},
+                   None if samples.labels is None else samples.labels[:keep])
 
 
 def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
@@ -140,7 +186,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     example_inputs=None,
     annotate_config: AnnotateConfig | None = None,
     batch_size: int = 64,
-    batch: int = 1,
+    batch: int | None = None,
     measure: bool = True,
     measurer=None,
     tune=None,
@@ -169,8 +215,11 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     corrections : list of str, optional
         Accuracy plug-ins after calibration (``bias``: empirical bias
         correction); ``None`` runs :data:`DEFAULT_CORRECTIONS`, ``[]`` none.
-    batch : int
-        The batch size the exported build is compiled for (its inputs are static).
+    batch : int, optional
+        The batch size the exported build is compiled for (its inputs are
+        static). Default: the batch the model file declares (the model's own
+        input signature), or 1 when it declares a symbolic one. A model whose
+        graph depends on its static batch can be built only for that batch.
     measurer : hago.search.measure.Measurer, optional
         How to time builds on a device that is not this machine (e.g. an
         ``RPCMeasurer`` for a board behind a tracker).
@@ -186,6 +235,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
                  annotate_config=annotate_config, batch_size=batch_size,
                  corrections=DEFAULT_CORRECTIONS if corrections is None else corrections)
     fp32, graph, strat, realized, ghash = q.fp32, q.graph, q.strategy, q.realized, q.graph_hash
+    batch = _build_batch(q, batch)
     target = build_mod.target_of(spec)
     host_target = target if build_mod.is_local(spec) else build_mod.host_target()
     t_quant = time.perf_counter() - t0
@@ -196,6 +246,8 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     result.fp32_executable = build_mod.build(fp32_static, target, spec.name, tune=tune)
     result.int_executable = build_mod.build(apply_arm_schedules(int_static, spec), target, spec.name, tune=tune)
     report = _base_report(spec, graph, strat, ghash, calibrator, t_quant)
+    report["batch"] = batch
+    report["notes"].extend(q.notes)
     if measure and build_mod.is_local(spec):
         params = list(fp32["main"].params)
         for key, ex in (("fp32", result.fp32_executable), ("quantized", result.int_executable)):
@@ -216,6 +268,19 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
         write_outputs(result, spec)
     log.info("compiled for %s in %.1fs", spec.name, time.perf_counter() - t0)
     return result
+
+
+def _build_batch(q: Quantized, batch: int | None) -> int:
+    """The batch to build for: the caller's, else the model's own; a graph fixed to one batch takes only it."""
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise DataError(f"batch must be a positive integer, got {batch!r}")
+    if q.fixed_batch is not None:
+        if batch is not None and batch != q.fixed_batch:
+            raise DataError(f"the model's graph is fixed to a batch of {q.fixed_batch} (its file bakes the batch "
+                            f"into its shapes); it cannot be built for a batch of {batch}: re-export it with a "
+                            f"dynamic batch")
+        return q.fixed_batch
+    return batch if batch is not None else (q.declared_batch or 1)
 
 
 def _measure_remote(result, report, spec, measurer, q, batch) -> None:
@@ -280,11 +345,12 @@ def _speed_verdict(report: dict) -> None:
 def _evaluate(result: CompileResult, report: dict, eval_data, q: Quantized, spec, host_target) -> None:
     samples = load_samples(eval_data, q.inputs, name="evaluation")
     names = [i.name for i in q.inputs]
-    fp32_mod, int_mod = static_pair(q, spec, EVAL_BATCH)
+    eval_batch = q.batch_for(EVAL_BATCH)
+    fp32_mod, int_mod = static_pair(q, spec, eval_batch)
     fp_ex = build_mod.build(fp32_mod, host_target, "host")
     q_ex = build_mod.build(int_mod, host_target, "host")
-    ref = predict(fp_ex, samples, names, EVAL_BATCH, static=True)
-    out = predict(q_ex, samples, names, EVAL_BATCH, static=True)
+    ref = predict(fp_ex, samples, names, eval_batch, static=True)
+    out = predict(q_ex, samples, names, eval_batch, static=True)
     report["agreement"] = agreement(out, ref)
     if samples.labels is not None:
         report["fp32"]["accuracy"] = top1(ref, samples.labels)

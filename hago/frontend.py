@@ -24,6 +24,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,34 @@ from hago.errors import FrontendError, check
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InputInfo", "load_model", "input_infos"]
+__all__ = ["InputInfo", "Imported", "import_model", "load_model", "input_infos", "fixed_batch",
+           "bind_symbolic_dims"]
 
 _NOISY_TORCH_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export")
 
 Shapes = Mapping[str, Sequence[int]] | Sequence[Sequence[int]]
 
 
+@dataclass
+class Imported:
+    """An imported module plus what the import learned about the file.
+
+    ``declared_batch`` is the static batch the model file (or torch example)
+    declared, kept so a build can have the model's own input signature even
+    when the batch was relaxed for calibration; ``notes`` go to the report.
+    """
+
+    mod: tvm.IRModule
+    declared_batch: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
 def load_model(model: Any, example_inputs: Any = None, input_shapes: Shapes | None = None) -> tvm.IRModule:
+    """The module of :func:`import_model`, for callers that need nothing else."""
+    return import_model(model, example_inputs, input_shapes).mod
+
+
+def import_model(model: Any, example_inputs: Any = None, input_shapes: Shapes | None = None) -> Imported:
     """Import a model into a Relax IRModule whose ``main`` is ready for :func:`hago.prepare.prepare`.
 
     Parameters
@@ -58,20 +79,25 @@ def load_model(model: Any, example_inputs: Any = None, input_shapes: Shapes | No
 
     Returns
     -------
-    tvm.IRModule
-        ``main`` with weights as constants, a symbolic batch dim where possible,
-        a single tensor output for single-output models and a dataflow block.
+    Imported
+        ``mod``: ``main`` with weights as constants, a symbolic batch dim where
+        possible (a static ONNX batch is relaxed when ONNX Runtime confirms it
+        is safe, :mod:`hago.onnx_prep`), a single tensor output for
+        single-output models and a dataflow block.
     """
     if isinstance(model, tvm.IRModule):
-        mod = model
+        imp = Imported(model)
     elif isinstance(model, (str, os.PathLike)):
-        mod = _from_onnx(Path(model), input_shapes)
+        imp = _from_onnx(Path(model), input_shapes)
     elif _is_torch_module(model):
-        mod = _from_torch(model, example_inputs, input_shapes)
+        imp = _from_torch(model, example_inputs, input_shapes)
     else:
         raise FrontendError(f"cannot load a model of type {type(model).__name__}; pass an .onnx path, "
                             f"a torch.nn.Module or a tvm.IRModule")
-    return _canonicalize(mod)
+    imp.mod = _canonicalize(imp.mod)
+    if imp.declared_batch is None:
+        imp.declared_batch = fixed_batch(input_infos(imp.mod))
+    return imp
 
 
 def input_infos(mod: tvm.IRModule) -> list[InputInfo]:
@@ -88,7 +114,43 @@ def input_infos(mod: tvm.IRModule) -> list[InputInfo]:
     return infos
 
 
-def _from_onnx(path: Path, input_shapes: Shapes | None) -> tvm.IRModule:
+def fixed_batch(infos: list[InputInfo]) -> int | None:
+    """The batch every input is fixed to, or None when the batch is symbolic (or inputs disagree)."""
+    firsts = {i.shape[0] if i.shape else None for i in infos}
+    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
+
+
+def bind_symbolic_dims(mod: tvm.IRModule, shapes: Mapping[str, Sequence[int]]) -> tuple[tvm.IRModule, dict]:
+    """Bind symbolic input dims other than the batch (dim 0) to the sizes in ``shapes`` (input -> shape).
+
+    A model exported with a symbolic height, width or sequence length is
+    quantized for the sizes its calibration data has: hago's integer kernels
+    tile exact shapes. Returns the module and ``{dim name: size}``.
+    """
+    binding: dict[str, int] = {}
+    for param in mod["main"].params:
+        shape = shapes.get(param.name)
+        if shape is None:
+            continue
+        for axis, dim in enumerate(param.ty.shape.values):
+            if axis == 0 or not isinstance(dim, tvm.tirx.Var):
+                continue
+            size = int(shape[axis])
+            if binding.get(dim.name, size) != size:
+                raise FrontendError(f"model input '{param.name}' dim {axis} ('{dim.name}') is {size} in the data "
+                                    f"but {binding[dim.name]} elsewhere; give inputs consistent shapes")
+            binding[dim.name] = size
+    if not binding:
+        return mod, {}
+    return relax.transform.BindSymbolicVars(binding, "main")(mod), binding
+
+
+def symbolic_dims(infos: list[InputInfo]) -> list[str]:
+    """``input[axis]`` for every symbolic dim other than the batch."""
+    return [f"{i.name}[{axis}]" for i in infos for axis, d in enumerate(i.shape) if axis > 0 and d is None]
+
+
+def _from_onnx(path: Path, input_shapes: Shapes | None) -> Imported:
     check(path.exists(), FrontendError, f"model file '{path}' does not exist")
     check(path.suffix.lower() == ".onnx", FrontendError,
           f"model file '{path}' is not an .onnx file; export the model to ONNX or pass a torch.nn.Module")
@@ -113,6 +175,26 @@ def _from_onnx(path: Path, input_shapes: Shapes | None) -> tvm.IRModule:
               f"input_shapes names '{unknown[0] if unknown else ''}', which model file '{path}' "
               f"does not have; its inputs are: {', '.join(graph_inputs)}")
         input_shapes = {k: [int(d) for d in v] for k, v in input_shapes.items()}
+    from .onnx_prep import fold_shapes, prepare_onnx
+
+    prep = prepare_onnx(proto) if input_shapes is None else None
+    try:
+        mod = _import_onnx(from_onnx, prep.proto if prep else proto, input_shapes, path)
+    except FrontendError:
+        if prep is None or not prep.relaxed:
+            raise
+        # TVM's importer may refuse a symbolic batch where ONNX Runtime took it: keep the file's batch
+        log_msg = "TVM cannot import the relaxed batch of %s; importing it with its static batch"
+        logger.info(log_msg, path)
+        mod = _import_onnx(from_onnx, fold_shapes(proto), input_shapes, path)  # the static file, folded
+        prep.notes = [f"the model file declares a static batch of {prep.declared_batch}; calibration and "
+                      f"evaluation run in batches of {prep.declared_batch}"]
+    if prep is None:
+        return Imported(mod)
+    return Imported(mod, prep.declared_batch, list(prep.notes))
+
+
+def _import_onnx(from_onnx, proto, input_shapes, path: Path) -> tvm.IRModule:
     try:
         return from_onnx(proto, shape_dict=input_shapes, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as exc:
@@ -123,7 +205,7 @@ def _from_onnx(path: Path, input_shapes: Shapes | None) -> tvm.IRModule:
         raise FrontendError(f"cannot convert ONNX model '{path}' to Relax: {_first_line(exc)}") from exc
 
 
-def _from_torch(model: Any, example_inputs: Any, input_shapes: Shapes | None) -> tvm.IRModule:
+def _from_torch(model: Any, example_inputs: Any, input_shapes: Shapes | None) -> Imported:
     """Export with ``torch.export`` (dynamic batch if possible) and convert to Relax."""
     import torch
     from tvm.relax.frontend.torch import from_exported_program
@@ -139,10 +221,11 @@ def _from_torch(model: Any, example_inputs: Any, input_shapes: Shapes | None) ->
         with warnings.catch_warnings():
             # TVM's importer deep-copies torch treespecs, which torch 2.13 flags as deprecated
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            return from_exported_program(program, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+            mod = from_exported_program(program, keep_params_as_input=False, unwrap_unit_return_tuple=True)
     except Exception as exc:
         raise FrontendError(f"TVM's torch frontend cannot convert {type(model).__name__}: "
                             f"{_first_line(exc)}") from exc
+    return Imported(mod)  # a static export's batch is read off the module by import_model
 
 
 def _torch_examples(torch: Any, example_inputs: Any, input_shapes: Shapes | None) -> tuple:
