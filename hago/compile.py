@@ -24,7 +24,8 @@ from .correct import CorrectionContext, check_corrections, corrected_graph, run_
 from .data import Samples, load_samples
 from .errors import DataError, QuantizeError
 from .evaluate import agreement, predict, top1
-from .frontend import bind_symbolic_dims, fixed_batch, import_model, input_infos, symbolic_dims
+from .batching import bind_calibration_dims, whole_batches
+from .frontend import fixed_batch, import_model, input_infos
 from .graph import Graph, analyze, graph_hash
 from .hwspec import HardwareSpec
 from .measure import device_threads, measure_local, pool_threads
@@ -121,12 +122,11 @@ def quantize(
     imported = import_model(model, example_inputs=example_inputs)
     fp32 = prepare(imported.mod)
     notes = list(imported.notes)
-    samples = None
-    if strategy is None:
-        if calib is None:
-            raise DataError("calibration data is required (--calib DATA) unless a --strategy is replayed")
-        samples = load_samples(calib, input_infos(fp32), name="calibration")
-    fp32, bound = _bind_dims(fp32, samples)
+    if strategy is None and calib is None:
+        raise DataError("calibration data is required (--calib DATA) unless a --strategy is replayed")
+    # with a replayed strategy the data only gives symbolic sizes (bind_calibration_dims)
+    samples = None if calib is None else load_samples(calib, input_infos(fp32), name="calibration")
+    fp32, bound = bind_calibration_dims(fp32, samples)
     if bound:
         notes.append("symbolic input dims bound from the calibration data: "
                      + ", ".join(f"{k}={v}" for k, v in bound.items()))
@@ -138,7 +138,7 @@ def quantize(
         strat = strategy if isinstance(strategy, Strategy) else Strategy.load(strategy)
         _check_strategy(strat, ghash, spec)
     else:
-        samples = _whole_batches(samples, fixed, "calibration")
+        samples = whole_batches(samples, fixed, "calibration")
         batch_size = fixed or batch_size
         strat = annotate(graph, spec, ghash, annotate_config)
         host = build_mod.target_of(spec) if build_mod.is_local(spec) else build_mod.host_target()
@@ -146,32 +146,6 @@ def quantize(
         run_corrections(names, CorrectionContext(fp32, graph, strat, samples, host, batch_size))
     realized = realize(corrected_graph(graph, strat), strat, spec.requantize)
     return Quantized(fp32, graph, strat, realized, infos, ghash, imported.declared_batch, fixed, notes)
-
-
-def _bind_dims(fp32, samples: Samples | None):
-    """Bind symbolic non-batch input dims from the calibration data, or refuse in one line without data."""
-    left = symbolic_dims(input_infos(fp32))
-    if not left:
-        return fp32, {}
-    if samples is None:
-        raise DataError(f"model input dims {', '.join(left)} are symbolic; hago builds for fixed sizes and takes "
-                        f"them from the calibration data (--calib), or re-export the model with static sizes")
-    return bind_symbolic_dims(fp32, {k: v.shape for k, v in samples.arrays.items()})
-
-
-def _whole_batches(samples: Samples, fixed: int | None, name: str) -> Samples:
-    """Drop the tail that does not fill a batch of a fixed-batch graph (a static batch > 1)."""
-    if not fixed or fixed == 1:
-        return samples
-    n = len(samples)
-    if n < fixed:
-        raise DataError(f"{name} data has {n} samples but the model's static batch is {fixed}; "
-                        f"give at least {fixed} samples")
-    keep = n - n % fixed
-    if keep < n:
-        log.warning("%s data: %d samples do not fill a batch of %d and are not used", name, n - keep, fixed)
-    return Samples({k: v[:keep] for k, v in samples.arrays.items()},
-                   None if samples.labels is None else samples.labels[:keep])
 
 
 def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does

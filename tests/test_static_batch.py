@@ -169,3 +169,47 @@ def test_symbolic_spatial_dims_are_bound_from_the_calibration_data(tmp_path):
                                    rtol=1e-4, atol=1e-5)
     with pytest.raises(DataError, match=r"x\[2\], x\[3\] are symbolic"):
         quantize(path, "x86-avx512-vnni", strategy=res.strategy)
+
+
+@pytest.mark.parametrize("which", ["relaxed", "fixed"])
+def test_search_on_static_batch_files(which, mnist_static, tmp_path):
+    """``hago search`` on a relaxed file (the MNIST default export) and on a graph fixed to a batch of 4."""
+    from hago.search.measure import LocalMeasurer
+    from hago.search.run import search
+
+    if which == "relaxed":
+        d, path, name = mnist_static
+        calib, evald, batch = d / "calib.npz", d / "eval.npz", 1
+    else:
+        torch.manual_seed(0)
+        path = _export(_BatchMixer().eval(), torch.randn(4, 2, 5, 5), tmp_path / "mix.onnx", dynamo=False,
+                       input_names=["x"])
+        rng = np.random.default_rng(0)
+        calib = {"x": rng.standard_normal((16, 2, 5, 5)).astype(np.float32)}
+        evald = {"x": rng.standard_normal((10, 2, 5, 5)).astype(np.float32)}  # 2.5 batches: the tail is padded
+        batch = 4
+    out = tmp_path / "s"
+    result = search(path, "x86-avx512-vnni", calib, evald, out_dir=out, algorithm="latency", accuracy_drop="50%",
+                    max_trials=3, corrections=[], measurer=LocalMeasurer(timeout_s=60, repeat=2, min_repeat_ms=10))
+    assert result.best is not None and result.best.latency_ms > 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["batch"] == batch
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cpu())
+    shape = input_infos(import_model(path).mod)[0].shape
+    x = np.zeros((batch, *shape[1:]), np.float32)
+    assert vm["main"](tvm.runtime.tensor(x)).numpy().shape[0] == batch
+
+
+@pytest.mark.parametrize("device", ["rpi4", "cuda-t4"])
+def test_static_batch_file_builds_for_boards_and_gpus(device, mnist_static, capsys):
+    """The failure was the same on every device: calibration in batches of 64 against a batch-1 graph."""
+    import shutil
+
+    if device == "rpi4" and shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ not installed: tools/install_arm.sh")
+    d, path, name = mnist_static
+    out = d / f"out-{device}"
+    assert main(["compile", str(path), "--device", device, "--calib", str(d / "calib.npz"), "-o", str(out),
+                 "--corrections", "none"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["batch"] == 1 and report["ops"]["integer"] == 10
