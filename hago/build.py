@@ -95,13 +95,16 @@ def export(executable, spec: HardwareSpec, path: str | Path) -> Path:
 
         export_cuda(executable, path.parent)  # model.so plus kernels.cu, the source nvcc compiles on the host
         return path
-    try:
-        if spec.cross_compiler:
-            from tvm.support import cc
+    from .native_log import drop_native_lines
 
-            executable.export_library(str(path), fcompile=cc.cross_compiler(spec.cross_compiler))
-        else:
-            executable.export_library(str(path))
+    try:
+        with drop_native_lines():  # TVM's per-function "Scope Saving" notes
+            if spec.cross_compiler:
+                from tvm.support import cc
+
+                executable.export_library(str(path), fcompile=cc.cross_compiler(spec.cross_compiler))
+            else:
+                executable.export_library(str(path))
     except Exception as e:
         raise BuildError(f"exporting {path.name} for {spec.name} failed: {str(e).strip().splitlines()[-1]}") from None
     return path
