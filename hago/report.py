@@ -18,14 +18,23 @@ def summary_table(report: dict) -> Table:
     """FP32 against quantized: latency, accuracy, and what stayed in float."""
     t = Table(title=f"hago: {report['device']}  (calibrator {report.get('calibrator')})")
     t.add_column("build")
-    t.add_column("latency ms (batch 1)", justify="right")
+    t.add_column(f"latency ms (batch {report.get('batch', 1)})", justify="right")
     t.add_column("top-1", justify="right")
     t.add_column("ops integer/float", justify="right")
     fp, q = report["fp32"], report["quantized"]
     t.add_row("FP32", _fmt(fp.get("latency_ms"), ".3f"), _fmt(fp.get("accuracy"), ".2%"), "-")
     ops = f"{report['ops']['integer']}/{report['ops']['float']}"
-    t.add_row("quantized", _fmt(q.get("latency_ms"), ".3f"), _fmt(q.get("accuracy"), ".2%"), ops)
+    latency = _fmt(q.get("latency_ms"), ".3f")
+    if slower_than_fp32(report):
+        latency = f"[bold red]{latency} SLOWER[/]"
+    t.add_row("quantized", latency, _fmt(q.get("accuracy"), ".2%"), ops)
     return t
+
+
+def slower_than_fp32(report: dict) -> bool:
+    """Whether the quantized build measured slower than the FP32 build beside it."""
+    f, q = report["fp32"].get("latency_ms"), report["quantized"].get("latency_ms")
+    return bool(f and q and q > f)
 
 
 def print_report(report: dict, console: Console | None = None) -> None:
@@ -40,3 +49,6 @@ def print_report(report: dict, console: Console | None = None) -> None:
         console.print(f"[yellow]float[/]: {op['name']} ({op['kind']}): {op['reason']}")
     for note in report.get("notes", []):
         console.print(f"[bold yellow]note[/]: {note}")
+    if slower_than_fp32(report):  # the last line a user reads: never let a slower build pass quietly
+        console.print(f"[bold red]warning[/]: the quantized build is {1 / report['speedup']:.2f}x slower than "
+                      f"FP32 on {report['device']}; FP32 (or another strategy: hago search) is the faster build")
