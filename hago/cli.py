@@ -5,24 +5,181 @@
     hago compile MODEL --device NAME --calib DATA [--eval DATA] [--strategy S.json] -o OUT/
 
 A :class:`~hago.errors.HagoError` prints one line and exits 2; a traceback
-appears only with ``--debug``.
+appears only with ``--debug``. Anything else that escapes is reported the
+same way, as an internal error, so no traceback ever reaches a user.
+
+Every argument that can be checked without TVM (paths, counts, the spec, a
+saved strategy) is checked before TVM or torch is imported: importing them
+takes seconds, and a typo should not cost a build. So this module imports
+only light modules at the top; each command imports what it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import sys
-
-from rich.console import Console
+import tempfile
+from pathlib import Path
 
 from .errors import HagoError
-from .search.target import SearchError
 
 log = logging.getLogger("hago")
 
+#: model files hago refuses to open: loading them means unpickling, i.e. running their code
+TORCH_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:(\d{1,5})$")
 
+
+class UsageError(HagoError, ValueError):
+    """A command-line argument is wrong (a path, a count, an option value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are a :class:`UsageError` (one ``hago: error:`` line, exit 2), not usage + exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# -- checks that need no TVM ------------------------------------------------------
+def _check_model(path: str) -> None:
+    """The model file exists, is an ONNX file and is not empty; a PyTorch file is refused, never unpickled."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"model file '{p}' does not exist")
+    if not p.is_file():
+        raise UsageError(f"model '{p}' is not a file; give the path of an .onnx file")
+    suffix = p.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        raise UsageError(f"model file '{p}' is a PyTorch/pickle file, which hago does not load (unpickling runs "
+                         f"code); export it to ONNX: torch.onnx.export(model, example_input, 'model.onnx', "
+                         f"dynamo=False), then pass model.onnx")
+    if suffix != ".onnx":
+        raise UsageError(f"model file '{p}' is not an .onnx file; export the model to ONNX "
+                         f"(e.g. torch.onnx.export(model, example_input, 'model.onnx')) and pass that file")
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UsageError(f"model file '{p}' cannot be read ({e.strerror})") from None
+    if size == 0:
+        raise UsageError(f"model file '{p}' is empty (0 bytes); re-export the model")
+
+
+def _check_data_file(path: str | None, flag: str, name: str) -> None:
+    """A data path is a readable .npz with sound labels; its arrays are checked against the model later."""
+    if path is None:
+        return
+    from .data import check_npz_file  # numpy only
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{flag} file '{p}' does not exist")
+    if not p.is_file():
+        raise UsageError(f"{flag} '{p}' is not a file; give an .npz file")
+    check_npz_file(p, name)
+
+
+def _check_output(path: str | None) -> None:
+    """``-o`` names a folder hago can create and write in: found now, not after the whole build.
+
+    Writability is tested by doing it (creating the missing folders and a
+    temporary file, then removing what was created): ``os.access`` says yes
+    to root on read-only mounts and pseudo file systems.
+    """
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"output '{p}' is an existing file, not a folder; give a folder for -o")
+    created: list[Path] = []
+    try:
+        for q in reversed([p, *p.parents]):
+            if not q.exists():
+                q.mkdir()
+                created.append(q)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to output folder '{p}' ({e.strerror}); choose a writable folder for -o") \
+            from None
+    finally:
+        for q in reversed(created):
+            try:
+                q.rmdir()
+            except OSError:
+                pass
+
+
+def _check_int(value: int | None, flag: str, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def _check_seconds(value: float | None, flag: str) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{flag} must be a positive number of seconds, got {value:g}")
+
+
+def _check_calibrator(name: str) -> None:
+    from .calibrate import CALIBRATORS  # numpy only
+
+    if name not in CALIBRATORS:
+        raise UsageError(f"unknown calibrator {name!r}; valid: {', '.join(sorted(CALIBRATORS))}")
+
+
+def _check_rpc(args) -> None:
+    if not args.rpc:
+        return
+    m = _HOST_PORT.match(args.rpc)
+    if not (m and 0 < int(m.group(1)) < 65536):
+        raise UsageError(f"--rpc must be the tracker's host:port (e.g. 192.168.1.5:9190), got {args.rpc!r}")
+    if not args.key:
+        raise UsageError("--rpc needs --key (the device key the board registered with the tracker)")
+
+
+def _corrections(text: str | None):
+    """``--corrections bias`` -> ["bias"]; ``none`` -> []; absent -> None (hago's default)."""
+    if text is None:
+        return None
+    return [] if text.strip() in ("", "none") else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _common_checks(args, *, calib_required: bool):
+    """Everything shared by compile, search and bench that needs no TVM; returns the loaded spec."""
+    from .hwspec import HardwareSpec
+
+    _check_model(args.model)
+    _check_data_file(args.calib, "--calib", "calibration")
+    _check_data_file(args.eval, "--eval", "evaluation")
+    if calib_required and not args.calib:
+        raise UsageError("calibration data is required (--calib DATA) unless a --strategy is replayed")
+    _check_output(args.output)
+    _check_seconds(args.measure_timeout, "--measure-timeout")
+    _check_calibrator(args.calibrator)
+    _check_rpc(args)
+    return HardwareSpec.load(args.device)
+
+
+def _heavy_checks(spec, device: str, corrections) -> None:
+    """Checks that need TVM (the LLVM CPU name, the correction plug-ins), still before any model is read."""
+    from .hwspec import check_target
+
+    check_target(spec, device)
+    if corrections:
+        from .correct import check_corrections
+
+        check_corrections(corrections)
+
+
+# -- commands -----------------------------------------------------------------------
 def _cmd_devices(args) -> int:
+    from rich.console import Console
+
     from .hwspec import device_table, list_devices
 
     Console().print(device_table(list_devices()))
@@ -41,29 +198,29 @@ def _rpc_measurer(args):
     if not args.rpc:
         return None
     from .search.measure import RPCMeasurer
-
-    if not args.key:
-        raise SearchError("--rpc needs --key (the device key the board registered with the tracker)")
     from .hwspec import HardwareSpec
 
+    _check_rpc(args)
     kind = HardwareSpec.load(args.device).target.get("kind", "llvm")
     return RPCMeasurer(args.rpc, args.key, timeout_s=args.measure_timeout, device="cuda" if kind == "cuda" else "cpu")
 
 
-def _corrections(text: str | None):
-    """``--corrections bias`` -> ["bias"]; ``none`` -> []; absent -> None (hago's default)."""
-    if text is None:
-        return None
-    return [] if text.strip() in ("", "none") else [c.strip() for c in text.split(",") if c.strip()]
-
-
 def _cmd_compile(args) -> int:
+    from .strategy import Strategy
+
+    spec = _common_checks(args, calib_required=not args.strategy)
+    _check_int(args.tune_trials, "--tune-trials", 0)
+    _check_int(args.batch, "--batch", 1)
+    strategy = Strategy.load(args.strategy) if args.strategy else None
+    corrections = _corrections(args.corrections)
+    _heavy_checks(spec, args.device, corrections)
+
+    from rich.console import Console
+
     from .compile import compile as hago_compile
-    from .hwspec import HardwareSpec
     from .report import print_report
     from .tune import TuneOptions
 
-    spec = HardwareSpec.load(args.device)
     tune = None
     if spec.target.get("kind") != "cuda":  # GPU kernels are hand-scheduled; MetaSchedule there needs a GPU
         tune = TuneOptions.for_spec(spec, args.tune_trials, args.cache_dir, tracker=args.rpc,
@@ -71,21 +228,34 @@ def _cmd_compile(args) -> int:
 
     result = hago_compile(
         args.model,
-        args.device,
+        spec,
         args.calib,
         eval_data=args.eval,
         out_dir=args.output,
-        strategy=args.strategy,
+        strategy=strategy,
         calibrator=args.calibrator,
-        corrections=_corrections(args.corrections),
+        corrections=corrections,
         measure=not args.no_measure,
         measurer=_rpc_measurer(args),
         tune=tune,
+        batch=args.batch,
     )
     print_report(result.report)
     if args.output:
         Console().print(f"wrote {args.output}/model.so, strategy.json, report.json")
     return 0
+
+
+def _search_checks(args) -> None:
+    """compile's checks plus the search's own options, before TVM is imported (except the last)."""
+    spec = _common_checks(args, calib_required=True)
+    _check_int(args.max_trials, "--max-trials", 1)
+    _check_seconds(args.time_budget, "--time-budget")
+    corrections = _corrections(args.corrections)
+    _heavy_checks(spec, args.device, corrections)
+    from .search.target import AccuracyTarget  # imports TVM (through hago.evaluate)
+
+    AccuracyTarget.parse(args.accuracy_drop)
 
 
 def _engine_options(args) -> dict:
@@ -107,10 +277,15 @@ def _engine_options(args) -> dict:
 
 
 def _cmd_search(args) -> int:
+    if not (args.output or args.log or args.resume):
+        raise UsageError("give -o OUT or --log LOG: the search log must live somewhere")
+    _search_checks(args)
+    from rich.console import Console
+
     from .search.run import print_search, search
 
     result = search(args.model, args.device, args.calib, args.eval, out_dir=args.output, algorithm=args.algorithm,
-                    log_path=args.resume or args.log, **_engine_options(args))
+                    log_path=args.resume or args.log, resume=bool(args.resume), **_engine_options(args))
     print_search(result)
     if args.output and result.best is not None:
         Console().print(f"wrote {args.output}/model.so, strategy.json, report.json, pareto.json, pareto.png")
@@ -118,9 +293,14 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = sorted(set(strategies) - {"fp32", "int8", "search"}) or ([] if strategies else ["(none)"])
+    if unknown:
+        raise UsageError(f"unknown --strategies {', '.join(unknown)}; valid: fp32, int8, search")
+    _search_checks(args)
     from .bench import bench
 
-    bench(args.model, args.device, args.calib, args.eval, args.strategies.split(","), args.output,
+    bench(args.model, args.device, args.calib, args.eval, strategies, args.output,
           engine_options=_engine_options(args), algorithm=args.algorithm)
     return 0
 
@@ -143,7 +323,7 @@ def _search_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hago", description="hardware-aware post-training quantization on TVM")
+    p = _Parser(prog="hago", description="hardware-aware post-training quantization on TVM")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -167,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "adaround / adaround_conv (learned rounding of depthwise / all conv weights; put it "
                         "before bias) or none; default: bias")
     c.add_argument("-o", "--output", help="output folder for model.so, strategy.json, report.json")
+    c.add_argument("--batch", type=int, default=None,
+                   help="batch size the library is built for; default: the model file's own batch (1 if symbolic)")
     c.add_argument("--no-measure", action="store_true", help="skip latency measurement")
     c.add_argument("--rpc", help="tracker host:port: measure on the device registered under --key")
     c.add_argument("--key", help="RPC device key (e.g. rpi4)")
@@ -193,15 +375,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _say(message: str) -> None:
+    print(f"hago: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else "(no message)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
         return args.func(args)
     except HagoError as e:
-        if args.debug:
+        if debug:
             raise
-        print(f"hago: error: {e}", file=sys.stderr)
+        _say(str(e))
+        return 2
+    except Exception as e:  # the last line of defence: the real fix belongs where it was raised
+        if debug:
+            raise
+        _say(f"internal error: {type(e).__name__}: {_first_line(e)} (re-run with --debug for the traceback)")
         return 2
 
 

@@ -21,13 +21,13 @@ from .annotate import AnnotateConfig, annotate
 from .arm.schedule import apply_arm_schedules
 from .calibrate import get_calibrator
 from .correct import CorrectionContext, check_corrections, corrected_graph, run_corrections
-from .data import Samples, load_samples
+from .data import Samples, check_labels, load_samples
 from .errors import DataError, QuantizeError
 from .evaluate import agreement, predict, top1
 from .batching import bind_calibration_dims, whole_batches
 from .frontend import fixed_batch, import_model, input_infos
 from .graph import Graph, analyze, graph_hash
-from .hwspec import HardwareSpec
+from .hwspec import HardwareSpec, check_target
 from .measure import device_threads, measure_local, pool_threads
 from .observe import apply_ranges, observe, range_sources
 from .prepare import prepare
@@ -117,6 +117,7 @@ def quantize(
     their results and runs none.
     """
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
+    check_target(spec)  # an mcpu LLVM does not know: one line now, not 91 LLVM lines and a generic build later
     names = (corrections,) if isinstance(corrections, str) else tuple(corrections)
     check_corrections(names)
     imported = import_model(model, example_inputs=example_inputs)
@@ -126,6 +127,8 @@ def quantize(
         raise DataError("calibration data is required (--calib DATA) unless a --strategy is replayed")
     # with a replayed strategy the data only gives symbolic sizes (bind_calibration_dims)
     samples = None if calib is None else load_samples(calib, input_infos(fp32), name="calibration")
+    if samples is not None:
+        notes.extend(samples.notes)
     fp32, bound = bind_calibration_dims(fp32, samples)
     if bound:
         notes.append("symbolic input dims bound from the calibration data: "
@@ -210,6 +213,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
                  corrections=DEFAULT_CORRECTIONS if corrections is None else corrections)
     fp32, graph, strat, realized, ghash = q.fp32, q.graph, q.strategy, q.realized, q.graph_hash
     batch = _build_batch(q, batch)
+    eval_samples = None if eval_data is None else _eval_samples(eval_data, q)  # bad labels fail before builds
     target = build_mod.target_of(spec)
     host_target = target if build_mod.is_local(spec) else build_mod.host_target()
     t_quant = time.perf_counter() - t0
@@ -222,7 +226,9 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     report = _base_report(spec, graph, strat, ghash, calibrator, t_quant)
     report["batch"] = batch
     report["notes"].extend(q.notes)
-    if measure and build_mod.is_local(spec):
+    if measure and measurer is not None:  # the user's choice wins, on a local device too (a server over RPC)
+        _measure_remote(result, report, spec, measurer, q, batch)
+    elif measure and build_mod.is_local(spec):
         params = list(fp32["main"].params)
         for key, ex in (("fp32", result.fp32_executable), ("quantized", result.int_executable)):
             m = measure_local(ex, params, batch=batch)
@@ -231,12 +237,10 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
                 report[key]["error"] = m.error
         report["threads"] = pool_threads()
         _speed_verdict(report)
-    elif measure and measurer is not None:
-        _measure_remote(result, report, spec, measurer, q, batch)
     elif not build_mod.is_local(spec):
         report["notes"].append(f"{spec.name} is not this machine: latency was not measured (use --rpc)")
-    if eval_data is not None:
-        _evaluate(result, report, eval_data, q, spec, host_target)
+    if eval_samples is not None:
+        _evaluate(result, report, eval_samples, q, spec, host_target)
     result.report = report
     if out_dir is not None:
         write_outputs(result, spec)
@@ -316,8 +320,27 @@ def _speed_verdict(report: dict) -> None:
             )
 
 
-def _evaluate(result: CompileResult, report: dict, eval_data, q: Quantized, spec, host_target) -> None:
+def _eval_samples(eval_data, q: Quantized) -> Samples:
+    """Evaluation data checked against the model, labels against its number of classes when that is static."""
     samples = load_samples(eval_data, q.inputs, name="evaluation")
+    classes = _output_classes(q.fp32)
+    if samples.labels is not None and classes is not None:
+        samples.labels = check_labels(samples.labels, classes, "evaluation")
+    return samples
+
+
+def _output_classes(mod) -> int | None:
+    """The last dim of ``main``'s single tensor output, when it is a known integer."""
+    ret = mod["main"].ret_ty
+    shape = getattr(ret, "shape", None)
+    dims = getattr(shape, "values", None) if shape is not None else None
+    if not dims:
+        return None
+    last = dims[-1]
+    return int(last.value) if hasattr(last, "value") else None
+
+
+def _evaluate(result: CompileResult, report: dict, samples: Samples, q: Quantized, spec, host_target) -> None:
     names = [i.name for i in q.inputs]
     eval_batch = q.batch_for(EVAL_BATCH)
     fp32_mod, int_mod = static_pair(q, spec, eval_batch)
@@ -327,6 +350,7 @@ def _evaluate(result: CompileResult, report: dict, eval_data, q: Quantized, spec
     out = predict(q_ex, samples, names, eval_batch, static=True)
     report["agreement"] = agreement(out, ref)
     if samples.labels is not None:
+        samples.labels = check_labels(samples.labels, ref.shape[-1], "evaluation")  # outputs whose width was symbolic
         report["fp32"]["accuracy"] = top1(ref, samples.labels)
         report["quantized"]["accuracy"] = top1(out, samples.labels)
     report["eval_samples"] = len(samples)

@@ -57,9 +57,12 @@ class Samples:
     calibrator may iterate several times) and lets validation see the whole set.
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], labels: np.ndarray | None = None):
+    def __init__(self, arrays: dict[str, np.ndarray], labels: np.ndarray | None = None,
+                 notes: list[str] | None = None):
         self.arrays = arrays
         self.labels = labels
+        #: one-line warnings about the data (e.g. it looks unnormalised), for the report's notes
+        self.notes = list(notes or [])
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
@@ -136,7 +139,24 @@ def _collect(src: Any, inputs: list[InputInfo], name: str) -> tuple[dict, Any, s
                     f"path, a dict of arrays, an iterable of batches or a callable returning one")
 
 
-def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
+def check_npz_file(path: str | os.PathLike, name: str = "calibration") -> None:
+    """Check an ``.npz`` before any model is loaded: a readable archive, with valid labels if it has any.
+
+    Reads only the ``label`` array, so the command line can refuse a broken
+    file or NaN labels in a second instead of after a build; the input
+    arrays are checked against the model by :func:`load_samples`.
+    """
+    path = Path(path)
+    with _open_npz(path, name) as loaded:
+        if LABEL_KEY in loaded.files:
+            try:
+                labels = loaded[LABEL_KEY]
+            except Exception as exc:
+                raise DataError(f"{name} file '{path}' cannot be read as .npz ({_first_line(exc)})") from exc
+            _class_indices(labels, name, f"'{path}'")
+
+
+def _open_npz(path: Path, name: str):
     check(path.exists(), DataError, f"{name} file '{path}' does not exist")
     check(path.is_file(), DataError, f"{name} file '{path}' is not a file")
     with open(path, "rb") as f:
@@ -147,10 +167,14 @@ def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
     check(magic.startswith(b"PK"), DataError,
           f"{name} file '{path}' is not a .npz archive; write it with np.savez(path, input_name=array)")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except Exception as exc:
         raise DataError(f"{name} file '{path}' is not a readable .npz archive ({_first_line(exc)}); "
                         f"write it with np.savez(path, input_name=array)") from exc
+
+
+def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
+    loaded = _open_npz(path, name)
     try:
         with loaded:
             return {k: loaded[k] for k in loaded.files}
@@ -226,12 +250,16 @@ def _batch_to_dict(batch: Any, inputs: list[InputInfo], name: str, k: int) -> tu
 
 
 def _validate(arrays: dict, labels: Any, inputs: list[InputInfo], name: str, where: str) -> Samples:
-    out = {}
+    out, notes = {}, []
     for info in inputs:
         arr = _as_array(arrays[info.name], name, info.name)
         check(arr.ndim == 0 or len(arr) > 0, DataError,
               f"{name} data {where} has 0 samples for input '{info.name}'; provide at least one")
         _check_shape(arr, info, name)
+        note = _range_note(arr, info, name)
+        if note:
+            logger.warning("%s", note)
+            notes.append(note)
         arr = _cast(arr, info, name)
         _check_finite(arr, info.name, name)
         out[info.name] = arr
@@ -241,15 +269,97 @@ def _validate(arrays: dict, labels: Any, inputs: list[InputInfo], name: str, whe
           + ", ".join(f"{k}={v}" for k, v in counts.items()))
     n = next(iter(counts.values()))
     if labels is not None:
-        labels = _as_array(labels, name, LABEL_KEY)
-        check(labels.dtype.kind in "biuf", DataError,
-              f"{name} labels have dtype {labels.dtype}; expected numeric labels")
-        labels = np.atleast_1d(labels)
+        labels = _class_indices(_as_array(labels, name, LABEL_KEY), name, where)
         check(len(labels) == n, DataError,
               f"{name} data {where} has {len(labels)} labels but {n} samples; "
               f"give exactly one label per sample")
     logger.info("%s data %s: %d samples", name, where, n)
-    return Samples(out, labels)
+    return Samples(out, labels, notes)
+
+
+def check_labels(labels: Any, classes: int, name: str = "evaluation") -> np.ndarray:
+    """Refuse labels outside ``[0, classes)``, once the model's output width is known.
+
+    :func:`load_samples` already turned the labels into non-negative integer
+    class indices; only the model knows how many classes there are, so the
+    evaluation path calls this with its output width. A label of 10 on a
+    10-way classifier would otherwise just count as wrong and make the
+    reported accuracy meaningless.
+
+    Returns
+    -------
+    np.ndarray
+        The labels as int64 class indices.
+    """
+    labels = _class_indices(_as_array(labels, name, LABEL_KEY), name, "")
+    classes = int(classes)
+    bad = labels >= classes
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{name} label {i} is {int(labels[i])}, but the model has {classes} output classes "
+                        f"(0..{classes - 1}); fix the labels or check that this is the right model")
+    return labels
+
+
+def _class_indices(labels: np.ndarray, name: str, where: str) -> np.ndarray:
+    """Labels as int64 class indices: whole-number floats are cast, one-hot rows become their index.
+
+    Anything else (NaN, fractions, negatives, rows that are not one-hot) is
+    refused in one line naming the first bad label, since top-1 against such
+    labels is a number without meaning.
+    """
+    src = f"{name} data {where}" if where else f"{name} data"
+    check(labels.dtype.kind in "biuf", DataError,
+          f"{src}: labels have dtype {labels.dtype}; expected integer class indices")
+    labels = np.atleast_1d(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:   # a column of indices, e.g. y.reshape(-1, 1)
+        labels = labels[:, 0]
+    elif labels.ndim == 2:
+        labels = _from_one_hot(labels, src)
+    check(labels.ndim == 1, DataError,
+          f"{src}: labels have shape {labels.shape}; expected one class index per sample (N,) "
+          f"or one-hot rows (N, classes)")
+    if labels.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        _refuse_first(bad, labels, src, "labels must be whole-number class indices")
+    if labels.dtype.kind in "if":
+        _refuse_first(labels < 0, labels, src, "class indices start at 0")
+    return labels.astype(np.int64)
+
+
+def _from_one_hot(labels: np.ndarray, src: str) -> np.ndarray:
+    """Class index of each one-hot row; refuse the first row that is not exactly one 1 among 0s."""
+    with np.errstate(invalid="ignore"):
+        ok = ((labels == 0) | (labels == 1)).all(axis=1) & (labels.sum(axis=1) == 1)
+    if not ok.all():
+        i = int(np.argmin(ok))
+        row = np.array2string(labels[i], threshold=8, max_line_width=10**6)
+        raise DataError(f"{src}: labels are 2-D {labels.shape} but row {i} is not one-hot ({' '.join(row.split())}); "
+                        f"give one class index per sample, or rows with a single 1")
+    return labels.argmax(axis=1)
+
+
+def _refuse_first(bad: np.ndarray, labels: np.ndarray, src: str, rule: str) -> None:
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{src}: label {i} is {labels[i].item()!r}; {rule}")
+
+
+def _range_note(arr: np.ndarray, info: InputInfo, name: str) -> str | None:
+    """A warning when integer data above 1 feeds a float input: raw 0..255 pixels, most likely.
+
+    Calibrating a model trained on normalised input with raw pixels gives
+    ranges 100x too wide and an INT8 build near chance, silently. Some models
+    do take 0..255, so this only warns.
+    """
+    if np.dtype(info.dtype).kind != "f" or arr.dtype.kind not in "iu" or arr.size == 0:
+        return None
+    top = arr.max()
+    if top <= 1:
+        return None
+    return (f"{name} input '{info.name}' is {arr.dtype} data up to {top} for a {info.dtype} model: it looks "
+            f"unnormalised (raw pixels?); if the model was trained on scaled input, scale the data the same way")
 
 
 def _check_shape(arr: np.ndarray, info: InputInfo, name: str) -> None:

@@ -8,6 +8,7 @@ line taken from the YAML node marks so a user can jump straight to the bad key.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -137,14 +138,6 @@ class HardwareSpec(_Frozen):
     requantize: Literal["fixed_point", "float", "power_of_two"]
     rounding: Literal["half_away_from_zero", "half_to_even"] = "half_away_from_zero"
 
-    @field_validator("name")
-    @classmethod
-    def _name_is_stem(cls, v: str, info: ValidationInfo) -> str:
-        stem = (info.context or {}).get("stem")
-        if stem is not None and v != stem:
-            raise ValueError(f"{v!r} must match the file name {stem!r}")
-        return v
-
     @field_validator("target", "host")
     @classmethod
     def _target_kind(cls, v: dict | None, info: ValidationInfo) -> dict | None:
@@ -156,6 +149,10 @@ class HardwareSpec(_Frozen):
         if v is not None and v.get("kind") not in kinds:
             got = f"got {v['kind']!r}" if "kind" in v else "missing"
             raise _Problem(f"must be one of {', '.join(kinds)}, {got}", "kind")
+        for key, value in (v or {}).items():
+            problem = _target_value_problem(key, value)
+            if problem:
+                raise _Problem(problem, key)
         return v
 
     @field_validator("rpc")
@@ -258,9 +255,85 @@ class HardwareSpec(_Frozen):
         """Parse YAML text; ``stem``, if given, must equal the spec's ``name``."""
         data, lines = _parse(text, source)
         try:
-            return cls.model_validate(data, context={"stem": stem})
+            spec = cls.model_validate(data)
         except ValidationError as exc:
             raise SpecError(_format_error(exc, data, lines, source)) from None
+        # checked only once the structure is sound, so a real fault is never hidden behind it
+        if stem is not None and spec.name != stem:
+            where = f"{source}:{lines[('name',)]}" if ("name",) in lines else source
+            raise SpecError(f"{where}: name: {spec.name!r} must match the file name {stem!r}")
+        return spec
+
+
+def _target_value_problem(key: str, value: Any) -> str | None:
+    """Type rules for the target keys TVM reads, so ``num-cores: two`` fails at its line, not in compile."""
+    if key == "num-cores" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return f"must be a positive integer, got {value!r}"
+    if key in ("kind", "mcpu", "mtriple", "arch", "mabi", "mfloat-abi") and not isinstance(value, str):
+        return f"must be a string, got {value!r}"
+    if key == "mattr" and not (isinstance(value, list) and all(isinstance(a, str) for a in value)):
+        return f"must be a list of strings like ['+neon'], got {value!r}"
+    return None
+
+
+# -- what only TVM and LLVM know --------------------------------------------------
+#: LLVM triple spellings whose arch is not a prefix of LLVM's architecture names
+_ARCH_ALIASES = {"i486": "i386", "i586": "i386", "i686": "i386", "amd64": "x86_64", "arm64": "aarch64"}
+
+
+def check_target(spec: HardwareSpec, source: str | None = None) -> None:
+    """Check the spec's target (and host) against TVM and LLVM; raise a one-line SpecError.
+
+    The YAML rules cannot know which CPU names LLVM has: ``mcpu: notacpu``
+    passes them, and a build then prints dozens of LLVM error lines and falls
+    back to a generic CPU. So the CPU is looked up in LLVM's list for the
+    target's triple (the list is read for a target without ``mcpu``, which
+    LLVM accepts silently). An unknown triple is refused before LLVM sees it:
+    asking LLVM about one crashes the process. Imports TVM, so it is kept
+    out of :meth:`HardwareSpec.load`.
+    """
+    import tvm
+
+    where = source or spec.name
+    for field_name, target in (("target", spec.target), ("host", spec.host)):
+        if target is None:
+            continue
+        if target.get("kind") == "llvm":
+            _check_llvm(target, f"{where}: {field_name}")
+        try:  # after the LLVM checks: TVM logs LLVM's complaints about an unknown CPU on stderr
+            tvm.target.Target(dict(target))
+        except Exception as exc:  # TVM's ValueError/TVMError for a bad key or value
+            raise SpecError(f"{where}: {field_name}: TVM rejects it: {_first_line(exc)}") from None
+
+
+def _check_llvm(target: dict, where: str) -> None:
+    """The triple's architecture and the CPU must be known to the LLVM inside TVM."""
+    import tvm
+    from tvm.target import codegen
+
+    triple = target.get("mtriple")
+    probe = {"kind": "llvm"}
+    if triple:
+        arch = triple.split("-")[0]
+        arch = _ARCH_ALIASES.get(arch, arch)
+        known = [str(t) for t in codegen.llvm_get_targets()]
+        if not any(arch.startswith(k) for k in known):
+            raise SpecError(f"{where}.mtriple: LLVM has no target for {triple!r} "
+                            f"(architectures: {', '.join(known)})")
+        probe["mtriple"] = triple
+    cpu = target.get("mcpu")
+    if cpu:
+        cpus = sorted(str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target(probe)))
+        if cpu not in cpus:
+            near = difflib.get_close_matches(cpu, cpus, n=3)
+            hint = f"did you mean {', '.join(near)}?" if near else f"valid: {', '.join(cpus[:12])}, ..."
+            raise SpecError(f"{where}.mcpu: LLVM does not know CPU {cpu!r} for "
+                            f"{triple or 'this machine'}; {hint}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 # -- YAML with line numbers ---------------------------------------------------
@@ -388,6 +461,7 @@ def list_devices() -> list[HardwareSpec]:
 def check_spec_file(path: str | os.PathLike) -> str:
     """Validate one spec file; return a one-line OK summary or raise SpecError."""
     spec = HardwareSpec.load(Path(path))
+    check_target(spec, str(path))
     return (f"{path}: OK ({spec.name}: {spec.target_summary()}, {spec.execution}, "
             f"{len(spec.integer_ops())} integer ops)")
 

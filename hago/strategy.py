@@ -10,13 +10,18 @@ hash of the FP32 graph so a strategy is never applied to a different model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import QuantizeError
-from .qparams import QParams
+from .qparams import _INT_RANGES, QParams
 
 SCHEMA_VERSION = 1
+
+#: bit widths a strategy may hold: a spec allows 4 or 8, and ``range_bits`` narrows
+#: weights to as few as 2 (0 on an edge means it stays float)
+MIN_BITS, MAX_BITS = 2, 8
 
 
 @dataclass
@@ -105,8 +110,16 @@ class Strategy:
 
     @classmethod
     def from_json(cls, d: dict) -> "Strategy":
+        """Build a strategy from its JSON data, refusing any field realize could not use.
+
+        A hand-edited or corrupted file would otherwise fail deep in realize
+        with an unrelated message (bits 99 surfaced as a bad requantize scale).
+        """
+        if not isinstance(d, dict):
+            raise QuantizeError(f"strategy must be a JSON object, got {type(d).__name__}; re-run hago compile")
         if d.get("schema") != SCHEMA_VERSION:
             raise QuantizeError(f"strategy schema {d.get('schema')!r} is not {SCHEMA_VERSION}; re-run hago compile")
+        _validate(d)
         return cls(
             graph_hash=d["graph_hash"],
             device=d["device"],
@@ -122,7 +135,135 @@ class Strategy:
         if not p.is_file():
             raise QuantizeError(f"strategy file {p} does not exist")
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise QuantizeError(f"strategy file {p} is not valid JSON (line {e.lineno}): {e.msg}") from None
-        return cls.from_json(d)
+        except (OSError, UnicodeError) as e:
+            raise QuantizeError(f"strategy file {p} cannot be read ({type(e).__name__}: {e})") from None
+        try:
+            return cls.from_json(d)
+        except QuantizeError as e:
+            raise QuantizeError(f"strategy file {p}: {e}") from None
+
+
+# -- validation of the JSON form -----------------------------------------------
+def _fail(where: str, problem: str) -> None:
+    raise QuantizeError(f"{where}: {problem}; re-run hago compile (or hago search) to write a fresh strategy")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _numbers(v) -> list:
+    """A scalar or a flat list of numbers as a list; anything else as None."""
+    vals = v if isinstance(v, list) else [v]
+    return vals if vals and all(_is_num(x) for x in vals) else None
+
+
+def _keys(where: str, d, cls, required: tuple[str, ...]) -> None:
+    if not isinstance(d, dict):
+        _fail(where, f"must be an object, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        _fail(f"{where}.{unknown[0]}", f"unknown field (valid: {', '.join(sorted(known))})")
+    missing = [k for k in required if k not in d]
+    if missing:
+        _fail(f"{where}.{missing[0]}", "required field missing")
+
+
+def _validate(d: dict) -> None:
+    """Check every field of a strategy's JSON data; the first problem raises one line naming it."""
+    for key in ("graph_hash", "device"):
+        if not isinstance(d.get(key), str):
+            _fail(key, f"must be a string, got {d.get(key)!r}")
+    if not isinstance(d.get("calibrator", ""), str):
+        _fail("calibrator", "must be a string")
+    corr = d.get("corrections", [])
+    if not (isinstance(corr, list) and all(isinstance(c, str) for c in corr)):
+        _fail("corrections", f"must be a list of names, got {corr!r}")
+    for key in ("ops", "edges"):
+        if not isinstance(d.get(key), dict):
+            _fail(key, f"must be an object keyed by node name, got {type(d.get(key)).__name__}")
+    for name, op in d["ops"].items():
+        _validate_op(f"ops[{name!r}]", op)
+    for name, edge in d["edges"].items():
+        _validate_edge(f"edges[{name!r}]", edge, d["edges"])
+
+
+def _validate_op(where: str, op) -> None:
+    _keys(where, op, OpChoice, ("kind", "mode"))
+    if not isinstance(op["kind"], str):
+        _fail(f"{where}.kind", f"must be a string, got {op['kind']!r}")
+    if op["mode"] not in ("integer", "float"):
+        _fail(f"{where}.mode", f"must be 'integer' or 'float', got {op['mode']!r}")
+    wb = op.get("weight_bits")
+    if wb is not None and not (_is_int(wb) and MIN_BITS <= wb <= MAX_BITS):
+        _fail(f"{where}.weight_bits", f"must be a bit width {MIN_BITS}..{MAX_BITS} or null, got {wb!r}")
+    desc = op.get("descriptor")
+    if desc is not None:
+        from .hwspec import OpDescriptor  # pure pydantic: the spec's own rules for a descriptor
+
+        try:
+            OpDescriptor.model_validate(desc)
+        except Exception as e:  # pydantic's ValidationError or our _Problem, always one line here
+            errs = getattr(e, "errors", None)
+            first = errs()[0] if callable(errs) else {"loc": (), "msg": str(e)}
+            loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"])
+            _fail(f"{where}.descriptor{loc}", first["msg"])
+    bd = op.get("bias_delta")
+    if bd is not None and (not isinstance(bd, list) or _numbers(bd) is None and bd):
+        _fail(f"{where}.bias_delta", "must be a list of finite numbers or null")
+    if not isinstance(op.get("reason", ""), str) or not isinstance(op.get("weight_round") or "", str):
+        _fail(where, "reason and weight_round must be strings")
+
+
+def _validate_edge(where: str, e, edges: dict) -> None:
+    _keys(where, e, EdgeChoice, ())
+    bits = e.get("bits", 0)
+    if not (_is_int(bits) and (bits == 0 or MIN_BITS <= bits <= MAX_BITS)):
+        _fail(f"{where}.bits", f"must be 0 (float) or a bit width {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    dtype = e.get("dtype")
+    if dtype is not None and dtype not in _INT_RANGES:
+        _fail(f"{where}.dtype", f"unknown dtype {dtype!r} (valid: {', '.join(_INT_RANGES)})")
+    if bits and dtype is None and e.get("alias_of") is None:
+        _fail(f"{where}.dtype", f"a {bits}-bit edge needs an integer dtype")
+    for key in ("symmetric", "dynamic"):
+        if not isinstance(e.get(key, False), bool):
+            _fail(f"{where}.{key}", f"must be true or false, got {e.get(key)!r}")
+    for key in ("observe_at", "alias_of"):
+        if e.get(key) is not None and not isinstance(e.get(key), str):
+            _fail(f"{where}.{key}", f"must be a node name or null, got {e.get(key)!r}")
+    if e.get("alias_of") is not None and e["alias_of"] not in edges:
+        _fail(f"{where}.alias_of", f"names edge {e['alias_of']!r}, which the strategy does not have")
+    rng = e.get("range")
+    if rng is not None and not (isinstance(rng, list) and len(rng) == 2 and _numbers(rng) and rng[0] <= rng[1]):
+        _fail(f"{where}.range", f"must be [low, high] with finite low <= high, got {rng!r}")
+    if e.get("qparams") is not None:
+        _validate_qparams(f"{where}.qparams", e["qparams"])
+
+
+def _validate_qparams(where: str, q) -> None:
+    _keys(where, q, QParams, ("scale", "zero_point", "dtype", "qmin", "qmax"))
+    if q["dtype"] not in _INT_RANGES:
+        _fail(f"{where}.dtype", f"unknown dtype {q['dtype']!r} (valid: {', '.join(_INT_RANGES)})")
+    lo, hi = _INT_RANGES[q["dtype"]]
+    qmin, qmax = q["qmin"], q["qmax"]
+    if not (_is_int(qmin) and _is_int(qmax) and lo <= qmin < qmax <= hi):
+        _fail(f"{where}.qmin", f"qmin/qmax {qmin!r}/{qmax!r} must be integers with {lo} <= qmin < qmax <= {hi}")
+    scale = _numbers(q["scale"])
+    if scale is None or min(scale) <= 0:
+        _fail(f"{where}.scale", f"must be finite and positive, got {q['scale']!r}")
+    zp = _numbers(q["zero_point"])
+    if zp is None or not all(float(z).is_integer() and qmin <= z <= qmax for z in zp):
+        _fail(f"{where}.zero_point", f"must be integers in [{qmin}, {qmax}], got {q['zero_point']!r}")
+    if isinstance(q["scale"], list) and isinstance(q["zero_point"], list) and len(scale) != len(zp):
+        _fail(f"{where}.zero_point", f"has {len(zp)} values for {len(scale)} scales")
+    axis = q.get("axis")
+    if axis is not None and not (_is_int(axis) and axis >= 0):
+        _fail(f"{where}.axis", f"must be a non-negative integer or null, got {axis!r}")
