@@ -8,9 +8,10 @@ tracker for a session, uploads the exported ``model.so``, loads it into a remote
 so no network time is counted.
 
 TVM's client retries a refused tracker for 60 s and waits forever for a busy
-key. Here the tracker is probed first with a short connect timeout, the key
-must be registered, and the tracker socket gets the caller's timeout, so a
-dead or absent board is a one-line error within seconds. :func:`measure_rpc`
+key. Here the tracker is probed first (:func:`check_tracker`, a short timeout
+on every socket operation), the key must be registered, and the tracker
+socket gets the caller's timeout, so a dead or absent board is a one-line
+error within seconds. :func:`measure_rpc`
 returns that error in its :class:`~hago.measure.Measurement` (data for the
 search); :func:`run_rpc` raises :class:`~hago.errors.MeasureError`.
 """
@@ -53,6 +54,44 @@ def _resolve(spec, tracker: str | None, key: str | None) -> tuple[str, int, str]
     return (*parse_tracker(tracker), key)
 
 
+def check_tracker(tracker: str, key: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> dict:
+    """The tracker's queue summary (``{key: {"free": n, "pending": m}}``); a one-line :class:`MeasureError`
+    if it is unreachable, is not an RPC tracker, or (with ``key``) has no server registered as ``key``.
+
+    Speaks the tracker protocol itself (magic, then ``SUMMARY``) on a socket
+    with ``timeout`` on every operation: TVM's ``connect_tracker`` retries a
+    refused port for 60 s and would wait forever on a port that never answers.
+    """
+    import struct
+
+    from tvm.rpc import base
+
+    host, port = parse_tracker(tracker)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        reason = e.strerror or (f"no answer in {timeout:g}s" if isinstance(e, TimeoutError) else type(e).__name__)
+        raise MeasureError(f"RPC tracker {host}:{port} unreachable ({reason}): "
+                           "is `python -m tvm.exec.rpc_tracker` running there?") from None
+    try:
+        with sock:
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+                raise ValueError("wrong magic")
+            base.sendjson(sock, [base.TrackerCode.SUMMARY])
+            value = base.recvjson(sock)
+        servers = value[1].get("queue_info", {}) if value[0] == base.TrackerCode.SUCCESS else None
+        if not isinstance(servers, dict):
+            raise ValueError(f"unexpected summary {str(value)[:80]}")
+    except (OSError, ValueError, RuntimeError, struct.error, TypeError, IndexError, AttributeError) as e:
+        raise MeasureError(f"{host}:{port} does not answer as an RPC tracker ({_last_line(e)}): "
+                           "is `python -m tvm.exec.rpc_tracker` running there?") from None
+    if key is not None and key not in servers:
+        known = ", ".join(sorted(servers)) or "none"
+        raise MeasureError(f"no RPC server registered as {key!r} on tracker {host}:{port} (keys: {known})")
+    return servers
+
+
 @contextlib.contextmanager
 def session(tracker: str, key: str, timeout: float = 60.0):
     """A remote session on a free server registered as ``key``; closed on exit.
@@ -63,22 +102,12 @@ def session(tracker: str, key: str, timeout: float = 60.0):
     from tvm import rpc
 
     host, port = parse_tracker(tracker)
+    check_tracker(tracker, key, timeout=min(CONNECT_TIMEOUT_S, timeout))
     tc = None
-    try:
-        socket.create_connection((host, port), timeout=min(CONNECT_TIMEOUT_S, timeout)).close()
-    except OSError as e:
-        raise MeasureError(f"RPC tracker {host}:{port} unreachable ({e.strerror or type(e).__name__}): "
-                           "is `python -m tvm.exec.rpc_tracker` running there?") from None
     try:
         tc = rpc.connect_tracker(host, port)
         tc._sock.settimeout(timeout)  # TVM leaves it blocking: a busy key would wait forever
-        servers = tc.summary().get("queue_info", {})
-        if key not in servers:
-            known = ", ".join(sorted(servers)) or "none"
-            raise MeasureError(f"no RPC server registered as {key!r} on tracker {host}:{port} (keys: {known})")
         remote = tc.request(key, priority=1, session_timeout=max(1, int(timeout)), max_retry=1)
-    except MeasureError:
-        raise
     except Exception as e:
         raise MeasureError(f"RPC session for {key!r} via {host}:{port} failed: {_last_line(e)}") from None
     finally:

@@ -17,15 +17,22 @@ is returned with a message saying so.
 When the device is this machine, a candidate is built once, at the device's
 batch: that build scores its accuracy (one sample per call), lists its kernel
 calls for :meth:`SearchEngine.estimate` and is the library measured. The FP32
-reference outputs and the calibration statistics are cached under the cache
-directory, keyed by graph and data, so a resumed search starts without
-re-running FP32.
+reference outputs, the calibration statistics and the corrections are cached
+under the cache directory, keyed by graph and data, so a resumed search starts
+without re-running FP32. They are data files (``.npy``, ``.npz`` and JSON, see
+:mod:`.refcache`), never pickles: the directory may be shared.
+
+A device that measures nothing is an error, not a result: when no latency
+was ever measured and ``GIVE_UP_AFTER`` measurements failed (or the search
+ends that way), :class:`~hago.errors.MeasureError` says so with the first
+error, instead of "no candidate met the target".
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections import OrderedDict
 import tempfile
@@ -39,9 +46,11 @@ from .. import build as build_mod
 from ..annotate import annotate
 from ..arm.schedule import apply_arm_schedules
 from ..calibrate import get_calibrator
-from ..data import load_samples
+from ..data import check_labels, load_samples
+from ..errors import MeasureError
 from ..evaluate import predict
-from ..frontend import input_infos, load_model
+from ..batching import bind_calibration_dims, whole_batches
+from ..frontend import fixed_batch, input_infos, load_model
 from ..graph import analyze, graph_hash
 from ..hwspec import HardwareSpec
 from ..measure import device_threads
@@ -49,8 +58,9 @@ from ..observe import apply_ranges, observe
 from ..prepare import prepare
 from ..correct import CORRECTIONS, CorrectionContext, check_corrections, corrected_graph, run_corrections
 from ..realize import realize
+from . import refcache
 from .kernelcache import KernelCache, profile_calls
-from .log import SearchLog
+from .log import SearchLog, check_resumable
 from .measure import LocalMeasurer, Measurer
 from .space import Point, SearchSpace
 from .target import AccuracyTarget, SearchError, make_metric
@@ -63,6 +73,60 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def _encode_corrections(corrected: dict[str, tuple]) -> dict:
+    """``{layer: ((weight_bits, input_bits, input_dynamic), bias_delta, weight_round)}`` as JSON data."""
+    return {"layers": {name: {"weight_bits": wb, "input_bits": ib, "input_dynamic": dyn,
+                              "bias_delta": None if delta is None else [float(v) for v in delta],
+                              "weight_round": rounding}
+                       for name, ((wb, ib, dyn), delta, rounding) in corrected.items()}}
+
+
+def _decode_corrections(data) -> dict[str, tuple]:
+    """The inverse of :func:`_encode_corrections`; ValueError for anything that is not exactly that."""
+    def opt(v, *types):  # None or one of types (a bool is not an int here)
+        return v is None or (isinstance(v, types) and not isinstance(v, bool))
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, dict):
+        raise ValueError("no layers")
+    out = {}
+    for name, rec in layers.items():
+        ok = (isinstance(rec, dict) and opt(rec.get("weight_bits"), int) and opt(rec.get("input_bits"), int)
+              and isinstance(rec.get("input_dynamic"), bool) and opt(rec.get("weight_round"), str)
+              and (rec.get("bias_delta") is None
+                   or (isinstance(rec["bias_delta"], list) and all(number(v) for v in rec["bias_delta"]))))
+        if not ok or (rec.get("bias_delta") is None and rec.get("weight_round") is None):
+            raise ValueError(f"malformed record for layer {name!r}")
+        delta = None if rec.get("bias_delta") is None else [float(v) for v in rec["bias_delta"]]
+        out[name] = ((rec.get("weight_bits"), rec.get("input_bits"), rec["input_dynamic"]), delta,
+                     rec.get("weight_round"))
+    return out
+
+
+def _check_budget(max_trials, time_budget) -> tuple[int | None, float | None]:
+    """``max_trials`` (at least 1) and ``time_budget`` (seconds, above 0), each None for no limit."""
+    if max_trials is not None:
+        if isinstance(max_trials, bool) or not isinstance(max_trials, (int, np.integer)) or max_trials < 1:
+            raise SearchError(f"max trials {max_trials!r} is not usable: give a whole number of measurements, "
+                              "at least 1")
+        max_trials = int(max_trials)
+    if time_budget is not None:
+        try:
+            t = float(time_budget)
+        except (TypeError, ValueError):
+            t = math.nan
+        if isinstance(time_budget, bool) or not t > 0:  # NaN fails too; inf means no limit
+            raise SearchError(f"time budget {time_budget!r} is not usable: give seconds above 0")
+        time_budget = t
+    return max_trials, time_budget
+
+
+GIVE_UP_AFTER = 3  # failed measurements, none ever successful, after which the device is deemed unmeasurable
 
 
 class BudgetExhausted(Exception):
@@ -99,18 +163,28 @@ class SearchEngine:
                  metric=None, measurer: Measurer | None = None, calibrator: str = "mse", example_inputs=None,
                  max_trials: int | None = None, time_budget: float | None = None, allow_float: bool = True,
                  weight_bits: list[int] | None = None, tie_tolerance: float = 0.03, eval_batch: int = 250,
-                 cache_dir: str | Path | None = None, corrections=("bias",)):
+                 cache_dir: str | Path | None = None, corrections=("bias",), resume: bool = False):
         self.t0 = time.perf_counter()
+        # options first: a bad one is a one-line error before minutes of set-up
+        self.target = accuracy_drop if isinstance(accuracy_drop, AccuracyTarget) else AccuracyTarget.parse(accuracy_drop)
+        self.max_trials, self.time_budget = _check_budget(max_trials, time_budget)
+        if resume:
+            check_resumable(log_path)
         self.spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
         if build_mod.is_local(self.spec):  # accuracy runs here too: the device's cores, not TVM's half
             device_threads(self.spec.cores)
         self.fp32 = prepare(load_model(model, example_inputs=example_inputs))
+        # symbolic sizes other than the batch come from the calibration data; a static batch the graph
+        # depends on (hago.onnx_prep could not relax it) fixes every batch below
+        calib = load_samples(calib, input_infos(self.fp32), name="calibration")
+        self.fp32, _ = bind_calibration_dims(self.fp32, calib)
+        self.fixed_batch = fixed_batch(input_infos(self.fp32))
+        calib = whole_batches(calib, self.fixed_batch, "calibration").arrays
         self.graph = analyze(self.fp32)
         self.ghash = graph_hash(self.fp32)
         self.infos = input_infos(self.fp32)
         self.space = self._space(allow_float, weight_bits)
-        self.target = accuracy_drop if isinstance(accuracy_drop, AccuracyTarget) else AccuracyTarget.parse(accuracy_drop)
-        self.max_trials, self.time_budget, self.tie_tolerance = max_trials, time_budget, tie_tolerance
+        self.tie_tolerance = tie_tolerance
         if measurer is None and not build_mod.is_local(self.spec):
             raise SearchError(f"{self.spec.name} is not this machine: pass --rpc TRACKER --key KEY to measure on it")
         self.measurer = measurer or LocalMeasurer(threads=self.spec.cores)
@@ -121,21 +195,25 @@ class SearchEngine:
         # eval_batch for accuracy on the host; same node names, so one strategy serves all three graphs.
         # On this machine the device build also scores accuracy (batch 1): one build per candidate.
         self.shared_build = build_mod.is_local(self.spec)
-        self.eval_batch = 1 if self.shared_build else eval_batch
-        self.device_graph = analyze(build_mod.static_batch(self.fp32, 1))
-        self.eval_graph = self.device_graph if self.shared_build else analyze(build_mod.static_batch(self.fp32, eval_batch))
+        self.device_batch = self.fixed_batch or 1
+        self.eval_batch = self.fixed_batch or (1 if self.shared_build else eval_batch)
+        self.device_graph = analyze(build_mod.static_batch(self.fp32, self.device_batch))
+        self.eval_graph = (self.device_graph if self.shared_build or self.fixed_batch
+                           else analyze(build_mod.static_batch(self.fp32, eval_batch)))
         cache_dir = Path(cache_dir or os.environ.get("HAGO_CACHE_DIR", Path.home() / ".cache" / "hago"))
         self._executables: OrderedDict = OrderedDict()
         self._calibrate(calib, calibrator, cache_dir)
         self._correct(corrections, cache_dir)
         self.eval_samples = load_samples(eval_data, self.infos, name="evaluation")
         fp32_out = self._fp32_outputs(cache_dir)
+        if self.eval_samples.labels is not None:
+            self.eval_samples.labels = check_labels(self.eval_samples.labels, fp32_out.shape[-1], "evaluation")
         self.score, self.metric_name = make_metric(self.eval_samples.labels, fp32_out, metric)
         self.fp32_score = self.score(fp32_out)
         self.threshold = self.target.threshold(self.fp32_score)
         header = {"graph_hash": self.ghash, "device": self.spec.name, "space": [self.space.key(self.space.widest())],
                   "target": str(self.target), "metric": self.metric_name}
-        self.log = SearchLog(log_path, header)
+        self.log = SearchLog(log_path, header, resume=resume)
         self.kernels = KernelCache(cache_dir / "kernels" / f"{self.spec.name}.json", self.spec.name)
         self._signatures: dict[Point, list[str]] = {}
         self.trials = 0
@@ -164,28 +242,36 @@ class SearchEngine:
         return h.hexdigest()[:20]
 
     def _calibrate(self, calib, calibrator: str, cache_dir: Path) -> None:
+        """Every edge's statistics, observed once and cached as data (:mod:`.refcache`, never a pickle)."""
         samples = self.calib_samples = load_samples(calib, self.infos, name="calibration")
         self.calibrator = get_calibrator(calibrator)
-        path = cache_dir / "reference" / f"calib-{self._digest('calib', samples, calibrator)}.pkl"
-        if path.exists():
-            import pickle
-
+        digest = self._digest("calib", samples, calibrator)
+        path = cache_dir / "reference" / f"calib-{digest}.npz"  # the .pkl files of older versions are never read
+        key = {"digest": digest, "graph_hash": self.ghash, "calibrator": calibrator}
+        state = refcache.load_npz(path, "calibration", key)
+        if state is not None:
             try:
-                self.calibrator.load_state_dict(pickle.loads(path.read_bytes()))
+                if not isinstance(state, dict) or not isinstance(state.get("edges"), dict) or not state["edges"]:
+                    raise ValueError("no edge statistics")
+                self.calibrator.load_state_dict(state)
                 return
-            except Exception as e:  # a stale or foreign file: observe again
-                log.warning("ignoring cached calibration %s: %s", path, e)
+            except Exception as e:  # well-formed data that does not fit this calibrator: observe again
+                log.warning("ignoring cached calibration %s (%s): recomputing it", path, e)
                 self.calibrator = get_calibrator(calibrator)
-        observe(self.fp32, self.graph, samples, self.calibrator, self.host)
-        _write_atomic(path, __import__("pickle").dumps(self.calibrator.state_dict()))
+        observe(self.fp32, self.graph, samples, self.calibrator, self.host, self.fixed_batch or 64)
+        refcache.save_npz(path, "calibration", key, self.calibrator.state_dict())
 
     def _fp32_outputs(self, cache_dir: Path) -> np.ndarray:
         path = cache_dir / "reference" / f"fp32-{self._digest('fp32', self.eval_samples, str(self.host))}.npy"
         if path.exists():
             try:
-                return np.load(path)
-            except (OSError, ValueError):
-                pass
+                out = np.load(path, allow_pickle=False)
+                if isinstance(out, np.ndarray) and out.dtype.kind in "biuf" and len(out) == len(self.eval_samples):
+                    return out
+                log.warning("ignoring cached FP32 outputs %s (shape %s): recomputing them", path,
+                            getattr(out, "shape", None))
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("ignoring cached FP32 outputs %s (%s): recomputing them", path, e)
         mod = build_mod.static_batch(self.fp32, self.eval_batch)
         if self.shared_build:
             ex = build_mod.build(mod, self.device_target, "host")
@@ -220,22 +306,23 @@ class SearchEngine:
                               "on every other layer's choice (use bias, adaround or adaround_conv)")
         names = "+".join(self.corrections)
         digest = self._digest(names, self.calib_samples, self.calibrator.name)
-        path = cache_dir / "reference" / f"corrections-{names}-{digest}.pkl"
-        import pickle
-
-        if path.exists():
+        path = cache_dir / "reference" / f"corrections-{names}-{digest}.json"  # never the old .pkl
+        key = {"digest": digest, "graph_hash": self.ghash, "corrections": list(self.corrections),
+               "calibrator": self.calibrator.name}
+        data = refcache.load_json(path, "corrections", key)
+        if data is not None:
             try:
-                self._corrected = pickle.loads(path.read_bytes())
+                self._corrected = _decode_corrections(data)
                 return
-            except Exception as e:  # a stale or foreign file: measure again
-                log.warning("ignoring cached corrections %s: %s", path, e)
+            except ValueError as e:  # a well-formed file with the wrong content: run the corrections again
+                log.warning("ignoring cached corrections %s (%s): recomputing them", path, e)
         strat = self._strategy(self.space.widest())
         run_corrections(self.corrections, CorrectionContext(self.fp32, self.graph, strat, self.calib_samples,
-                                                            self.host, 64))
+                                                            self.host, self.fixed_batch or 64))
         self._corrected = {name: (self._layer_key(strat, name), op.bias_delta, op.weight_round)
                            for name, op in strat.ops.items()
                            if op.bias_delta is not None or op.weight_round is not None}
-        _write_atomic(path, pickle.dumps(self._corrected))
+        refcache.save_json(path, "corrections", key, _encode_corrections(self._corrected))
 
     def _layer_key(self, strat, name: str) -> tuple:
         """What a local correction depends on: the layer's weight bits and its input's quantization."""
@@ -279,7 +366,7 @@ class SearchEngine:
             self._executables.popitem(last=False)
 
     def executable(self, point: Point):
-        """The candidate's device build (batch 1), built once and kept for its next use."""
+        """The candidate's device build (batch 1, or the graph's fixed batch), built once and kept for its next use."""
         if point in self._executables:
             self._executables.move_to_end(point)
             return self._executables[point]
@@ -327,7 +414,22 @@ class SearchEngine:
         self.log.add({"key": f"latency|{c.key}", "point": list(point), "latency_ms": c.latency_ms, "error": c.error})
         if c.error:
             log.warning("candidate %s failed: %s", c.label, c.error)
+            failed = self._unmeasurable()
+            if failed is not None and len(failed) >= GIVE_UP_AFTER:
+                raise self._unmeasurable_error(failed)
         return c
+
+    def _unmeasurable(self) -> list[dict] | None:
+        """The failed latency records in log order, when no latency was ever measured; else None."""
+        lat = [r for k, r in self.log.records.items() if k.startswith("latency|")]
+        if lat and all(r.get("latency_ms") is None for r in lat):
+            return lat
+        return None
+
+    def _unmeasurable_error(self, failed: list[dict]) -> MeasureError:
+        first = next((r["error"] for r in failed if r.get("error")), "no error recorded")
+        return MeasureError(f"latency could not be measured on {self.spec.name}: {first} ({len(failed)} "
+                            f"measurement(s) failed, none succeeded; log {self.log.path})")
 
     def signatures(self, point: Point, build: bool = True) -> list[str] | None:
         """The candidate's kernel calls (see :mod:`.kernelcache`), kept in the log; None if that needs a
@@ -371,7 +473,7 @@ class SearchEngine:
         return None if sigs is None else self.kernels.estimate_partial(sigs)
 
     def _input_spec(self):
-        return [([d if d is not None else 1 for d in i.shape], i.dtype) for i in self.infos]
+        return [([d if d is not None else self.device_batch for d in i.shape], i.dtype) for i in self.infos]
 
     def _check_time(self) -> None:
         if self.time_budget is not None and time.perf_counter() - self.t0 > self.time_budget:
@@ -411,6 +513,8 @@ class SearchEngine:
             except BudgetExhausted:
                 pass
             best, met, msg = self.choose()
+        if (failed := self._unmeasurable()) is not None:  # "no candidate met the target" would hide the cause
+            raise self._unmeasurable_error(failed)
         fp32 = next((c for c in self.all_candidates() if c.point == self.space.all_float()), None)
         result = SearchResult(best, met, f"{msg}; {stop}", self.threshold, fp32, self.all_candidates(),
                               self.trials, self.reused, time.perf_counter() - self.t0)

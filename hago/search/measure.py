@@ -11,6 +11,7 @@ crashed, hung past the time-out or the device was unreachable. Implementations:
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,8 +19,23 @@ from pathlib import Path
 from typing import Protocol
 
 from ..measure import THREADS_ENV, Measurement
+from .target import SearchError
 
 InputSpec = list[tuple[list[int], str]]
+
+MIN_TIMEOUT_S = 1.0  # below this not even a tiny model is loaded and timed once
+
+
+def check_timeout(timeout_s) -> float:
+    """``timeout_s`` as a float if it is a usable measurement time-out; a one-line SearchError otherwise."""
+    try:
+        t = float(timeout_s)
+    except (TypeError, ValueError):
+        t = math.nan
+    if isinstance(timeout_s, bool) or not math.isfinite(t) or t < MIN_TIMEOUT_S:
+        raise SearchError(f"measure timeout {timeout_s!r} is not usable: give a number of seconds, "
+                          f"at least {MIN_TIMEOUT_S:g} (default 60)")
+    return t
 
 
 class Measurer(Protocol):
@@ -41,6 +57,7 @@ class LocalMeasurer:
 
     def __init__(self, timeout_s: float = 60.0, repeat: int = 5, min_repeat_ms: float = 100,
                  command: list[str] | None = None, start_timeout_s: float = 120.0, threads: int | None = None):
+        timeout_s = check_timeout(timeout_s)
         self.timeout_s, self.repeat, self.min_repeat_ms = timeout_s, repeat, min_repeat_ms
         self.threads = threads  # the device's cores (TVM's own default is half the logical CPUs on x86)
         self.command = command or [sys.executable, "-m", "hago.search.worker"]
@@ -114,12 +131,26 @@ class LocalMeasurer:
 
 
 class RPCMeasurer:
-    """Times builds on a remote device reached through an RPC tracker (``host:port`` and ``key``)."""
+    """Times builds on a remote device reached through an RPC tracker (``host:port`` and ``key``).
+
+    With ``check`` (the default) the tracker is asked once, on construction,
+    whether it answers and has a server under ``key``
+    (:func:`hago.rpc.check_tracker`, a few seconds at most): an unreachable
+    tracker or an absent board is a one-line :class:`~hago.errors.MeasureError`
+    before any candidate is built, instead of a search whose every
+    measurement fails.
+    """
 
     name = "rpc"
 
     def __init__(self, tracker: str, key: str, timeout_s: float = 60.0, repeat: int = 5, min_repeat_ms: float = 100,
-                 device: str = "cpu"):
+                 device: str = "cpu", check: bool = True):
+        from ..rpc import check_tracker, parse_tracker
+
+        timeout_s = check_timeout(timeout_s)
+        parse_tracker(tracker)
+        if check:
+            check_tracker(tracker, key)
         self.tracker, self.key, self.timeout_s, self.device = tracker, key, timeout_s, device
         self.repeat, self.min_repeat_ms = repeat, min_repeat_ms
 

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .algorithms import ALGORITHMS
 from .engine import SearchEngine, SearchResult
+from .log import check_resumable
 from .pareto import front, plot, table
 from .target import SearchError
 
@@ -34,17 +35,26 @@ def _progress_hook(engine: SearchEngine, progress: Progress, task) -> None:
 
 
 def search(model, device, calib, eval_data, *, out_dir=None, algorithm="evolve", log_path=None,
-           console: Console | None = None, **engine_options) -> SearchResult:
-    """Run a search and write its outputs; see :class:`SearchEngine` for the options."""
+           resume: bool = False, console: Console | None = None, **engine_options) -> SearchResult:
+    """Run a search and write its outputs; see :class:`SearchEngine` for the options.
+
+    With ``resume`` (``--resume LOG``) ``log_path`` must hold a search: a
+    missing or empty log is a one-line error, not a new search. Without it
+    (``--log LOG``) a missing log is started, and an existing one continued.
+    """
     if algorithm not in ALGORITHMS:
         raise SearchError(f"unknown search algorithm {algorithm!r}; valid: {', '.join(sorted(ALGORITHMS))}")
     out = Path(out_dir) if out_dir else None
     if log_path is None:
+        if resume:
+            raise SearchError("resume needs the log of the search to resume (--resume LOG)")
         if out is None:
             raise SearchError("give -o OUT or --log LOG: the search log must live somewhere")
         log_path = out / "search.jsonl"
+    if resume:
+        check_resumable(log_path)  # before the engine's minutes of set-up
     console = console or Console(stderr=True)
-    engine = SearchEngine(model, device, calib, eval_data, log_path=log_path, **engine_options)
+    engine = SearchEngine(model, device, calib, eval_data, log_path=log_path, resume=resume, **engine_options)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} trials"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("searching", total=engine.max_trials)
@@ -61,7 +71,7 @@ def write_search_outputs(engine: SearchEngine, result: SearchResult, model, cali
     from ..compile import compile as hago_compile
 
     out.mkdir(parents=True, exist_ok=True)
-    built = hago_compile(model, engine.spec, strategy=result.strategy, eval_data=eval_data, out_dir=out,
+    built = hago_compile(model, engine.spec, calib, strategy=result.strategy, eval_data=eval_data, out_dir=out,
                          example_inputs=example_inputs, measure=False)
     pareto = front(result.candidates)
     report = built.report

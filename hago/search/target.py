@@ -25,18 +25,25 @@ class SearchError(HagoError, ValueError):
 
 @dataclass(frozen=True)
 class AccuracyTarget:
+    """``drop`` as a fraction (0.01 for ``1%`` or ``1pt``), from 0 up to, not including, 1."""
+
     drop: float
     relative: bool
+
+    def __post_init__(self) -> None:
+        d = self.drop
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            unit = "%" if self.relative else "pt"
+            shown = f"{d * 100:g}{unit}" if isinstance(d, (int, float)) and not isinstance(d, bool) else repr(d)
+            raise SearchError(f"accuracy drop {shown} is out of range: give a drop from 0{unit} up to "
+                              f"(not including) 100{unit}, e.g. '1%' (relative) or '0.5pt' (absolute)")
 
     @classmethod
     def parse(cls, text: str) -> "AccuracyTarget":
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|pt)\s*", str(text))
         if not m:
             raise SearchError(f"accuracy drop {text!r} is not like '1%' (relative) or '0.5pt' (absolute)")
-        value = float(m.group(1))
-        if m.group(2) == "%":
-            return cls(value / 100.0, True)
-        return cls(value / 100.0, False)
+        return cls(float(m.group(1)) / 100.0, m.group(2) == "%")
 
     def threshold(self, fp32_score: float) -> float:
         return fp32_score * (1 - self.drop) if self.relative else fp32_score - self.drop
