@@ -195,14 +195,21 @@ def _from_onnx(path: Path, input_shapes: Shapes | None) -> Imported:
 
 
 def _import_onnx(from_onnx, proto, input_shapes, path: Path) -> tvm.IRModule:
+    from .native_log import drop_native_lines
+
+    printed = io.StringIO()  # the importer print()s "Error converting operator ..." before raising
     try:
-        return from_onnx(proto, shape_dict=input_shapes, keep_params_in_input=False)
+        with drop_native_lines(), contextlib.redirect_stdout(printed):
+            return from_onnx(proto, shape_dict=input_shapes, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as exc:
         ops = str(exc).rsplit(":", 1)[-1].strip()
         raise FrontendError(f"ONNX model '{path}' uses operators TVM's ONNX importer does not support: "
                             f"{ops}; replace them or re-export the model without them") from exc
     except Exception as exc:
         raise FrontendError(f"cannot convert ONNX model '{path}' to Relax: {_first_line(exc)}") from exc
+    finally:
+        if printed.getvalue().strip():
+            logger.debug("TVM's ONNX importer printed:\n%s", printed.getvalue())
 
 
 def _from_torch(model: Any, example_inputs: Any, input_shapes: Shapes | None) -> Imported:
@@ -221,7 +228,10 @@ def _from_torch(model: Any, example_inputs: Any, input_shapes: Shapes | None) ->
         with warnings.catch_warnings():
             # TVM's importer deep-copies torch treespecs, which torch 2.13 flags as deprecated
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            mod = from_exported_program(program, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+            from .native_log import drop_native_lines
+
+            with drop_native_lines():
+                mod = from_exported_program(program, keep_params_as_input=False, unwrap_unit_return_tuple=True)
     except Exception as exc:
         raise FrontendError(f"TVM's torch frontend cannot convert {type(model).__name__}: "
                             f"{_first_line(exc)}") from exc

@@ -65,6 +65,7 @@ class Graph:
     outputs: list[str]
     edge_var: dict[str, relax.Var]
     fused_vars: set = field(default_factory=set)
+    module: tvm.IRModule | None = None
 
     def node(self, name: str) -> Node:
         return self._by_name[name]
@@ -75,6 +76,32 @@ class Graph:
     def producer(self, edge: str) -> Node | None:
         return self._by_name.get(edge)
 
+    def support_module(self) -> tvm.IRModule:
+        """Every function of the analyzed module but ``main``, under the same global vars.
+
+        ``main`` may call helpers the importer added (TVM's ONNX importer
+        emits ``Clip`` and ``Pad`` as ``call_tir`` of PrimFuncs it names
+        ``maximum``, ``pad`` ...). A pass that builds a new ``main`` from this
+        graph must start from this module, or those calls point nowhere.
+        """
+        return module_without_main(self.module)
+
+
+def module_without_main(mod: tvm.IRModule | None) -> tvm.IRModule:
+    """``mod``'s functions other than ``main`` (same ``GlobalVar`` objects), as a new module."""
+    if mod is None:
+        return tvm.IRModule({})
+    funcs = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}
+    attrs = {k: v for k, v in mod.attrs.items()} if mod.attrs else None
+    return tvm.IRModule(funcs, attrs=attrs, global_infos=dict(mod.global_infos.items()))
+
+
+def with_main(mod: tvm.IRModule, main: relax.Function) -> tvm.IRModule:
+    """``mod`` with ``main`` replaced, every other function kept (see :meth:`Graph.support_module`)."""
+    out = module_without_main(mod)
+    out["main"] = main
+    return out
+
 
 def _const_value(expr) -> np.ndarray | None:
     if isinstance(expr, tvm.ir.expr.Constant):
@@ -83,7 +110,12 @@ def _const_value(expr) -> np.ndarray | None:
 
 
 def _op_name(call: relax.Call) -> str:
-    return call.op.name if isinstance(call.op, tvm.ir.Op) else str(call.op)
+    """``relax.nn.conv2d`` ...; a ``call_tir`` is named after its callee (``call_tir einsum``) for reports."""
+    if isinstance(call.op, tvm.ir.Op):
+        if call.op.name == "relax.call_tir" and isinstance(call.args[0], tvm.ir.GlobalVar):
+            return f"call_tir {call.args[0].name_hint}"
+        return call.op.name
+    return str(call.op)
 
 
 def _classify(call: relax.Call) -> tuple[str, np.ndarray | None]:
@@ -204,7 +236,7 @@ def analyze(mod: tvm.IRModule) -> Graph:
     for b in bindings:
         if not isinstance(b.value, relax.Call) and b.var in relax.analysis.free_vars(body.body):
             outputs += [var_edge[v] for v in relax.analysis.free_vars(b.value) if v in var_edge]
-    return Graph(func, nodes, list(func.params), consumers, sorted(set(outputs)), edge_var, fused)
+    return Graph(func, nodes, list(func.params), consumers, sorted(set(outputs)), edge_var, fused, mod)
 
 
 def graph_hash(mod: tvm.IRModule) -> str:

@@ -43,7 +43,36 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     assert isinstance(legalize[0], type(relax.transform.LegalizeOps()))  # replaced by ours, with fast math
     passes = cpu.library_dispatch_passes(target) + [relax.transform.LegalizeOps(fast_math_legalizations())]
     with target:
-        return tvm.transform.Sequential(passes + legalize[1:])(mod)
+        return tvm.transform.Sequential(passes + legalize[1:])(opaque_symbolic_helpers(mod))
+
+
+_OPAQUE = 8  # relax OpPatternKind.kOpaque
+
+
+def opaque_symbolic_helpers(mod: tvm.IRModule) -> tvm.IRModule:
+    """Mark the PrimFuncs ``mod`` already holds whose buffers have symbolic dims opaque to FuseOps.
+
+    Such a function is a helper the importer emitted with ``emit_te`` for the
+    model's symbolic batch (TVM's ONNX importer does so for Einsum, Tile,
+    non-constant Clip/Pad ...). Once ``main`` is bound to a static batch,
+    FuseTIR cannot merge its ``[N, ...]`` buffers with a neighbour's
+    ``[1, ...]`` ones ("Inconsistent buffers ... mapped to the same relax
+    var"); called on its own, the helper binds ``N`` at run time and works.
+    Functions with an ``op_pattern`` already (hago's kernels) are left alone.
+    """
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or "op_pattern" in (func.attrs or {}):
+            continue
+        dims = [d for buf in func.params if hasattr(buf, "shape") for d in buf.shape]  # params are buffers
+        if any(not isinstance(d, tvm.tirx.IntImm) for d in dims):
+            updates[gv] = func.with_attr("op_pattern", _OPAQUE)
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod.update_func(gv, func)
+    return mod
 
 
 def fast_math_legalizations() -> dict:
@@ -171,8 +200,9 @@ def apply_default_schedule(sch) -> bool:
                     _parallel_spatial(sch, blk)
             else:
                 _parallel_vectorize(sch, blk)
-    except (ScheduleError, tvm.error.InternalError) as e:
-        log.debug("default schedule failed, loops stay naive: %s", str(e).strip().splitlines()[-1])
+    except (ScheduleError, tvm.error.InternalError, TypeError) as e:  # TypeError: a symbolic extent
+        why = (str(e).strip() or type(e).__name__).splitlines()[-1]
+        log.debug("default schedule failed, loops stay naive: %s", why)
         return False
     return True
 

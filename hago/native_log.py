@@ -3,7 +3,7 @@
 TVM 0.27 logs ``executable.cc:276: Warning: Scope Saving: ...`` once per
 function when a Relax executable is exported, 18 lines for the MNIST demo.
 It is an internal note (the VM saves the storage scope of each buffer), not
-something a user can act on. Native code writes straight to file descriptor
+something a user can act on; the importers add others (:data:`HARMLESS`). Native code writes straight to file descriptor
 2, so Python's ``sys.stderr`` cannot catch it: :func:`drop_native_lines`
 points fd 2 at a temporary file for the duration of the call and replays
 every line that does not match, so real errors still reach the user.
@@ -17,8 +17,12 @@ import re
 import sys
 import tempfile
 
-#: Native log lines hago hides; each is a known, harmless TVM message.
-HARMLESS = re.compile(r"Warning: Scope Saving:")
+#: Native log lines hago hides; each is a known TVM message a user cannot act on:
+#: the VM's per-function note on export; the importer's warning on every ``take(mode="fast")``, which
+#: ``hago.safe_index`` rewrites to a bounded mode; and the block builder's complaint after an importer
+#: error, which hago reports in its own line.
+HARMLESS = re.compile(r"Warning: Scope Saving:|Fast mode segfaults when there are out-of-bounds indices"
+                      r"|BlockBuilder destroyed with remaining blocks")
 
 
 @contextlib.contextmanager

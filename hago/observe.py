@@ -17,7 +17,7 @@ from tvm import relax
 
 from .calibrate import Calibrator
 from .data import Samples
-from .graph import Graph
+from .graph import Graph, with_main
 from .qparams import activation_qparams
 from .strategy import Strategy
 
@@ -34,7 +34,12 @@ def range_sources(strategy: Strategy) -> dict[str, str]:
 
 
 def probe_module(mod: tvm.IRModule, graph: Graph, edges: list[str]) -> tvm.IRModule:
-    """A copy of ``mod`` whose main returns the tensors of ``edges`` as a tuple."""
+    """A copy of ``mod`` whose main returns the tensors of ``edges`` as a tuple.
+
+    Every other function of ``mod`` is kept: ``main`` may call helpers the
+    importer added (``call_tir`` of the PrimFuncs TVM's ONNX importer emits
+    for ``Clip`` and ``Pad``).
+    """
     func = mod["main"]
     body = func.body
     vars_ = [graph.edge_var[e] for e in edges]
@@ -45,7 +50,7 @@ def probe_module(mod: tvm.IRModule, graph: Graph, edges: list[str]) -> tvm.IRMod
     new_last = relax.DataflowBlock(list(last.bindings) + [relax.VarBinding(probe, tup)])
     new_body = relax.SeqExpr(blocks[:-1] + [new_last], probe)
     new_func = relax.Function(func.params, new_body, probe.ty, func.is_pure, func.attrs)
-    return relax.transform.Normalize()(tvm.IRModule({"main": new_func}))
+    return relax.transform.Normalize()(with_main(mod, new_func))
 
 
 def observe(

@@ -9,18 +9,26 @@ the hardware will run, so inference-only rewrites happen here, once:
 2. ``FoldConstant`` turns ``reshape(bias)`` and ``permute_dims(W)`` into constants;
 3. :func:`commute_constants` puts constants second in ``add(c, x)``, so bias
    adds look the same from every frontend;
-4. :func:`fold_batch_norm` folds inference batch norm into the preceding
+4. :func:`hago.importer_ops.restore_relax_ops` turns the ``call_tir`` helpers
+   TVM's ONNX importer emits for ``Clip`` and ``Pad`` back into ``clip`` and
+   ``nn.pad``, and :func:`hago.conv1d.conv1d_as_conv2d` runs 1-D convs and
+   pools as 2-D ones of unit height: every later pass sees conv2d;
+5. :func:`fold_batch_norm` folds inference batch norm into the preceding
    conv2d weights and bias: a quantized conv must carry the folded weights,
    or the weight ranges calibrated are not those that run; any other batch
    norm with constant statistics becomes one multiply and one add;
-5. :func:`fold_pad_into_conv` merges a zero, spatial-only ``nn.pad`` into
+6. :func:`fold_pad_into_conv` merges a zero, spatial-only ``nn.pad`` into
    the padding of the NCHW conv2d it feeds (TF-ported nets such as
    EfficientNet-Lite pad explicitly for "SAME"): realize pads with the input
    zero point, so the pad must be the conv's own to stay in integer;
-6. ``DecomposeOpsForInference`` lowers any batch norm still left
+7. ``DecomposeOpsForInference`` lowers any batch norm still left
    (non-constant statistics) to arithmetic;
-7. ``FoldConstant`` again, then ``DeadCodeElimination`` drops the bindings
+8. ``FoldConstant`` again, then ``DeadCodeElimination`` drops the bindings
    left unused (the ``zeros_like`` pooling indices, the folded batch norms).
+
+Right after the first ``FoldConstant``, :func:`hago.safe_index.safe_index`
+bounds every run-time index (gather, embedding, scatter): no later stage
+and no build sees an unchecked one.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wildcard
 from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .conv1d import conv1d_as_conv2d
+from .importer_ops import restore_relax_ops
+from .safe_index import safe_index
 
 __all__ = ["prepare", "prepare_passes", "commute_constants", "fold_batch_norm", "fold_pad_into_conv"]
 
@@ -47,8 +59,12 @@ def prepare_passes() -> tvm.transform.Pass:
         [
             relax.transform.CanonicalizeBindings(),
             relax.transform.FoldConstant(),
+            safe_index(),
             commute_constants(),
+            restore_relax_ops(),
+            conv1d_as_conv2d(),
             fold_batch_norm(),
+            conv1d_as_conv2d(),  # again: the squeezes a folded 1-D batch norm leaves behind
             fold_pad_into_conv(),
             relax.transform.DecomposeOpsForInference(),
             relax.transform.FoldConstant(),

@@ -82,7 +82,7 @@ def _c(value, dtype: str) -> relax.Constant:
 class _Realizer:
     def __init__(self, graph: Graph, strategy: Strategy, style: str):
         self.g, self.s, self.style = graph, strategy, style
-        self.bb = relax.BlockBuilder()
+        self.bb = relax.BlockBuilder(graph.support_module())  # the importer's helpers main may call
         self.fval: dict[str, relax.Expr] = {}
         self.qval: dict[str, relax.Expr] = {}
         self.blocked: dict[str, relax.Expr] = {}  # edge -> its uint8 NCHW16c value (see the module docstring)

@@ -69,7 +69,7 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
       fake-quantized with its edge's parameters, weights rounded): the error one
       layer adds by itself, with no error arriving from earlier layers.
     """
-    bb = relax.BlockBuilder()
+    bb = relax.BlockBuilder(graph.support_module())  # the importer's helpers main may call
     func = graph.func
     params = [relax.Var(p.name, p.ty) for p in func.params]
     remap: dict = {}

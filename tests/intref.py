@@ -56,6 +56,7 @@ __all__ = [
     "rescale_fixed_point",
     "requantize_fixed_point",
     "conv2d_int",
+    "conv1d_int",
     "dense_int",
     "add_int_fixed",
     "add_int_exact",
@@ -277,6 +278,37 @@ def conv2d_int(x_q, w_q, x_zp, stride=(1, 1), padding=(0, 0, 0, 0),
             # patch [N,G,Cg,OH,OW], weight [G,Og,Cg]
             acc += np.einsum("ngchw,goc->ngohw", patch, wg[:, :, :, kh, kw])
     return _to_int32(acc.reshape(N, O, OH, OW))
+
+
+def conv1d_int(x_q, w_q, x_zp, stride=1, padding=(0, 0), dilation=1, groups=1):
+    """int32 acc[n,o,t] = sum_{c,k} (xpad[n, g*Cg+c, t*stride + k*dilation] - x_zp) * w[o,c,k].
+
+    x NCW (uint8/int8), w OIW int8; padding = (left, right), padded positions
+    hold the real value 0. Written as its own loop over taps (not through
+    :func:`conv2d_int`), so it also checks that a 1-D conv run as a 2-D one
+    of unit height is the same function.
+    """
+    x = _check_int(x_q, "x_q").astype(np.int64)
+    w = _check_int(w_q, "w_q").astype(np.int64)
+    N, C, W = x.shape
+    O, Cg, K = w.shape
+    G = int(groups)
+    if C % G or O % G or Cg != C // G:
+        raise ValueError(f"bad groups={G} for x {x.shape}, w {w.shape}")
+    left, right = padding
+    xc = np.pad(x - int(x_zp), ((0, 0), (0, 0), (left, right)))
+    OW = (W + left + right - dilation * (K - 1) - 1) // stride + 1
+    if OW <= 0:
+        raise ValueError("empty output")
+    Og = O // G
+    acc = np.zeros((N, O, OW), dtype=np.int64)
+    for o in range(O):
+        g = o // Og
+        for k in range(K):
+            start = k * dilation
+            taps = xc[:, g * Cg:(g + 1) * Cg, start:start + stride * (OW - 1) + 1:stride]  # [N, Cg, OW]
+            acc[:, o, :] += np.einsum("nct,c->nt", taps, w[o, :, k])
+    return _to_int32(acc)
 
 
 def dense_int(x_q, w_q, x_zp):
