@@ -106,3 +106,21 @@ def test_run_rpc_raises_one_line_measure_error(host_lib, images):
 def test_parse_tracker_rejects_malformed(bad):
     with pytest.raises(MeasureError, match="host:port"):
         parse_tracker(bad)
+
+
+def test_compile_with_rpc_measures_through_the_tracker_on_a_local_device(tracker, tmp_path, capsys):
+    """``--rpc`` given for a device that runs here was silently ignored; now the user's choice is used."""
+    import json
+
+    from hago.cli import main
+
+    x = zoo.mnist_data("test")[0][:64]
+    onnx = zoo.export_mnist_onnx(tmp_path / "mnist.onnx")
+    np.savez(tmp_path / "calib.npz", input=x)
+    out = tmp_path / "out"
+    assert main(["compile", str(onnx), "--device", "x86-avx512-vnni", "--calib", str(tmp_path / "calib.npz"),
+                 "--corrections", "none", "--rpc", tracker, "--key", KEY, "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["fp32"]["latency_ms"] > 0 and report["quantized"]["latency_ms"] > 0
+    assert "threads" not in report  # set only by local measurements: these went through the tracker
