@@ -1,7 +1,8 @@
 """hago.compile: model + calibration data + device -> integer build and report.
 
-The whole pipeline of DESIGN.md for one strategy: frontend -> prepare ->
-annotate -> calibrate -> realize -> build -> measure. The FP32 build of the
+One strategy through the shared stages of :mod:`hago.pipeline` (load and
+prepare, decide: annotate + calibrate + correct, lower: realize), then build
+and measure. The FP32 build of the
 same prepared graph is compiled and measured beside it, so every report
 carries its own baseline and says when the integer build is not faster.
 """
@@ -17,21 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from . import build as build_mod
-from .annotate import AnnotateConfig, annotate
+from .annotate import AnnotateConfig
 from .arm.schedule import apply_arm_schedules
-from .calibrate import get_calibrator
-from .correct import CorrectionContext, check_corrections, corrected_graph, run_corrections
+from .correct import check_corrections
 from .data import Samples, check_labels, load_samples
-from .errors import DataError, QuantizeError
+from .errors import DataError
 from .evaluate import agreement, predict, top1
-from .batching import bind_calibration_dims, whole_batches
-from .frontend import fixed_batch, import_model, input_infos
-from .graph import Graph, analyze, graph_hash
+from .graph import Graph
 from .hwspec import HardwareSpec, check_target
 from .measure import device_threads, measure_local, pool_threads
-from .observe import apply_ranges, observe, range_sources
-from .prepare import prepare
-from .realize import Realized, realize
+from .pipeline import CALIB_BATCH, PreparedModel, check_strategy, decide, lower, prepare_model, realized_program
+from .realize import Realized
 from .strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -53,22 +50,6 @@ class CompileResult:
     extras: dict = field(default_factory=dict)
 
 
-def calibrate_strategy(mod, graph: Graph, strategy: Strategy, samples: Samples, calibrator: str, target, batch_size=64):
-    """Observe the FP32 program on ``samples`` and fill ``strategy``'s ranges."""
-    cal = get_calibrator(calibrator)
-    observe(mod, graph, samples, cal, target, batch_size, edges=sorted(set(range_sources(strategy).values())))
-    return apply_ranges(strategy, cal)
-
-
-def _check_strategy(strategy: Strategy, ghash: str, spec: HardwareSpec) -> None:
-    if strategy.graph_hash != ghash:
-        raise QuantizeError(
-            f"strategy is for graph {strategy.graph_hash}, this model is {ghash}; re-run without --strategy"
-        )
-    if strategy.device != spec.name:
-        log.warning("strategy was made for %s, replaying it on %s", strategy.device, spec.name)
-
-
 #: Corrections ``compile`` (and ``hago compile``) run when none are named. Evidence (docs/STATUS.md):
 #: EfficientNet-Lite0 top-1 agreement 83.7% -> 88.7%, mean KL 0.049 -> 0.022; MNIST unchanged.
 DEFAULT_CORRECTIONS: tuple[str, ...] = ("bias",)
@@ -76,23 +57,23 @@ DEFAULT_CORRECTIONS: tuple[str, ...] = ("bias",)
 
 @dataclass
 class Quantized:
-    """The FP32 graph and its realized integer twin, before any build."""
+    """A prepared model, its strategy and the realized integer program, before any build."""
 
-    fp32: object
-    graph: Graph
+    prepared: PreparedModel
     strategy: Strategy
     realized: Realized
-    inputs: list
-    graph_hash: str
-    #: the batch the model file declared (the default build batch), None when it declared none
-    declared_batch: int | None = None
-    #: the batch the prepared graph is fixed to (a static batch that could not be relaxed), else None
-    fixed_batch: int | None = None
-    notes: list = field(default_factory=list)
+
+    # the prepared model's facts, read through: callers name them on the quantized model
+    fp32 = property(lambda self: self.prepared.fp32)
+    graph = property(lambda self: self.prepared.graph)
+    inputs = property(lambda self: self.prepared.inputs)
+    graph_hash = property(lambda self: self.prepared.graph_hash)
+    declared_batch = property(lambda self: self.prepared.declared_batch)
+    fixed_batch = property(lambda self: self.prepared.fixed_batch)
+    notes = property(lambda self: self.prepared.notes)
 
     def batch_for(self, wanted: int) -> int:
-        """``wanted``, unless the graph is fixed to another batch (then that one)."""
-        return self.fixed_batch or wanted
+        return self.prepared.batch_for(wanted)
 
 
 def quantize(
@@ -104,51 +85,35 @@ def quantize(
     calibrator: str = "mse",
     example_inputs=None,
     annotate_config: AnnotateConfig | None = None,
-    batch_size: int = 64,
+    batch_size: int = CALIB_BATCH,
     corrections: list[str] | tuple[str, ...] = (),
 ) -> Quantized:
     """frontend -> prepare -> annotate -> calibrate -> correct -> realize, without building.
 
-    Calibration runs on this machine (the host target) whatever the device, so
-    cross-compiled and GPU devices are calibrated on the same FP32 program.
-    ``corrections`` names :mod:`hago.correct` plug-ins run after calibration
-    (none by default here: this is the stage function; :func:`compile` and the
-    CLI default to :data:`DEFAULT_CORRECTIONS`). A replayed strategy carries
-    their results and runs none.
+    ``model`` may also be a :class:`~hago.pipeline.PreparedModel` (the search
+    hands over the one it holds; ``calib`` is then ignored). Calibration runs
+    on this machine (the host target) whatever the device, so cross-compiled
+    and GPU devices are calibrated on the same FP32 program. ``corrections``
+    names :mod:`hago.correct` plug-ins run after calibration (none by default
+    here: this is the stage function; :func:`compile` and the CLI default to
+    :data:`DEFAULT_CORRECTIONS`). A replayed strategy carries their results
+    and runs none.
     """
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
     check_target(spec)  # an mcpu LLVM does not know: one line now, not 91 LLVM lines and a generic build later
     names = (corrections,) if isinstance(corrections, str) else tuple(corrections)
     check_corrections(names)
-    imported = import_model(model, example_inputs=example_inputs)
-    fp32 = prepare(imported.mod)
-    notes = list(imported.notes)
-    if strategy is None and calib is None:
+    if strategy is None and calib is None and not isinstance(model, PreparedModel):
         raise DataError("calibration data is required (--calib DATA) unless a --strategy is replayed")
-    # with a replayed strategy the data only gives symbolic sizes (bind_calibration_dims)
-    samples = None if calib is None else load_samples(calib, input_infos(fp32), name="calibration")
-    if samples is not None:
-        notes.extend(samples.notes)
-    fp32, bound = bind_calibration_dims(fp32, samples)
-    if bound:
-        notes.append("symbolic input dims bound from the calibration data: "
-                     + ", ".join(f"{k}={v}" for k, v in bound.items()))
-    infos = input_infos(fp32)
-    fixed = fixed_batch(infos)
-    graph = analyze(fp32)
-    ghash = graph_hash(fp32)
+    prepared = model if isinstance(model, PreparedModel) else prepare_model(model, calib, example_inputs=example_inputs)
     if strategy is not None:
         strat = strategy if isinstance(strategy, Strategy) else Strategy.load(strategy)
-        _check_strategy(strat, ghash, spec)
+        check_strategy(strat, prepared, spec)
     else:
-        samples = whole_batches(samples, fixed, "calibration")
-        batch_size = fixed or batch_size
-        strat = annotate(graph, spec, ghash, annotate_config)
         host = build_mod.target_of(spec) if build_mod.is_local(spec) else build_mod.host_target()
-        calibrate_strategy(fp32, graph, strat, samples, calibrator, host, batch_size)
-        run_corrections(names, CorrectionContext(fp32, graph, strat, samples, host, batch_size))
-    realized = realize(corrected_graph(graph, strat), strat, spec.requantize)
-    return Quantized(fp32, graph, strat, realized, infos, ghash, imported.declared_batch, fixed, notes)
+        strat = decide(prepared, spec, host, calibrator=calibrator, corrections=names, config=annotate_config,
+                       batch_size=batch_size)
+    return Quantized(prepared, strat, realized_program(prepared, strat, spec))
 
 
 def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
@@ -162,7 +127,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     calibrator: str = "mse",
     example_inputs=None,
     annotate_config: AnnotateConfig | None = None,
-    batch_size: int = 64,
+    batch_size: int = CALIB_BATCH,
     batch: int | None = None,
     measure: bool = True,
     measurer=None,
@@ -278,15 +243,11 @@ def _measure_remote(result, report, spec, measurer, q, batch) -> None:
 
 
 def static_pair(q: Quantized, spec: HardwareSpec, batch: int):
-    """FP32 and realized integer modules with the batch dimension bound to ``batch``.
-
-    Realize runs again on the static graph (same node names, same strategy) so
-    the layout-specific kernels, which tile exact shapes, can be chosen.
-    """
-    fp32 = build_mod.static_batch(q.fp32, batch)
+    """FP32 and realized integer modules with the batch dimension bound to ``batch``."""
+    fp32, realized = lower(q.prepared, q.strategy, spec, batch)
     if fp32 is q.fp32:
         return q.fp32, q.realized.mod
-    return fp32, realize(corrected_graph(analyze(fp32), q.strategy), q.strategy, spec.requantize).mod
+    return fp32, realized.mod
 
 
 EVAL_BATCH = 250

@@ -49,13 +49,11 @@ from ..calibrate import get_calibrator
 from ..data import check_labels, load_samples
 from ..errors import MeasureError
 from ..evaluate import predict
-from ..batching import bind_calibration_dims, whole_batches
-from ..frontend import fixed_batch, input_infos, load_model
-from ..graph import analyze, graph_hash
+from ..pipeline import CALIB_BATCH, prepare_model
+from ..graph import analyze
 from ..hwspec import HardwareSpec
 from ..measure import device_threads
 from ..observe import apply_ranges, observe
-from ..prepare import prepare
 from ..correct import CORRECTIONS, CorrectionContext, check_corrections, corrected_graph, run_corrections
 from ..realize import realize
 from . import refcache
@@ -173,16 +171,11 @@ class SearchEngine:
         self.spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
         if build_mod.is_local(self.spec):  # accuracy runs here too: the device's cores, not TVM's half
             device_threads(self.spec.cores)
-        self.fp32 = prepare(load_model(model, example_inputs=example_inputs))
-        # symbolic sizes other than the batch come from the calibration data; a static batch the graph
-        # depends on (hago.onnx_prep could not relax it) fixes every batch below
-        calib = load_samples(calib, input_infos(self.fp32), name="calibration")
-        self.fp32, _ = bind_calibration_dims(self.fp32, calib)
-        self.fixed_batch = fixed_batch(input_infos(self.fp32))
-        calib = whole_batches(calib, self.fixed_batch, "calibration").arrays
-        self.graph = analyze(self.fp32)
-        self.ghash = graph_hash(self.fp32)
-        self.infos = input_infos(self.fp32)
+        # loaded and prepared once (hago.pipeline): symbolic sizes other than the batch come from the
+        # calibration data; a static batch the graph depends on fixes every batch below
+        self.prepared = prepare_model(model, calib, example_inputs=example_inputs)
+        self.fp32, self.graph, self.ghash = self.prepared.fp32, self.prepared.graph, self.prepared.graph_hash
+        self.infos, self.fixed_batch = self.prepared.inputs, self.prepared.fixed_batch
         self.space = self._space(allow_float, weight_bits)
         self.tie_tolerance = tie_tolerance
         if measurer is None and not build_mod.is_local(self.spec):
@@ -202,7 +195,7 @@ class SearchEngine:
                            else analyze(build_mod.static_batch(self.fp32, eval_batch)))
         cache_dir = Path(cache_dir or os.environ.get("HAGO_CACHE_DIR", Path.home() / ".cache" / "hago"))
         self._executables: OrderedDict = OrderedDict()
-        self._calibrate(calib, calibrator, cache_dir)
+        self._calibrate(calibrator, cache_dir)
         self._correct(corrections, cache_dir)
         self.eval_samples = load_samples(eval_data, self.infos, name="evaluation")
         fp32_out = self._fp32_outputs(cache_dir)
@@ -241,9 +234,9 @@ class SearchEngine:
             h.update(a.tobytes())
         return h.hexdigest()[:20]
 
-    def _calibrate(self, calib, calibrator: str, cache_dir: Path) -> None:
+    def _calibrate(self, calibrator: str, cache_dir: Path) -> None:
         """Every edge's statistics, observed once and cached as data (:mod:`.refcache`, never a pickle)."""
-        samples = self.calib_samples = load_samples(calib, self.infos, name="calibration")
+        samples = self.calib_samples = self.prepared.calib
         self.calibrator = get_calibrator(calibrator)
         digest = self._digest("calib", samples, calibrator)
         path = cache_dir / "reference" / f"calib-{digest}.npz"  # the .pkl files of older versions are never read
@@ -258,7 +251,7 @@ class SearchEngine:
             except Exception as e:  # well-formed data that does not fit this calibrator: observe again
                 log.warning("ignoring cached calibration %s (%s): recomputing it", path, e)
                 self.calibrator = get_calibrator(calibrator)
-        observe(self.fp32, self.graph, samples, self.calibrator, self.host, self.fixed_batch or 64)
+        observe(self.fp32, self.graph, samples, self.calibrator, self.host, self.prepared.batch_for(CALIB_BATCH))
         refcache.save_npz(path, "calibration", key, self.calibrator.state_dict())
 
     def _fp32_outputs(self, cache_dir: Path) -> np.ndarray:
@@ -318,7 +311,7 @@ class SearchEngine:
                 log.warning("ignoring cached corrections %s (%s): recomputing them", path, e)
         strat = self._strategy(self.space.widest())
         run_corrections(self.corrections, CorrectionContext(self.fp32, self.graph, strat, self.calib_samples,
-                                                            self.host, self.fixed_batch or 64))
+                                                            self.host, self.prepared.batch_for(CALIB_BATCH)))
         self._corrected = {name: (self._layer_key(strat, name), op.bias_delta, op.weight_round)
                            for name, op in strat.ops.items()
                            if op.bias_delta is not None or op.weight_round is not None}

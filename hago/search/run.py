@@ -1,8 +1,9 @@
 """``hago search`` end to end: engine + algorithm + outputs like ``hago compile``.
 
 Writes the chosen build (``model.so``, ``strategy.json``, ``report.json``
-through :func:`hago.compile.compile`, so a search result is replayable with
-``--strategy``), plus ``pareto.json`` and ``pareto.png``.
+through :func:`hago.compile.compile`, given the prepared model the engine
+already holds, so a search result is replayable with ``--strategy``), plus
+``pareto.json`` and ``pareto.png``.
 """
 
 from __future__ import annotations
@@ -62,17 +63,17 @@ def search(model, device, calib, eval_data, *, out_dir=None, algorithm="evolve",
         result = engine.run(ALGORITHMS[algorithm])
     result.extras["engine"] = engine
     if out is not None and result.best is not None:
-        write_search_outputs(engine, result, model, calib, eval_data, out, engine_options.get("example_inputs"))
+        write_search_outputs(engine, result, out)
     return result
 
 
-def write_search_outputs(engine: SearchEngine, result: SearchResult, model, calib, eval_data, out: Path,
-                         example_inputs=None) -> None:
+def write_search_outputs(engine: SearchEngine, result: SearchResult, out: Path) -> None:
+    """The chosen build, from the prepared model the engine holds (no reload of the model file)."""
     from ..compile import compile as hago_compile
 
     out.mkdir(parents=True, exist_ok=True)
-    built = hago_compile(model, engine.spec, calib, strategy=result.strategy, eval_data=eval_data, out_dir=out,
-                         example_inputs=example_inputs, measure=False)
+    built = hago_compile(engine.prepared, engine.spec, strategy=result.strategy, out_dir=out, measure=False)
+    _scores_into_report(built.report, engine, result)
     pareto = front(result.candidates)
     report = built.report
     report["quantized"]["latency_ms"] = result.best.latency_ms
@@ -92,6 +93,15 @@ def write_search_outputs(engine: SearchEngine, result: SearchResult, model, cali
     (out / "pareto.json").write_text(json.dumps({"front": [c.label for c in pareto], "candidates": rows}, indent=1))
     plot(result.candidates, pareto, result.best, result.threshold, out / "pareto.png", engine.metric_name,
          result.fp32)
+
+
+def _scores_into_report(report: dict, engine: SearchEngine, result: SearchResult) -> None:
+    """The engine already scored FP32 and the chosen build on the evaluation data: report those numbers."""
+    report["eval_samples"] = len(engine.eval_samples)
+    if engine.metric_name == "top-1":
+        report["fp32"]["accuracy"], report["quantized"]["accuracy"] = engine.fp32_score, result.best.accuracy
+    elif engine.metric_name == "top-1 agreement with FP32":
+        report["agreement"] = result.best.accuracy
 
 
 def print_search(result: SearchResult, console: Console | None = None) -> None:
