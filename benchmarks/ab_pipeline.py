@@ -36,9 +36,9 @@ def main() -> int:
     import models
     from hago import stack_alloc
     from hago.build import target_of
-    from hago.compile import quantize, static_pair
+    from hago.compiler import quantize, static_pair
     from hago.hwspec import HardwareSpec
-    from hago.kernels import schedule_vnni
+    from hago.backends.x86.kernels import schedule_vnni
     from hago.lower import finish, fuse
 
     torch.set_num_threads(args.threads)

@@ -113,7 +113,7 @@ def main() -> int:
 
     import accuracy
     import models
-    from hago.compile import quantize, static_pair
+    from hago.compiler import quantize, static_pair
     from hago.correct import corrected_graph
     from hago.hwspec import HardwareSpec
     from hago.simulate import simulate

@@ -132,7 +132,7 @@ def bench_mnist(args) -> tuple[dict, str]:
     import tvm
 
     from hago import zoo
-    from hago.compile import compile as hago_compile
+    from hago.compiler import compile as hago_compile
 
     n_eval = args.n_eval or 10000
     assets = zoo.export_mnist_demo(WORK / "mnist", n_calib=500)
@@ -197,7 +197,7 @@ def _hago_build(model, example, calib, out_dir, batch_size, annotate_config=None
     """``hago.compile`` at batch 1 (FP32 and INT8 executables); no measurement inside.
 
     ``corrections=None`` is hago's default (bias correction); ``()`` turns it off."""
-    from hago.compile import compile as hago_compile
+    from hago.compiler import compile as hago_compile
 
     t = time.perf_counter()
     res = hago_compile(model, DEVICE, calib, example_inputs=example, out_dir=out_dir, measure=False,

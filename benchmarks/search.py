@@ -46,7 +46,7 @@ def run(model_name: str, algorithm: str, max_trials: int, cold: bool, n_calib: i
         accuracy_drop: str = "1%", corrections: tuple[str, ...] = ("bias",)) -> dict:
     from hago.search.algorithms import ALGORITHMS
     from hago.search.engine import SearchEngine
-    from hago.search.measure import LocalMeasurer
+    from hago.measure import LocalMeasurer
 
     work = WORK / model_name / algorithm
     cache = WORK / model_name / "cache"
@@ -77,7 +77,7 @@ def remeasure(model_name: str, rows: list[dict], max_trials: int, n_calib: int, 
     """Time every returned strategy again, interleaved, in one process: the shared machine's noise
     between runs minutes apart is larger than the differences between the answers."""
     from hago.search.engine import SearchEngine
-    from hago.search.measure import LocalMeasurer
+    from hago.measure import LocalMeasurer
 
     points = sorted({r["point"] for r in rows if r["point"] is not None})
     model, calib, evald, example = load(model_name, n_calib, n_eval)

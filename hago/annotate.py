@@ -10,8 +10,11 @@ come from the spec; nothing here names a device.
 
 Rules, in the order they are applied per node:
 
-* an op the spec lists no integer descriptor for, or that hago cannot realize,
-  stays float and the reason is recorded (the report shows it);
+* an op the spec lists no integer descriptor for, or that hago cannot realize
+  (no handler in :mod:`hago.realize`'s registry), stays float and the reason
+  is recorded (the report shows it);
+* an integer op gets the first of the spec's descriptors for it whose input
+  dtypes hold its edges' bits and its weights' bits;
 * a pass-through op (relu, clip, max-pool, reshape) is integer only when its
   input already arrives in integer: quantizing just to run a ReLU on integers
   would add work, not remove it; an add is integer only when *all* its inputs
@@ -32,14 +35,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from .graph import PASSTHROUGH, WEIGHTED, Graph
-from .hwspec import HardwareSpec
+from .graph import PASSTHROUGH, Graph
+from .hwspec import HardwareSpec, OpDescriptor
+from .realize import realizable_kinds
 from .strategy import EdgeChoice, OpChoice, Strategy
 
 log = logging.getLogger(__name__)
 
-#: Kinds realize knows how to lower to integer code.
-REALIZABLE = set(WEIGHTED) | set(PASSTHROUGH) | {"add"}
+#: bits a value of each integer dtype holds (a descriptor input holds an edge of at most that many bits)
+_DTYPE_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "int32": 32}
 
 
 @dataclass(frozen=True)
@@ -58,13 +62,13 @@ class AnnotateConfig:
     dynamic: bool = True  # allow run-time per-row ranges where the spec lists them (hago.dynamic)
 
 
-def _node_mode(node, spec: HardwareSpec, integer_edges: set[str], cfg: AnnotateConfig) -> OpChoice:
+def _node_mode(node, spec: HardwareSpec, integer_edges: set[str], cfg: AnnotateConfig, act_bits: int) -> OpChoice:
     descs = spec.descriptors(node.kind)
     if node.kind == "other":
         return OpChoice(node.kind, "float", reason=f"unsupported op {node.relax_op}: runs in float")
     if not descs:
         return OpChoice(node.kind, "float", reason=f"{spec.name} has no integer {node.kind}")
-    if node.kind not in REALIZABLE:
+    if node.kind not in realizable_kinds():
         return OpChoice(node.kind, "float", reason=f"hago cannot realize {node.kind} in integer yet")
     if node.name in cfg.float_ops:
         return OpChoice(node.kind, "float", reason="pinned to float by the strategy")
@@ -75,13 +79,32 @@ def _node_mode(node, spec: HardwareSpec, integer_edges: set[str], cfg: AnnotateC
     if node.kind == "add" and not all(e in integer_edges for e in node.inputs):
         # a float residual stream (BERT's) would be quantized twice, once per add, for no integer consumer
         return OpChoice(node.kind, "float", reason="an input is float: the add stays in float")
-    desc = descs[0].model_dump()
     wbits = None
     if node.weighted:
         wbits = cfg.node_weight_bits.get(node.name) or cfg.weight_bits or max(spec.bits.weight)
         if spec.weights.range_bits:
             wbits = min(wbits, spec.weights.range_bits)
-    return OpChoice(node.kind, "integer", descriptor=desc, weight_bits=wbits)
+    in_bits = [cfg.edge_bits.get(e, act_bits) for e in node.inputs]
+    desc = _descriptor(descs, in_bits, wbits)
+    if desc is None:
+        widths = "/".join(map(str, in_bits)) + "-bit inputs" + (f", {wbits}-bit weights" if wbits else "")
+        return OpChoice(node.kind, "float", reason=f"{spec.name} has no integer {node.kind} for {widths}")
+    return OpChoice(node.kind, "integer", descriptor=desc.model_dump(), weight_bits=wbits)
+
+
+def _descriptor(descs: list[OpDescriptor], in_bits: list[int], wbits: int | None) -> OpDescriptor | None:
+    """The first of the spec's descriptors whose input dtypes hold the edges' bits and the weights' bits.
+
+    The spec lists an op's integer implementations in order of preference
+    (cuda-t4: int8 first, then int4); an 8-bit dtype also holds narrower
+    values (4 bits in an int8 container), so the first descriptor that fits
+    wins. A weighted op's second input is its weight.
+    """
+    bits = in_bits[:1] + [wbits] if wbits is not None else in_bits
+    for desc in descs:
+        if all(b is None or _DTYPE_BITS.get(dt, 0) >= b for dt, b in zip(desc.inputs, bits)):
+            return desc
+    return None
 
 
 def annotate(graph: Graph, spec: HardwareSpec, graph_hash: str, config: AnnotateConfig | None = None) -> Strategy:
@@ -92,9 +115,10 @@ def annotate(graph: Graph, spec: HardwareSpec, graph_hash: str, config: Annotate
     if forced:
         cfg = replace(cfg, float_ops=frozenset(cfg.float_ops | forced))
     strategy = Strategy(graph_hash=graph_hash, device=spec.name)
+    act_bits = cfg.activation_bits or max(spec.bits.activation)
     integer_edges: set[str] = set()
     for node in graph.nodes:
-        choice = _node_mode(node, spec, integer_edges, cfg)
+        choice = _node_mode(node, spec, integer_edges, cfg, act_bits)
         strategy.ops[node.name] = choice
         if choice.mode == "integer":
             integer_edges.add(node.name)
@@ -102,7 +126,6 @@ def annotate(graph: Graph, spec: HardwareSpec, graph_hash: str, config: Annotate
             log.warning("%s: %s", node.name, choice.reason)
     _float_dead_end_passthroughs(graph, strategy)
 
-    act_bits = cfg.activation_bits or max(spec.bits.activation)
     for edge in graph.edge_var:
         strategy.edges[edge] = _edge_choice(edge, graph, strategy, spec, cfg, act_bits)
     return strategy

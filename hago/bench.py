@@ -10,7 +10,7 @@ from rich.table import Table
 
 def bench(model, device, calib, eval_data, strategies: list[str], out_dir=None, engine_options=None,
           algorithm: str = "evolve", console: Console | None = None) -> list[dict]:
-    from .compile import compile as hago_compile
+    from .compiler import compile as hago_compile
     from .search.run import search
 
     console = console or Console()

@@ -1,10 +1,12 @@
 """build: TVM target from the spec, compile a Relax module, export a library.
 
-Everything device-specific comes from the spec: the target dict, the host
-target for GPUs, and the cross compiler for boards. TVM's default Relax CPU
-pipeline neither fuses nor schedules; ``build`` fuses (``hago.lower``), gives
-hago's kernels their hand-written schedules and element-wise code a parallel,
-vectorized one; tuned builds (MetaSchedule, cached records) replace that.
+Everything device-specific comes from the spec and its backend
+(:mod:`hago.backends`): the target dict, the host target for GPUs, the
+cross compiler for boards, the kernel swap, the schedules and the export.
+TVM's default Relax CPU pipeline neither fuses nor schedules; a CPU
+backend's build fuses (``hago.lower``), gives hago's kernels their
+hand-written schedules and element-wise code a parallel, vectorized one;
+tuned builds (MetaSchedule, cached records) replace that.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from .errors import BuildError
+from . import backends
+from .errors import BuildError, error_line
 from .hwspec import HardwareSpec
 
 log = logging.getLogger(__name__)
@@ -28,12 +31,7 @@ def target_of(spec: HardwareSpec) -> tvm.target.Target:
             return tvm.target.Target(dict(spec.target), host=dict(spec.host))
         return tvm.target.Target(dict(spec.target))
     except Exception as e:  # TVM raises its own error types for bad target dicts
-        raise BuildError(f"spec {spec.name}: TVM rejects target {spec.target}: {str(e).splitlines()[-1]}") from None
-
-
-def is_local(spec: HardwareSpec) -> bool:
-    """Whether builds for ``spec`` run on this machine (no cross compiler, no GPU)."""
-    return spec.execution == "local" and not spec.cross_compiler
+        raise BuildError(f"spec {spec.name}: TVM rejects target {spec.target}: {error_line(e, limit=None)}") from None
 
 
 def host_target() -> tvm.target.Target:
@@ -58,56 +56,35 @@ def static_batch(mod: tvm.IRModule, batch: int) -> tvm.IRModule:
     return relax.transform.BindSymbolicVars({n: batch for n in names}, "main")(mod)
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target, what: str = "target", tune=None):
+def build(mod: tvm.IRModule, target: tvm.target.Target, what: str = "target", tune=None,
+          backend: backends.Backend | None = None):
     """Compile ``mod`` for ``target`` (hago's kernels get their default schedules first).
 
-    ``tune`` (a :class:`hago.tune.TuneOptions`) tunes with MetaSchedule and a
+    ``backend`` builds it when it builds for ``target``'s kind (a spec's
+    backend, for its device or, on a CPU, for this machine); otherwise the
+    backend that claims ``target`` (:func:`hago.backends.for_target`). No
+    kernel swap here: that is :func:`build_for`'s, for the device. ``tune``
+    (a :class:`hago.tune.TuneOptions`) tunes with MetaSchedule and a
     persistent per-(device, workload) database; with ``trials=0`` it only
     reuses cached records.
     """
-    if target.kind.name == "cuda":
-        from .cuda import build_cuda
+    if backend is None or backend.target_kind != target.kind.name:
+        backend = backends.for_target(target)
+    return backend.build(mod, target, what=what, tune=tune)
 
-        return build_cuda(mod, target)  # dlight for float, hand-scheduled dp4a kernels for int8
-    if tune is not None:
-        from .tune import build_tuned
 
-        ex, stats = build_tuned(mod, target, tune)
-        log.info("%s: %d new trials, %d/%d tasks from cache", what, stats.new_trials, stats.reused_tasks, stats.tasks)
-        return ex
-    from .kernels import schedule_vnni
-    from .lower import finish, fuse
-
-    try:
-        # kernels first: schedule_vnni marks them opaque so fusion keeps them standalone
-        return finish(fuse(schedule_vnni(mod, target), target), target)
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise BuildError(f"TVM failed to build for {what}: {msg[-1] if msg else type(e).__name__}") from None
+def build_for(mod: tvm.IRModule, spec: HardwareSpec, what: str | None = None, tune=None):
+    """The device build of ``mod`` for ``spec``: its backend's kernel swap, then its build for the spec's target."""
+    backend = backends.backend_of(spec)
+    target = target_of(spec)
+    return backend.build(backend.rewrite(mod, spec, target), target, what=what or spec.name, tune=tune)
 
 
 def export(executable, spec: HardwareSpec, path: str | Path) -> Path:
-    """Write a shared library that ``tvm.runtime.load_module`` loads on the device."""
+    """Write a shared library that ``tvm.runtime.load_module`` loads on the device (the backend's export)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if spec.target.get("kind") == "cuda":
-        from .cuda import export_cuda
-
-        export_cuda(executable, path.parent)  # model.so plus kernels.cu, the source nvcc compiles on the host
-        return path
-    from .native_log import drop_native_lines
-
-    try:
-        with drop_native_lines():  # TVM's per-function "Scope Saving" notes
-            if spec.cross_compiler:
-                from tvm.support import cc
-
-                executable.export_library(str(path), fcompile=cc.cross_compiler(spec.cross_compiler))
-            else:
-                executable.export_library(str(path))
-    except Exception as e:
-        raise BuildError(f"exporting {path.name} for {spec.name} failed: {str(e).strip().splitlines()[-1]}") from None
-    return path
+    return backends.backend_of(spec).export(executable, spec, path)
 
 
 def load(path: str | Path, device=None):

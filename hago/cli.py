@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import HagoError
+from .errors import HagoError, error_line
 
 log = logging.getLogger("hago")
 
@@ -197,12 +197,13 @@ def _cmd_spec_check(args) -> int:
 def _rpc_measurer(args):
     if not args.rpc:
         return None
-    from .search.measure import RPCMeasurer
+    from .backends import backend_of
+    from .measure import RPCMeasurer
     from .hwspec import HardwareSpec
 
     _check_rpc(args)
-    kind = HardwareSpec.load(args.device).target.get("kind", "llvm")
-    return RPCMeasurer(args.rpc, args.key, timeout_s=args.measure_timeout, device="cuda" if kind == "cuda" else "cpu")
+    device = backend_of(HardwareSpec.load(args.device)).device  # the TVM device the session opens
+    return RPCMeasurer(args.rpc, args.key, timeout_s=args.measure_timeout, device=device)
 
 
 def _cmd_compile(args) -> int:
@@ -217,12 +218,13 @@ def _cmd_compile(args) -> int:
 
     from rich.console import Console
 
-    from .compile import compile as hago_compile
+    from .backends import backend_of
+    from .compiler import compile as hago_compile
     from .report import print_report
     from .tune import TuneOptions
 
     tune = None
-    if spec.target.get("kind") != "cuda":  # GPU kernels are hand-scheduled; MetaSchedule there needs a GPU
+    if backend_of(spec).tunable:  # GPU kernels are hand-scheduled; MetaSchedule there needs a GPU
         tune = TuneOptions.for_spec(spec, args.tune_trials, args.cache_dir, tracker=args.rpc,
                                     progress=sys.stderr.isatty())
 
@@ -266,12 +268,11 @@ def _engine_options(args) -> dict:
     if args.rpc:
         opts["measurer"] = _rpc_measurer(args)
     else:
-        from . import build as build_mod
         from .hwspec import HardwareSpec
-        from .search.measure import LocalMeasurer
+        from .measure import LocalMeasurer
 
         spec = HardwareSpec.load(args.device)
-        if build_mod.is_local(spec):  # otherwise the engine says clearly that --rpc is needed
+        if spec.is_local:  # otherwise the engine says clearly that --rpc is needed
             opts["measurer"] = LocalMeasurer(timeout_s=args.measure_timeout, threads=spec.cores)
     return opts
 
@@ -379,11 +380,6 @@ def _say(message: str) -> None:
     print(f"hago: error: {' '.join(message.split())}", file=sys.stderr)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else "(no message)"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
@@ -400,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the last line of defence: the real fix belongs where it was raised
         if debug:
             raise
-        _say(f"internal error: {type(e).__name__}: {_first_line(e)} (re-run with --debug for the traceback)")
+        _say(f"internal error: {error_line(e, 'first', 300, with_type=True)} (re-run with --debug for the traceback)")
         return 2
 
 

@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from hago.errors import DataError, check
+from hago.errors import DataError, check, error_line
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def load_samples(src: Source, inputs: list[InputInfo], *, require_label: bool = 
         try:
             src = src()
         except Exception as exc:  # user code: report it, do not crash with a traceback
-            raise DataError(f"{name} data callable raised {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise DataError(f"{name} data callable raised {type(exc).__name__}: {error_line(exc, 'first')}") from exc
     arrays, labels, where = _collect(src, inputs, name)
     check(not (require_label and labels is None), DataError,
           f"{name} data {where} has no '{LABEL_KEY}' array; add the labels "
@@ -152,7 +152,7 @@ def check_npz_file(path: str | os.PathLike, name: str = "calibration") -> None:
             try:
                 labels = loaded[LABEL_KEY]
             except Exception as exc:
-                raise DataError(f"{name} file '{path}' cannot be read as .npz ({_first_line(exc)})") from exc
+                raise DataError(f"{name} file '{path}' cannot be read as .npz ({error_line(exc, 'first')})") from exc
             _class_indices(labels, name, f"'{path}'")
 
 
@@ -169,7 +169,7 @@ def _open_npz(path: Path, name: str):
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise DataError(f"{name} file '{path}' is not a readable .npz archive ({_first_line(exc)}); "
+        raise DataError(f"{name} file '{path}' is not a readable .npz archive ({error_line(exc, 'first')}); "
                         f"write it with np.savez(path, input_name=array)") from exc
 
 
@@ -179,7 +179,7 @@ def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
         with loaded:
             return {k: loaded[k] for k in loaded.files}
     except Exception as exc:
-        raise DataError(f"{name} file '{path}' cannot be read as .npz ({_first_line(exc)})") from exc
+        raise DataError(f"{name} file '{path}' cannot be read as .npz ({error_line(exc, 'first')})") from exc
 
 
 def _pick(data: Mapping, inputs: list[InputInfo], name: str, where: str) -> tuple[dict, Any]:
@@ -208,7 +208,7 @@ def _concat_batches(src: Iterable, inputs: list[InputInfo], name: str) -> tuple[
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"{name} data iterable raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise DataError(f"{name} data iterable raised {type(exc).__name__}: {error_line(exc, 'first')}") from exc
     check(len(parts[inputs[0].name]) > 0, DataError,
           f"{name} data iterable yielded no batches (0 samples); provide at least one sample")
     check(len(label_parts) in (0, len(parts[inputs[0].name])), DataError,
@@ -401,7 +401,7 @@ def _as_array(value: Any, name: str, key: str) -> np.ndarray:
     try:
         return np.asarray(value)
     except Exception as exc:
-        raise DataError(f"{name} input '{key}' cannot be converted to an array: {_first_line(exc)}") from exc
+        raise DataError(f"{name} input '{key}' cannot be converted to an array: {error_line(exc, 'first')}") from exc
 
 
 def _is_array(value: Any) -> bool:
@@ -412,6 +412,3 @@ def _names(inputs: list[InputInfo]) -> str:
     return ", ".join(i.name for i in inputs)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

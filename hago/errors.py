@@ -40,6 +40,26 @@ class MeasureError(HagoError, RuntimeError):
     """A latency or accuracy measurement failed, crashed or timed out."""
 
 
+def error_line(error: BaseException | str, which: str = "last", limit: int | None = 200, *,
+               with_type: bool = False) -> str:
+    """One line of ``error``'s message, for a one-line error or a failed :class:`~hago.measure.Measurement`.
+
+    TVM ends its messages with the reason after a C++ backtrace (``which="last"``);
+    Python, numpy and ONNX put it first (``which="first"``). Blank lines are
+    skipped and the line is cut to ``limit`` characters. An exception with an
+    empty message gives its type name; ``with_type`` prefixes the type name
+    (``"ValueError: ..."``). A string (a child's stderr) gives ``""`` when blank.
+    """
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    line = (lines[-1] if which == "last" else lines[0])[:limit] if lines else ""
+    if not isinstance(error, BaseException):
+        return line
+    name = type(error).__name__
+    if with_type:
+        return f"{name}: {line}" if line else name
+    return line or name
+
+
 def check(cond: bool, exc: type[HagoError], msg: str) -> None:
     """Raise ``exc(msg)`` unless ``cond``; keeps validation one line per rule."""
     if not cond:

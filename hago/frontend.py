@@ -32,7 +32,7 @@ import tvm
 from tvm import relax
 
 from hago.data import InputInfo
-from hago.errors import FrontendError, check
+from hago.errors import FrontendError, check, error_line
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _from_onnx(path: Path, input_shapes: Shapes | None) -> Imported:
     try:
         proto = onnx.load(str(path))
     except Exception as exc:
-        raise FrontendError(f"model file '{path}' is not a valid ONNX model ({_first_line(exc)})") from exc
+        raise FrontendError(f"model file '{path}' is not a valid ONNX model ({error_line(exc, 'first', 240)})") from exc
     check(len(proto.graph.node) > 0 and len(proto.graph.output) > 0, FrontendError,
           f"model file '{path}' is not a valid ONNX model (empty graph); re-export it")
     if input_shapes is not None:
@@ -206,7 +206,7 @@ def _import_onnx(from_onnx, proto, input_shapes, path: Path) -> tvm.IRModule:
         raise FrontendError(f"ONNX model '{path}' uses operators TVM's ONNX importer does not support: "
                             f"{ops}; replace them or re-export the model without them") from exc
     except Exception as exc:
-        raise FrontendError(f"cannot convert ONNX model '{path}' to Relax: {_first_line(exc)}") from exc
+        raise FrontendError(f"cannot convert ONNX model '{path}' to Relax: {error_line(exc, 'first', 240)}") from exc
     finally:
         if printed.getvalue().strip():
             logger.debug("TVM's ONNX importer printed:\n%s", printed.getvalue())
@@ -234,7 +234,7 @@ def _from_torch(model: Any, example_inputs: Any, input_shapes: Shapes | None) ->
                 mod = from_exported_program(program, keep_params_as_input=False, unwrap_unit_return_tuple=True)
     except Exception as exc:
         raise FrontendError(f"TVM's torch frontend cannot convert {type(model).__name__}: "
-                            f"{_first_line(exc)}") from exc
+                            f"{error_line(exc, 'first', 240)}") from exc
     return Imported(mod)  # a static export's batch is read off the module by import_model
 
 
@@ -252,7 +252,7 @@ def _torch_examples(torch: Any, example_inputs: Any, input_shapes: Shapes | None
                 item = torch.as_tensor(item)
             except Exception as exc:
                 raise FrontendError(f"example input {k} cannot be converted to a torch tensor: "
-                                    f"{_first_line(exc)}") from exc
+                                    f"{error_line(exc, 'first', 240)}") from exc
         out.append(item)
     return tuple(out)
 
@@ -296,11 +296,11 @@ def _export_attempts(torch: Any, model: Any, args: tuple) -> Any:
             return torch.export.export(model, wide, dynamic_shapes=tuple({0: batch} for _ in wide))
         except Exception as exc:  # data-dependent shapes, reshapes baking in the batch, ...
             logger.info("dynamic-batch export of %s failed (%s); exporting with static shapes",
-                        name, _first_line(exc))
+                        name, error_line(exc, 'first', 240))
     try:
         return torch.export.export(model, args)
     except Exception as exc:
-        raise FrontendError(f"torch.export failed for {name}: {_first_line(exc)}; "
+        raise FrontendError(f"torch.export failed for {name}: {error_line(exc, 'first', 240)}; "
                             f"make the model exportable or export it to ONNX") from exc
 
 
@@ -339,6 +339,3 @@ def _is_torch_module(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0][:240] if lines else type(exc).__name__

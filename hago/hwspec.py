@@ -18,14 +18,14 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
-from hago.errors import SpecError
+from hago.backends import registry as backends
+from hago.errors import SpecError, error_line
 
 Dtype = Literal["int4", "uint4", "int8", "uint8", "int16", "int32", "float16", "float32"]
 INT_DTYPES = frozenset({"int4", "uint4", "int8", "uint8", "int16", "int32"})
 OpName = Literal["conv2d", "depthwise_conv2d", "dense", "batch_matmul", "add", "multiply",
                  "relu", "clip", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "reshape",
                  "concatenate", "default"]
-TARGET_KINDS = ("llvm", "cuda")
 _TRACKER = re.compile(r"^[A-Za-z0-9._-]+:(\d{1,5})$")
 
 
@@ -137,12 +137,14 @@ class HardwareSpec(_Frozen):
     activations: QuantScheme
     requantize: Literal["fixed_point", "float", "power_of_two"]
     rounding: Literal["half_away_from_zero", "half_to_even"] = "half_away_from_zero"
+    #: a registered backend (``hago.backends``); None: derived from the target kind and ``intrinsics``
+    backend: str | None = None
 
     @field_validator("target", "host")
     @classmethod
     def _target_kind(cls, v: dict | None, info: ValidationInfo) -> dict | None:
-        """TVM 0.27 takes target dicts only; ``kind`` picks the backend (host is CPU)."""
-        kinds = ("llvm",) if info.field_name == "host" else TARGET_KINDS
+        """TVM 0.27 takes target dicts only; ``kind`` is one a backend builds for (host: a CPU backend's)."""
+        kinds = backends.cpu_kinds() if info.field_name == "host" else backends.target_kinds()
         for k in v or {}:
             if not isinstance(k, str):
                 raise _Problem("target keys must be strings", k)
@@ -189,6 +191,20 @@ class HardwareSpec(_Frozen):
                                field, "range_bits")
         return self
 
+    @model_validator(mode="after")
+    def _backend_realizes_descriptors(self) -> HardwareSpec:
+        """The backend (named, or derived from the target kind and intrinsics) exists and realizes every descriptor."""
+        try:
+            backend = backends.resolve(self.backend, self.target["kind"], self.intrinsics)
+        except SpecError as exc:
+            raise _Problem(str(exc), "backend" if self.backend is not None else "intrinsics") from None
+        for op, entry in self.ops.items():
+            for i, desc in enumerate([] if entry == "float32" else entry):
+                problem = backend.descriptor_problem(op, desc)
+                if problem is not None:
+                    raise _Problem(problem[1], "ops", op, i, problem[0])
+        return self
+
     # -- queries -------------------------------------------------------------
     def descriptors(self, op: str) -> list[OpDescriptor]:
         """Integer implementations of ``op``; empty means it stays float (or is unknown)."""
@@ -210,6 +226,11 @@ class HardwareSpec(_Frozen):
         n = self.target.get("num-cores")
         return int(n) if n else None
 
+    @property
+    def is_local(self) -> bool:
+        """Whether builds for this device run on this machine (no cross compiler, no RPC board or GPU host)."""
+        return self.execution == "local" and not self.cross_compiler
+
     def target_summary(self) -> str:
         """Short human description of the target, e.g. ``llvm cascadelake x2``."""
         t = self.target
@@ -226,8 +247,14 @@ class HardwareSpec(_Frozen):
 
         Parameters
         ----------
-        path_or_name
-            A path to a ``.yaml`` file, or a bare device name such as ``"rpi4"``.
+        path_or_name : str | os.PathLike
+            A path to a ``.yaml`` file, or a bare device name such as ``"rpi4"``
+            (``hago devices`` lists them).
+
+        Returns
+        -------
+        HardwareSpec
+            The frozen spec: target, how to reach the device, integer ops.
 
         Raises
         ------
@@ -298,12 +325,12 @@ def check_target(spec: HardwareSpec, source: str | None = None) -> None:
     for field_name, target in (("target", spec.target), ("host", spec.host)):
         if target is None:
             continue
-        if target.get("kind") == "llvm":
+        if target.get("kind") in backends.cpu_kinds():  # CPU backends build through LLVM: LLVM's CPU names
             _check_llvm(target, f"{where}: {field_name}")
         try:  # after the LLVM checks: TVM logs LLVM's complaints about an unknown CPU on stderr
             tvm.target.Target(dict(target))
         except Exception as exc:  # TVM's ValueError/TVMError for a bad key or value
-            raise SpecError(f"{where}: {field_name}: TVM rejects it: {_first_line(exc)}") from None
+            raise SpecError(f"{where}: {field_name}: TVM rejects it: {error_line(exc, 'first', 300)}") from None
 
 
 def _check_llvm(target: dict, where: str) -> None:
@@ -312,7 +339,7 @@ def _check_llvm(target: dict, where: str) -> None:
     from tvm.target import codegen
 
     triple = target.get("mtriple")
-    probe = {"kind": "llvm"}
+    probe = {"kind": target["kind"]}
     if triple:
         arch = triple.split("-")[0]
         arch = _ARCH_ALIASES.get(arch, arch)
@@ -331,9 +358,6 @@ def _check_llvm(target: dict, where: str) -> None:
                             f"{triple or 'this machine'}; {hint}")
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 # -- YAML with line numbers ---------------------------------------------------

@@ -28,6 +28,8 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.sym.pattern import detect_linear_equation
 
 from . import stack_alloc
+from .errors import error_line
+from .tvm_consts import IS_SCHEDULED, OPAQUE
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     with target:
         return tvm.transform.Sequential(passes + legalize[1:])(opaque_symbolic_helpers(mod))
 
-
-_OPAQUE = 8  # relax OpPatternKind.kOpaque
 
 
 def opaque_symbolic_helpers(mod: tvm.IRModule) -> tvm.IRModule:
@@ -66,7 +66,7 @@ def opaque_symbolic_helpers(mod: tvm.IRModule) -> tvm.IRModule:
             continue
         dims = [d for buf in func.params if hasattr(buf, "shape") for d in buf.shape]  # params are buffers
         if any(not isinstance(d, tvm.tirx.IntImm) for d in dims):
-            updates[gv] = func.with_attr("op_pattern", _OPAQUE)
+            updates[gv] = func.with_attr("op_pattern", OPAQUE)
     if not updates:
         return mod
     mod = mod.clone()
@@ -125,9 +125,8 @@ def finish(mod: tvm.IRModule, target: tvm.target.Target, tir_pipeline: str = sta
 
 
 def is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
-    """Whether a schedule was already applied (hago's kernels, MetaSchedule records; ARM uses the old name)."""
-    attrs = func.attrs or {}
-    return bool(attrs.get("tirx.is_scheduled", False)) or bool(attrs.get("tir.is_scheduled", False))
+    """Whether a schedule was already applied (hago's kernels, MetaSchedule records)."""
+    return bool((func.attrs or {}).get(IS_SCHEDULED, False))
 
 
 def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
@@ -161,7 +160,7 @@ def schedule_elementwise_func(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | No
         return None
     if not apply_default_schedule(sch):
         return None
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch.mod["main"].with_attr(IS_SCHEDULED, True)
 
 
 def apply_default_schedule(sch) -> bool:
@@ -201,7 +200,7 @@ def apply_default_schedule(sch) -> bool:
             else:
                 _parallel_vectorize(sch, blk)
     except (ScheduleError, tvm.error.InternalError, TypeError) as e:  # TypeError: a symbolic extent
-        why = (str(e).strip() or type(e).__name__).splitlines()[-1]
+        why = error_line(e, limit=None)
         log.debug("default schedule failed, loops stay naive: %s", why)
         return False
     return True

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import error_line
+
 log = logging.getLogger(__name__)
 
 __all__ = ["OnnxPrep", "prepare_onnx", "static_batch_of", "fold_shapes"]
@@ -226,7 +228,7 @@ def _same_per_sample(original, relaxed, batch: int) -> tuple[bool, str]:
         got = new.run(None, both)
         want = [ref.run(None, f) for f in feeds]
     except Exception as exc:  # noqa: BLE001 - ORT refusing the relaxed graph is the answer
-        return False, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return False, error_line(exc, "first")
     for k, out in enumerate(got):
         exp = np.concatenate([w[k] for w in want])
         if out.shape != exp.shape:
@@ -272,7 +274,7 @@ def fold_shapes(proto):
         folded.opset_import.extend(kept)
         return folded
     except Exception as exc:  # noqa: BLE001 - folding is an optimisation of the import, never required
-        log.info("shape folding skipped: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+        log.info("shape folding skipped: %s", error_line(exc, "first", limit=None))
         return proto
 
 

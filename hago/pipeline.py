@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass, field
 
 from .annotate import AnnotateConfig, annotate
+from .backends import backend_of
 from .batching import bind_calibration_dims, whole_batches
 from .calibrate import get_calibrator
 from .correct import CorrectionContext, check_corrections, corrected_graph, run_corrections
@@ -142,7 +143,7 @@ def lower(prepared: PreparedModel, strategy: Strategy, spec: HardwareSpec, batch
 
     fp32 = prepared.fp32 if batch is None else build_mod.static_batch(prepared.fp32, batch)
     graph = prepared.graph if fp32 is prepared.fp32 else analyze(fp32)
-    return fp32, realize(corrected_graph(graph, strategy), strategy, spec.requantize)
+    return fp32, realize(corrected_graph(graph, strategy), strategy, spec.requantize, backend_of(spec))
 
 
 def realized_program(prepared: PreparedModel, strategy: Strategy, spec: HardwareSpec) -> Realized:

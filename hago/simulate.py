@@ -23,30 +23,14 @@ from tvm.relax import op as O
 
 from .dynamic import fake_quantize_rows
 from .graph import Graph
-from .qparams import bias_scale_floor, container_dtype, quantize_weight, weight_qparams
+from .realize import handler_for
+from .realize.quant import bias_shape, dequantize, fake_quantized_weight, quantize, substitute
 from .strategy import Strategy
 
 
 def _fake_quant(bb: relax.BlockBuilder, x, qp) -> relax.Expr:
-    cdt = container_dtype(qp.dtype)
-    scale = relax.const(np.float32(qp.scale), "float32")
-    zp = relax.const(np.asarray(qp.zero_point).astype(cdt), cdt)
-    lo, hi = np.iinfo(cdt).min, np.iinfo(cdt).max
-    if (qp.qmin, qp.qmax) == (lo, hi):
-        q = bb.emit(O.quantize(x, scale, zp, axis=-1, out_dtype=cdt))
-    else:
-        r = O.add(O.round(O.divide(x, scale)), relax.const(float(qp.zero_point), "float32"))
-        q = bb.emit(O.astype(O.clip(r, qp.qmin, qp.qmax), cdt))
-    return bb.emit(O.dequantize(q, scale, zp))
-
-
-def _fake_weight(node, bits: int, input_scale: float | None) -> np.ndarray:
-    axis = 0 if node.kind != "dense" else 1
-    floor = bias_scale_floor(node.bias, input_scale) if input_scale else None
-    qp = weight_qparams(node.weight, axis, bits, min_scale=floor)
-    shape = [1] * node.weight.ndim
-    shape[axis] = -1
-    return (quantize_weight(node.weight, qp).astype(np.float32) * qp.scale.reshape(shape)).astype(np.float32)
+    """``x`` quantized and dequantized with ``qp``, exactly as realize quantizes the edge."""
+    return bb.emit(dequantize(bb.emit(quantize(x, qp)), qp))
 
 
 def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs: Sequence[str] = (),
@@ -85,15 +69,7 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
         bias_vars[name] = relax.Var(f"hago_bias_{name}", relax.TensorType([channels], "float32"))
 
     def subst(expr):
-        if isinstance(expr, relax.Var):
-            return remap.get(expr, expr)
-        if isinstance(expr, relax.Call):
-            return relax.Call(expr.op, [subst(a) for a in expr.args], expr.attrs, expr.ty_args)
-        if isinstance(expr, relax.Tuple):
-            return relax.Tuple([subst(f) for f in expr.fields])
-        if isinstance(expr, relax.TupleGetItem):
-            return relax.TupleGetItem(subst(expr.tuple_value), expr.index)
-        return expr
+        return substitute(expr, lambda v: remap.get(v, v))
 
     def after(var, value):
         pre[var] = value
@@ -107,7 +83,7 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
 
     def with_bias(node, acc):
         """``acc + bias`` for a weighted node: its bias input, ``node.bias``, or nothing."""
-        shape = (1, -1, 1, 1) if node.kind != "dense" else (-1,)
+        shape = bias_shape(node)
         if node.name in bias_vars:
             return bb.emit(O.add(acc, O.reshape(bias_vars[node.name], shape)))
         if node.bias is not None:
@@ -125,11 +101,9 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
                         continue
                     value = b.value
                     node = node_of_var.get(b.var)
-                    if fake and node is not None and node.weighted and strategy.ops[node.name].mode == "integer":
-                        qx = strategy.resolved(node.inputs[0]).qparams
-                        sx = float(qx.scale) if qx is not None else None
-                        w = relax.const(_fake_weight(node, strategy.ops[node.name].weight_bits, sx), "float32")
-                        value = relax.Call(value.op, [value.args[0], w], value.attrs, value.ty_args)
+                    if fake and node is not None and strategy.ops[node.name].mode == "integer":
+                        handler = handler_for(strategy, node)  # its constants as realize quantizes them
+                        value = handler.simulated_call(node, value, strategy) if handler else value
                     if local and node is not None and node.name in tap_set:
                         twins[node.name] = _local_twin(bb, node, strategy, subst(value), with_bias)
                     if node is not None and node.weighted:
@@ -176,5 +150,5 @@ def _local_twin(bb: relax.BlockBuilder, node, strategy: Strategy, call: relax.Ca
     else:
         xq = x
     sx = float(choice.qparams.scale) if choice.qparams is not None else None
-    w = relax.const(_fake_weight(node, strategy.ops[node.name].weight_bits, sx), "float32")
+    w = relax.const(fake_quantized_weight(node, strategy.ops[node.name].weight_bits, sx), "float32")
     return with_bias(node, bb.emit(relax.Call(call.op, [xq, w], call.attrs, call.ty_args)))

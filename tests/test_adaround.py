@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hago.annotate import AnnotateConfig
-from hago.compile import quantize
+from hago.compiler import quantize
 from hago.correct import CORRECTIONS, corrected_graph, rounding
 from hago.errors import QuantizeError
 from hago.frontend import load_model

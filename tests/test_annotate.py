@@ -139,3 +139,26 @@ def test_passthrough_feeding_only_float_ops_runs_in_float():
     assert s.ops[dense.name].mode == "integer"
     assert s.ops[reshape.name].mode == "float" and "only float" in s.ops[reshape.name].reason
     assert not s.edges[dense.name].bits  # dequantized from the int32 accumulator, no 8-bit rounding
+
+
+def test_descriptor_is_the_first_whose_dtypes_hold_the_bits(tmp_path):
+    """annotate reads every descriptor a spec lists: the first that holds the edge and weight bits wins."""
+    g, h = _graph(_mlp(), (2, 1, 8, 8))
+    conv = g.nodes[0]
+    t4 = HardwareSpec.load("cuda-t4")  # int8 first, then int4: 4-bit values fit the int8 descriptor too
+    for bits in (8, 4):
+        s = annotate(g, t4, h, AnnotateConfig(activation_bits=bits, weight_bits=bits))
+        assert s.ops[conv.name].descriptor["inputs"] == ["int8", "int8"]
+    data = yaml.safe_load((spec_dir() / "cuda-t4.yaml").read_text())
+    data["name"] = "int4first"
+    data["ops"]["conv2d"] = data["ops"]["conv2d"][::-1]  # int4 first: 8-bit layers skip it
+    p = tmp_path / "int4first.yaml"
+    p.write_text(yaml.safe_dump(data))
+    spec = HardwareSpec.load(p)
+    assert annotate(g, spec, h).ops[conv.name].descriptor["inputs"] == ["int8", "int8"]
+    assert annotate(g, spec, h, AnnotateConfig(activation_bits=4, weight_bits=4)).ops[conv.name].descriptor[
+        "inputs"] == ["int4", "int4"]
+    data["ops"]["conv2d"] = data["ops"]["conv2d"][:1]  # only int4: an 8-bit conv has no descriptor, stays float
+    p.write_text(yaml.safe_dump(data))
+    choice = annotate(g, HardwareSpec.load(p), h).ops[conv.name]
+    assert choice.mode == "float" and "8-bit inputs, 8-bit weights" in choice.reason

@@ -19,7 +19,7 @@ from tvm import relax
 
 from hago import build as build_mod
 from hago.annotate import AnnotateConfig
-from hago.compile import quantize
+from hago.compiler import quantize
 from hago.correct import CORRECTIONS, corrected_graph
 from hago.errors import QuantizeError
 from hago.frontend import load_model
@@ -136,7 +136,7 @@ def test_deltas_do_not_depend_on_the_probe_batch_when_dense_rows_merge_the_batch
     import torch
     from torch import nn
 
-    from hago.compile import quantize
+    from hago.compiler import quantize
 
     class Tokens(nn.Module):
         def __init__(self):

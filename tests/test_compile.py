@@ -15,9 +15,9 @@ import tvm
 from tvm import relax
 
 from hago import zoo
-from hago.compile import compile as hago_compile
-from hago.compile import quantize
-from hago.irstats import heavy_kernels
+from hago.compiler import compile as hago_compile
+from hago.compiler import quantize
+from irstats import heavy_kernels
 from hago.strategy import Strategy
 
 pytestmark = [pytest.mark.llvm, pytest.mark.slow]
@@ -40,7 +40,7 @@ def test_int8_accuracy_on_the_real_test_set(mnist_build):
     result, _ = mnist_build
     r = result.report
     assert r["eval_samples"] == 10000
-    assert r["corrections"] == ["bias"]  # compile's default (hago.compile.DEFAULT_CORRECTIONS)
+    assert r["corrections"] == ["bias"]  # compile's default (hago.compiler.DEFAULT_CORRECTIONS)
     assert r["fp32"]["accuracy"] == pytest.approx(0.9905, abs=1e-4)  # TVM FP32 reproduces torch's 99.05%
     assert r["quantized"]["accuracy"] >= 0.989
     assert r["agreement"] >= 0.995
@@ -78,7 +78,7 @@ def test_outputs_are_written_and_loadable(mnist_build, mnist_test):
 def test_exported_build_runs_vnni_kernels(mnist_build):
     """The deployable build uses the packed u8 x s8 kernels and their vpdpbusd code."""
     result, _ = mnist_build
-    from hago.compile import static_pair
+    from hago.compiler import static_pair
     from hago.hwspec import HardwareSpec
 
     _, int_mod = static_pair(result.quantized, HardwareSpec.load("x86-avx512-vnni"), 1)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import corpus
-from hago.compile import compile as hago_compile
+from hago.compiler import compile as hago_compile
 from hago.errors import HagoError
 
 pytestmark = pytest.mark.llvm

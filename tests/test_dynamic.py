@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hago.annotate import AnnotateConfig
-from hago.compile import quantize
+from hago.compiler import quantize
 from hago.hwspec import HardwareSpec
 from hago.simulate import simulate
 

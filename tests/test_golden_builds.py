@@ -88,7 +88,7 @@ def test_x86_build_is_unchanged(assets):
 
 @pytest.mark.parametrize("device", ["rpi4", "rpi5"])
 def test_arm_build_is_unchanged_under_qemu(assets, device):
-    from hago.arm import qemu
+    from hago.measure import qemu
     from hago.hwspec import HardwareSpec
 
     missing = [t for t in ("aarch64-linux-gnu-g++", qemu.QEMU) if shutil.which(t) is None]

@@ -17,7 +17,7 @@ from torch import nn
 from tvm import relax
 
 from hago import build as build_mod
-from hago.compile import quantize
+from hago.compiler import quantize
 from hago.hwspec import HardwareSpec
 from hago.lower import fuse, schedule_elementwise
 

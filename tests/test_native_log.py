@@ -26,7 +26,7 @@ def test_only_the_known_lines_are_dropped():
 def test_export_prints_no_scope_saving_warnings(tmp_path):
     code = f"""
 import torch
-from hago.compile import compile as hago_compile
+from hago.compiler import compile as hago_compile
 from hago.hwspec import HardwareSpec
 from hago import build
 model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 3))

@@ -3,7 +3,7 @@
 Each pattern of ``corpus.PATTERNS`` (MobileNetV3 / EfficientNet / transformer
 element-wise ops, resize, transposed, 1-D and grouped convs) is exported
 with ``torch.onnx.export(dynamo=False)`` and a dynamic batch, compiled with
-``hago.compile.compile``, and checked three ways:
+``hago.compile``, and checked three ways:
 
 * the FP32 build computes what ONNX Runtime computes, to 1e-4;
 * the quantized build runs, is finite and stays close to FP32;
@@ -22,11 +22,11 @@ from torch import nn
 
 import corpus
 import intref
-from hago.compile import compile as hago_compile
-from hago.compile import static_pair
+from hago.compiler import compile as hago_compile
+from hago.compiler import static_pair
 from hago.errors import FrontendError
 from hago.hwspec import HardwareSpec
-from hago.irstats import heavy_kernels
+from irstats import heavy_kernels
 
 pytestmark = pytest.mark.llvm
 
@@ -234,8 +234,8 @@ def test_arm_int8_kernels_skip_grouped_convs():
     import tvm
     from tvm import relax
 
-    from hago.arm.schedule import apply_arm_schedules
-    from hago.compile import quantize
+    from hago.backends.arm.schedule import apply_arm_schedules
+    from hago.compiler import quantize
 
     case = corpus.PATTERNS["grouped_conv"]
     torch.manual_seed(0)

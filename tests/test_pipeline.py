@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from hago import zoo
-from hago.compile import compile as hago_compile
-from hago.compile import quantize
+from hago.compiler import compile as hago_compile
+from hago.compiler import quantize
 from hago.pipeline import prepare_model
 
 pytestmark = pytest.mark.llvm
@@ -46,7 +46,7 @@ def test_a_prepared_model_serves_several_strategies_without_reloading(mnist_onnx
 def test_search_writes_its_outputs_from_the_model_it_holds(mnist_onnx_path, calib, tmp_path, monkeypatch):
     from hago.search.algorithms import ALGORITHMS
     from hago.search.engine import SearchEngine
-    from hago.search.measure import LocalMeasurer
+    from hago.measure import LocalMeasurer
     from hago.search.run import write_search_outputs
 
     x, y = zoo.mnist_data("test")

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import intref
-from hago.compile import quantize
+from hago.compiler import quantize
 from hago.hwspec import HardwareSpec
-from hago.irstats import heavy_kernels
+from irstats import heavy_kernels
 
 pytestmark = pytest.mark.llvm
 

@@ -50,7 +50,7 @@ def _model() -> nn.Module:
 def test_mobile_block_compiles_at_batch1_and_agrees_with_fp32():
     from tvm import relax
 
-    from hago.compile import compile as hago_compile
+    from hago.compiler import compile as hago_compile
 
     model = _model()
     rng = np.random.default_rng(0)

@@ -294,7 +294,7 @@ _CHILD = textwrap.dedent("""
 def test_built_embedding_model_never_reads_out_of_bounds(embedding_onnx, tmp_path):
     import onnxruntime as ort
 
-    from hago.compile import compile as hago_compile
+    from hago.compiler import compile as hago_compile
 
     model, path = embedding_onnx
     calib = {"ids": np.random.default_rng(0).integers(0, VOCAB, (64, SEQ)).astype(np.int64)}

@@ -17,7 +17,7 @@ import pytest
 from hago import zoo
 from hago.search.algorithms import ALGORITHMS
 from hago.search.engine import SearchEngine
-from hago.search.measure import LocalMeasurer
+from hago.measure import LocalMeasurer
 
 pytestmark = [pytest.mark.llvm, pytest.mark.slow]
 N_EVAL = 300
@@ -68,7 +68,7 @@ def test_latency_aware_search_starts_fast_and_stops_at_the_target(mnist_onnx_pat
 
 
 def test_search_over_rpc_matches_local(mnist_onnx_path, data, tmp_path, rpc_tracker):
-    from hago.search.measure import RPCMeasurer
+    from hago.measure import RPCMeasurer
 
     tracker, key = rpc_tracker
     results = {}
@@ -95,7 +95,7 @@ def test_impossible_target_returns_best_with_message(mnist_onnx_path, data, tmp_
 FAKE_WORKER = """
 import json, os, resource, sys, time
 import tvm  # imported before "ready", as the real worker does: the time-out is for the measurement alone
-from hago.search.worker import measure
+from hago.measure.worker import measure
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump: the abort below dies at once
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
@@ -218,7 +218,7 @@ def test_candidates_are_bias_corrected_like_compile(mnist_onnx_path, data, tmp_p
     """Every candidate is scored as ``hago compile`` would build it: the all-8-bit candidate carries the
     same bias deltas compile's ``bias`` correction computes; a layer put back to float carries none, the
     others keep theirs; ``corrections=()`` turns it off."""
-    from hago.compile import quantize
+    from hago.compiler import quantize
 
     e = _engine(mnist_onnx_path, data, tmp_path / "b.jsonl", cache_dir=tmp_path / "cache", max_trials=1)
     wide = e.strategy(e.space.widest())
@@ -241,7 +241,7 @@ def test_candidates_carry_learned_rounding_like_compile(mnist_onnx_path, data, t
     """``adaround_conv,bias``: the all-8-bit candidate gets compile's learned rounding bits and the bias
     deltas measured after them; a layer put back to float gets neither; a correction whose result depends
     on the other layers is refused before any work."""
-    from hago.compile import quantize
+    from hago.compiler import quantize
     from hago.search.target import SearchError
 
     names = ("adaround_conv", "bias")
@@ -274,23 +274,3 @@ def test_a_space_too_large_for_len_still_reports_its_size():
     assert space.size_text() == "7.18e+23"
     assert SearchSpace((Knob("a", "weight", (0, 8)),)).size_text() == "2"
 
-
-ENV_WORKER = """
-import json, os, sys
-print(json.dumps({"ready": True}), flush=True)
-for line in sys.stdin:
-    print(json.dumps({"latency_ms": float(os.environ.get("TVM_NUM_THREADS", "0")), "std_ms": 0.0}), flush=True)
-"""
-
-
-def test_local_measurer_gives_its_worker_the_device_threads(tmp_path, monkeypatch):
-    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
-    fake = tmp_path / "env_worker.py"
-    fake.write_text(ENV_WORKER)
-    lib = tmp_path / "x.so"
-    lib.write_bytes(b"")
-    m = LocalMeasurer(timeout_s=30, command=[sys.executable, str(fake)], threads=3)
-    try:
-        assert m.measure(lib, [([1], "float32")]).latency_ms == 3.0
-    finally:
-        m.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hago.compile import quantize
+from hago.compiler import quantize
 from hago.simulate import simulate
 
 pytestmark = pytest.mark.llvm

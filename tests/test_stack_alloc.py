@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hago import stack_alloc
-from hago.kernels import emit_conv2d_vnni, schedule_vnni
+from hago.backends.x86.kernels import emit_conv2d_vnni, schedule_vnni
 
 TARGET = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
 ALLOC = "TVMBackendAllocWorkspace"

@@ -21,8 +21,8 @@ from tvm import relax
 
 from hago import zoo
 from hago.cli import main
-from hago.compile import compile as hago_compile
-from hago.compile import quantize
+from hago.compiler import compile as hago_compile
+from hago.compiler import quantize
 from hago.errors import DataError
 from hago.frontend import import_model, input_infos
 from hago.graph import graph_hash
@@ -174,7 +174,7 @@ def test_symbolic_spatial_dims_are_bound_from_the_calibration_data(tmp_path):
 @pytest.mark.parametrize("which", ["relaxed", "fixed"])
 def test_search_on_static_batch_files(which, mnist_static, tmp_path):
     """``hago search`` on a relaxed file (the MNIST default export) and on a graph fixed to a batch of 4."""
-    from hago.search.measure import LocalMeasurer
+    from hago.measure import LocalMeasurer
     from hago.search.run import search
 
     if which == "relaxed":

@@ -35,8 +35,9 @@ def int_mod():
     import torch
     from torch import nn
 
+    from hago.backends import get_backend
     from hago.build import static_batch
-    from hago.compile import quantize
+    from hago.compiler import quantize
     from hago.graph import analyze
     from hago.realize import realize
 
@@ -45,7 +46,7 @@ def int_mod():
     calib = {"input": np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)}
     q = quantize(model, "x86-avx512-vnni", calib, example_inputs=(torch.zeros(1, 3, 8, 8),))
     static = static_batch(q.fp32, 1)
-    return realize(analyze(static), q.strategy, "fixed_point").mod
+    return realize(analyze(static), q.strategy, "fixed_point", get_backend("x86")).mod
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +191,7 @@ def _dense_module(m: int = 4, k: int = 64, n: int = 32):
     import tvm
     from tvm import relax
 
-    from hago.kernels import emit_dense_vnni
+    from hago.backends.x86.kernels import emit_dense_vnni
 
     w = np.random.default_rng(2).integers(-128, 128, (k, n), dtype=np.int8)
     bb = relax.BlockBuilder()
@@ -233,7 +234,7 @@ def test_cross_compiled_candidates_are_aarch64_libraries():
     """For a Pi the builder links each candidate with the spec's cross compiler (no compiler on the board)."""
     from hago.build import target_of
     from hago.hwspec import HardwareSpec
-    from hago.tune.measure import build_candidate
+    from hago.tune.candidates import build_candidate
 
     spec = HardwareSpec.load("rpi4")
     mod, _ = _dense_module()

@@ -3,8 +3,8 @@
 //   hago_run_vm MODEL.so IN.hgt OUT.hgt [--repeat N]
 //
 // Built for aarch64 by tools/install_arm.sh; run on a board or under qemu-aarch64
-// (hago/arm/qemu.py). Inputs and outputs use a tiny little-endian tensor file,
-// written and read by hago.arm.qemu.save_tensors / load_tensors:
+// (hago/measure/qemu.py). Inputs and outputs use a tiny little-endian tensor file,
+// written and read by hago.measure.qemu.save_tensors / load_tensors:
 //
 //   "HGT1"  uint32 count
 //   count x { uint8 code, uint8 bits, uint16 lanes   (a DLDataType)

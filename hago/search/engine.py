@@ -3,7 +3,7 @@
 A candidate is a point of :class:`~hago.search.space.SearchSpace`. Its
 accuracy is measured on this machine by running the realized integer program
 (the one the device will run); its latency is measured on the device through a
-:class:`~hago.search.measure.Measurer`. Calibration statistics are gathered
+:class:`~hago.measure.Measurer`. Calibration statistics are gathered
 once for every edge, so each candidate only re-derives ranges, realizes and
 builds. Every measurement goes to the JSONL log first; a resumed search reads
 it back and measures nothing twice.
@@ -44,22 +44,21 @@ import numpy as np
 
 from .. import build as build_mod
 from ..annotate import annotate
-from ..arm.schedule import apply_arm_schedules
+from ..backends import backend_of
 from ..calibrate import get_calibrator
 from ..data import check_labels, load_samples
-from ..errors import MeasureError
+from ..errors import MeasureError, error_line
 from ..evaluate import predict
 from ..pipeline import CALIB_BATCH, prepare_model
 from ..graph import analyze
 from ..hwspec import HardwareSpec
-from ..measure import device_threads
+from ..measure import LocalMeasurer, Measurer, device_threads
 from ..observe import apply_ranges, observe
 from ..correct import CORRECTIONS, CorrectionContext, check_corrections, corrected_graph, run_corrections
 from ..realize import realize
 from . import refcache
 from .kernelcache import KernelCache, profile_calls
 from .log import SearchLog, check_resumable
-from .measure import LocalMeasurer, Measurer
 from .space import Point, SearchSpace
 from .target import AccuracyTarget, SearchError, make_metric
 
@@ -169,7 +168,7 @@ class SearchEngine:
         if resume:
             check_resumable(log_path)
         self.spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
-        if build_mod.is_local(self.spec):  # accuracy runs here too: the device's cores, not TVM's half
+        if self.spec.is_local:  # accuracy runs here too: the device's cores, not TVM's half
             device_threads(self.spec.cores)
         # loaded and prepared once (hago.pipeline): symbolic sizes other than the batch come from the
         # calibration data; a static batch the graph depends on fixes every batch below
@@ -178,16 +177,16 @@ class SearchEngine:
         self.infos, self.fixed_batch = self.prepared.inputs, self.prepared.fixed_batch
         self.space = self._space(allow_float, weight_bits)
         self.tie_tolerance = tie_tolerance
-        if measurer is None and not build_mod.is_local(self.spec):
+        if measurer is None and not self.spec.is_local:
             raise SearchError(f"{self.spec.name} is not this machine: pass --rpc TRACKER --key KEY to measure on it")
         self.measurer = measurer or LocalMeasurer(threads=self.spec.cores)
-        self.host = build_mod.host_target() if not build_mod.is_local(self.spec) else build_mod.target_of(self.spec)
+        self.host = build_mod.host_target() if not self.spec.is_local else build_mod.target_of(self.spec)
         self.device_target = build_mod.target_of(self.spec)
         self.names = [i.name for i in self.infos]
         # builds are static (the hand-scheduled kernels tile exact shapes): batch 1 on the device,
         # eval_batch for accuracy on the host; same node names, so one strategy serves all three graphs.
         # On this machine the device build also scores accuracy (batch 1): one build per candidate.
-        self.shared_build = build_mod.is_local(self.spec)
+        self.shared_build = self.spec.is_local
         self.device_batch = self.fixed_batch or 1
         self.eval_batch = self.fixed_batch or (1 if self.shared_build else eval_batch)
         self.device_graph = analyze(build_mod.static_batch(self.fp32, self.device_batch))
@@ -364,9 +363,9 @@ class SearchEngine:
             self._executables.move_to_end(point)
             return self._executables[point]
         strat = self.strategy(point)
-        realized = realize(corrected_graph(self.device_graph, strat), strat, self.spec.requantize)
-        mod = apply_arm_schedules(realized.mod, self.spec)
-        ex = build_mod.build(mod, self.device_target, self.spec.name)
+        realized = realize(corrected_graph(self.device_graph, strat), strat, self.spec.requantize,
+                           backend_of(self.spec))
+        ex = build_mod.build_for(realized.mod, self.spec)  # the backend's kernel swap, then its build
         self._remember(point, ex)
         return ex
 
@@ -379,7 +378,8 @@ class SearchEngine:
             ex = self.executable(point)
         else:
             strat = self.strategy(point)
-            realized = realize(corrected_graph(self.eval_graph, strat), strat, self.spec.requantize)
+            realized = realize(corrected_graph(self.eval_graph, strat), strat, self.spec.requantize,
+                               backend_of(self.spec))
             ex = build_mod.build(realized.mod, self.host, "host")
         out = predict(ex, self.eval_samples, self.names, self.eval_batch, static=True)
         c.accuracy = float(self.score(out))
@@ -402,7 +402,7 @@ class SearchEngine:
             if m.kernels:
                 self.kernels.add(list(m.kernels), m.latency_ms)
         except Exception as e:  # a build that fails is a failed candidate, not a failed search
-            c.error = f"{type(e).__name__}: {str(e).splitlines()[-1][:200] if str(e) else ''}"
+            c.error = error_line(e, with_type=True)
         self.trials += 1
         self.log.add({"key": f"latency|{c.key}", "point": list(point), "latency_ms": c.latency_ms, "error": c.error})
         if c.error:
@@ -452,7 +452,7 @@ class SearchEngine:
         this machine, where those calls are the device's calls. With
         ``build=False``, only candidates already built or listed are estimated.
         """
-        if not build_mod.is_local(self.spec):
+        if not self.spec.is_local:
             return None
         sigs = self.signatures(point, build)
         return None if sigs is None else self.kernels.estimate(sigs)
@@ -460,7 +460,7 @@ class SearchEngine:
     def estimate_partial(self, point: Point, build: bool = False) -> float | None:
         """:meth:`estimate`, with kernels never timed priced like timed ones of their kind (see
         :meth:`KernelCache.estimate_partial`); a guess, used to rank candidates, never as a result."""
-        if not build_mod.is_local(self.spec):
+        if not self.spec.is_local:
             return None
         sigs = self.signatures(point, build)
         return None if sigs is None else self.kernels.estimate_partial(sigs)

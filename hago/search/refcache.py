@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import error_line
+
 log = logging.getLogger(__name__)
 
 SCHEMA = "hago.search.reference"
@@ -158,5 +160,4 @@ def _restore(value: Any, z) -> Any:
 def _one_line(e: BaseException) -> str:
     if isinstance(e, ValueError) and "pickle" in str(e):  # numpy's refusal suggests loading it unsafely: no
         return "holds pickled data, which is never loaded"
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1][:200]}" if text else type(e).__name__
+    return error_line(e, with_type=True)

@@ -1,7 +1,7 @@
 """``hago search`` end to end: engine + algorithm + outputs like ``hago compile``.
 
 Writes the chosen build (``model.so``, ``strategy.json``, ``report.json``
-through :func:`hago.compile.compile`, given the prepared model the engine
+through :func:`hago.compile`, given the prepared model the engine
 already holds, so a search result is replayable with ``--strategy``), plus
 ``pareto.json`` and ``pareto.png``.
 """
@@ -37,11 +37,57 @@ def _progress_hook(engine: SearchEngine, progress: Progress, task) -> None:
 
 def search(model, device, calib, eval_data, *, out_dir=None, algorithm="evolve", log_path=None,
            resume: bool = False, console: Console | None = None, **engine_options) -> SearchResult:
-    """Run a search and write its outputs; see :class:`SearchEngine` for the options.
+    """The fastest strategy for ``device`` that meets an accuracy target, measured on the device (``hago.search``).
 
-    With ``resume`` (``--resume LOG``) ``log_path`` must hold a search: a
-    missing or empty log is a one-line error, not a new search. Without it
-    (``--log LOG``) a missing log is started, and an existing one continued.
+    Candidates are scored by running the realized integer program here and
+    timed on the device through a :class:`hago.measure.Measurer`; every
+    measurement goes to a JSONL log first, so a killed search resumes and
+    measures nothing twice. FP32 is always a measured candidate.
+
+    Parameters
+    ----------
+    model : str | Path | torch.nn.Module | tvm.IRModule
+        An ONNX file, a torch module (pass ``example_inputs=``) or a Relax module.
+    device : str | HardwareSpec
+        A spec name from ``hwspecs/`` (``hago devices``) or a loaded spec.
+    calib : path | dict | iterable | callable
+        Calibration samples keyed by input name (see :func:`hago.data.load_samples`).
+    eval_data : same kinds as ``calib``
+        The accuracy target's data: top-1 with a ``label`` array, top-1
+        agreement with FP32 without one (or pass ``metric=``).
+    out_dir : path, optional
+        Where the chosen build is written as ``hago compile`` writes it
+        (``model.so``, ``strategy.json``, ``report.json``), plus ``pareto.json``,
+        ``pareto.png`` and, without ``log_path``, the log ``search.jsonl``.
+    algorithm : str
+        ``evolve`` (cost-model guided), ``latency`` or ``greedy``.
+    log_path : path, optional
+        The JSONL log; default ``OUT/search.jsonl``.
+    resume : bool
+        ``log_path`` must hold a search (``--resume LOG``): a missing or empty
+        log is a one-line error, not a new search. Without it (``--log LOG``)
+        a missing log is started, and an existing one continued.
+    console : rich.console.Console, optional
+        Where the progress bar goes (stderr by default).
+    **engine_options
+        :class:`~hago.search.engine.SearchEngine`'s keywords: ``accuracy_drop``
+        (``"1%"`` relative, ``"0.5pt"`` absolute), ``max_trials``,
+        ``time_budget`` (seconds), ``measurer`` (default: this machine, in a
+        child with a time-out; an ``RPCMeasurer`` for a board), ``calibrator``,
+        ``corrections``, ``example_inputs``, ``metric``, ``weight_bits``,
+        ``allow_float``, ``cache_dir``.
+
+    Returns
+    -------
+    SearchResult
+        ``best`` (None if nothing could be measured), ``met_target``,
+        ``message``, ``strategy``, ``fp32`` and every ``candidates`` scored.
+
+    Raises
+    ------
+    HagoError
+        One line, before any long work where the problem can be seen up front
+        (bad options, data, spec, log or tracker).
     """
     if algorithm not in ALGORITHMS:
         raise SearchError(f"unknown search algorithm {algorithm!r}; valid: {', '.join(sorted(ALGORITHMS))}")
@@ -69,7 +115,7 @@ def search(model, device, calib, eval_data, *, out_dir=None, algorithm="evolve",
 
 def write_search_outputs(engine: SearchEngine, result: SearchResult, out: Path) -> None:
     """The chosen build, from the prepared model the engine holds (no reload of the model file)."""
-    from ..compile import compile as hago_compile
+    from ..compiler import compile as hago_compile
 
     out.mkdir(parents=True, exist_ok=True)
     built = hago_compile(engine.prepared, engine.spec, strategy=result.strategy, out_dir=out, measure=False)

@@ -1,7 +1,7 @@
 """tune: MetaSchedule tuning for CPU builds, with a persistent per-device cache.
 
-Pipeline position: the build stage, in place of ``build.build`` for LLVM
-targets. ``tune_and_build(mod, target, trials=0, ...)`` tunes nothing but
+Pipeline position: the build stage of a CPU backend (``Backend.tunable``), in
+place of its untuned build. ``tune_and_build(mod, target, trials=0, ...)`` tunes nothing but
 still applies every schedule the cache holds for ``mod``'s workloads, then
 hago's hand-written VNNI schedules, so a cache filled once (by ``hago compile
 --tune-trials N``, a search or another model sharing layers) speeds up every
@@ -14,7 +14,8 @@ build makes no trial at all and raising the budget tops tasks up. FP32 and
 integer modules go through the same function with the same budget, so their
 latency ratio stays fair.
 
-Hago's VNNI kernels are tuned too: MetaSchedule's VNNI rule tensorizes them
+A backend's kernels are tuned too (it says which PrimFuncs they are and how they
+are scheduled by default). x86's VNNI kernels: MetaSchedule's VNNI rule tensorizes them
 with ``dot_16x4_vnni`` (re-registered LLVM-22 clean by
 ``fix_shipped_vnni_intrin``), and their hand-written schedule is measured and
 committed as the first record, so the database always holds a ``vpdpbusd``
@@ -31,9 +32,10 @@ from typing import NamedTuple
 
 import tvm
 
-from ..errors import BuildError
+from .. import backends
+from ..errors import BuildError, error_line
 from .cache import CACHE_ENV, DEFAULT_CACHE_DIR, SCHEMA, TuningCache, default_cache_dir
-from .measure import PoolBuilder, fast_build, local_builder, local_runner, progress_callback, rpc_runner
+from .candidates import PoolBuilder, fast_build, local_builder, local_runner, progress_callback, rpc_runner
 from .options import TuneOptions
 from .progress import bar
 from .tuner import (Task, commit_default, compile_cached, cost_model, default_fingerprint, ensure_intrinsics, extract,
@@ -68,7 +70,10 @@ class Tuned(NamedTuple):
 
 def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=None, builder=None,
          cross_compiler: str | None = None, progress: bool = True) -> TuneStats:
-    """Tune every task of ``tasks`` whose cached budget is below ``trials``, by the difference."""
+    """Tune every task of ``tasks`` whose cached budget is below ``trials``, by the difference.
+
+    The tasks' backend (``Task.backend``, one for all) gives the kernels' default schedules and intrinsics.
+    """
     fingerprints = {t.name: default_fingerprint(t) for t in tasks}  # one default schedule per task, not three
     todo = [t for t in tasks if t.entry.budget < trials or _stale_default(t, fingerprints[t.name])]
     if not todo:
@@ -77,7 +82,7 @@ def tune(tasks: list[Task], target: tvm.target.Target, *, trials: int, runner=No
         raise BuildError("tuning a cross-compiled target needs a runner on the device: pass an RPC tracker")
     t0 = time.perf_counter()
     logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
-    ensure_intrinsics(target, tuning=True)
+    ensure_intrinsics(target, todo[0].backend, tuning=True)
     own_builder = builder is None
     builder = builder or local_builder(cross_compiler)
     runner = runner or local_runner()
@@ -123,7 +128,7 @@ def _tune_task(task: Task, fp: str | None, target, trials: int, builder, runner,
         try:
             search(task, db, target, trials - task.entry.budget, builder, runner, model, [callback])
         except Exception as e:  # a task MetaSchedule cannot tune keeps its default schedule
-            log.warning("tuning %s failed, it keeps its default schedule: %s", task.name, _last_line(e))
+            log.warning("tuning %s failed, it keeps its default schedule: %s", task.name, error_line(e, limit=300))
     task.entry.record(task=task.name, budget=trials, trials=counts["trials"] - before["trials"],
                       failed=counts["failed"] - before["failed"], default_ms=default_ms,
                       default_schedule=fp)  # also when it failed to build or run: not retried every build
@@ -131,17 +136,17 @@ def _tune_task(task: Task, fp: str | None, target, trials: int, builder, runner,
 
 def tune_and_build(mod: tvm.IRModule, target: tvm.target.Target, *, trials: int, cache_dir: str | Path | None = None,
                    device_key: str, runner=None, progress: bool = True, cross_compiler: str | None = None,
-                   builder=None) -> Tuned:
+                   builder=None, backend: backends.Backend | None = None) -> Tuned:
     """Tune ``mod``'s uncached workloads for ``target``, then build it with every cached schedule.
 
     Parameters
     ----------
     mod : tvm.IRModule
         A Relax module with static shapes (``build.static_batch``), after
-        ``realize`` (and ``apply_arm_schedules`` for ARM; its pre-scheduled
+        ``realize`` (and the backend's kernel swap: ARM's pre-scheduled
         kernels are left alone).
     target : tvm.target.Target
-        An LLVM target; CUDA builds go through ``build.build``.
+        A target of a tunable (CPU) backend; CUDA builds go through ``build.build``.
     trials : int
         MetaSchedule trials per task; 0 tunes nothing but still applies the cache.
     cache_dir : path, optional
@@ -154,22 +159,28 @@ def tune_and_build(mod: tvm.IRModule, target: tvm.target.Target, *, trials: int,
         A progress bar on stderr while tuning.
     cross_compiler : str, optional
         The spec's cross compiler: candidates are linked with it (needs an RPC runner).
+    backend : hago.backends.Backend, optional
+        Whose kernels are tasks of their own with a default schedule; default:
+        the one that claims ``target`` (:func:`hago.backends.for_target`).
 
     Returns
     -------
     Tuned
         ``(executable, stats)``; ``stats.new_trials`` counts this call's trials.
     """
-    if target.kind.name != "llvm":
-        raise BuildError(f"tuning supports LLVM (CPU) targets, not {target.kind.name}; use --tune-trials 0")
+    if backend is None or backend.target_kind != target.kind.name:
+        backend = backends.for_target(target)
+    if not backend.tunable:
+        raise BuildError(f"tuning supports LLVM (CPU) targets, not {target.kind.name} (backend {backend.name}); "
+                         f"use --tune-trials 0")
     if trials < 0:
         raise BuildError(f"--tune-trials must be >= 0, got {trials}")
     cache = TuningCache(cache_dir if cache_dir is not None else default_cache_dir(), device_key, target)
     try:
-        prepared = prepare(mod, target)
-        tasks = extract(prepared, target, cache)
+        prepared = prepare(mod, target, backend)
+        tasks = extract(prepared, target, cache, backend)
     except Exception as e:
-        raise BuildError(f"preparing {device_key} for tuning failed: {_last_line(e)}") from None
+        raise BuildError(f"preparing {device_key} for tuning failed: {error_line(e, limit=300)}") from None
     if trials > 0:
         stats = tune(tasks, target, trials=trials, runner=runner, builder=builder, cross_compiler=cross_compiler,
                      progress=progress)
@@ -177,19 +188,15 @@ def tune_and_build(mod: tvm.IRModule, target: tvm.target.Target, *, trials: int,
         cached = sum(t.entry.has_records for t in tasks)
         stats = TuneStats(len(tasks), cached, 0)
     try:
-        return Tuned(compile_cached(prepared, target, tasks), stats)
+        return Tuned(compile_cached(prepared, target, tasks, backend), stats)
     except Exception as e:
-        raise BuildError(f"TVM failed to build the tuned module for {device_key}: {_last_line(e)}") from None
+        raise BuildError(f"TVM failed to build the tuned module for {device_key}: {error_line(e, limit=300)}") from None
 
 
-def build_tuned(mod: tvm.IRModule, target: tvm.target.Target, options: TuneOptions) -> Tuned:
+def build_tuned(mod: tvm.IRModule, target: tvm.target.Target, options: TuneOptions,
+                backend: backends.Backend | None = None) -> Tuned:
     """``tune_and_build`` with ``options``; the RPC runner is made (and probed) only when tuning."""
     runner = rpc_runner(*options.rpc) if options.rpc and options.trials > 0 else None
     return tune_and_build(mod, target, trials=options.trials, cache_dir=options.cache_dir,
                           device_key=options.device_key, runner=runner, progress=options.progress,
-                          cross_compiler=options.cross_compiler)
-
-
-def _last_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else type(e).__name__
+                          cross_compiler=options.cross_compiler, backend=backend)

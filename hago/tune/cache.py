@@ -28,6 +28,8 @@ from pathlib import Path
 
 import tvm
 
+from ..errors import error_line
+
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
@@ -116,7 +118,7 @@ class Entry:
         try:
             return ms.database.JSONDatabase(work_dir=str(self.folder))
         except Exception as e:
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            msg = error_line(e, limit=None)
             if "not registered" in msg:  # a missing intrinsic is our bug, not a corrupt cache
                 raise
             bad = self.folder.with_name(self.folder.name + ".bad")

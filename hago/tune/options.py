@@ -32,10 +32,8 @@ class TuneOptions:
         A device other than this machine (remote, or cross-compiled) needs an
         RPC tracker to tune: ``tracker`` or the spec's ``rpc.tracker``.
         """
-        from ..build import is_local
-
         rpc = None
-        if not is_local(spec):
+        if not spec.is_local:
             tracker = tracker or (spec.rpc.tracker if spec.rpc else None)
             key = spec.rpc.key if spec.rpc else None
             if tracker and key:

@@ -3,16 +3,21 @@
 A module goes through the CPU pipeline in three steps, the same whether or
 not anything is tuned, so a workload's key never depends on the budget:
 
-1. ``prepare``: PrimFuncs holding a hago kernel block are marked opaque (as
-   ``schedule_vnni`` marks them in an untuned ``build.build``, so FuseOps
-   keeps them standalone), then dispatch + LegalizeOps + FuseOps + FuseTIR
+1. ``prepare``: PrimFuncs holding one of the backend's kernels are marked
+   opaque (as its default schedules mark them in an untuned build, x86's
+   ``schedule_vnni``, so FuseOps keeps them standalone), then dispatch +
+   LegalizeOps + FuseOps + FuseTIR
    (what ``relax.get_pipeline("zero")`` does). Every remaining PrimFunc is a
    task.
 2. ``tune``: for each task below the budget, hago kernels first get their
    hand-written schedule measured and committed as a record, so a small
    budget can only improve on the untuned build; then MetaSchedule searches.
 3. ``compile_cached``: ``MetaScheduleApplyDatabase`` with the cached records,
-   ``schedule_vnni`` for the kernels no record covers, lowering.
+   the backend's default schedules for the kernels no record covers, lowering.
+
+The backend (:mod:`hago.backends`) says which PrimFuncs are its kernels,
+how they are scheduled by default and which tensor intrinsics they need;
+nothing here knows a device.
 """
 
 from __future__ import annotations
@@ -28,13 +33,13 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 
-from ..kernels import fix_shipped_vnni_intrin, has_vnni, is_kernel, register_intrinsics, schedule_kernels, schedule_vnni
 from ..lower import apply_default_schedule, finish, fuse, is_scheduled
+from ..errors import error_line
+from ..tvm_consts import OPAQUE
 from .cache import Entry, TuningCache
 
 log = logging.getLogger(__name__)
 
-_OPAQUE = 8  # relax OpPatternKind.kOpaque
 MAX_TRIALS_PER_ITER = 32
 MIN_POPULATION = 16
 XGB_WARMUP = 100
@@ -46,19 +51,21 @@ class Task:
     mod: tvm.IRModule  # the workload: one PrimFunc named "main"
     entry: Entry
     kernel: bool  # a hago kernel: it has a hand-written default schedule
+    backend: object = None  # the hago.backends.Backend whose kernels and default schedules apply
 
 
 # ---- step 1 ------------------------------------------------------------------
-def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Legalize and fuse ``mod`` for ``target`` with hago kernels kept standalone."""
+def prepare(mod: tvm.IRModule, target: tvm.target.Target, backend) -> tvm.IRModule:
+    """Legalize and fuse ``mod`` for ``target`` with ``backend``'s kernels kept standalone."""
     mod = mod.clone()
     for gv, func in list(mod.functions_items()):
-        if isinstance(func, tvm.tirx.PrimFunc) and "op_pattern" not in (func.attrs or {}) and is_kernel(func):
-            mod.update_func(gv, func.with_attr("op_pattern", _OPAQUE))
+        if (isinstance(func, tvm.tirx.PrimFunc) and "op_pattern" not in (func.attrs or {})
+                and backend.is_kernel(func)):
+            mod.update_func(gv, func.with_attr("op_pattern", OPAQUE))
     return fuse(mod, target)
 
 
-def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCache) -> list[Task]:
+def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCache, backend) -> list[Task]:
     """The tunable PrimFuncs of ``prepared`` (pre-scheduled ones, e.g. ARM kernels, are left out)."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -68,7 +75,7 @@ def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCach
         func = wl["main"]
         if is_scheduled(func):
             continue
-        tasks.append(Task(str(t.task_name), wl, cache.entry(wl), is_kernel(func)))
+        tasks.append(Task(str(t.task_name), wl, cache.entry(wl), backend.is_kernel(func), backend))
     return tasks
 
 
@@ -98,24 +105,23 @@ def import_cpu_intrinsics() -> None:
                 delattr(loaded, name)
 
 
-def ensure_intrinsics(target: tvm.target.Target, names: set[str] = frozenset(), tuning: bool = False) -> None:
+def ensure_intrinsics(target: tvm.target.Target, backend, names: set[str] = frozenset(),
+                      tuning: bool = False) -> None:
     """Register what tuning (``tuning``) or replaying records (``names``) needs."""
     from tvm.s_tir import TensorIntrin
 
-    if target.kind.name == "llvm":
-        register_intrinsics()  # hago's own: the default schedules (and their records) tensorize with them
+    backend.register_intrinsics(target)  # hago's own: the default schedules (and their records) tensorize with them
     missing = {n for n in names if TensorIntrin.get(n, allow_missing=True) is None}
-    if tuning or missing or "dot_16x4_vnni" in names:
+    if tuning or missing or names & backend.shipped_intrinsics:
         import_cpu_intrinsics()
-        if has_vnni(target):
-            fix_shipped_vnni_intrin()  # MetaSchedule's VNNI rule looks up the shipped name
+        backend.fix_shipped_intrinsics(target)  # e.g. MetaSchedule's VNNI rule looks up the shipped name
 
 
 # ---- step 2 ------------------------------------------------------------------
-def default_schedule(mod: tvm.IRModule):
+def default_schedule(mod: tvm.IRModule, backend=None):
     """The schedule an untuned build gives ``mod``, as a traced ``Schedule`` (None: none).
 
-    hago kernels get their hand-written schedule; any other workload the
+    ``backend``'s kernels get their hand-written schedule; any other workload the
     default of ``hago.lower`` (parallel, vectorized). Committed as the first
     record of every task, so a small budget can only improve on the untuned
     build: MetaSchedule's few random samples of a fused element-wise
@@ -125,10 +131,10 @@ def default_schedule(mod: tvm.IRModule):
 
     sch = Schedule(mod)  # traced: the record replays the default schedule
     try:
-        if schedule_kernels(sch):
+        if backend is not None and backend.schedule_kernels(sch):
             return sch
     except (ScheduleError, tvm.error.InternalError) as e:
-        log.warning("default schedule of a hago kernel failed: %s", str(e).strip().splitlines()[-1])
+        log.warning("default schedule of a hago kernel failed: %s", error_line(e, limit=None))
         return None
     sch = Schedule(mod)
     return sch if apply_default_schedule(sch) else None
@@ -144,7 +150,7 @@ def default_fingerprint(task: Task) -> str | None:
     import hashlib
     import json
 
-    sch = default_schedule(task.mod)
+    sch = default_schedule(task.mod, task.backend)
     return None if sch is None else hashlib.sha256(json.dumps(sch.trace.as_json(), default=str).encode()).hexdigest()[:16]
 
 
@@ -155,13 +161,13 @@ def commit_default(task: Task, database, target, builder, runner) -> float | Non
 
     from tvm.s_tir import meta_schedule as ms
 
-    sch = default_schedule(task.mod)
+    sch = default_schedule(task.mod, task.backend)
     if sch is None:
         return None
     args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
     if built.error_msg:
-        log.warning("%s: default schedule failed to build: %s", task.name, built.error_msg.strip().splitlines()[-1])
+        log.warning("%s: default schedule failed to build: %s", task.name, error_line(built.error_msg, limit=None))
         return None
     try:
         (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])
@@ -221,12 +227,12 @@ def search(task: Task, database, target, trials: int, builder, runner, model, ca
 
 
 # ---- step 3 ------------------------------------------------------------------
-def compile_cached(prepared: tvm.IRModule, target: tvm.target.Target, tasks: list[Task]):
-    """Build ``prepared`` with the cached records of ``tasks``, default VNNI schedules elsewhere."""
+def compile_cached(prepared: tvm.IRModule, target: tvm.target.Target, tasks: list[Task], backend):
+    """Build ``prepared`` with the cached records of ``tasks``, ``backend``'s default schedules elsewhere."""
     from tvm.s_tir import meta_schedule as ms
 
     cached = [t for t in tasks if t.entry.has_records]
-    ensure_intrinsics(target, set().union(*(t.entry.intrinsics() for t in cached)))
+    ensure_intrinsics(target, backend, set().union(*(t.entry.intrinsics() for t in cached)))
     dbs = []
     for t in cached:
         db = t.entry.database()
@@ -237,4 +243,4 @@ def compile_cached(prepared: tvm.IRModule, target: tvm.target.Target, tasks: lis
         database = dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    return finish(schedule_vnni(mod, target), target)
+    return finish(backend.schedule(mod, target), target)

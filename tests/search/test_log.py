@@ -125,7 +125,7 @@ def test_cli_resume_of_missing_empty_or_damaged_log_fails_in_one_line_before_set
     def never(*a, **k):
         raise AssertionError("the search was set up before the log was checked")
 
-    monkeypatch.setattr(engine_mod, "load_model", never)
+    monkeypatch.setattr(engine_mod, "prepare_model", never)
     log = tmp_path / "s.jsonl"
     if content is not None:
         log.write_bytes(content)

@@ -11,7 +11,7 @@ from hago.errors import MeasureError
 from hago.measure import Measurement
 from hago.search.algorithms import ALGORITHMS
 from hago.search.engine import GIVE_UP_AFTER, SearchEngine
-from hago.search.measure import LocalMeasurer, RPCMeasurer
+from hago.measure import LocalMeasurer, RPCMeasurer
 from hago.search.target import AccuracyTarget, SearchError
 
 

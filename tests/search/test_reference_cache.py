@@ -11,7 +11,7 @@ import pytest
 from hago.search import engine as engine_mod
 from hago.search import refcache
 from hago.search.engine import SearchEngine
-from hago.search.measure import LocalMeasurer
+from hago.measure import LocalMeasurer
 
 pytestmark = pytest.mark.llvm
 

@@ -1,0 +1,63 @@
+"""The generic LLVM CPU backend: plain integer Relax ops, fused and scheduled by ``hago.lower``.
+
+What every CPU backend shares, and all a CPU without hago kernels needs:
+no plan beyond plain ops, no kernel swap, the build of :mod:`hago.lower`
+(LegalizeOps/FuseOps/FuseTIR, then default element-wise and reduction
+schedules; MetaSchedule records where ``tune`` asks for them) and an export
+through the spec's cross compiler, if any. ``x86`` and ``arm`` subclass it
+and add their kernels. The registry derives it for an LLVM target whose spec
+lists no intrinsic another backend knows.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hago.errors import BuildError, error_line
+
+from ..base import Backend
+
+log = logging.getLogger(__name__)
+
+
+class CPUBackend(Backend):
+    """An LLVM CPU target (``x86-64``, ``aarch64``, anything LLVM compiles for), built on this machine."""
+
+    target_kind = "llvm"
+    generic = True
+    device = "cpu"
+    tunable = True
+
+    def build(self, mod, target, *, what: str = "target", tune=None):
+        """``hago.lower``'s CPU pipeline, with this backend's kernel schedules first; ``tune``: MetaSchedule records."""
+        if tune is not None:
+            from hago.tune import build_tuned
+
+            ex, stats = build_tuned(mod, target, tune, backend=self)
+            log.info("%s: %d new trials, %d/%d tasks from cache", what, stats.new_trials, stats.reused_tasks,
+                     stats.tasks)
+            return ex
+        from hago.lower import finish, fuse
+
+        try:
+            # kernels first: their default schedules mark them opaque so fusion keeps them standalone
+            return finish(fuse(self.schedule(mod, target), target), target)
+        except Exception as e:
+            raise BuildError(f"TVM failed to build for {what}: {error_line(e, limit=None)}") from None
+
+    def export(self, executable, spec, path: Path) -> Path:
+        """A shared library, linked by the spec's cross compiler when it has one (an ARM board)."""
+        from hago.native_log import drop_native_lines
+
+        try:
+            with drop_native_lines():  # TVM's per-function "Scope Saving" notes
+                if spec.cross_compiler:
+                    from tvm.support import cc
+
+                    executable.export_library(str(path), fcompile=cc.cross_compiler(spec.cross_compiler))
+                else:
+                    executable.export_library(str(path))
+        except Exception as e:
+            raise BuildError(f"exporting {path.name} for {spec.name} failed: {error_line(e, limit=None)}") from None
+        return path

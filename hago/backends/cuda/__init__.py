@@ -1,0 +1,59 @@
+"""The CUDA backend: ``__dp4a`` kernels for integer conv2d/dense, dlight for the rest, nvcc checks.
+
+- :mod:`.dp4a`: the dp4a GEMM kernels, swapped in after realize (the shared
+  swap of :mod:`hago.backends.int8_swap`; sm_61 and newer);
+- :mod:`.build`: ``compile_cuda`` (TVM's CUDA pipeline), ``build_cuda`` (swap
+  and compile in one call), ``export_cuda`` (``model.so`` plus ``kernels.cu``),
+  and ``cuda_source``/``nvcc_check``, which let a machine without a GPU prove
+  that a build compiles for the spec's architecture;
+- :mod:`.intrin`: the dp4a tensor intrinsic.
+
+Descriptors: realize emits NCHW/OIHW int8 ops and the dp4a kernels read them
+as they are (an implicit im2col). The ``NHWC``/``OHWI`` layouts the CUDA
+specs state are the tensor-core (IMMA) layouts; hago has no tensor-core
+kernel yet, so they are accepted as stated and not realized (the program
+stays NCHW: see :data:`STATED_ONLY`). int4 descriptors are realizable as
+4-bit values in int8 containers on dp4a, not as s4 IMMA. Importing this
+package imports no TVM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..base import Backend
+
+#: layouts a CUDA spec may state that hago does not realize yet: the tensor-core (IMMA) data and weight
+#: layouts. Accepted so the spec can say what the device prefers; the realized program stays NCHW/OIHW.
+STATED_ONLY = frozenset({"NHWC", "OHWI"})
+
+
+class CudaBackend(Backend):
+    """NVIDIA GPUs: dp4a kernels swapped in after realize; built with TVM's CUDA pipeline; no tuning here."""
+
+    target_kind = "cuda"
+    intrinsics = frozenset({"dp4a_s8s8s32"})
+    generic = True  # any CUDA spec: dp4a where the architecture has it (sm_61+), dlight everywhere
+    device = "cuda"
+    tunable = False  # MetaSchedule measures candidates on a GPU; none here, and the kernels are hand-scheduled
+    layouts = frozenset({None, "NCHW"}) | STATED_ONLY
+    weight_layouts = frozenset({None, "OIHW"}) | STATED_ONLY
+
+    def rewrite(self, mod, spec, target):
+        """The integer conv2d/dense as dp4a kernels (sm_61+); dlight schedules what stays."""
+        from .build import swap_dp4a
+
+        return swap_dp4a(mod, target)
+
+    def build(self, mod, target, *, what: str = "target", tune=None):
+        """TVM's CUDA pipeline (``tune`` is ignored: tuning needs a GPU to time candidates on)."""
+        from .build import compile_cuda
+
+        return compile_cuda(mod, target)
+
+    def export(self, executable, spec, path: Path) -> Path:
+        """``model.so`` plus ``kernels.cu``, the source the GPU host's TVM compiles on load."""
+        from .build import export_cuda
+
+        export_cuda(executable, path.parent)
+        return path

@@ -1,0 +1,138 @@
+"""The registry of the x86 backend's hand-scheduled kernels and their default schedules.
+
+Every kernel block an ``emit_*`` function creates carries the annotation
+``hago.kernel`` naming its kind; ``SCHEDULES`` maps the kind to its default
+(untuned) schedule. Used by ``schedule_vnni`` (untuned builds) and by
+``hago.tune`` through the x86 backend (which kernels are tasks of their own, and the hand-written
+schedule each one's tuning starts from).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import tvm
+from tvm.s_tir import Schedule, ScheduleError
+
+from hago.errors import error_line
+from hago.tvm_consts import IS_SCHEDULED, OPAQUE
+
+from .depthwise import DEPTHWISE, deinterleave_intrin, schedule_depthwise
+from .depthwise_blocked import DEPTHWISE_NCHWC, schedule_depthwise_blocked
+from .vnni_intrin import vnni_intrin
+from .vnni import CONV, DENSE, FROM_NCHWC, KERNEL_ATTR, PAD_NCHWC, TO_NCHWC
+from .vnni_schedule import (schedule_conv, schedule_dense, schedule_from_nchwc, schedule_pad_nchwc,
+                                schedule_to_nchwc)
+
+log = logging.getLogger(__name__)
+
+#: kernel kind (the ``hago.kernel`` block annotation) -> default schedule ``f(sch, block)``
+SCHEDULES: dict[str, Callable] = {
+    DENSE: schedule_dense,
+    CONV: schedule_conv,
+    TO_NCHWC: schedule_to_nchwc,
+    FROM_NCHWC: schedule_from_nchwc,
+    PAD_NCHWC: schedule_pad_nchwc,
+    DEPTHWISE: schedule_depthwise,
+    DEPTHWISE_NCHWC: schedule_depthwise_blocked,
+}
+#: kinds whose schedules need ``avx512vnni`` (``vpdpbusd``); the others are plain vector code for any LLVM CPU
+NEEDS_VNNI = frozenset({DENSE, CONV, TO_NCHWC, FROM_NCHWC, PAD_NCHWC})
+
+
+def register_intrinsics() -> None:
+    """Register the tensor intrinsics the default schedules tensorize with (cheap, idempotent)."""
+    vnni_intrin()
+    deinterleave_intrin()
+
+
+def kernel_blocks(sch: Schedule) -> list[tuple[str, object]]:
+    """``(kind, block)`` of every registered kernel block directly under ``sch``'s root."""
+    out = []
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        kind = sch.get(blk).annotations.get(KERNEL_ATTR)
+        if kind is not None and str(kind) in SCHEDULES:
+            out.append((str(kind), blk))
+    return out
+
+
+def is_kernel(func: tvm.tirx.PrimFunc) -> bool:
+    """Whether ``func`` holds a registered kernel block."""
+    try:
+        return bool(kernel_blocks(Schedule(tvm.IRModule({"main": func}))))
+    except Exception:  # not a schedulable PrimFunc (already lowered, no root block)
+        return False
+
+
+def schedule_kernels(sch: Schedule) -> bool:
+    """Apply the default schedule of every kernel block in ``sch``; False when it holds none.
+
+    Raises ``ScheduleError`` / ``InternalError`` when a schedule does not apply.
+    """
+    blocks = kernel_blocks(sch)
+    for kind, blk in blocks:
+        SCHEDULES[kind](sch, blk)
+    return bool(blocks)
+
+
+def schedule_func(func: tvm.tirx.PrimFunc, vnni: bool = True) -> tvm.tirx.PrimFunc | None:
+    """The scheduled ``func``, or None when it holds no hago kernel block (``vnni``: or only VNNI ones)."""
+    sch = Schedule(tvm.IRModule({"main": func}))
+    kinds = {kind for kind, _ in kernel_blocks(sch)}
+    if not kinds or (not vnni and kinds & NEEDS_VNNI):
+        return None
+    try:
+        schedule_kernels(sch)
+    except (ScheduleError, tvm.error.InternalError) as e:  # unscheduled is slow but still correct
+        log.warning("default kernel schedule failed, the kernel stays naive: %s", error_line(e, limit=None))
+        return None
+    # opaque to FuseOps (FuseTIR would merge an epilogue into a scheduled body); dlight skips it
+    return sch.mod["main"].with_attr(IS_SCHEDULED, True).with_attr("op_pattern", OPAQUE)
+
+
+def has_vnni(target: tvm.target.Target) -> bool:
+    """Whether ``target`` can run the 512-bit ``vpdpbusd`` these schedules emit."""
+    from tvm.target.codegen import target_has_features
+
+    return target.kind.name == "llvm" and bool(target_has_features("avx512vnni", target))
+
+
+def schedule_vnni(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
+    """Apply the default schedules to every hago kernel PrimFunc in ``mod``.
+
+    Runs after ``realize`` (the kernels are PrimFuncs from the moment
+    ``emit_*`` emits them) and before ``tvm.compile``; every other function,
+    and every function already scheduled (``tirx.is_scheduled``, e.g. by a
+    MetaSchedule database), is left alone.
+
+    Parameters
+    ----------
+    mod
+        A Relax module, before or after ``LegalizeOps``; best before
+        ``FuseOps`` so the kernels are still functions of their own.
+    target
+        The build target (default: ``Target.current()``). Without
+        ``avx512vnni`` (skylake, AVX2-only CPUs) only the kernels in plain
+        vector code (depthwise) are scheduled, on a non-LLVM target none: the
+        naive kernels are slow but correct everywhere.
+    """
+    target = target or tvm.target.Target.current(allow_none=True)
+    if target is not None and target.kind.name != "llvm":
+        return mod
+    vnni = target is None or has_vnni(target)
+    if not vnni:
+        log.info("target %s has no avx512vnni: VNNI kernels stay unscheduled", target)
+    from hago.lower import schedule_unscheduled
+
+    return schedule_unscheduled(mod, lambda func: schedule_func(func, vnni))
+
+
+def ScheduleVNNI() -> tvm.transform.Pass:  # noqa: N802  (TVM pass naming)
+    """``schedule_vnni`` as a module pass, for a ``tvm.transform.Sequential``."""
+
+    @tvm.transform.module_pass(opt_level=0, name="hago.ScheduleVNNI")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return schedule_vnni(mod)
+
+    return _pass

@@ -1,0 +1,46 @@
+"""Dynamic dense: a dense whose input edge annotate marked ``dynamic`` (spec ``activations.dynamic: [dense]``).
+
+Its float input is quantized per row at run time (:mod:`hago.dynamic`), the
+int8 weights are quantized once, and the output is float: no calibrated
+range on either side. The backend's plan may still give the int32 matmul a
+kernel (x86: VNNI on the uint8 rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm.relax import op as O
+
+from hago import dynamic
+from hago.qparams import quantize_weight, weight_qparams
+
+from .quant import const, shape
+from .realizer import LayerConstants
+from .weighted import Weighted
+
+
+class DynamicDense(Weighted):
+    """Registered before :class:`~hago.realize.weighted.Weighted`, so it takes the dense layers it applies to."""
+
+    kinds = ("dense",)
+
+    def applies(self, strategy, node) -> bool:
+        return bool(strategy.resolved(node.inputs[0]).dynamic)
+
+    def takes_native(self, r, node, edge) -> bool:
+        return False
+
+    def realize(self, r, node, choice) -> None:
+        wqp = weight_qparams(node.weight, 1, choice.weight_bits)
+        wq = quantize_weight(node.weight, wqp)
+
+        def matmul(bb, q, w):
+            typed = bb.normalize(q)
+            kernel = r.plan.dense_kernel(choice, str(typed.ty.dtype), shape(typed), w.shape)
+            if kernel is not None:
+                return kernel(bb, q, w)
+            return O.matmul(q, const(w, "int8"), out_dtype="int32")
+
+        r.fval[node.name] = dynamic.emit_dense(r.bb, r.get_float(node.inputs[0]), wq, wqp.scale, node.bias, matmul)
+        r.layers[node.name] = LayerConstants(wq, wqp.scale, np.zeros(wq.shape[1], np.int32))
+

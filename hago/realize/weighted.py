@@ -1,0 +1,141 @@
+"""Weighted ops: conv2d / depthwise conv2d / dense as int8 arithmetic with int32 accumulation.
+
+uint8|int8 activations times int8 weights. Asymmetric inputs are padded with
+their zero point so ``(x - zp)`` is exactly 0 in the padding, and
+``zp * sum(w)`` is folded with the bias into one int32 constant. The int32
+accumulator is requantized (:meth:`Realizer.requant`) or, for a layer that
+feeds only float ops, dequantized straight away (no rounding to 8 bits).
+
+The backend's plan may put a hand-scheduled kernel in the plain op's place
+(:meth:`hago.backends.Plan.conv_kernel` / ``dense_kernel``); a kernel that
+requantizes in its own write-back gets the constants as a
+:class:`~hago.backends.Requant`, with the clip of a relu/clip that alone
+consumes the layer folded in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from tvm import relax
+from tvm.relax import op as O
+
+from hago.backends import INT32, NATIVE, REQUANTIZED, ConvArgs, Requant
+from hago.errors import QuantizeError
+from hago.qparams import container_dtype, fixed_point_multiplier
+
+from .passthrough import activation_bounds
+from .quant import const, fake_quantized_weight, quantize_layer_weight, shape
+from .realizer import LayerConstants
+from .registry import OpHandler
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+class Weighted(OpHandler):
+    kinds = ("conv2d", "depthwise_conv2d", "dense")
+
+    def takes_native(self, r, node, edge) -> bool:
+        return r.plan.takes_native(node, r.s.ops[node.name], edge)
+
+    def simulated_call(self, node, call, strategy):
+        """The op with its weight rounded to the strategy's bits (the scale floored as realize floors it)."""
+        qx = strategy.resolved(node.inputs[0]).qparams
+        sx = float(qx.scale) if qx is not None else None
+        w = relax.const(fake_quantized_weight(node, strategy.ops[node.name].weight_bits, sx), "float32")
+        return relax.Call(call.op, [call.args[0], w], call.attrs, call.ty_args)
+
+    def realize(self, r, node, choice) -> None:
+        conv = node.kind != "dense"
+        src = node.inputs[0]
+        native_in = conv and src in r.native and r.takes_native(node.name, src)
+        xq, qx = (r.native[src], r.qparams(src)) if native_in else r.get_quant(src)
+        xs = r.edge_shape(src) if native_in else shape(xq)
+        sx, zx = float(qx.scale), int(qx.zero_point)
+        wq, wqp = quantize_layer_weight(node, choice.weight_bits, sx)
+        acc_scale = sx * wqp.scale.astype(np.float64)
+        bias = node.bias if node.bias is not None else np.zeros_like(acc_scale)
+        bias_q = np.round(bias.astype(np.float64) / acc_scale)
+        wsum = wq.astype(np.int64).reshape(wq.shape[0], -1).sum(axis=1) if conv else wq.astype(np.int64).sum(axis=0)
+        # sum((x - zx) * w) = sum(x * w) - zx * sum(w): fold the zero-point term into the bias
+        folded = bias_q - zx * wsum
+        if np.abs(folded).max(initial=0) >= 2**31:
+            raise QuantizeError(f"{node.name}: int32 bias overflows; the input scale is too small")
+        consts = LayerConstants(wq, wqp.scale, bias_q.astype(np.int32))
+        r.layers[node.name] = consts
+        out = r.s.edges[node.name]
+        qy = r.qparams(node.name) if out.bits else None
+        real = acc_scale / float(qy.scale) if out.bits else None
+        if out.bits and r.style != "float":
+            consts.multiplier, consts.shift = fixed_point_multiplier(real, r.style)
+        if conv:
+            acc = self.conv(r, node, choice, xq, qx, xs, wq, folded, consts, qy, native_in)
+            if acc is None:  # the kernel wrote the integer output itself
+                return
+            bshape = (1, -1, 1, 1)
+        else:
+            kernel = r.plan.dense_kernel(choice, container_dtype(qx.dtype), xs, wq.shape)
+            acc = kernel(r.bb, xq, wq) if kernel is not None else O.matmul(xq, const(wq, "int8"), out_dtype="int32")
+            bshape = (-1,)
+        if not isinstance(acc, relax.Var):  # (re-binding a kernel's output var would block its fusion)
+            acc = r.bb.emit(acc)
+        acc = r.bb.emit(O.add(acc, const(folded.astype(np.int32).reshape(bshape), "int32")))
+        if out.bits:
+            r.qval[node.name] = r.bb.emit(r.requant(acc, real, qy, bshape))
+        else:
+            f = O.multiply(O.astype(acc, "float32"), const(acc_scale.reshape(bshape), "float32"))
+            r.fval[node.name] = r.bb.emit(f)
+
+    def conv(self, r, node, choice, xq, qx, xs, wq, folded, consts, qy, native_in):
+        """The conv's int32 accumulator, or None when a kernel wrote the integer output (plain or native)."""
+        a = node.call.attrs
+        pad = [int(p) for p in a.padding]  # (top, left, bottom, right)
+        groups = int(a.groups)
+        kernel = r.plan.conv_kernel(node, choice, qx, xs, wq.shape)
+        rq = None  # a kernel requantizes in its own write-back when the output is integer
+        if consts.multiplier is not None and kernel is not None and kernel.requantizes:
+            rq = Requant(folded.astype(np.int32), consts.multiplier, consts.shift, int(qy.zero_point),
+                         int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype))
+            rq = absorb_activation(r, node.name, rq)
+        if kernel is not None:
+            args = ConvArgs(_ints(a.strides), pad, _ints(a.dilation), groups, int(qx.zero_point))
+            emitted = kernel.emit(r.bb, xq, wq, args, rq, native_in, lambda: r.native_output(node.name))
+            if emitted.form == NATIVE:
+                r.native[node.name] = emitted.value
+                return None
+            if emitted.form == REQUANTIZED:
+                r.qval[node.name] = emitted.value
+                return None
+            assert emitted.form == INT32, emitted.form
+            return emitted.value
+        if any(pad):
+            top, left, bottom, right = pad
+            xq = r.bb.emit(O.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(qx.zero_point)))
+        return O.nn.conv2d(xq, const(wq, "int8"), strides=a.strides, padding=0, dilation=a.dilation,
+                           groups=groups, out_dtype="int32")
+
+
+def absorb_activation(r, name: str, rq: Requant) -> Requant:
+    """``rq`` with the clip of the relu/clip that alone consumes ``name`` folded in (see ``Realizer.absorbed``).
+
+    A kernel that requantizes in its own loop nest is opaque to FuseOps, so
+    a relu6 after it would be one more pass over the tensor; clipping in
+    the requantize is the same arithmetic. Only where the activation's
+    output keeps the conv's scale and zero point (it always should).
+    """
+    users = r.g.consumers.get(name, [])
+    if len(users) != 1 or name in r.g.outputs:
+        return rq
+    act = r.g.node(users[0])
+    if act.kind not in ("relu", "clip") or r.s.ops[act.name].mode != "integer" or not r.s.resolved(act.name).bits:
+        return rq
+    qp, qa = r.qparams(name), r.qparams(act.name)
+    if (float(qp.scale), int(qp.zero_point), qp.dtype) != (float(qa.scale), int(qa.zero_point), qa.dtype):
+        return rq
+    lo, hi = activation_bounds(act, qp)
+    r.absorbed.add(act.name)
+    return replace(rq, qmin=max(rq.qmin, lo), qmax=min(rq.qmax, hi))
+
