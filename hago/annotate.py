@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
+from .backends import backend_of
 from .graph import PASSTHROUGH, Graph
 from .hwspec import HardwareSpec, OpDescriptor
 from .realize import realizable_kinds
@@ -70,6 +71,8 @@ def _node_mode(node, spec: HardwareSpec, integer_edges: set[str], cfg: AnnotateC
         return OpChoice(node.kind, "float", reason=f"{spec.name} has no integer {node.kind}")
     if node.kind not in realizable_kinds():
         return OpChoice(node.kind, "float", reason=f"hago cannot realize {node.kind} in integer yet")
+    if (problem := backend_of(spec).integer_problem(node)) is not None:
+        return OpChoice(node.kind, "float", reason=problem)
     if node.name in cfg.float_ops:
         return OpChoice(node.kind, "float", reason="pinned to float by the strategy")
     if node.weighted and cfg.node_weight_bits.get(node.name, 8) == 0:

@@ -113,3 +113,19 @@ def test_cross_compiles_for_rpi4(name, static, tmp_path):
     assert result.report["ops"]["integer"] >= 1
     for kind in case.expect.get("integer", []):
         assert {c.mode for c in result.strategy.ops.values() if c.kind == kind} == {"integer"}, kind
+
+
+CUDA_CASES = [c for c in IMPORTED if not c[1]]
+
+
+@pytest.mark.parametrize("name,static", CUDA_CASES, ids=_ids(CUDA_CASES))
+def test_builds_for_cuda_t4(name, static, tmp_path):
+    """Compile-only here (no GPU): the build and its CUDA source; grouped convs stay float there, with the reason."""
+    case = corpus.CORPUS[name]
+    path = case.export(tmp_path / f"{name}.onnx", static=static)
+    result = hago_compile(path, "cuda-t4", {"x": case.samples(N_CALIB)}, measure=False, out_dir=tmp_path / "out")
+    assert (tmp_path / "out" / "kernels.cu").stat().st_size > 0
+    assert result.report["ops"]["integer"] >= 1
+    for op in result.strategy.ops.values():
+        if op.mode == "float" and op.kind == "conv2d":
+            assert "grouped conv" in op.reason, op.reason

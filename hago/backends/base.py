@@ -206,6 +206,15 @@ class Backend:
                 return key, f"backend {self.name} has no {op} kernel for {key} {value!r} (it realizes: {valid})"
         return None
 
+    def integer_problem(self, node) -> str | None:
+        """Why graph node ``node`` cannot be integer on this backend although the spec allows its kind; None if it can.
+
+        Annotate asks before it makes a node integer, so a shape the
+        backend's kernels do not handle stays float with this reason in the
+        report instead of failing the build.
+        """
+        return None
+
     def claims(self, target: tvm.target.Target) -> bool:
         """Whether a build for ``target`` that names no backend is this backend's (besides the generic one)."""
         return False

@@ -39,6 +39,19 @@ class CudaBackend(Backend):
     layouts = frozenset({None, "NCHW"}) | STATED_ONLY
     weight_layouts = frozenset({None, "OIHW"}) | STATED_ONLY
 
+    def integer_problem(self, node) -> str | None:
+        """Grouped integer convs (1 < groups < channels) have no kernel here.
+
+        dp4a covers plain convs and dlight schedules depthwise ones, but on an
+        int8 grouped conv fused with its epilogue dlight's GeneralReduction
+        and Fallback rules both yield loop nests that TVM's
+        ``LowerCrossThreadReduction`` rejects; its float form builds.
+        """
+        if node.kind != "conv2d":
+            return None
+        groups = int(getattr(node.call.attrs, "groups", 1) or 1)
+        return f"backend {self.name} has no integer grouped conv (groups={groups}) kernel yet" if groups > 1 else None
+
     def rewrite(self, mod, spec, target):
         """The integer conv2d/dense as dp4a kernels (sm_61+); dlight schedules what stays."""
         from .build import swap_dp4a

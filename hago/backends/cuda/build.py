@@ -25,6 +25,7 @@ from pathlib import Path
 import tvm
 
 from hago.errors import BuildError, error_line
+from hago.lower import opaque_symbolic_helpers
 
 from .dp4a import apply_dp4a
 
@@ -82,11 +83,17 @@ def swap_dp4a(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def compile_cuda(mod: tvm.IRModule, target: tvm.target.Target, *, trials: int = 0):
-    """``tvm.compile`` with TVM's default CUDA pipeline (dlight schedules what is not yet scheduled)."""
+    """``tvm.compile`` with TVM's default CUDA pipeline (dlight schedules what is not yet scheduled).
+
+    Helpers the ONNX importer emitted for the symbolic batch (einsum, tile)
+    are kept out of fusion first, as on the CPU backends
+    (:func:`hago.lower.opaque_symbolic_helpers`): FuseTIR cannot merge their
+    ``[N, ...]`` buffers with a static-batch neighbour's.
+    """
     _check(target, trials)
     try:
         with target:
-            return tvm.compile(mod, target=target)
+            return tvm.compile(opaque_symbolic_helpers(mod), target=target)
     except Exception as e:  # TVM raises its own error types
         detail = error_line(e, limit=None)
         raise BuildError(f"TVM failed to build for cuda {target.attrs.get('arch')}: {detail}") from None
