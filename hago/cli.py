@@ -125,6 +125,16 @@ def _check_seconds(value: float | None, flag: str) -> None:
         raise UsageError(f"{flag} must be a positive number of seconds, got {value:g}")
 
 
+def _check_measure_timeout(value: float) -> None:
+    """The measurers' own rule (:func:`hago.measure.check_timeout`), checked before TVM is imported."""
+    from .measure.base import check_timeout  # no TVM unless it refuses
+
+    try:
+        check_timeout(value)
+    except HagoError as e:
+        raise UsageError(f"--measure-timeout: {e}") from None
+
+
 def _check_calibrator(name: str) -> None:
     from .calibrate import CALIBRATORS  # numpy only
 
@@ -159,7 +169,7 @@ def _common_checks(args, *, calib_required: bool):
     if calib_required and not args.calib:
         raise UsageError("calibration data is required (--calib DATA) unless a --strategy is replayed")
     _check_output(args.output)
-    _check_seconds(args.measure_timeout, "--measure-timeout")
+    _check_measure_timeout(args.measure_timeout)
     _check_calibrator(args.calibrator)
     _check_rpc(args)
     return HardwareSpec.load(args.device)

@@ -255,10 +255,13 @@ def _measure_remote(result, report, spec, measurer, q, batch) -> None:
 
 
 def static_pair(q: Quantized, spec: HardwareSpec, batch: int):
-    """FP32 and realized integer modules with the batch dimension bound to ``batch``."""
-    fp32, realized = lower(q.prepared, q.strategy, spec, batch)
-    if fp32 is q.fp32:
+    """FP32 and realized integer modules with the batch dimension bound to ``batch``.
+
+    A graph already fixed to that batch reuses the program :func:`quantize` realized.
+    """
+    if build_mod.static_batch(q.fp32, batch) is q.fp32:
         return q.fp32, q.realized.mod
+    fp32, realized = lower(q.prepared, q.strategy, spec, batch)
     return fp32, realized.mod
 
 

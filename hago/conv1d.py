@@ -29,6 +29,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .relax_rewrite import rewrite_relax_functions
+
 __all__ = ["conv1d_as_conv2d"]
 
 #: element-wise ops with one tensor operand first: op(squeeze(y)) == squeeze(op(y))
@@ -51,11 +53,7 @@ def conv1d_as_conv2d() -> tvm.transform.Pass:
 @tvm.transform.module_pass(opt_level=0, name="hago.Conv1dAsConv2d")
 class _Conv1dAs2d:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _As2d(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_relax_functions(mod, _As2d(mod))
 
 
 def _static_shape(expr) -> list | None:

@@ -31,6 +31,8 @@ from tvm import relax, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.sym.analyzer import Analyzer
 
+from .relax_rewrite import rewrite_relax_functions
+
 __all__ = ["restore_relax_ops"]
 
 #: at most this many (before, after) splits of a pad's growth are tried per call
@@ -45,11 +47,7 @@ def restore_relax_ops() -> tvm.transform.Pass:
 @tvm.transform.module_pass(opt_level=0, name="hago.RestoreRelaxOps")
 class _RestoreRelaxOps:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _Restore(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_relax_functions(mod, _Restore(mod))
 
 
 def _shape(expr) -> list | None:

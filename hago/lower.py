@@ -60,13 +60,19 @@ def opaque_symbolic_helpers(mod: tvm.IRModule) -> tvm.IRModule:
     var"); called on its own, the helper binds ``N`` at run time and works.
     Functions with an ``op_pattern`` already (hago's kernels) are left alone.
     """
-    updates = {}
-    for gv, func in mod.functions_items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or "op_pattern" in (func.attrs or {}):
-            continue
+    def opaque(func):
+        if "op_pattern" in (func.attrs or {}):
+            return None
         dims = [d for buf in func.params if hasattr(buf, "shape") for d in buf.shape]  # params are buffers
-        if any(not isinstance(d, tvm.tirx.IntImm) for d in dims):
-            updates[gv] = func.with_attr("op_pattern", OPAQUE)
+        return func.with_attr("op_pattern", OPAQUE) if any(not isinstance(d, tvm.tirx.IntImm) for d in dims) else None
+
+    return map_prim_funcs(mod, opaque)
+
+
+def map_prim_funcs(mod: tvm.IRModule, fn) -> tvm.IRModule:
+    """``mod`` with each PrimFunc replaced by ``fn(func)`` (None from it: left alone); ``mod`` itself if none is."""
+    updates = {gv: new for gv, func in mod.functions_items()
+               if isinstance(func, tvm.tirx.PrimFunc) and (new := fn(func)) is not None}
     if not updates:
         return mod
     mod = mod.clone()
@@ -131,18 +137,7 @@ def is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
 
 def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
     """``mod`` with ``schedule(func)`` applied to each unscheduled PrimFunc (None from it: left alone)."""
-    updates = {}
-    for gv, func in mod.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and not is_scheduled(func):
-            new = schedule(func)
-            if new is not None:
-                updates[gv] = new
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod.update_func(gv, func)
-    return mod
+    return map_prim_funcs(mod, lambda func: None if is_scheduled(func) else schedule(func))
 
 
 def schedule_elementwise(mod: tvm.IRModule) -> tvm.IRModule:

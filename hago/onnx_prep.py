@@ -88,7 +88,7 @@ def static_batch_of(proto) -> int | None:
     return batches.pop() if len(batches) == 1 else None
 
 
-def prepare_onnx(proto, verify: bool = True) -> OnnxPrep:
+def prepare_onnx(proto) -> OnnxPrep:
     """Fold shape arithmetic, then relax a static batch (verified with ONNX Runtime); see the module doc.
 
     Folding comes first, while every dim is still static: ONNX Runtime folds
@@ -99,7 +99,7 @@ def prepare_onnx(proto, verify: bool = True) -> OnnxPrep:
     proto = fold_shapes(proto)
     prep = OnnxPrep(proto, declared_batch=batch)
     if batch is not None:
-        relaxed = _try_relax(proto, batch, verify)
+        relaxed = _try_relax(proto, batch)
         if relaxed is not None:
             prep.proto, prep.relaxed = relaxed, True
             prep.notes.append(f"the model file declares a static batch of {batch}; the batch dimension was made "
@@ -110,14 +110,12 @@ def prepare_onnx(proto, verify: bool = True) -> OnnxPrep:
     return prep
 
 
-def _try_relax(proto, batch: int, verify: bool):
+def _try_relax(proto, batch: int):
     """The relaxed proto, or None when no relaxation reproduces the static model."""
     for patch_reshapes in (True, False):
         cand = _relaxed(proto, batch, patch_reshapes)
         if cand is None:
             continue
-        if not verify:
-            return cand
         ok, why = _same_per_sample(proto, cand, batch)
         if ok:
             return cand

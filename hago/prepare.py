@@ -41,6 +41,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .conv1d import conv1d_as_conv2d
 from .importer_ops import restore_relax_ops
+from .relax_rewrite import rewrite_relax_functions
 from .safe_index import safe_index
 
 __all__ = ["prepare", "prepare_passes", "commute_constants", "fold_batch_norm", "fold_pad_into_conv"]
@@ -141,11 +142,7 @@ class _FoldPadIntoConv:
 @tvm.transform.module_pass(opt_level=0, name="hago.CommuteConstants")
 class _CommuteConstants:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _CommuteMutator(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_relax_functions(mod, _CommuteMutator(mod))
 
 
 @mutator

@@ -69,6 +69,7 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .errors import FrontendError
+from .relax_rewrite import rewrite_relax_functions
 
 __all__ = ["safe_index", "SAFE_OPS"]
 
@@ -87,12 +88,7 @@ def safe_index() -> tvm.transform.Pass:
 @tvm.transform.module_pass(opt_level=0, name="hago.SafeIndex")
 class _SafeIndex:
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _SafeIndexMutator(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function) and not (func.attrs is not None
-                                                         and int(func.attrs.get("Primitive", 0))):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_relax_functions(mod, _SafeIndexMutator(mod))
 
 
 def _op_name(call: relax.Call) -> str:

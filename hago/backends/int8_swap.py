@@ -27,6 +27,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator
 
+from hago.relax_rewrite import rewrite_relax_functions
+
 
 def const_int8(expr) -> np.ndarray | None:
     """The value of an int8 constant, else None."""
@@ -106,7 +108,4 @@ class Int8KernelSwap(PyExprMutator):
 
 def swap_kernels(mod: tvm.IRModule, swap: Int8KernelSwap) -> tvm.IRModule:
     """Run ``swap`` (made on ``mod``) over every Relax function of ``mod``; returns the new module."""
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            swap.builder_.update_func(gv, swap.visit_expr(func))
-    return swap.builder_.get()
+    return rewrite_relax_functions(mod, swap)

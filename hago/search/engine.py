@@ -19,7 +19,7 @@ batch: that build scores its accuracy (one sample per call), lists its kernel
 calls for :meth:`SearchEngine.estimate` and is the library measured. The FP32
 reference outputs, the calibration statistics and the corrections are cached
 under the cache directory, keyed by graph and data, so a resumed search starts
-without re-running FP32. They are data files (``.npy``, ``.npz`` and JSON, see
+without re-running FP32. They are data files (``.npz`` and JSON, see
 :mod:`.refcache`), never pickles: the directory may be shared.
 
 A device that measures nothing is an error, not a result: when no latency
@@ -63,13 +63,6 @@ from .space import Point, SearchSpace
 from .target import AccuracyTarget, SearchError, make_metric
 
 log = logging.getLogger(__name__)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _encode_corrections(corrected: dict[str, tuple]) -> dict:
@@ -254,27 +247,17 @@ class SearchEngine:
         refcache.save_npz(path, "calibration", key, self.calibrator.state_dict())
 
     def _fp32_outputs(self, cache_dir: Path) -> np.ndarray:
-        path = cache_dir / "reference" / f"fp32-{self._digest('fp32', self.eval_samples, str(self.host))}.npy"
-        if path.exists():
-            try:
-                out = np.load(path, allow_pickle=False)
-                if isinstance(out, np.ndarray) and out.dtype.kind in "biuf" and len(out) == len(self.eval_samples):
-                    return out
-                log.warning("ignoring cached FP32 outputs %s (shape %s): recomputing them", path,
-                            getattr(out, "shape", None))
-            except (OSError, ValueError, TypeError) as e:
-                log.warning("ignoring cached FP32 outputs %s (%s): recomputing them", path, e)
+        """FP32 outputs on the evaluation data, computed once and cached as data (:mod:`.refcache`)."""
+        digest = self._digest("fp32", self.eval_samples, str(self.host))
+        path = cache_dir / "reference" / f"fp32-{digest}.npz"
+        key = {"digest": digest, "graph_hash": self.ghash}
+        out = refcache.load_npz(path, "fp32-outputs", key)
+        if isinstance(out, np.ndarray) and len(out) == len(self.eval_samples):
+            return out
         mod = build_mod.static_batch(self.fp32, self.eval_batch)
-        if self.shared_build:
-            ex = build_mod.build(mod, self.device_target, "host")
-        else:
-            ex = build_mod.build(mod, self.host, "host")
+        ex = build_mod.build(mod, self.device_target if self.shared_build else self.host, "host")
         out = predict(ex, self.eval_samples, self.names, self.eval_batch, static=True)
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, out)
-        _write_atomic(path, buf.getvalue())
+        refcache.save_npz(path, "fp32-outputs", key, out)
         return out
 
     def _correct(self, corrections, cache_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Data-only files for the search's reference caches (calibration statistics, corrections).
+"""Data-only files for the search's reference caches (calibration statistics, corrections, FP32 outputs).
 
 The cache directory may be shared, so nothing in it is ever executed: no
 pickle. A cache file is either JSON (``.json``) or an ``.npz`` read with

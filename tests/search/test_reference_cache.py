@@ -32,6 +32,7 @@ def _forbid_recompute(monkeypatch):
 
     monkeypatch.setattr(engine_mod, "observe", fail)
     monkeypatch.setattr(engine_mod, "run_corrections", fail)
+    monkeypatch.setattr(engine_mod, "predict", fail)  # the FP32 reference outputs
 
 
 def test_planted_pickles_never_run_and_results_stay_correct(mnist_onnx_path, small_data, tmp_path, evil_pickle,
@@ -43,16 +44,17 @@ def test_planted_pickles_never_run_and_results_stay_correct(mnist_onnx_path, sma
     ref = cache / "reference"
     calib = next(ref.glob("calib-*.npz"))
     corr = next(ref.glob("corrections-bias-*.json"))
+    fp32 = next(ref.glob("fp32-*.npz"))
     assert first.strategy(first.space.widest()).ops and "bias_delta" in expected
     # where older hago kept them (it would unpickle these), and under the new names
-    for path in (calib.with_suffix(".pkl"), corr.with_suffix(".pkl"), calib, corr):
+    for path in (calib.with_suffix(".pkl"), corr.with_suffix(".pkl"), fp32.with_suffix(".npy"), calib, corr, fp32):
         path.write_bytes(payload)
     caplog.set_level(logging.WARNING)
     second = _engine(mnist_onnx_path, small_data, tmp_path, cache, "b.jsonl")
     assert not marker.exists(), "a planted pickle was loaded"
     assert _state(second) == expected
-    assert sum("ignoring cache" in r.getMessage() for r in caplog.records) == 2
-    assert not any(".pkl" in r.getMessage() for r in caplog.records)  # the old files are not even opened
+    assert sum("ignoring cache" in r.getMessage() for r in caplog.records) == 3
+    assert not any(".pkl" in r.getMessage() or ".npy" in r.getMessage() for r in caplog.records)  # the old files are not even opened
 
     # an npz whose array holds the pickled object: numpy refuses the object array, nothing runs
     np.savez(calib, __meta__=np.array([_Holder(payload)], dtype=object))
@@ -91,6 +93,7 @@ def test_cache_round_trips_identically(mnist_onnx_path, small_data, tmp_path, mo
     for edge, st in first.calibrator.state_dict()["edges"].items():
         np.testing.assert_array_equal(second.calibrator.state_dict()["edges"][edge]["counts"], st["counts"])
     assert second._corrected == first._corrected
+    assert second.fp32_score == first.fp32_score
 
 
 @pytest.mark.parametrize("damage", ["other_version", "other_key", "truncated", "not_a_layer"])
