@@ -63,7 +63,8 @@ class AnnotateConfig:
     dynamic: bool = True  # allow run-time per-row ranges where the spec lists them (hago.dynamic)
 
 
-def _node_mode(node, spec: HardwareSpec, integer_edges: set[str], cfg: AnnotateConfig, act_bits: int) -> OpChoice:
+def _node_mode(node, spec: HardwareSpec, backend, integer_edges: set[str], cfg: AnnotateConfig,
+               act_bits: int) -> OpChoice:
     descs = spec.descriptors(node.kind)
     if node.kind == "other":
         return OpChoice(node.kind, "float", reason=f"unsupported op {node.relax_op}: runs in float")
@@ -71,7 +72,7 @@ def _node_mode(node, spec: HardwareSpec, integer_edges: set[str], cfg: AnnotateC
         return OpChoice(node.kind, "float", reason=f"{spec.name} has no integer {node.kind}")
     if node.kind not in realizable_kinds():
         return OpChoice(node.kind, "float", reason=f"hago cannot realize {node.kind} in integer yet")
-    if (problem := backend_of(spec).integer_problem(node)) is not None:
+    if (problem := backend.integer_problem(node)) is not None:
         return OpChoice(node.kind, "float", reason=problem)
     if node.name in cfg.float_ops:
         return OpChoice(node.kind, "float", reason="pinned to float by the strategy")
@@ -119,9 +120,10 @@ def annotate(graph: Graph, spec: HardwareSpec, graph_hash: str, config: Annotate
         cfg = replace(cfg, float_ops=frozenset(cfg.float_ops | forced))
     strategy = Strategy(graph_hash=graph_hash, device=spec.name)
     act_bits = cfg.activation_bits or max(spec.bits.activation)
+    backend = backend_of(spec)  # it may refuse integer for a node its kernels do not handle
     integer_edges: set[str] = set()
     for node in graph.nodes:
-        choice = _node_mode(node, spec, integer_edges, cfg, act_bits)
+        choice = _node_mode(node, spec, backend, integer_edges, cfg, act_bits)
         strategy.ops[node.name] = choice
         if choice.mode == "integer":
             integer_edges.add(node.name)

@@ -317,7 +317,7 @@ def _output_classes(mod) -> int | None:
 
 
 def _evaluate(result: CompileResult, report: dict, samples: Samples, q: Quantized, spec, host_target) -> None:
-    names = [i.name for i in q.inputs]
+    names = q.prepared.input_names
     eval_batch = q.batch_for(EVAL_BATCH)
     fp32_mod, int_mod = static_pair(q, spec, eval_batch)
     fp_ex = build_mod.build(fp32_mod, host_target, "host")

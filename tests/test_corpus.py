@@ -126,6 +126,7 @@ def test_builds_for_cuda_t4(name, static, tmp_path):
     result = hago_compile(path, "cuda-t4", {"x": case.samples(N_CALIB)}, measure=False, out_dir=tmp_path / "out")
     assert (tmp_path / "out" / "kernels.cu").stat().st_size > 0
     assert result.report["ops"]["integer"] >= 1
-    for op in result.strategy.ops.values():
-        if op.mode == "float" and op.kind == "conv2d":
-            assert "grouped conv" in op.reason, op.reason
+    float_convs = [op.reason for op in result.strategy.ops.values() if op.mode == "float" and op.kind == "conv2d"]
+    assert all("grouped conv" in r for r in float_convs), float_convs
+    if name in ("grouped_conv_prelu", "audio_cnn"):  # the models with grouped convs: float here, integer on x86
+        assert float_convs

@@ -175,7 +175,7 @@ class SearchEngine:
         self.measurer = measurer or LocalMeasurer(threads=self.spec.cores)
         self.host = build_mod.host_target() if not self.spec.is_local else build_mod.target_of(self.spec)
         self.device_target = build_mod.target_of(self.spec)
-        self.names = [i.name for i in self.infos]
+        self.names = self.prepared.input_names
         # builds are static (the hand-scheduled kernels tile exact shapes): batch 1 on the device,
         # eval_batch for accuracy on the host; same node names, so one strategy serves all three graphs.
         # On this machine the device build also scores accuracy (batch 1): one build per candidate.
