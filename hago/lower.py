@@ -39,13 +39,23 @@ TILE_ROWS = 4  # register tile of a naive reduction (float conv, matmul): rows x
 TILE_VECTORS = 2
 
 
-def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Dispatch, legalize and fuse ``mod`` (kernels marked opaque stay standalone)."""
+def fuse(mod: tvm.IRModule, target: tvm.target.Target, backend=None) -> tvm.IRModule:
+    """Dispatch, legalize and fuse ``mod`` (kernels marked opaque stay standalone).
+
+    ``backend`` (a :class:`hago.backends.Backend`) may re-lay out the module
+    first and legalize some ops itself (the CPU backends' blocked float convs).
+    """
     legalize = cpu.legalize_passes(target)
     assert isinstance(legalize[0], type(relax.transform.LegalizeOps()))  # replaced by ours, with fast math
-    passes = cpu.library_dispatch_passes(target) + [relax.transform.LegalizeOps(fast_math_legalizations())]
+    custom = fast_math_legalizations()
+    mod = opaque_symbolic_helpers(mod)
+    if backend is not None:
+        with target:
+            mod = backend.prepare_fusion(mod, target)
+        custom.update(backend.legalizations(target))
+    passes = cpu.library_dispatch_passes(target) + [relax.transform.LegalizeOps(custom)]
     with target:
-        return tvm.transform.Sequential(passes + legalize[1:])(opaque_symbolic_helpers(mod))
+        return tvm.transform.Sequential(passes + legalize[1:])(mod)
 
 
 
@@ -118,12 +128,14 @@ def fast_math_legalizations() -> dict:
     }
 
 
-def finish(mod: tvm.IRModule, target: tvm.target.Target, tir_pipeline: str = stack_alloc.PIPELINE):
-    """Schedule the element-wise leftovers of a fused module and compile it to a VM executable.
+def finish(mod: tvm.IRModule, target: tvm.target.Target, tir_pipeline: str = stack_alloc.PIPELINE, backend=None):
+    """Schedule the leftovers of a fused module and compile it to a VM executable.
 
-    ``tir_pipeline`` names the TIR lowering (TVM's ``"default"`` only to measure what ``stack_alloc`` saves).
+    ``backend``'s schedules for fused kernels (its blocked float convs) come
+    first, the generic defaults take the rest. ``tir_pipeline`` names the TIR
+    lowering (TVM's ``"default"`` only to measure what ``stack_alloc`` saves).
     """
-    mod = schedule_elementwise(mod)
+    mod = schedule_elementwise(mod, None if backend is None else (lambda sch: backend.schedule_fused(sch, target)))
     lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
     with target:
         return tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(lower),
@@ -140,12 +152,16 @@ def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
     return map_prim_funcs(mod, lambda func: None if is_scheduled(func) else schedule(func))
 
 
-def schedule_elementwise(mod: tvm.IRModule) -> tvm.IRModule:
-    """Default schedules for the unscheduled PrimFuncs of ``mod`` (see :func:`apply_default_schedule`)."""
-    return schedule_unscheduled(mod, schedule_elementwise_func)
+def schedule_elementwise(mod: tvm.IRModule, kernels=None) -> tvm.IRModule:
+    """Default schedules for the unscheduled PrimFuncs of ``mod`` (see :func:`apply_default_schedule`).
+
+    ``kernels(sch) -> bool``: a backend's schedules for the fused kernels it
+    recognises, tried first on each function.
+    """
+    return schedule_unscheduled(mod, lambda func: schedule_elementwise_func(func, kernels))
 
 
-def schedule_elementwise_func(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
+def schedule_elementwise_func(func: tvm.tirx.PrimFunc, kernels=None) -> tvm.tirx.PrimFunc | None:
     """Default schedule of a fused PrimFunc; None when nothing could be scheduled."""
     from tvm.s_tir import Schedule
 
@@ -153,9 +169,25 @@ def schedule_elementwise_func(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | No
         sch = Schedule(tvm.IRModule({"main": func}))
     except Exception:  # not schedulable (already lowered)
         return None
+    if kernels is not None:
+        if schedule_kernel(sch, kernels):
+            return sch.mod["main"].with_attr(IS_SCHEDULED, True)
+        sch = Schedule(tvm.IRModule({"main": func}))  # a failed kernel schedule may have left it half done
     if not apply_default_schedule(sch):
         return None
     return sch.mod["main"].with_attr(IS_SCHEDULED, True)
+
+
+def schedule_kernel(sch, kernels) -> bool:
+    """``kernels(sch)``; False (logged) when its schedule does not apply, so the generic default takes over."""
+    from tvm.s_tir import ScheduleError
+
+    try:
+        return bool(kernels(sch))
+    except (ScheduleError, tvm.error.InternalError, ValueError) as e:
+        log.warning("default schedule of a fused kernel failed, the generic one applies: %s",
+                    error_line(e, limit=None))
+        return False
 
 
 def apply_default_schedule(sch) -> bool:
@@ -190,7 +222,7 @@ def apply_default_schedule(sch) -> bool:
             if sch.get(blk).name_hint in tiled_names:
                 _register_tile(sch, blk)
             elif _has_reduction(sch, blk):
-                if not _row_reduce(sch, blk):
+                if not (_row_reduce(sch, blk) or _lane_reduce(sch, blk)):
                     _parallel_spatial(sch, blk)
             else:
                 _parallel_vectorize(sch, blk)
@@ -306,6 +338,42 @@ def _row_reduce(sch, blk) -> bool:
     sch.reverse_compute_at(blk, outer[-1])
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     sch.vectorize(rf_loops[-1])
+    return True
+
+
+def _lane_reduce(sch, blk) -> bool:
+    """A reduction whose innermost spatial loop walks the contiguous last dimension: vectors across it.
+
+    A pool or a mean over H and W of a blocked ``NCHW{b}c`` tensor: the
+    reductions move outside the ``b`` channel lanes, which become one vector
+    of partial results per output pixel. False (nothing changed) for any
+    other reduction.
+    """
+    b = sch.get(blk)
+    kinds = [int(iv.iter_type) for iv in b.iter_vars]
+    loops = sch.get_loops(blk)
+    spatial = kinds.count(0)
+    if spatial < 2 or kinds[:spatial] != [0] * spatial or len(loops) != len(kinds) or spatial == len(kinds):
+        return False
+    lane = b.iter_vars[spatial - 1]
+    extent = int(lane.dom.extent)
+    if extent % 4 or extent > 64:
+        return False
+    for r in [*b.reads, *b.writes]:
+        region = [rg.min for rg in r.region]
+        if any(_uses(e, lane.var) for e in region[:-1]) or not region:
+            return False
+        if _uses(region[-1], lane.var):
+            coef = detect_linear_equation(region[-1], [lane.var])
+            if len(coef) != 2 or not isinstance(coef[0], tvm.tirx.IntImm) or int(coef[0]) != 1:
+                return False
+    outer, inner, red = loops[:spatial - 1], loops[spatial - 1], loops[spatial:]
+    sch.reorder(*outer, *red, inner)
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    sch.vectorize(inner)
+    init = sch.decompose_reduction(blk, red[0])
+    sch.vectorize(sch.get_loops(init)[-1])
     return True
 
 

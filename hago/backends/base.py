@@ -171,6 +171,10 @@ class Plan:
         """``emit(bb, x, w_q [K, N]) -> int32 [..., N]`` for an integer dense; None: a plain int32 matmul."""
         return None
 
+    def bf16_kernel(self, node: Node, x_shape: list) -> Callable | None:
+        """``emit(bb, x) -> float32`` (bias included) for a bf16 conv2d / dense on float ``x``; None: plain ops."""
+        return None
+
 
 # -- the backend ------------------------------------------------------------------------
 class Backend:
@@ -204,6 +208,14 @@ class Backend:
             if value not in known:
                 valid = ", ".join(sorted(str(v) for v in known if v is not None)) or "none"
                 return key, f"backend {self.name} has no {op} kernel for {key} {value!r} (it realizes: {valid})"
+        return None
+
+    def bf16_problem(self, op: str, desc: OpDescriptor, target: dict) -> tuple[str, str] | None:
+        """``(key, problem)`` when this backend cannot run ``op`` in bf16 for spec target ``target``; None if it can."""
+        return "inputs", f"backend {self.name} has no bf16 kernels"
+
+    def bf16_node_problem(self, node) -> str | None:
+        """Why graph node ``node`` cannot run in bf16 although the spec declares bf16 for its kind; None if it can."""
         return None
 
     def integer_problem(self, node) -> str | None:
@@ -242,6 +254,18 @@ class Backend:
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         """``mod`` with the default schedules of this backend's kernels (before fusion); the rest untouched."""
         return mod
+
+    def prepare_fusion(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+        """``mod`` just before legalization and fusion (the CPU backends block float convs here)."""
+        return mod
+
+    def legalizations(self, target: tvm.target.Target) -> dict:
+        """Op name -> legalization that replaces TVM's own for this backend's builds."""
+        return {}
+
+    def schedule_fused(self, sch, target: tvm.target.Target) -> bool:
+        """Schedule a fused PrimFunc (``sch``) holding one of its after-fusion kernels; False when it holds none."""
+        return False
 
     def is_kernel(self, func) -> bool:
         """Whether PrimFunc ``func`` is one of this backend's hand-scheduled kernels (a tuning task of its own)."""

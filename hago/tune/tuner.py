@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 
-from ..lower import apply_default_schedule, finish, fuse, is_scheduled
+from ..lower import apply_default_schedule, finish, fuse, is_scheduled, schedule_kernel
 from ..errors import error_line
 from ..tvm_consts import OPAQUE
 from .cache import Entry, TuningCache
@@ -52,6 +52,7 @@ class Task:
     entry: Entry
     kernel: bool  # a hago kernel: it has a hand-written default schedule
     backend: object = None  # the hago.backends.Backend whose kernels and default schedules apply
+    target: object = None  # the build target (the register tiles of some default schedules depend on it)
 
 
 # ---- step 1 ------------------------------------------------------------------
@@ -62,7 +63,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target, backend) -> tvm.IRModu
         if (isinstance(func, tvm.tirx.PrimFunc) and "op_pattern" not in (func.attrs or {})
                 and backend.is_kernel(func)):
             mod.update_func(gv, func.with_attr("op_pattern", OPAQUE))
-    return fuse(mod, target)
+    return fuse(mod, target, backend)
 
 
 def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCache, backend) -> list[Task]:
@@ -75,7 +76,7 @@ def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCach
         func = wl["main"]
         if is_scheduled(func):
             continue
-        tasks.append(Task(str(t.task_name), wl, cache.entry(wl), backend.is_kernel(func), backend))
+        tasks.append(Task(str(t.task_name), wl, cache.entry(wl), backend.is_kernel(func), backend, target))
     return tasks
 
 
@@ -118,7 +119,7 @@ def ensure_intrinsics(target: tvm.target.Target, backend, names: set[str] = froz
 
 
 # ---- step 2 ------------------------------------------------------------------
-def default_schedule(mod: tvm.IRModule, backend=None):
+def default_schedule(mod: tvm.IRModule, backend=None, target=None):
     """The schedule an untuned build gives ``mod``, as a traced ``Schedule`` (None: none).
 
     ``backend``'s kernels get their hand-written schedule; any other workload the
@@ -136,6 +137,10 @@ def default_schedule(mod: tvm.IRModule, backend=None):
     except (ScheduleError, tvm.error.InternalError) as e:
         log.warning("default schedule of a hago kernel failed: %s", error_line(e, limit=None))
         return None
+    if backend is not None and target is not None:
+        sch = Schedule(mod)
+        if schedule_kernel(sch, lambda s: backend.schedule_fused(s, target)):
+            return sch
     sch = Schedule(mod)
     return sch if apply_default_schedule(sch) else None
 
@@ -150,7 +155,7 @@ def default_fingerprint(task: Task) -> str | None:
     import hashlib
     import json
 
-    sch = default_schedule(task.mod, task.backend)
+    sch = default_schedule(task.mod, task.backend, task.target)
     return None if sch is None else hashlib.sha256(json.dumps(sch.trace.as_json(), default=str).encode()).hexdigest()[:16]
 
 
@@ -161,7 +166,7 @@ def commit_default(task: Task, database, target, builder, runner) -> float | Non
 
     from tvm.s_tir import meta_schedule as ms
 
-    sch = default_schedule(task.mod, task.backend)
+    sch = default_schedule(task.mod, task.backend, task.target)
     if sch is None:
         return None
     args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
@@ -243,4 +248,4 @@ def compile_cached(prepared: tvm.IRModule, target: tvm.target.Target, tasks: lis
         database = dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    return finish(backend.schedule(mod, target), target)
+    return finish(backend.schedule(mod, target), target, backend=backend)

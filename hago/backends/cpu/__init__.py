@@ -42,9 +42,39 @@ class CPUBackend(Backend):
 
         try:
             # kernels first: their default schedules mark them opaque so fusion keeps them standalone
-            return finish(fuse(self.schedule(mod, target), target), target)
+            return finish(fuse(self.schedule(mod, target), target, self), target, backend=self)
         except Exception as e:
             raise BuildError(f"TVM failed to build for {what}: {error_line(e, limit=None)}") from None
+
+    # -- blocked float convolutions (float_layout, float_kernels, float_schedule) ----------
+    def vector_lanes(self, target) -> int:
+        """float32 lanes of the target's vector registers: the channel block of float convs (128-bit by default)."""
+        return 4
+
+    def vector_registers(self, target) -> int:
+        """How many vector registers a register tile may use (AArch64 and AVX-512 have 32)."""
+        return 32
+
+    def prepare_fusion(self, mod, target):
+        """Float convs in blocked ``NCHW{b}c`` layouts (:mod:`.float_layout`)."""
+        from .float_layout import block_float_convs
+
+        return block_float_convs(mod, self.vector_lanes(target))
+
+    def legalizations(self, target) -> dict:
+        """hago's blocked float conv kernels (:mod:`.float_kernels`) in place of TVM's generic loop nest."""
+        import tvm
+
+        from .float_kernels import legalize_conv2d
+
+        default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+        return {"relax.nn.conv2d": legalize_conv2d(default)}
+
+    def schedule_fused(self, sch, target) -> bool:
+        """The register-tiled schedule of a fused blocked float conv (:mod:`.float_schedule`)."""
+        from .float_schedule import schedule_float_kernels
+
+        return schedule_float_kernels(sch, self.vector_registers(target))
 
     def export(self, executable, spec, path: Path) -> Path:
         """A shared library, linked by the spec's cross compiler when it has one (an ARM board)."""

@@ -22,6 +22,12 @@ from ..cpu import CPUBackend
 #: weight layouts (spec descriptor ``weight_layout``) served by the VNNI kernels
 VNNI_WEIGHT_LAYOUTS = ("OIHW4i16o4i", "NK16n4k")
 _X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686")
+#: LLVM CPU names with AVX512_BF16 (``vdpbf16ps``): Cooper Lake, Sapphire/Emerald/Granite Rapids, Zen 4/5
+BF16_CPUS = frozenset({"cooperlake", "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d",
+                       "diamondrapids", "znver4", "znver5"})
+#: ops with a bf16 kernel (depthwise stays fp32: two bf16 per lane buy nothing on one channel per group)
+BF16_OPS = ("conv2d", "dense")
+BF16_LANES = 16  # fp32 accumulators per vdpbf16ps
 
 
 class X86Backend(CPUBackend):
@@ -37,6 +43,39 @@ class X86Backend(CPUBackend):
         """An LLVM target for an x86 triple (no triple: this machine's)."""
         triple = str(target.attrs.get("mtriple") or platform.machine())
         return triple.split("-")[0].lower() in _X86
+
+    def vector_lanes(self, target) -> int:
+        """16 float lanes with AVX-512, 8 with AVX2 (and 4 on a bare SSE target)."""
+        from tvm.target.codegen import target_has_features
+
+        if target_has_features("avx512f", target):
+            return 16
+        return 8 if target_has_features("avx2", target) else 4
+
+    def vector_registers(self, target) -> int:
+        """32 zmm registers with AVX-512, 16 ymm/xmm otherwise."""
+        return 32 if self.vector_lanes(target) == 16 else 16
+
+    def bf16_problem(self, op, desc, target):
+        """bf16 needs ``avx512bf16`` in the spec's target (named CPU or ``mattr``) and a bf16 kernel for ``op``."""
+        if op not in BF16_OPS:
+            return "inputs", f"backend {self.name} has no bf16 {op} kernel (it has: {', '.join(BF16_OPS)})"
+        mattr = target.get("mattr") or []
+        if target.get("mcpu") in BF16_CPUS or "+avx512bf16" in mattr:
+            return None
+        return "inputs", (f"target mcpu {target.get('mcpu')!r} has no avx512bf16; bf16 needs one of "
+                          f"{', '.join(sorted(BF16_CPUS))} or mattr +avx512bf16")
+
+    def bf16_node_problem(self, node):
+        """The bf16 kernels pad any dense or single-group conv; a grouped conv needs pairs in, 16s out per group."""
+        w = node.weight
+        if w is None:
+            return "bf16 needs a constant weight"
+        groups = 1 if node.kind == "dense" else int(node.call.attrs.groups)
+        if groups > 1 and (w.shape[1] % 2 or (w.shape[0] // groups) % BF16_LANES):
+            return (f"bf16 grouped convs need input channels in pairs and output channels in 16s per group "
+                    f"({w.shape[1]} -> {w.shape[0] // groups}): runs in fp32")
+        return None
 
     def plan(self, graph, strategy):
         from .plan import X86Plan

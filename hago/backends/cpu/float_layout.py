@@ -1,0 +1,164 @@
+"""Blocked ``NCHW{b}c`` layouts for the float convolutions of a module, chosen per layer.
+
+A float conv in plain NCHW has no loop whose loads are contiguous in the
+output channel, so TVM's naive code runs one multiply-add at a time. In the
+blocked layout the innermost ``b`` channels are one vector register: a
+convolution becomes ``rows x channel-blocks`` register tiles of FMAs (the
+schedule in :mod:`.float_schedule`), as in TOPI's old ``conv2d_NCHWc`` x86
+schedules and in MLAS's NCHWc kernels.
+
+Relax's ``ConvertLayout`` does the rewriting and carries the layout through
+the element-wise ops, adds, pools, means and concats between convolutions, so
+a chain of float layers changes layout only where an op needs plain NCHW
+(a reshape, a softmax over channels). This module only decides, per conv,
+which block its channels allow: ``lanes`` (the target's float vector width)
+where they divide it, then halves of it down to 4; a first layer with fewer
+channels than a vector (RGB: 3) takes all of them as one block. A conv whose
+channels fit none of these stays plain NCHW and keeps the generic schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax
+
+from hago.errors import error_line
+
+log = logging.getLogger(__name__)
+
+MIN_BLOCK = 4  # below this a "vector" is too narrow to pay for a layout change
+
+
+def channel_block(channels: int, lanes: int) -> int | None:
+    """The largest of ``lanes``, ``lanes/2`` ... ``MIN_BLOCK`` dividing ``channels``; None when none does."""
+    b = lanes
+    while b >= MIN_BLOCK:
+        if channels % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def conv_layouts(call, lanes: int) -> list[str] | None:
+    """``[data, kernel, out]`` layouts for a float NCHW/OIHW ``relax.nn.conv2d`` call; None: keep it plain."""
+    a = call.attrs
+    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    x, w = call.args[0].ty, call.args[1].ty
+    if str(x.dtype) != "float32" or str(w.dtype) != "float32":
+        return None
+    try:
+        c, o, i = int(x.shape[1]), int(w.shape[0]), int(w.shape[1])
+    except (TypeError, AttributeError):  # symbolic channels
+        return None
+    groups = int(a.groups)
+    if groups == c and i == 1 and o == c:  # depthwise: one block for data, weights and output
+        b = channel_block(c, lanes)
+        return None if b is None else [f"NCHW{b}c", f"OIHW1i{b}o", f"NCHW{b}c"]
+    ob = channel_block(o // groups, lanes)
+    ib = channel_block(i, lanes) or (i if groups == 1 and i < MIN_BLOCK else None)
+    if ob is None or ib is None:
+        return None
+    return [f"NCHW{ib}c", f"OIHW{ib}i{ob}o", f"NCHW{ob}c"]
+
+
+
+def _float_value(v) -> float | None:
+    """The number a clip bound holds (a ``FloatImm``/``IntImm``, or a PrimValue around one); None if symbolic."""
+    for _ in range(3):
+        if isinstance(v, (int, float)):
+            return float(v)
+        v = getattr(v, "value", None)
+    return None
+
+
+def _clip_to_minmax(mod: tvm.IRModule) -> tvm.IRModule:
+    """Float ``clip(x, lo, hi)`` -> ``minimum(maximum(x, lo), hi)``.
+
+    ConvertLayout carries binary ops through a blocked layout but converts
+    back to NCHW around ``clip``, which is ReLU6 in every mobile net.
+    """
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from hago.relax_rewrite import rewrite_relax_functions
+
+    clip = tvm.ir.Op.get("relax.clip")
+
+    @mutator
+    class Rewrite(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(clip)):
+                return call
+            dtype = str(call.ty.dtype) if hasattr(call.ty, "dtype") else ""
+            lo, hi = call.args[1], call.args[2]
+            bounds = [_float_value(v) for v in (lo, hi)]
+            if dtype != "float32" or None in bounds:
+                return call
+            x = relax.op.maximum(call.args[0], relax.const(bounds[0], "float32"))
+            return relax.op.minimum(x, relax.const(bounds[1], "float32"))
+
+    return rewrite_relax_functions(mod, Rewrite(mod))
+
+
+#: ops whose layout inference in ConvertLayout aborts on an input that is already blocked (5-d)
+_NO_BLOCKED_INPUT = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d")
+
+
+def _legalize_blocked_pools(mod: tvm.IRModule) -> tvm.IRModule:
+    """Legalize, ahead of ConvertLayout, the pools an integer plan already runs on a blocked tensor.
+
+    ConvertLayout assumes every pool starts in a 4-d layout and aborts the
+    whole pass on the x86 plan's NCHW16c max-pools; as PrimFuncs they are
+    opaque to it and keep their layout.
+    """
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from hago.relax_rewrite import rewrite_relax_functions
+
+    @mutator
+    class Rewrite(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            name = getattr(call.op, "name", "")
+            if name in _NO_BLOCKED_INPUT and len(call.args[0].ty.shape) != 4:
+                return tvm.ir.Op.get(name).get_attr("FLegalize")(self.builder_, call)
+            return call
+
+    return rewrite_relax_functions(mod, Rewrite(mod))
+
+
+def _calls(mod: tvm.IRModule, op_name: str) -> list:
+    """Every call of ``op_name`` in the module's Relax functions."""
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == op_name:
+            found.append(expr)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def block_float_convs(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """``mod`` with its float convs in blocked layouts (weights re-laid out as constants); ``mod`` on failure."""
+    conv2d = "relax.nn.conv2d"
+
+    def layout_cb(call):
+        if getattr(call.op, "name", "") != conv2d:
+            return {}
+        layouts = conv_layouts(call, lanes)
+        return {conv2d: layouts} if layouts else {}
+
+    if not any(conv_layouts(call, lanes) for call in _calls(mod, conv2d)):
+        return mod  # nothing to block (an all-integer program): leave it exactly as it is
+    try:
+        converted = relax.transform.ConvertLayout({}, layout_cb)(_legalize_blocked_pools(_clip_to_minmax(mod)))
+        return relax.transform.FoldConstant()(converted)
+    except Exception as e:  # an op ConvertLayout cannot carry: the plain layout is slow, not wrong
+        log.warning("float convs stay NCHW (blocked layout conversion failed): %s", error_line(e, limit=None))
+        return mod

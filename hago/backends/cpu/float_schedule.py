@@ -1,0 +1,152 @@
+"""Default schedules of the blocked float convolutions (:mod:`.float_kernels`), after fusion.
+
+One register-blocked micro-kernel per conv, in the spirit of TOPI's
+``conv2d_NCHWc`` x86 schedule and of MLAS's NCHWc kernels:
+
+* the innermost ``ob`` output channels are one vector (16 floats on AVX-512);
+* around it an unrolled tile of ``rw`` output columns x ``rc`` channel blocks
+  of accumulators; per reduction step the tile loads ``rc`` weight vectors and
+  broadcasts ``rw`` input values for ``rw * rc`` FMAs;
+* all reductions (input channel blocks, kernel rows and columns, the channels
+  of a block) run outside the tile; the fused element-wise epilogue (bias,
+  ReLU/ReLU6, residual add) is computed on the tile as its write-back, so the
+  accumulators never go to memory before it;
+* the output rows and channel blocks run in parallel.
+
+Depthwise convs tile output columns only: each tap is one weight vector
+reused across ``rw`` input vectors. Tile sizes divide the extents exactly
+(no predicate inside the unrolled tile).
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import Schedule
+
+from .float_kernels import CONV, DEPTHWISE, KERNEL_ATTR
+
+MAX_BLOCKS = 4  # weight vectors live at once in a conv tile
+DEPTHWISE_COLUMNS = 16  # accumulators of a depthwise tile, at most
+
+
+def _divisors(n: int, cap: int) -> list[int]:
+    return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
+
+
+def register_tile(columns: int, blocks: int, registers: int) -> tuple[int, int]:
+    """``(rw, rc)`` dividing ``columns`` and ``blocks``, maximising FMAs per load within the register file.
+
+    ``rw * rc`` accumulators plus ``rc`` weight vectors plus one broadcast
+    must fit ``registers``; among equal ratios the bigger tile wins.
+    """
+    best = (0.0, 0, 1, 1)
+    for rc in _divisors(blocks, MAX_BLOCKS):
+        for rw in _divisors(columns, max((registers - 1 - rc) // rc, 1)):
+            best = max(best, (rw * rc / (rw + rc), rw * rc, rw, rc))
+    return best[2], best[3]
+
+
+def kernel_blocks(sch: Schedule) -> list[tuple[str, object]]:
+    """``(kind, block)`` of the blocked float conv blocks directly under the root."""
+    out = []
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        kind = sch.get(blk).annotations.get(KERNEL_ATTR)
+        if kind is not None and str(kind) in (CONV, DEPTHWISE):
+            out.append((str(kind), blk))
+    return out
+
+
+def _extent(sch: Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _epilogue(sch: Schedule, blk):
+    """The single block the conv's result flows into after inlining the element-wise chain; None if none.
+
+    Every block after the conv is element-wise (FuseOps only fuses such
+    consumers into a conv): all but the last are inlined into their
+    consumers, so one block reads the accumulator and writes the output.
+    """
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    after = names[names.index(sch.get(blk).name_hint) + 1:]
+    for name in after[:-1]:
+        sch.compute_inline(sch.get_sblock(name))
+    return sch.get_sblock(after[-1]) if after else None
+
+
+def _prologue(sch: Schedule, blk) -> None:
+    """Blocks before the conv: padding runs parallel and vectorized over its channel lanes; others inline."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    for name in names[:names.index(sch.get(blk).name_hint)]:
+        b = sch.get_sblock(name)
+        loops = sch.get_loops(b)
+        if len(loops) == 5 and "pad" in name:
+            sch.parallel(sch.fuse(*loops[:3]))
+            sch.vectorize(loops[-1])
+        else:
+            try:
+                sch.compute_inline(b)
+            except Exception:  # keeps its own loop nest
+                pass
+
+
+def _write_back(sch: Schedule, blk, at_loop, lanes_loop_of) -> None:
+    """The epilogue (or a cache of the accumulators) computed at ``at_loop``, its lanes vectorized."""
+    epi = _epilogue(sch, blk)
+    wb = epi if epi is not None else sch.cache_write(blk, 0, "global")
+    sch.reverse_compute_at(wb, at_loop)
+    loops = sch.get_loops(wb)
+    sch.vectorize(loops[-1])
+    for loop in loops[len(lanes_loop_of):-1]:
+        sch.unroll(loop)
+
+
+def schedule_conv(sch: Schedule, blk, registers: int) -> None:
+    n, oc, oh, ow, ob, ic, ry, rx, ri = sch.get_loops(blk)
+    rw, rc = register_tile(_extent(sch, ow), _extent(sch, oc), registers)
+    oco, oci = sch.split(oc, [None, rc])
+    owo, owi = sch.split(ow, [None, rw])
+    sch.reorder(n, oco, oh, owo, ic, ry, rx, ri, owi, oci, ob)
+    _prologue(sch, blk)
+    outer = [n, oco, oh, owo]
+    _write_back(sch, blk, owo, outer)
+    sch.parallel(sch.fuse(n, oco, oh))
+    sch.unroll(owi)
+    sch.unroll(oci)
+    sch.vectorize(ob)
+    init = sch.decompose_reduction(blk, ic)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def schedule_depthwise(sch: Schedule, blk, registers: int) -> None:
+    n, c, oh, ow, lanes, ry, rx = sch.get_loops(blk)
+    rw = max(_divisors(_extent(sch, ow), min(DEPTHWISE_COLUMNS, registers - 4)))
+    owo, owi = sch.split(ow, [None, rw])
+    sch.reorder(n, c, oh, owo, ry, rx, owi, lanes)
+    _prologue(sch, blk)
+    _write_back(sch, blk, owo, [n, c, oh, owo])
+    sch.parallel(sch.fuse(n, c, oh))
+    sch.unroll(ry)
+    sch.unroll(rx)
+    sch.unroll(owi)
+    sch.vectorize(lanes)
+    init = sch.decompose_reduction(blk, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+SCHEDULES = {CONV: schedule_conv, DEPTHWISE: schedule_depthwise}
+
+
+def schedule_float_kernels(sch: Schedule, registers: int = 32) -> bool:
+    """Schedule the blocked float conv in ``sch`` (one PrimFunc, after fusion); False when it holds none.
+
+    ``registers``: the target's vector register count (32 on AVX-512 and
+    AArch64, 16 on AVX2). Raises ``ScheduleError`` when the schedule does not apply.
+    """
+    blocks = kernel_blocks(sch)
+    if len(blocks) != 1:  # FuseOps never puts two reductions in one function
+        return False
+    kind, blk = blocks[0]
+    SCHEDULES[kind](sch, blk, registers)
+    return True
