@@ -47,6 +47,8 @@ TUNE_CACHE = WORK / "tuning"  # MetaSchedule records, reused by every later run
 ORT_FP32 = "ONNX Runtime FP32"
 ORT_INT8 = "ONNX Runtime INT8 (QDQ u8s8 per-channel)"
 OV_INT8 = "OpenVINO INT8 (the ORT QDQ model)"
+OV_FP32 = "OpenVINO FP32"
+OV_BF16 = "OpenVINO bf16 (inference_precision=bf16, FP32 ONNX)"
 ORT_DYN = "ONNX Runtime INT8 dynamic (quantize_dynamic, per-channel)"
 NOTES: list[str] = []  # failures of optional peers, written under the table
 
@@ -110,14 +112,65 @@ def _ort_dynamic_int8(fp32_path, out_path):
     return Path(out_path)
 
 
-def _openvino(path, threads=THREADS):
-    """OpenVINO's CPU plugin on an ONNX file (a QDQ file runs as INT8), or None if it is not installed."""
+def _openvino(path, threads=THREADS, precision=None):
+    """OpenVINO's CPU plugin on an ONNX file (a QDQ file runs as INT8), or None if it is not installed.
+
+    ``precision`` ("f32" / "bf16") sets ``INFERENCE_PRECISION_HINT``; left out, the plugin picks (bf16 on
+    CPUs with AMX / AVX512-BF16), which is why the FP32 row pins f32 explicitly."""
     try:
         import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
     except ImportError:
         return None
-    core = ov.Core()
-    return core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    config = {props.inference_num_threads(): threads, hints.performance_mode(): hints.PerformanceMode.LATENCY}
+    if precision is not None:
+        config[hints.inference_precision()] = getattr(ov.Type, precision)
+    return ov.Core().compile_model(str(path), "CPU", config)
+
+
+def _openvino_fp32_peers(onnx_fp32: Path) -> dict:
+    """OpenVINO on the FP32 ONNX file at f32 and at bf16 inference precision: {row name: compiled model}.
+
+    The honest non-INT8 baselines: what a mature runtime does with the same FP32 model, and how fast
+    plain bf16 (no calibration at all) is on this CPU. A row that cannot run is left out with a note."""
+    try:
+        import openvino as ov
+        import openvino.properties.hint as hints
+    except ImportError:
+        NOTES.append("OpenVINO is not installed: no OpenVINO rows (`make bench` installs it).")
+        return {}
+    peers = {}
+    for name, precision in ((OV_FP32, "f32"), (OV_BF16, "bf16")):
+        if precision == "bf16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            NOTES.append(f"{OV_BF16}: skipped, OpenVINO's CPU plugin reports no BF16 support on this CPU.")
+            continue
+        try:
+            compiled = _openvino(onnx_fp32, precision=precision)
+        except Exception as e:  # noqa: BLE001 - optional peer
+            msg = " ".join(str(e).split())
+            print(f"  {name} failed: {msg}", flush=True)
+            NOTES.append(f"{name}: OpenVINO could not compile the FP32 ONNX model: `{msg[-200:]}`")
+            continue
+        got = compiled.get_property(hints.inference_precision())
+        if got != getattr(ov.Type, precision):  # the plugin falls back silently where the ISA lacks it
+            NOTES.append(f"{name}: skipped, OpenVINO compiled at {got} instead of {precision}.")
+            continue
+        peers[name] = compiled
+    return peers
+
+
+def _ov_fn(compiled):
+    """A compiled OpenVINO model as feeds -> first output (numpy), like ``_ort_fn``."""
+    return lambda feeds: np.asarray(compiled(feeds)[0])
+
+
+def _ov_latency_rows(peers: dict, feeds1: dict[str, np.ndarray]) -> dict:
+    rows = {}
+    for name, compiled in peers.items():
+        rows[name] = {"ms": _median_ms(lambda: compiled(feeds1))}
+        print(f"  {name}: {rows[name]['ms']:.2f} ms", flush=True)
+    return rows
 
 
 def _vm(executable):
@@ -150,17 +203,23 @@ def bench_mnist(args) -> tuple[dict, str]:
     rows[HAGO_INT8]["top1"] = res.report["quantized"]["accuracy"]
 
     ort_int8 = _ort_int8(assets["model"], {"input": calib}, WORK / "mnist_ort_int8.onnx")
+    feed1 = {"input": x_test[:1]}
     for name, path in ((ORT_FP32, assets["model"]), (ORT_INT8, ort_int8)):
         sess = _ort_session(path)
-        feed1 = {"input": x_test[:1]}
         rows[name] = {"ms": _median_ms(lambda: sess.run(None, feed1))}
-        logits = np.concatenate([sess.run(None, {"input": x_test[i:i + 500]})[0] for i in range(0, n_eval, 500)])
+        logits = _run_batched(lambda feeds: sess.run(None, feeds)[0], {"input": x_test}, 500)
         rows[name]["top1"] = float((logits.argmax(1) == y_test).mean())
+        if name == ORT_FP32:  # the OpenVINO FP32 / bf16 rows go beside ORT FP32
+            ov_peers = _openvino_fp32_peers(assets["model"])
+            rows.update(_ov_latency_rows(ov_peers, feed1))
+            for ov_name, compiled in ov_peers.items():
+                logits = _run_batched(_ov_fn(compiled), {"input": x_test}, 500)
+                rows[ov_name]["top1"] = float((logits.argmax(1) == y_test).mean())
     table = to_markdown(rows, TVM_FP32, [("top1", "top-1", "{:.2%}")])
     body = (f"## MNIST CNN (ccexam, pretrained), {DEVICE}\n\n"
             f"Command: {_command('mnist')} ({_stamp()}).\n"
             f"Machine: {_machine()}.\nAccuracy on the first {n_eval} images of the real MNIST test set.\n\n"
-            f"{table}\n")
+            f"{table}\n{_notes()}")
     return rows, body
 
 
@@ -219,7 +278,9 @@ def _ops_note(res) -> str:
             f"Corrections: {corr}.")
 
 
-def _latency_rows(feeds1: dict[str, np.ndarray], res, onnx_fp32: Path, onnx_int8: Path | None) -> dict:
+def _latency_rows(feeds1: dict[str, np.ndarray], res, onnx_fp32: Path, onnx_int8: Path | None,
+                  ov_peers: dict) -> dict:
+    """Batch-1 latency of every build; ``ov_peers`` (OpenVINO FP32 / bf16) come right after ORT FP32."""
     import tvm
 
     rows = {}
@@ -233,6 +294,8 @@ def _latency_rows(feeds1: dict[str, np.ndarray], res, onnx_fp32: Path, onnx_int8
         sess = _ort_session(path)
         rows[name] = {"ms": _median_ms(lambda: sess.run(None, feeds1))}
         print(f"  {name}: {rows[name]['ms']:.2f} ms", flush=True)
+        if name == ORT_FP32:
+            rows.update(_ov_latency_rows(ov_peers, feeds1))
     if onnx_int8 is not None:
         try:
             ov = _openvino(onnx_int8)
@@ -293,7 +356,8 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
     onnx_fp32 = _export_onnx(model, example, [inp], wd / f"{name}.onnx")
     onnx_int8 = _ort_int8(onnx_fp32, calib, wd / f"{name}_ort_int8.onnx")
     feeds1 = {inp: calib[inp][:1]}
-    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8)
+    ov_peers = _openvino_fp32_peers(onnx_fp32)
+    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers)
     cols = []
     acc_note = "Random weights: latency only (accuracy claims are made on the pretrained models)."
     if pretrained:
@@ -306,6 +370,8 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
         outs = {HAGO_INT8: _run_batched(_tvm_fn(res.int_executable), x, 1),
                 ORT_FP32: _run_batched(_ort_fn(onnx_fp32), x, 50),
                 ORT_INT8: _run_batched(_ort_fn(onnx_int8), x, 50)}
+        for ov_name, compiled in ov_peers.items():
+            outs[ov_name] = _run_batched(_ov_fn(compiled), x, 50)
         outs[TVM_FP32] = _run_batched(_tvm_fn(res.fp32_executable), x, 1)
         print(f"{name}: hago compile without bias correction", flush=True)
         import tvm
@@ -361,7 +427,8 @@ def bench_minilm(args) -> tuple[dict, str]:
     onnx_int8 = _ort_int8(onnx_fp32, calib, wd / "minilm_ort_int8.onnx")
     docs, _ = models.lee_corpus()
     feeds1 = {k: v[:1] for k, v in models.tokenize(docs[:1]).items()}
-    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8)
+    ov_peers = _openvino_fp32_peers(onnx_fp32)
+    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers)
     onnx_dyn = _ort_dynamic_int8(onnx_fp32, wd / "minilm_ort_dyn_int8.onnx")
     sess = _ort_session(onnx_dyn)
     rows[ORT_DYN] = {"ms": _median_ms(lambda: sess.run(None, feeds1))}
@@ -373,6 +440,7 @@ def bench_minilm(args) -> tuple[dict, str]:
     cands = {"PyTorch FP32 (reference)": embedder(_torch_fn(model), 32),
              HAGO_INT8: embedder(_tvm_fn(res.int_executable), 1),
              ORT_INT8: embedder(_ort_fn(onnx_int8), 32), ORT_DYN: embedder(_ort_fn(onnx_dyn), 32)}
+    cands.update({ov_name: embedder(_ov_fn(compiled), 32) for ov_name, compiled in ov_peers.items()})
     variants = [] if args.quick else _minilm_variants(res)
     for label, cfg in variants:  # the same compile with ops pinned to float through AnnotateConfig
         print(f"minilm: hago compile, {label}", flush=True)

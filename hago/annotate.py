@@ -10,6 +10,10 @@ come from the spec; nothing here names a device.
 
 Rules, in the order they are applied per node:
 
+* a node the caller asks to run in bf16 (``bf16_ops``, ``all_bf16``) does
+  so where the spec declares bf16 for its kind and the backend's kernels
+  take its shape, else fp32; its input edges stay float (it converts them
+  itself);
 * an op the spec lists no integer descriptor for, or that hago cannot realize
   (no handler in :mod:`hago.realize`'s registry), stays float and the reason
   is recorded (the report shows it);
@@ -60,6 +64,10 @@ class AnnotateConfig:
     edge_bits: dict[str, int] = field(default_factory=dict)
     node_weight_bits: dict[str, int] = field(default_factory=dict)
     float_ops: frozenset[str] = frozenset()
+    #: nodes to run in bf16 (where the spec declares bf16 for their kind and the backend's kernels take them)
+    bf16_ops: frozenset[str] = frozenset()
+    #: every weighted node in bf16 where it can be, fp32 elsewhere: the bf16 build (no integer layer)
+    all_bf16: bool = False
     dynamic: bool = True  # allow run-time per-row ranges where the spec lists them (hago.dynamic)
 
 
@@ -68,6 +76,10 @@ def _node_mode(node, spec: HardwareSpec, backend, integer_edges: set[str], cfg: 
     descs = spec.descriptors(node.kind)
     if node.kind == "other":
         return OpChoice(node.kind, "float", reason=f"unsupported op {node.relax_op}: runs in float")
+    if node.name in cfg.bf16_ops or (cfg.all_bf16 and node.weighted):
+        return _bf16_choice(node, spec, backend)
+    if cfg.all_bf16:
+        return OpChoice(node.kind, "float", reason="bf16 build: no integer layers")
     if not descs:
         return OpChoice(node.kind, "float", reason=f"{spec.name} has no integer {node.kind}")
     if node.kind not in realizable_kinds():
@@ -94,6 +106,16 @@ def _node_mode(node, spec: HardwareSpec, backend, integer_edges: set[str], cfg: 
         widths = "/".join(map(str, in_bits)) + "-bit inputs" + (f", {wbits}-bit weights" if wbits else "")
         return OpChoice(node.kind, "float", reason=f"{spec.name} has no integer {node.kind} for {widths}")
     return OpChoice(node.kind, "integer", descriptor=desc.model_dump(), weight_bits=wbits)
+
+
+def _bf16_choice(node, spec: HardwareSpec, backend) -> OpChoice:
+    """bf16 for ``node`` when the spec declares it for its kind and the backend's kernels take its shape."""
+    desc = spec.bf16_descriptor(node.kind)
+    if desc is None:
+        return OpChoice(node.kind, "float", reason=f"{spec.name} has no bf16 {node.kind}")
+    if (problem := backend.bf16_node_problem(node)) is not None:
+        return OpChoice(node.kind, "float", reason=problem)
+    return OpChoice(node.kind, "bf16", descriptor=desc.model_dump(), reason="bf16, float32 accumulation")
 
 
 def _descriptor(descs: list[OpDescriptor], in_bits: list[int], wbits: int | None) -> OpDescriptor | None:
@@ -151,7 +173,7 @@ def _float_dead_end_passthroughs(graph: Graph, strategy: Strategy) -> None:
         for node in reversed(graph.nodes):
             consumers = graph.consumers.get(node.name, [])
             if (node.kind in PASSTHROUGH and strategy.ops[node.name].mode == "integer" and consumers
-                    and all(strategy.ops[c].mode == "float" for c in consumers)):
+                    and all(strategy.ops[c].mode != "integer" for c in consumers)):
                 strategy.ops[node.name] = OpChoice(node.kind, "float",
                                                    reason="feeds only float ops: runs on the dequantized tensor")
                 changed = True

@@ -279,7 +279,7 @@ def _base_report(spec, graph: Graph, strat: Strategy, ghash: str, calibrator: st
         "corrections": list(strat.corrections),
         "fp32": {"latency_ms": None},
         "quantized": {"latency_ms": None},
-        "ops": {"integer": len(strat.integer_ops()), "float": len(strat.float_ops())},
+        "ops": {"integer": len(strat.integer_ops()), "bf16": len(strat.bf16_ops()), "float": len(strat.float_ops())},
         "float_ops": float_ops,
         "quantize_seconds": round(t_quant, 2),
         "notes": [],

@@ -21,8 +21,10 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 from hago.backends import registry as backends
 from hago.errors import SpecError, error_line
 
-Dtype = Literal["int4", "uint4", "int8", "uint8", "int16", "int32", "float16", "float32"]
+Dtype = Literal["int4", "uint4", "int8", "uint8", "int16", "int32", "bfloat16", "float16", "float32"]
 INT_DTYPES = frozenset({"int4", "uint4", "int8", "uint8", "int16", "int32"})
+#: precisions a layer may run in, fastest first (fp32 is always available)
+PRECISIONS = ("int4", "int8", "bf16", "fp32")
 OpName = Literal["conv2d", "depthwise_conv2d", "dense", "batch_matmul", "add", "multiply",
                  "relu", "clip", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "reshape",
                  "concatenate", "default"]
@@ -42,8 +44,10 @@ class _Frozen(BaseModel):
 
 
 class OpDescriptor(_Frozen):
-    """One integer implementation of an op: input/accumulator/output dtypes and layouts.
+    """One implementation of an op below fp32: input/accumulator/output dtypes and layouts.
 
+    Integer (integer inputs and accumulator) or bf16 (``bfloat16`` inputs,
+    ``float32`` accumulator and output: ``vdpbf16ps`` and friends).
     ``weight_layout`` names the packed weight layout the fast kernel wants, e.g.
     ``OIHW4i16o4i`` for VNNI conv or ``NK16n4k`` ([N/16, K/4, 16, 4]) for VNNI dense.
     """
@@ -55,12 +59,25 @@ class OpDescriptor(_Frozen):
     weight_layout: str | None = None
 
     @model_validator(mode="after")
-    def _integer(self) -> OpDescriptor:
+    def _integer_or_bf16(self) -> OpDescriptor:
+        if self.inputs[0] == "bfloat16":
+            for i, dt in enumerate(self.inputs):
+                if dt != "bfloat16":
+                    raise _Problem(f"a bf16 op takes bfloat16 inputs only, got {dt!r}", "inputs", i)
+            for key in ("accum", "output"):
+                if getattr(self, key) != "float32":
+                    raise _Problem(f"a bf16 op accumulates and outputs float32, got {getattr(self, key)!r}", key)
+            return self
         for i, dt in enumerate([*self.inputs, self.accum]):
             if dt is not None and dt not in INT_DTYPES:
                 key = ("inputs", i) if i < len(self.inputs) else ("accum",)
                 raise _Problem(f"integer op needs an integer dtype here, got {dt!r}", *key)
         return self
+
+    @property
+    def is_bf16(self) -> bool:
+        """A bf16 implementation (bfloat16 inputs, float32 accumulation), not an integer one."""
+        return self.inputs[0] == "bfloat16"
 
 
 class QuantScheme(_Frozen):
@@ -200,20 +217,37 @@ class HardwareSpec(_Frozen):
             raise _Problem(str(exc), "backend" if self.backend is not None else "intrinsics") from None
         for op, entry in self.ops.items():
             for i, desc in enumerate([] if entry == "float32" else entry):
-                problem = backend.descriptor_problem(op, desc)
+                problem = (backend.bf16_problem(op, desc, self.target) if desc.is_bf16
+                           else backend.descriptor_problem(op, desc))
                 if problem is not None:
                     raise _Problem(problem[1], "ops", op, i, problem[0])
         return self
 
     # -- queries -------------------------------------------------------------
     def descriptors(self, op: str) -> list[OpDescriptor]:
-        """Integer implementations of ``op``; empty means it stays float (or is unknown)."""
+        """Integer implementations of ``op``; empty means it has none (bf16 or fp32 only, or unknown)."""
         entry = self.ops.get(op, "float32")
-        return [] if entry == "float32" else list(entry)
+        return [] if entry == "float32" else [d for d in entry if not d.is_bf16]
+
+    def bf16_descriptor(self, op: str) -> OpDescriptor | None:
+        """The bf16 implementation of ``op``, None when the spec declares none."""
+        entry = self.ops.get(op, "float32")
+        return None if entry == "float32" else next((d for d in entry if d.is_bf16), None)
 
     def integer_ops(self) -> list[str]:
         """Op names with at least one integer descriptor, in file order."""
-        return [op for op, entry in self.ops.items() if entry != "float32"]
+        return [op for op in self.ops if self.descriptors(op)]
+
+    def bf16_ops(self) -> list[str]:
+        """Op names with a bf16 descriptor, in file order."""
+        return [op for op in self.ops if self.bf16_descriptor(op) is not None]
+
+    def precisions(self) -> list[str]:
+        """The precisions some layer may run in, from :data:`PRECISIONS` (fp32 always)."""
+        have = {f"int{b}" for b in self.bits.weight if self.integer_ops()}
+        if self.bf16_ops():
+            have.add("bf16")
+        return [p for p in PRECISIONS if p in have or p == "fp32"]
 
     def activation_dtype(self, op: str) -> str | None:
         """Dtype of the data input of ``op``'s preferred descriptor, None if float only."""
@@ -495,7 +529,7 @@ def device_table(specs: Iterable[HardwareSpec]):
     from rich.table import Table
 
     table = Table(title="hago devices")
-    for col in ("name", "target", "execution", "integer", "intrinsics", "bits"):
+    for col in ("name", "target", "execution", "precisions", "integer", "intrinsics", "bits"):
         table.add_column(col, no_wrap=col == "name")
     for s in specs:
         execution = f"remote ({s.rpc.key})" if s.execution == "remote" and s.rpc else s.execution
@@ -503,6 +537,6 @@ def device_table(specs: Iterable[HardwareSpec]):
         kinds = "/".join(dict.fromkeys("x".join(d.inputs) for d in mm)) or "no matmul"
         bits = (f"w{','.join(map(str, s.bits.weight))} "
                 f"a{','.join(map(str, s.bits.activation))}")
-        table.add_row(s.name, s.target_summary(), execution,
+        table.add_row(s.name, s.target_summary(), execution, " ".join(s.precisions()),
                       f"{len(s.integer_ops())} ops, {kinds}", ", ".join(s.intrinsics), bits)
     return table

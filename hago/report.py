@@ -20,10 +20,11 @@ def summary_table(report: dict) -> Table:
     t.add_column("build")
     t.add_column(f"latency ms (batch {report.get('batch', 1)})", justify="right")
     t.add_column("top-1", justify="right")
-    t.add_column("ops integer/float", justify="right")
+    bf16 = report["ops"].get("bf16", 0)
+    t.add_column("ops integer/bf16/float" if bf16 else "ops integer/float", justify="right")
     fp, q = report["fp32"], report["quantized"]
     t.add_row("FP32", _fmt(fp.get("latency_ms"), ".3f"), _fmt(fp.get("accuracy"), ".2%"), "-")
-    ops = f"{report['ops']['integer']}/{report['ops']['float']}"
+    ops = "/".join(str(report["ops"][k]) for k in (("integer", "bf16", "float") if bf16 else ("integer", "float")))
     latency = _fmt(q.get("latency_ms"), ".3f")
     if slower_than_fp32(report):
         latency = f"[bold red]{latency} SLOWER[/]"

@@ -23,7 +23,7 @@ from tvm.relax import op as O
 
 from .dynamic import fake_quantize_rows
 from .graph import Graph
-from .realize import handler_for
+from .realize import bf16, handler_for
 from .realize.quant import bias_shape, dequantize, fake_quantized_weight, quantize, substitute
 from .strategy import Strategy
 
@@ -101,9 +101,12 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
                         continue
                     value = b.value
                     node = node_of_var.get(b.var)
-                    if fake and node is not None and strategy.ops[node.name].mode == "integer":
+                    mode = strategy.ops[node.name].mode if node is not None else None
+                    if fake and mode == "integer":
                         handler = handler_for(strategy, node)  # its constants as realize quantizes them
                         value = handler.simulated_call(node, value, strategy) if handler else value
+                    elif fake and mode == "bf16":
+                        value = bf16.simulated_call(node, value)
                     if local and node is not None and node.name in tap_set:
                         twins[node.name] = _local_twin(bb, node, strategy, subst(value), with_bias)
                     if node is not None and node.weighted:

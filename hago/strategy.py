@@ -24,12 +24,17 @@ SCHEMA_VERSION = 1
 MIN_BITS, MAX_BITS = 2, 8
 
 
+#: how a node runs: integer (int8/int4 weights, its descriptor says), bf16 (bfloat16 inputs, float32
+#: accumulation) or float (fp32)
+MODES = ("integer", "bf16", "float")
+
+
 @dataclass
 class OpChoice:
-    """Integer or float for one node, and why."""
+    """Integer, bf16 or float for one node, and why."""
 
     kind: str
-    mode: str  # "integer" | "float"
+    mode: str  # one of MODES
     descriptor: dict | None = None
     weight_bits: int | None = None
     reason: str = ""
@@ -81,6 +86,9 @@ class Strategy:
 
     def float_ops(self) -> list[str]:
         return [n for n, c in self.ops.items() if c.mode == "float"]
+
+    def bf16_ops(self) -> list[str]:
+        return [n for n, c in self.ops.items() if c.mode == "bf16"]
 
     def resolved(self, edge: str) -> EdgeChoice:
         """Follow ``alias_of`` links to the edge that owns the parameters."""
@@ -200,8 +208,8 @@ def _validate_op(where: str, op) -> None:
     _keys(where, op, OpChoice, ("kind", "mode"))
     if not isinstance(op["kind"], str):
         _fail(f"{where}.kind", f"must be a string, got {op['kind']!r}")
-    if op["mode"] not in ("integer", "float"):
-        _fail(f"{where}.mode", f"must be 'integer' or 'float', got {op['mode']!r}")
+    if op["mode"] not in MODES:
+        _fail(f"{where}.mode", f"must be one of {', '.join(map(repr, MODES))}, got {op['mode']!r}")
     wb = op.get("weight_bits")
     if wb is not None and not (_is_int(wb) and MIN_BITS <= wb <= MAX_BITS):
         _fail(f"{where}.weight_bits", f"must be a bit width {MIN_BITS}..{MAX_BITS} or null, got {wb!r}")

@@ -53,8 +53,20 @@ def _err(capsys, argv) -> str:
 def test_devices_lists_every_spec(capsys):
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
-    for name in ("x86-avx512-vnni", "x86-avx2", "rpi4", "rpi5", "cuda-t4", "cuda-h100"):
+    for name in ("x86-avx512-vnni", "x86-avx512-bf16", "x86-avx2", "rpi4", "rpi5", "cuda-t4", "cuda-h100"):
         assert name in out
+
+
+def test_devices_show_each_specs_precisions():
+    from hago.hwspec import device_table, list_devices
+
+    table = device_table(list_devices())
+    header = [c.header for c in table.columns]
+    names, precisions = (list(table.columns[header.index(h)]._cells) for h in ("name", "precisions"))
+    row = dict(zip(names, precisions))
+    assert row["x86-avx512-bf16"] == "int4 int8 bf16 fp32"
+    assert row["x86-avx512-vnni"] == "int4 int8 fp32"  # Cascade Lake: no bf16
+    assert row["rpi4"] == "int8 fp32"
 
 
 def test_spec_check(capsys, tmp_path):
@@ -77,7 +89,7 @@ def test_compile_reports_float_fallback(capsys, tiny):
     assert "relax.tanh" in text and "float" in text
     report = json.loads((out / "report.json").read_text())
     # conv and dense run in integer; tanh cannot, and the flatten after it has float input
-    assert report["ops"] == {"integer": 2, "float": 2}
+    assert report["ops"] == {"integer": 2, "bf16": 0, "float": 2}
     reasons = {op["kind"]: op["reason"] for op in report["float_ops"]}
     assert "unsupported op relax.tanh" in reasons["other"]
     assert "inputs are float" in reasons["reshape"]

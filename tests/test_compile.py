@@ -52,7 +52,7 @@ def test_every_conv_and_dense_is_integer(mnist_build):
     assert sorted(k.op for k in kernels) == ["relax.matmul"] * 2 + ["relax.nn.conv2d"] * 2
     for k in kernels:
         assert k.input_dtypes == ("uint8", "int8") and k.output_dtype == "int32", k
-    assert result.report["ops"] == {"integer": 10, "float": 0}
+    assert result.report["ops"] == {"integer": 10, "bf16": 0, "float": 0}
     script = result.realized.mod.script(show_meta=False)
     # float only at the edges: one quantize of the input, one float multiply of the final accumulator
     assert script.count("R.quantize(") == 1

@@ -22,6 +22,7 @@ from hago.graph import Graph, Node
 from hago.qparams import QParams, container_dtype, fixed_point_multiplier
 from hago.strategy import Strategy
 
+from .bf16 import bf16_call
 from .quant import bias_shape, const, dequantize, quantize, shape, substitute
 from .registry import handler_for
 
@@ -142,6 +143,22 @@ class Realizer:
             v = self.bb.emit(O.add(v, const(node.bias.reshape(bias_shape(node)), "float32")))
         self.fval[node.name] = v
 
+    def bf16_node(self, node: Node) -> None:
+        """A bf16 layer (:mod:`.bf16`) on the float value of its input, its bias added in float32.
+
+        The plan's bf16 kernel where it has one (x86: ``vdpbf16ps``), else the
+        plain Relax op on bfloat16 operands.
+        """
+        x = self.subst(node.call.args[0])
+        kernel = self.plan.bf16_kernel(node, self.edge_shape(node.inputs[0]))
+        if kernel is not None:
+            self.fval[node.name] = kernel(self.bb, x)
+            return
+        v = self.bb.emit(bf16_call(node, x))
+        if node.bias is not None:
+            v = self.bb.emit(O.add(v, const(node.bias.reshape(bias_shape(node)), "float32")))
+        self.fval[node.name] = v
+
     def run(self) -> Realized:
         g = self.g
         params = [relax.Var(p.name, p.ty) for p in g.params]
@@ -167,6 +184,9 @@ class Realizer:
             self.var_map[b.var] = self.bb.emit(self.subst(b.value))
             return
         choice = self.s.ops[node.name]
+        if choice.mode == "bf16":
+            self.bf16_node(node)
+            return
         if choice.mode != "integer":
             self.float_node(node)
             return

@@ -137,6 +137,21 @@ class X86Plan(base.Plan):
             return _VnniConv()
         return None
 
+    def bf16_kernel(self, node, x_shape):
+        """The ``vdpbf16ps`` kernels (:mod:`.bf16`): NCHW fp32 in and out, conversions inside."""
+        from . import bf16
+
+        a = node.call.attrs
+        groups = 1 if node.kind == "dense" else int(a.groups)
+        if not bf16.bf16_applicable("dense" if node.kind == "dense" else "conv2d", x_shape, node.weight.shape,
+                                    groups):
+            return None
+        if node.kind == "dense":
+            return lambda bb, x: bf16.emit_dense_bf16(bb, x, node.weight, bias=node.bias)
+        pad = tuple(int(p) for p in a.padding)
+        return lambda bb, x: bf16.emit_conv2d_bf16(bb, x, node.weight, tuple(int(s) for s in a.strides),
+                                                   tuple(int(d) for d in a.dilation), groups, pad, bias=node.bias)
+
     def dense_kernel(self, choice, x_dtype, x_shape, w_shape):
         layout = (choice.descriptor or {}).get("weight_layout")
         if layout in VNNI_WEIGHT_LAYOUTS and x_dtype == "uint8" and kernels.vnni_applicable("dense", x_shape, w_shape):

@@ -18,6 +18,10 @@ from tvm.s_tir import Schedule, ScheduleError
 from hago.errors import error_line
 from hago.tvm_consts import IS_SCHEDULED, OPAQUE
 
+from .bf16 import CONV_BF16, DENSE_BF16, FROM_NCHWC_F32, PAD_NCHWC_BF16, TO_BF16, TO_NCHWC_BF16
+from .bf16_intrin import bf16_intrin
+from .bf16_schedule import (schedule_conv_bf16, schedule_dense_bf16, schedule_from_nchwc_f32,
+                            schedule_pad_nchwc_bf16, schedule_to_bf16, schedule_to_nchwc_bf16)
 from .depthwise import DEPTHWISE, deinterleave_intrin, schedule_depthwise
 from .depthwise_blocked import DEPTHWISE_NCHWC, schedule_depthwise_blocked
 from .vnni_intrin import vnni_intrin
@@ -36,14 +40,23 @@ SCHEDULES: dict[str, Callable] = {
     PAD_NCHWC: schedule_pad_nchwc,
     DEPTHWISE: schedule_depthwise,
     DEPTHWISE_NCHWC: schedule_depthwise_blocked,
+    DENSE_BF16: schedule_dense_bf16,
+    CONV_BF16: schedule_conv_bf16,
+    TO_BF16: schedule_to_bf16,
+    TO_NCHWC_BF16: schedule_to_nchwc_bf16,
+    PAD_NCHWC_BF16: schedule_pad_nchwc_bf16,
+    FROM_NCHWC_F32: schedule_from_nchwc_f32,
 }
 #: kinds whose schedules need ``avx512vnni`` (``vpdpbusd``); the others are plain vector code for any LLVM CPU
 NEEDS_VNNI = frozenset({DENSE, CONV, TO_NCHWC, FROM_NCHWC, PAD_NCHWC})
+#: kinds whose schedules need ``avx512bf16`` (``vdpbf16ps``); their layout conversions run anywhere
+NEEDS_BF16 = frozenset({DENSE_BF16, CONV_BF16})
 
 
 def register_intrinsics() -> None:
     """Register the tensor intrinsics the default schedules tensorize with (cheap, idempotent)."""
     vnni_intrin()
+    bf16_intrin()
     deinterleave_intrin()
 
 
@@ -76,11 +89,15 @@ def schedule_kernels(sch: Schedule) -> bool:
     return bool(blocks)
 
 
-def schedule_func(func: tvm.tirx.PrimFunc, vnni: bool = True) -> tvm.tirx.PrimFunc | None:
-    """The scheduled ``func``, or None when it holds no hago kernel block (``vnni``: or only VNNI ones)."""
+def schedule_func(func: tvm.tirx.PrimFunc, vnni: bool = True, bf16: bool = True) -> tvm.tirx.PrimFunc | None:
+    """The scheduled ``func``, or None when it holds no hago kernel block, or one the target cannot run.
+
+    ``vnni`` / ``bf16``: whether the target has ``avx512vnni`` / ``avx512bf16``;
+    a function with a kernel that needs the missing feature stays naive.
+    """
     sch = Schedule(tvm.IRModule({"main": func}))
     kinds = {kind for kind, _ in kernel_blocks(sch)}
-    if not kinds or (not vnni and kinds & NEEDS_VNNI):
+    if not kinds or (not vnni and kinds & NEEDS_VNNI) or (not bf16 and kinds & NEEDS_BF16):
         return None
     try:
         schedule_kernels(sch)
@@ -96,6 +113,16 @@ def has_vnni(target: tvm.target.Target) -> bool:
     from tvm.target.codegen import target_has_features
 
     return target.kind.name == "llvm" and bool(target_has_features("avx512vnni", target))
+
+
+def has_bf16(target: tvm.target.Target) -> bool:
+    """Whether ``target`` can run the 512-bit ``vdpbf16ps`` the bf16 schedules emit.
+
+    Cooper Lake, Sapphire Rapids and later, Zen 4/5; not Cascade Lake or skylake-avx512.
+    """
+    from tvm.target.codegen import target_has_features
+
+    return target.kind.name == "llvm" and bool(target_has_features("avx512bf16", target))
 
 
 def schedule_vnni(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
@@ -114,18 +141,22 @@ def schedule_vnni(mod: tvm.IRModule, target: tvm.target.Target | None = None) ->
     target
         The build target (default: ``Target.current()``). Without
         ``avx512vnni`` (skylake, AVX2-only CPUs) only the kernels in plain
-        vector code (depthwise) are scheduled, on a non-LLVM target none: the
+        vector code (depthwise) are scheduled, without ``avx512bf16``
+        (Cascade Lake) no bf16 kernel is, on a non-LLVM target none: the
         naive kernels are slow but correct everywhere.
     """
     target = target or tvm.target.Target.current(allow_none=True)
     if target is not None and target.kind.name != "llvm":
         return mod
     vnni = target is None or has_vnni(target)
+    bf16 = target is None or has_bf16(target)
     if not vnni:
         log.info("target %s has no avx512vnni: VNNI kernels stay unscheduled", target)
+    if not bf16:
+        log.info("target %s has no avx512bf16: bf16 kernels stay unscheduled", target)
     from hago.lower import schedule_unscheduled
 
-    return schedule_unscheduled(mod, lambda func: schedule_func(func, vnni))
+    return schedule_unscheduled(mod, lambda func: schedule_func(func, vnni, bf16))
 
 
 def ScheduleVNNI() -> tvm.transform.Pass:  # noqa: N802  (TVM pass naming)

@@ -1,0 +1,360 @@
+"""bf16 dense / conv2d on x86 ``avx512bf16`` layouts, emitted as named TE kernels.
+
+Weights and activations are bfloat16, products accumulate in fp32 through
+``vdpbf16ps`` (see ``bf16_intrin``): 16 fp32 lanes, each += the dot product of
+a pair of adjacent bf16 values with a pair of weights. The layouts are the
+VNNI ones (``vnni``) with pairs in place of quadruples, packed at compile
+time in numpy (weights rounded to bf16 to nearest even with ``ml_dtypes``):
+
+* dense ``[K, N] -> [N/16, K/2, 16, 2]``;
+* conv ``OIHW -> OIHW{b/2}i16o2i`` (``b`` the input channel block, the
+  largest of 16/8/4/2 dividing the channels) with activations in
+  ``NCHW{b}c``.
+
+K, N, C and O are padded with zero weights up to the block sizes and the
+output keeps the plain op's shape. Inputs and outputs are fp32 (bf16 inputs
+are accepted too); the fp32 -> bf16 conversion of the activation is fused
+into the block that packs it (``NCHW -> NCHW{b}c`` with the spatial padding,
+or the K padding of dense). That conversion is TVM's ``cast``, which rounds
+to nearest even (``bits + 0x7FFF + lsb >> 16`` on the fp32 bits; NaN is not
+special-cased). The bias (fp32) is added in the kernel's write-back.
+
+Numerics: the products of bf16 values are exact in fp32, so the result
+differs from an fp32 sum of the rounded inputs only by the order of the
+additions. ``vdpbf16ps`` treats bf16 denormals as zero and flushes denormal
+results (it ignores MXCSR).
+
+Speed: the register tiles keep ``vdpbf16ps`` issuing back to back, so the
+kernels run at whatever rate the CPU gives that instruction. On this
+project's Xeon (Sapphire Rapids class, KVM) it issues once every 2 cycles at
+any vector width: 51 GMAC/s per core, half the fp32 FMA peak (103), so there
+these kernels are no faster than good fp32 code and only halve the weight
+bytes. AMX ``tdpbf16ps`` measured 1160 GMAC/s per core on the same machine.
+
+Grouped convs qualify when each group has an even number of input channels
+and a multiple of 16 output channels. Depthwise convs do not (one input
+channel per group would pad to 2 x 16); they stay fp32.
+
+Blocked layouts (one group only): a 5-D ``x`` is taken as fp32 (or bf16)
+``NCHW16c`` whose padded channels hold finite values (they meet zero
+weights), and ``out_layout="NCHW16c"`` returns the fp32 ``[N, Op/16, OH, OW,
+16]`` accumulator with the bias added on the register tiles, its padded
+channels 0.
+
+Every kernel block carries the annotation ``hago.kernel`` naming its
+schedule (``bf16_schedule``); ``schedules.schedule_vnni`` finds them by it
+and schedules the ``vdpbf16ps`` ones only for targets with ``avx512bf16``.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax import op as O
+
+from hago.errors import QuantizeError
+from .vnni import BLOCKED, KERNEL_ATTR, _pair, _up
+
+DENSE_BF16 = "dense_bf16"
+CONV_BF16 = "conv2d_nchwc_bf16"
+TO_BF16 = "to_bf16"  # dense input: fp32 [M, K] -> bf16 [M, Kp]
+TO_NCHWC_BF16 = "nchw_to_nchwc_bf16"  # conv input: fp32 NCHW -> bf16 NCHW{b}c, spatially padded
+PAD_NCHWC_BF16 = "pad_nchwc_bf16"  # blocked conv input: fp32 NCHW16c -> bf16, spatially padded
+FROM_NCHWC_F32 = "nchwc_to_nchw_f32"  # conv output: fp32 NCHW16c -> NCHW (+ bias)
+BIAS_EPILOGUE = "hago_bf16_bias"  # write-back of a register tile: + bias, padding dropped
+BF16 = "bfloat16"
+LANES, RED = 16, 2  # vdpbf16ps: 16 fp32 output lanes, 2 bf16 reduced per lane
+
+
+def to_bf16(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to bfloat16 (nearest even; ``ml_dtypes``), the way the kernels round their inputs."""
+    return np.asarray(a).astype(ml_dtypes.bfloat16)
+
+
+def in_block(c_per_group: int) -> int:
+    """Input channel block: the largest of 16/8/4/2 dividing the 2-padded channel count."""
+    cp = _up(c_per_group, RED)
+    return next(b for b in (16, 8, 4, 2) if cp % b == 0)
+
+
+def bf16_applicable(kind: str, x_shape, w_shape, groups: int = 1) -> bool:
+    """Whether ``emit_dense_bf16`` / ``emit_conv2d_bf16`` handles this layer.
+
+    ``kind`` is ``"dense"`` (``x [..., K]``, ``w [K, N]``) or ``"conv2d"``
+    (``x`` NCHW, ``w`` OIHW). Shapes must be static. Grouped convs qualify
+    when every group has an even number of input and a multiple of 16 output
+    channels; depthwise does not (see the module docstring).
+    """
+    try:
+        xs, ws = [int(s) for s in x_shape], [int(s) for s in w_shape]
+    except (TypeError, ValueError):
+        return False
+    if kind == "dense":
+        return len(xs) >= 1 and len(ws) == 2 and xs[-1] == ws[0]
+    if kind != "conv2d" or len(xs) != 4 or len(ws) != 4 or groups < 1:
+        return False
+    c, o = xs[1], ws[0]
+    if c != ws[1] * groups or o % groups:
+        return False
+    return groups == 1 or (ws[1] % RED == 0 and (o // groups) % LANES == 0)
+
+
+# ---- weight packing (numpy, at compile time) -------------------------------
+def pack_dense_weight(w_kn: np.ndarray) -> np.ndarray:
+    """fp32 ``[K, N] -> bf16 [Np/16, Kp/2, 16, 2]``, zero-padded to multiples of 2 / 16."""
+    k, n = w_kn.shape
+    w = np.zeros((_up(k, RED), _up(n, LANES)), ml_dtypes.bfloat16)
+    w[:k, :n] = to_bf16(w_kn)
+    kp, np_ = w.shape
+    return np.ascontiguousarray(w.T.reshape(np_ // LANES, LANES, kp // RED, RED).transpose(0, 2, 1, 3))
+
+
+def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, in_channels: int | None = None) -> np.ndarray:
+    """fp32 ``[O, I, KH, KW] -> bf16 [Op/16, Ip/b, KH, KW, b/2, 16, 2]`` (``b = in_block(I)``).
+
+    ``I`` is per group; with one group O and I are zero-padded up to 16 and 2.
+    ``in_channels`` (one group only) is the channel count of a blocked NCHW16c
+    input, channel padding included: I is zero-padded up to it and ``b = 16``.
+    """
+    o, i, kh, kw = w_oihw.shape
+    b = in_block(i) if in_channels is None else LANES
+    if groups == 1:
+        op, ip = _up(o, LANES), _up(i, RED) if in_channels is None else int(in_channels)
+    else:
+        op, ip = o, i
+    w = np.zeros((op, ip, kh, kw), ml_dtypes.bfloat16)
+    w[:o, :i] = to_bf16(w_oihw)
+    w = w.reshape(op // LANES, LANES, ip // b, b // RED, RED, kh, kw)
+    return np.ascontiguousarray(w.transpose(0, 2, 5, 6, 3, 1, 4))
+
+
+# ---- TE kernels -------------------------------------------------------------
+def _bf16(value):
+    return value if str(value.dtype) == BF16 else value.astype(BF16)
+
+
+def _bf16_zero():
+    """bf16 0 as the bits of a ``uint16``: a ``bfloat16`` literal that a schedule makes a vectorized fill of
+    (``decompose_padding``) reaches TVM's ``BF16StorageLegalize`` as a bf16 broadcast, which it cannot store."""
+    return tirx.reinterpret(BF16, tirx.const(0, "uint16"))
+
+
+def _to_bf16_te(a, kp):
+    """``[M, K]`` fp32 -> bf16 ``[M, kp]``, the K padding zero."""
+    m, k = (int(s) for s in a.shape)
+
+    def body(i, j):
+        if kp == k:
+            return _bf16(a[i, j])
+        return tirx.if_then_else(j < k, _bf16(a[i, tirx.min(j, k - 1)]), _bf16_zero())
+
+    return te.compute((m, kp), body, name=TO_BF16, attrs={KERNEL_ATTR: TO_BF16})
+
+
+def _dense_te(a, wp):
+    m, kp = (int(s) for s in a.shape)
+    np_ = int(wp.shape[0]) * LANES
+    k = te.reduce_axis((0, kp), name="k")
+    return te.compute(
+        (m, np_),
+        lambda i, j: te.sum(
+            a[i, k].astype("float32") * wp[j // LANES, k // RED, j % LANES, k % RED].astype("float32"), axis=k
+        ),
+        name=DENSE_BF16,
+        attrs={KERNEL_ATTR: DENSE_BF16},
+    )
+
+
+def _dense_bias_te(a, wp, n, bias=None):
+    """The dense and its write-back (``+ bias``, the N padding dropped) as one PrimFunc."""
+    acc = _dense_te(a, wp)
+    m = int(acc.shape[0])
+    if bias is None:
+        return te.compute((m, n), lambda i, j: acc[i, j], name=BIAS_EPILOGUE)
+    return te.compute((m, n), lambda i, j: acc[i, j] + bias[j], name=BIAS_EPILOGUE)
+
+
+def _to_nchwc_te(x, cp, b, padding):
+    """fp32 NCHW -> bf16 NCHW{b}c: channels zero-padded up to ``cp``, spatial zero padding ``(t, l, b, r)``."""
+    n, c, h, w = (int(s) for s in x.shape)
+    top, left, bottom, right = padding
+
+    def body(i, cc, y, z, cb):
+        conds = []
+        if cp != c:
+            conds.append(cc * b + cb < c)
+        if any(padding):
+            conds += [y >= top, y < top + h, z >= left, z < left + w]
+        if not conds:
+            return _bf16(x[i, cc * b + cb, y, z])
+        ch = cc * b + cb if cp == c else tirx.min(cc * b + cb, c - 1)
+        return tirx.if_then_else(tirx.all(*conds), _bf16(x[i, ch, y - top, z - left]), _bf16_zero())
+
+    return te.compute((n, cp // b, h + top + bottom, w + left + right, b), body, name=TO_NCHWC_BF16,
+                      attrs={KERNEL_ATTR: TO_NCHWC_BF16})
+
+
+def _pad_nchwc_te(x, padding):
+    """Blocked ``[N, C/16, H, W, 16]`` -> bf16, spatially zero-padded by ``(top, left, bottom, right)``."""
+    n, cc, h, w, b = (int(s) for s in x.shape)
+    top, left, bottom, right = padding
+
+    def body(i, c, y, z, l):
+        if not any(padding):
+            return _bf16(x[i, c, y, z, l])
+        inside = tirx.all(y >= top, y < top + h, z >= left, z < left + w)
+        return tirx.if_then_else(inside, _bf16(x[i, c, y - top, z - left, l]), _bf16_zero())
+
+    return te.compute((n, cc, h + top + bottom, w + left + right, b), body, name=PAD_NCHWC_BF16,
+                      attrs={KERNEL_ATTR: PAD_NCHWC_BF16})
+
+
+def _conv_te(data, kernel, strides, dilation, groups):
+    n, _, h, w, _ = (int(s) for s in data.shape)
+    occ, icc, kh_, kw_, nf, ob, _ = (int(s) for s in kernel.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    oh, ow = (h - (kh_ - 1) * dh - 1) // sh + 1, (w - (kw_ - 1) * dw - 1) // sw + 1
+    ic = te.reduce_axis((0, icc), name="ic")
+    kh = te.reduce_axis((0, kh_), name="kh")
+    kw = te.reduce_axis((0, kw_), name="kw")
+    f = te.reduce_axis((0, nf), name="icf")
+    s = te.reduce_axis((0, RED), name="ics")
+    per_group = occ // groups
+
+    def body(i, oc, y, x, lane):
+        chunk = ic if groups == 1 else (oc // per_group) * icc + ic
+        d = data[i, chunk, y * sh + kh * dh, x * sw + kw * dw, f * RED + s]
+        return te.sum(d.astype("float32") * kernel[oc, ic, kh, kw, f, lane, s].astype("float32"),
+                      axis=[ic, kh, kw, f, s])
+
+    return te.compute((n, occ, oh, ow, ob), body, name=CONV_BF16, attrs={KERNEL_ATTR: CONV_BF16})
+
+
+def _conv_bias_te(data, kernel, bias, strides, dilation):
+    """The conv with its bias add as a second block of the same PrimFunc, computed on each register tile."""
+    acc = _conv_te(data, kernel, strides, dilation, 1)
+    return te.compute(acc.shape, lambda i, c, y, x, l: acc[i, c, y, x, l] + bias[c * LANES + l], name=BIAS_EPILOGUE)
+
+
+def _from_nchwc_te(acc, o, bias=None):
+    """fp32 NCHW16c -> NCHW with ``o`` channels, ``+ bias[c]``."""
+    n, _, h, w, ob = (int(s) for s in acc.shape)
+
+    def body(i, c, y, z):
+        v = acc[i, c // ob, y, z, c % ob]
+        return v if bias is None else v + bias[c]
+
+    return te.compute((n, o, h, w), body, name=FROM_NCHWC_F32, attrs={KERNEL_ATTR: FROM_NCHWC_F32})
+
+
+# ---- Relax emitters ---------------------------------------------------------
+def _float_shape(bb: relax.BlockBuilder, expr: relax.Expr, what: str) -> list[int]:
+    ty = bb.normalize(expr).ty
+    if str(ty.dtype) not in ("float32", BF16):
+        raise QuantizeError(f"{what}: bf16 kernels take float32 or bfloat16 activations, got {ty.dtype}")
+    try:
+        return [int(s) for s in ty.shape.values]
+    except (TypeError, AttributeError):
+        raise QuantizeError(f"{what}: bf16 kernels need a static input shape, got {ty.shape}") from None
+
+
+def _weight(w: np.ndarray, what: str) -> np.ndarray:
+    w = np.asarray(w)
+    if w.dtype.kind != "f" and w.dtype != ml_dtypes.bfloat16:
+        raise QuantizeError(f"{what}: bf16 kernels take float weights (numpy), got {w.dtype}")
+    return w
+
+
+def _const(a: np.ndarray) -> relax.Constant:
+    return relax.const(tvm.runtime.tensor(a))
+
+
+def _bias_const(bias, n: int, padded: int, what: str) -> relax.Constant:
+    """fp32 ``[padded]`` bias, zero beyond ``n``."""
+    b = np.asarray(bias, np.float32).reshape(-1)
+    if b.shape != (n,):
+        raise QuantizeError(f"{what}: bias has {b.size} values for {n} outputs")
+    out = np.zeros(padded, np.float32)
+    out[:n] = b
+    return _const(out)
+
+
+def emit_dense_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_kn: np.ndarray, bias=None) -> relax.Expr:
+    """fp32 ``x @ w (+ bias)`` for fp32 ``x [..., K]`` and numpy ``w [K, N]``, in bf16 through ``vdpbf16ps``.
+
+    ``x`` and ``w`` are rounded to bf16 (nearest even), the products summed in
+    fp32. Leading dims of ``x`` are flattened into M and restored.
+    """
+    xs = _float_shape(bb, x, "dense")
+    w = _weight(w_kn, "dense")
+    if not bf16_applicable("dense", xs, w.shape):
+        raise QuantizeError(f"dense {xs} x {list(w.shape)}: shapes do not match")
+    k, n = w.shape
+    wp = pack_dense_weight(w)
+    kp = int(wp.shape[1]) * RED
+    a = x if len(xs) == 2 else bb.emit(O.reshape(x, (-1, k)))
+    if kp != k or str(bb.normalize(x).ty.dtype) != BF16:
+        a = bb.emit_te(_to_bf16_te, a, kp, primfunc_name_hint="hago_to_bf16")
+    args = [a, _const(wp), n]
+    if bias is not None:
+        args.append(_bias_const(bias, n, n, "dense"))
+    out = bb.emit_te(_dense_bias_te, *args, primfunc_name_hint="hago_dense_bf16")
+    if len(xs) != 2:
+        out = bb.emit(O.reshape(out, (*xs[:-1], n)))
+    return out
+
+
+def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, strides=(1, 1),
+                     dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0), bias=None,
+                     out_layout: str = "NCHW") -> relax.Expr:
+    """fp32 NCHW ``conv2d(x, w) (+ bias)`` in bf16 through ``vdpbf16ps``.
+
+    ``x`` is fp32 (or bf16) NCHW, ``w`` numpy OIHW (rounded to bf16 here),
+    ``padding`` ``(top, left, bottom, right)`` zeros, applied by the
+    NCHW -> NCHW{b}c conversion that also rounds ``x`` to bf16 (no padded
+    fp32 copy). Matches ``conv2d(x, w, strides, padding, dilation, groups)``
+    of the bf16-rounded inputs up to the order of the fp32 additions. Check
+    ``bf16_applicable`` first.
+
+    Blocked layouts (one group only, see the module docstring): a 5-D ``x``
+    is taken as NCHW16c, and ``out_layout="NCHW16c"`` returns the blocked fp32
+    result, the bias added on the kernel's register tiles.
+    """
+    blocked_in = len(bb.normalize(x).ty.shape.values) == 5
+    xs = _float_shape(bb, x, "conv2d")
+    w = _weight(w_oihw, "conv2d")
+    groups = int(groups)
+    logical = [xs[0], w.shape[1] * groups, xs[2], xs[3]] if blocked_in else xs
+    if not bf16_applicable("conv2d", logical, w.shape, groups):
+        raise QuantizeError(f"conv2d {xs} x {list(w.shape)} groups={groups} has no bf16 layout; "
+                            "check bf16_applicable first")
+    if (blocked_in or out_layout != "NCHW") and (groups != 1 or (blocked_in and xs[4] != LANES)):
+        raise QuantizeError(f"conv2d {xs}: blocked layouts need one group and 16-channel blocks")
+    if out_layout not in ("NCHW", BLOCKED):
+        raise QuantizeError(f"conv2d: out_layout {out_layout!r} must be 'NCHW' or 'NCHW16c'")
+    o = int(w.shape[0])
+    padding = tuple(int(p) for p in padding)
+    if blocked_in:
+        wp = pack_conv_weight(w, 1, in_channels=xs[1] * LANES)
+        data = x
+        if any(padding) or str(bb.normalize(x).ty.dtype) != BF16:
+            data = bb.emit_te(_pad_nchwc_te, x, padding, primfunc_name_hint="hago_pad_nchwc_bf16")
+    else:
+        wp = pack_conv_weight(w, groups)
+        b = int(wp.shape[4]) * RED
+        cp = int(wp.shape[1]) * b * groups
+        data = bb.emit_te(_to_nchwc_te, x, cp, b, padding, primfunc_name_hint="hago_nchw_to_nchwc_bf16")
+    kernel = _const(wp)
+    op = int(wp.shape[0]) * LANES
+    if out_layout == BLOCKED:
+        bias_p = _bias_const(np.zeros(o) if bias is None else bias, o, op, "conv2d")
+        return bb.emit_te(_conv_bias_te, data, kernel, bias_p, _pair(strides), _pair(dilation),
+                          primfunc_name_hint="hago_conv2d_nchwc_bf16")
+    acc = bb.emit_te(_conv_te, data, kernel, _pair(strides), _pair(dilation), groups,
+                     primfunc_name_hint="hago_conv2d_nchwc_bf16")
+    if bias is None:
+        return bb.emit_te(_from_nchwc_te, acc, o, primfunc_name_hint="hago_nchwc_to_nchw_f32")
+    return bb.emit_te(_from_nchwc_te, acc, o, _bias_const(bias, o, o, "conv2d"),
+                      primfunc_name_hint="hago_nchwc_to_nchw_f32")

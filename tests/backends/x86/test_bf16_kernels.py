@@ -1,0 +1,289 @@
+"""bf16 kernels (``vdpbf16ps``): against a numpy bf16 reference, and ``vdpbf16ps`` in the build.
+
+The reference rounds the fp32 inputs and weights to bf16 (nearest even, with
+``ml_dtypes``) and sums the products in float64. The products of bf16 values
+are exact in fp32, so the kernel differs from it only by the order and the
+fp32 rounding of its additions: the tolerance is ``RTOL * sum|x*w|`` per
+output (plus ``|bias|``). A worst case bound would be ``K * 2**-24`` of that
+sum, but rounding errors of a long sum grow like ``sqrt(K) * 2**-24`` (at most
+~2.3e-6 for K = 1536 here; measured: below 2e-7 on every case), so
+``RTOL = 1e-5``. A wrong weight layout, channel or padding misses by at least
+one product, ``~1/K`` of the sum (>= 6e-4 here). The rounding itself is checked
+bit for bit (``d_rne_identity``: ties to even through the real kernel).
+
+All cases go into one Relax module so the file pays one ``tvm.compile``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from hago.backends.x86.bf16 import (
+    bf16_applicable,
+    emit_conv2d_bf16,
+    emit_dense_bf16,
+    pack_conv_weight,
+    pack_dense_weight,
+)
+from hago.backends.x86.schedules import has_bf16, schedule_vnni
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+pytestmark = pytest.mark.skipif("avx512_bf16" not in _cpu_flags(), reason="CPU lacks avx512_bf16")
+
+TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
+RTOL = 1e-5
+
+# name -> (x shape, w shape [K, N], bias)
+DENSE = {
+    "d_1x384x384": ((1, 384), (384, 384), True),
+    "d_128x384x1536": ((128, 384), (384, 1536), False),
+    "d_odd_7x31x20": ((7, 31), (31, 20), True),  # K odd, N % 16 and M ragged
+    "d_batched_2x3x64x40": ((2, 3, 64), (64, 40), False),
+}
+# name -> (x shape NCHW, w shape OIHW, strides, padding (t, l, b, r), dilation, groups, bias)
+CONV = {
+    "c_rgb_3x3_s2": ((1, 3, 17, 17), (24, 3, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, True),  # C 3 -> 4, O 24 -> 32
+    "c_3x3_b2": ((2, 32, 12, 12), (48, 32, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, False),
+    "c_1x1_40_24": ((2, 40, 9, 9), (24, 40, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, True),  # block 8
+    "c_1x1_s2": ((1, 64, 14, 14), (128, 64, 1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1, False),
+    "c_5x5": ((1, 16, 12, 12), (32, 16, 5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 1, True),
+    "c_5x5_s2_asym": ((1, 6, 15, 15), (16, 6, 5, 5), (2, 2), (1, 2, 2, 1), (1, 1), 1, False),  # block 2
+    "c_dil2": ((1, 24, 11, 11), (16, 24, 3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1, False),
+    "c_groups4": ((1, 32, 9, 9), (64, 8, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, True),
+    "c_groups2_s2": ((1, 12, 10, 10), (32, 6, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 2, False),
+}
+# blocked NCHW16c in and/or out: name -> (case above, blocked input, blocked output)
+BLOCKED = {
+    "b_in_out_3x3": ("c_3x3_b2", True, True),
+    "b_out_rgb": ("c_rgb_3x3_s2", False, True),
+    "b_in_1x1_odd": ("c_1x1_40_24", True, False),
+}
+
+
+def _rng(name: str) -> np.random.Generator:
+    return np.random.default_rng(sum(map(ord, name)))
+
+
+def _round(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to bf16 (nearest even), back in float64."""
+    return a.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def np_conv2d(x, w, strides, padding, dilation, groups) -> np.ndarray:
+    """im2col + einsum in float64, per group."""
+    t, l, b, r = padding
+    x = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    oh, ow = (h - (kh - 1) * dh - 1) // sh + 1, (wd - (kw - 1) * dw - 1) // sw + 1
+    cols = np.empty((n, c, kh, kw, oh, ow), np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = x[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+    og = o // groups
+    out = [np.einsum("nckhxy,ockh->noxy", cols[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og]) for g in range(groups)]
+    return np.concatenate(out, axis=1)
+
+
+def to_blocked(x: np.ndarray) -> np.ndarray:
+    """NCHW -> NCHW16c, channels zero-padded to 16."""
+    n, c, h, w = x.shape
+    cp = -(-c // 16) * 16
+    xp = np.zeros((n, cp, h, w), x.dtype)
+    xp[:, :c] = x
+    return np.ascontiguousarray(xp.reshape(n, cp // 16, 16, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def from_blocked(x: np.ndarray, channels: int) -> np.ndarray:
+    n, cb, h, w, lanes = x.shape
+    return x.transpose(0, 1, 4, 2, 3).reshape(n, cb * lanes, h, w)[:, :channels]
+
+
+# ---- no build needed ------------------------------------------------------
+def test_pack_dense_weight_layout_and_rounding():
+    w = _rng("pack").standard_normal((31, 20)).astype(np.float32)
+    p = pack_dense_weight(w)
+    assert p.shape == (2, 16, 16, 2) and p.dtype == ml_dtypes.bfloat16
+    k, n = np.meshgrid(np.arange(31), np.arange(20), indexing="ij")
+    assert np.array_equal(p[n // 16, k // 2, n % 16, k % 2].astype(np.float64), _round(w))
+    assert not p[1, :, 4:].astype(np.float32).any() and not p[:, 15, :, 1].astype(np.float32).any()  # zero padding
+
+
+def test_pack_conv_weight_layout():
+    w = _rng("packc").standard_normal((20, 24, 3, 3)).astype(np.float32)
+    p = pack_conv_weight(w)  # 24 input channels -> block 8
+    assert p.shape == (2, 3, 3, 3, 4, 16, 2)
+    o, i = np.meshgrid(np.arange(20), np.arange(24), indexing="ij")
+    assert np.array_equal(p[o // 16, i // 8, 1, 2, (i % 8) // 2, o % 16, i % 2].astype(np.float64),
+                          _round(w[:, :, 1, 2]))
+    assert not p[1, :, :, :, :, 4:].astype(np.float32).any()
+
+
+def test_bf16_applicable():
+    assert bf16_applicable("dense", (8, 31), (31, 20))
+    assert not bf16_applicable("dense", (8, 31), (30, 20))
+    assert bf16_applicable("conv2d", (1, 3, 8, 8), (16, 3, 3, 3))
+    assert bf16_applicable("conv2d", (1, 12, 8, 8), (32, 6, 3, 3), groups=2)
+    assert not bf16_applicable("conv2d", (1, 32, 8, 8), (32, 1, 3, 3), groups=32)  # depthwise stays fp32
+    assert not bf16_applicable("conv2d", (1, 12, 8, 8), (32, 3, 3, 3), groups=4)  # odd inputs per group
+    assert not bf16_applicable("conv2d", (1, 32, 8, 8), (40, 8, 3, 3), groups=4)  # 10 outputs per group
+    assert not bf16_applicable("conv2d", ("n", 32, 8, 8), (16, 32, 3, 3))  # dynamic batch
+
+
+def test_has_bf16_follows_the_cpu_model():
+    import tvm
+
+    def cpu(mcpu):
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+
+    assert has_bf16(cpu("sapphirerapids")) and has_bf16(cpu("cooperlake")) and has_bf16(cpu("znver4"))
+    assert not has_bf16(cpu("cascadelake")) and not has_bf16(cpu("skylake-avx512"))
+    assert not has_bf16(tvm.target.Target({"kind": "llvm"}))
+
+
+# ---- one build for all kernels --------------------------------------------
+def _function(bb, name, x_np, emit):
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType(x_np.shape, str(x_np.dtype)))
+    with bb.function(name, [x]):
+        with bb.dataflow():
+            out = bb.emit_output(emit(x))
+        bb.emit_func_output(out)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    cases = {}  # name -> (x, reference, tolerance per output, output transform)
+    for name, (xs, ws, with_bias) in DENSE.items():
+        rng = _rng(name)
+        x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+        bias = rng.standard_normal(ws[1]).astype(np.float32) if with_bias else None
+        _function(bb, name, x, lambda v: emit_dense_bf16(bb, v, w, bias))
+        ref = _round(x) @ _round(w) + (0 if bias is None else bias)
+        scale = np.abs(_round(x)) @ np.abs(_round(w)) + (0 if bias is None else np.abs(bias))
+        cases[name] = (x, ref, RTOL * scale, None)
+    # ties: every input halfway between two bf16 values, through an identity weight (exact products and sums)
+    bits = _rng("rne").integers(0x3F000000, 0x41000000, (3, 64), dtype=np.uint32)
+    x = ((bits & 0xFFFF0000) | 0x8000).view(np.float32)
+    x[0, :4] = [0.1, -0.1, 1.00390625, 1.01171875]  # non-ties; 1 + 2**-8 rounds down to 1, 1 + 3 * 2**-8 up
+    _function(bb, "d_rne_identity", x, lambda v: emit_dense_bf16(bb, v, np.eye(64, dtype=np.float32)))
+    cases["d_rne_identity"] = (x, x.astype(ml_dtypes.bfloat16).astype(np.float32), 0.0, None)
+    for name, (xs, ws, strides, padding, dilation, groups, with_bias) in CONV.items():
+        rng = _rng(name)
+        x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+        bias = rng.standard_normal(ws[0]).astype(np.float32) if with_bias else None
+        _function(bb, name, x, lambda v: emit_conv2d_bf16(bb, v, w, strides, dilation, groups, padding, bias))
+        ref = np_conv2d(_round(x), _round(w), strides, padding, dilation, groups)
+        scale = np_conv2d(np.abs(_round(x)), np.abs(_round(w)), strides, padding, dilation, groups)
+        if bias is not None:
+            ref, scale = ref + bias[:, None, None], scale + np.abs(bias)[:, None, None]
+        cases[name] = (x, ref, RTOL * scale, None)
+        for bname, (case, blocked_in, blocked_out) in BLOCKED.items():
+            if case != name:
+                continue
+            xb = to_blocked(x) if blocked_in else x
+            layout = "NCHW16c" if blocked_out else "NCHW"
+            _function(bb, bname, xb, lambda v: emit_conv2d_bf16(bb, v, w, strides, dilation, groups, padding, bias,
+                                                               out_layout=layout))
+            cases[bname] = (xb, ref, RTOL * scale, (lambda o, c=ws[0]: from_blocked(o, c)) if blocked_out else None)
+    target = tvm.target.Target(TARGET)
+    mod = schedule_vnni(bb.get(), target)
+    ex = tvm.compile(mod, target=target)
+    so = tmp_path_factory.mktemp("bf16") / "kernels.so"
+    ex.export_library(str(so))
+    return mod, ex, so, cases
+
+
+@pytest.mark.llvm
+@pytest.mark.parametrize("name", [*DENSE, "d_rne_identity", *CONV, *BLOCKED])
+def test_matches_bf16_reference(built, name):
+    import tvm
+    from tvm import relax
+
+    _, ex, _, cases = built
+    x, ref, tol, unblock = cases[name]
+    out = relax.VirtualMachine(ex, tvm.cpu())[name](tvm.runtime.tensor(x)).numpy()
+    assert out.dtype == np.float32
+    if unblock is not None:
+        assert out.ndim == 5 and out.shape[-1] == 16
+        padded = from_blocked(out, out.shape[1] * 16)[:, ref.shape[1]:]
+        assert not padded.any(), "padded output channels must be 0"
+        out = unblock(out)
+    assert out.shape == ref.shape
+    err = np.abs(out - ref)
+    assert np.all(err <= tol), f"max error {err.max():.3g}, {(err / np.maximum(tol, 1e-30)).max():.3g}x the tolerance"
+
+
+@pytest.mark.llvm
+def test_every_kernel_is_scheduled(built):
+    import tvm
+
+    kernels = {gv.name_hint: f for gv, f in built[0].functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    names = set(kernels)
+    for prefix in ("hago_dense_bf16", "hago_to_bf16", "hago_conv2d_nchwc_bf16", "hago_nchw_to_nchwc_bf16",
+                   "hago_nchwc_to_nchw_f32", "hago_pad_nchwc_bf16"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    for name, f in kernels.items():
+        assert f.attrs and f.attrs.get("tirx.is_scheduled"), name
+
+
+@pytest.mark.llvm
+def test_assembly_has_vdpbf16ps_and_no_shim_calls(built):
+    asm = built[1].mod.imports[0].inspect_source("asm")
+    assert len(re.findall(r"\bvdpbf16ps\b", asm)) >= len(DENSE) + len(CONV) + len(BLOCKED)
+    assert not re.search(r"call\w*\s+\S*hago_dpbf16ps", asm), "the vdpbf16ps shim must be inlined"
+
+
+@pytest.mark.llvm
+def test_exported_library_has_vdpbf16ps_and_runs(built):
+    import tvm
+    from tvm import relax
+
+    so, cases = built[2], built[3]
+    dis = subprocess.run(["objdump", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+    assert "vdpbf16ps" in dis and "hago_dpbf16ps" not in dis
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(so)), tvm.cpu())
+    x, ref, tol, _ = cases["c_3x3_b2"]
+    assert np.all(np.abs(vm["c_3x3_b2"](tvm.runtime.tensor(x)).numpy() - ref) <= tol)
+
+
+@pytest.mark.llvm
+def test_target_without_bf16_keeps_naive_correct_kernels():
+    """Cascade Lake has no vdpbf16ps: the bf16 kernels stay unscheduled (TVM computes them in fp32), still right."""
+    import tvm
+    from tvm import relax
+
+    rng = _rng("clx")
+    x, w = rng.standard_normal((5, 31)).astype(np.float32), rng.standard_normal((31, 20)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    _function(bb, "main", x, lambda v: emit_dense_bf16(bb, v, w))
+    clx = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+    mod = schedule_vnni(bb.get(), clx)
+    dense = next(f for gv, f in mod.functions_items() if gv.name_hint == "hago_dense_bf16")
+    assert not (dense.attrs and "tirx.is_scheduled" in dense.attrs)
+    ex = tvm.compile(mod, target=clx)
+    assert "vdpbf16ps" not in ex.mod.imports[0].inspect_source("asm")
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ref = _round(x) @ _round(w)
+    assert np.all(np.abs(out - ref) <= RTOL * (np.abs(_round(x)) @ np.abs(_round(w))))

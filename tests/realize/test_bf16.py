@@ -1,0 +1,131 @@
+"""bf16 as a precision: the spec declares it, annotate picks it per layer, realize and simulate agree.
+
+A bf16 layer rounds its input and weights to bfloat16 (nearest even) and
+accumulates in float32; its simulated twin is the float32 op on the same
+rounded values, so the two differ only in summation order.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hago.annotate import AnnotateConfig
+from hago.compiler import quantize
+from hago.errors import SpecError
+from hago.hwspec import HardwareSpec
+from hago.realize.bf16 import round_to_bf16
+from hago.simulate import simulate
+
+BF16_SPEC = "x86-avx512-bf16"
+
+
+def _has_cpu_flag(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+needs_bf16 = pytest.mark.skipif(not _has_cpu_flag("avx512_bf16"), reason="CPU lacks avx512_bf16")
+
+
+def test_round_to_bf16_is_nearest_even_like_ml_dtypes():
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 100,
+                        # exact ties: the lower half is 0x8000, so the even neighbour wins
+                        np.array([0x3F808000, 0x3F818000, 0xBF808000], np.uint32).view(np.float32),
+                        np.array([np.inf, -np.inf, 0.0, -0.0], np.float32)])
+    expected = a.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(round_to_bf16(a), expected)
+    assert np.isnan(round_to_bf16(np.array([np.nan], np.float32)))[0]
+
+
+def test_specs_declare_bf16_only_where_the_cpu_has_it():
+    bf16, vnni = HardwareSpec.load(BF16_SPEC), HardwareSpec.load("x86-avx512-vnni")
+    assert bf16.precisions() == ["int4", "int8", "bf16", "fp32"]
+    assert bf16.bf16_ops() == ["conv2d", "dense"]
+    assert bf16.descriptors("conv2d")[0].inputs == ["uint8", "int8"]  # integer descriptors unchanged
+    assert vnni.bf16_ops() == [] and "bf16" not in vnni.precisions()  # Cascade Lake has no avx512_bf16
+    src = (Path(__file__).resolve().parents[2] / "hwspecs" / f"{BF16_SPEC}.yaml").read_text()
+    on_cascadelake = src.replace("mcpu: cooperlake", "mcpu: cascadelake").replace(f"name: {BF16_SPEC}", "name: t")
+    with pytest.raises(SpecError, match=r"t\.yaml:\d+: ops\.conv2d\[1\]\.inputs: target mcpu 'cascadelake' has no avx512bf16"):
+        HardwareSpec.from_yaml(on_cascadelake, "t.yaml")
+    depthwise = src.replace("  depthwise_conv2d:\n", "  depthwise_conv2d:\n    - {inputs: [bfloat16, bfloat16], "
+                                                      "accum: float32, output: float32}\n")
+    with pytest.raises(SpecError, match="no bf16 depthwise_conv2d kernel"):
+        HardwareSpec.from_yaml(depthwise, "t.yaml")
+    mixed = src.replace("- {inputs: [bfloat16, bfloat16], accum: float32", "- {inputs: [bfloat16, int8], accum: float32", 1)
+    with pytest.raises(SpecError, match="bf16 op takes bfloat16 inputs only"):
+        HardwareSpec.from_yaml(mixed, "t.yaml")
+
+
+@pytest.fixture(scope="module")
+def mixed(mnist_model, mnist_test):
+    """MNIST with conv 2 and the first dense in bf16, the last dense in fp32, the rest int8."""
+    x, _ = mnist_test
+    cfg = AnnotateConfig(bf16_ops=frozenset({"n3_conv2d", "n7_dense"}), float_ops=frozenset({"n9_dense"}))
+    return quantize(mnist_model, BF16_SPEC, {"input": x[-300:]}, example_inputs=(torch.from_numpy(x[:2]),),
+                    annotate_config=cfg, corrections=())
+
+
+def test_annotate_mixes_int8_bf16_and_fp32(mixed):
+    modes = {n: c.mode for n, c in mixed.strategy.ops.items()}
+    assert modes["n0_conv2d"] == "integer" and modes["n3_conv2d"] == "bf16" and modes["n7_dense"] == "bf16"
+    assert modes["n9_dense"] == "float"
+    assert mixed.strategy.ops["n3_conv2d"].descriptor["inputs"] == ["bfloat16", "bfloat16"]
+    # a bf16 layer converts its float input itself: the edge into it is not quantized
+    assert mixed.strategy.edges["n2_max_pool2d"].bits == 0
+    assert modes["n2_max_pool2d"] == "float"  # its only consumer is bf16: no integer pool feeding float
+
+
+@needs_bf16
+def test_mixed_build_agrees_with_its_simulated_twin(mixed, mnist_test):
+    import tvm
+    from tvm import relax
+
+    from hago.backends.registry import get_backend
+    from hago.build import target_of
+
+    spec = HardwareSpec.load(BF16_SPEC)
+    target, backend = target_of(spec), get_backend("x86")
+    x = mnist_test[0][:200]
+
+    def run(mod):
+        vm = relax.VirtualMachine(backend.build(mod, target), tvm.cpu())
+        return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for i in range(len(x))])
+
+    from hago.build import static_batch
+    from hago.compiler import static_pair
+
+    fp32_static, realized = static_pair(mixed, spec, 1)  # batch 1: the kernels need static shapes
+    ex = backend.build(realized, target)
+    asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ex.mod.inspect_source("asm")
+    assert re.search(r"\bvdpbf16ps\b", asm) and re.search(r"\bvpdpbusd\b", asm)  # bf16 and int8 kernels
+    real = run(realized)
+    sim = run(static_batch(simulate(mixed.graph, mixed.strategy), 1))
+    fp32 = run(fp32_static)
+    assert (real.argmax(1) == sim.argmax(1)).mean() >= 0.995
+    assert np.abs(real - sim).mean() < 0.25 * np.abs(fp32 - sim).mean()  # far closer to its twin than to FP32
+
+
+def test_bf16_where_the_kernels_cannot_take_a_layer_is_fp32_with_the_reason():
+    from hago.annotate import _bf16_choice
+    from hago.backends.registry import get_backend
+
+    class Node:  # a grouped conv with 3 input channels per group: no bf16 pairs
+        name, kind, weighted = "g", "conv2d", True
+        weight = np.zeros((32, 3, 3, 3), np.float32)
+
+        class call:  # noqa: N801
+            class attrs:  # noqa: N801
+                groups = 2
+
+    choice = _bf16_choice(Node(), HardwareSpec.load(BF16_SPEC), get_backend("x86"))
+    assert choice.mode == "float" and "pairs" in choice.reason
