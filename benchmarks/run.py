@@ -1,4 +1,5 @@
-"""Side-by-side latency and accuracy: TVM FP32, hago INT8, ONNX Runtime FP32 and INT8 (and OpenVINO).
+"""Side-by-side latency and accuracy: hago FP32, INT8 and bf16, ONNX Runtime FP32 and INT8, OpenVINO FP32,
+bf16 and INT8.
 
 All builds of one model run in one process, on this machine, at batch 1 with
 2 threads, so the ratios are taken under the same conditions. ``--model all``
@@ -12,6 +13,10 @@ set), ``resnet18`` / ``mobilenetv2`` (random weights: latency only),
 ``efficientnet_lite0`` (pretrained; top-1 agreement and KL against FP32 on
 crops of real photographs) and ``minilm`` (all-MiniLM-L6-v2, sequence length
 128; gensim's Lee / WordSim353 / SimLex-999 correlations).
+
+The hago bf16 row is a second compile for ``x86-avx512-bf16`` with every conv/dense that can run in bf16 doing
+so (``AnnotateConfig(all_bf16=True)``, the rest fp32, no integer layers); it is left out, with a note, on a CPU
+without ``avx512_bf16``.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ WORK = HERE / "work"
 sys.path.insert(0, str(HERE))
 
 DEVICE = "x86-avx512-vnni"
+BF16_DEVICE = "x86-avx512-bf16"  # the hago bf16 row's spec (Cooper Lake and later, Zen 4/5)
 REAL_MODELS = ("resnet18", "mobilenetv2", "efficientnet_lite0", "minilm")
 ALL_MODELS = ("mnist", *REAL_MODELS)
-TVM_FP32 = "TVM FP32 (untuned)"
+HAGO_FP32 = "hago FP32 (untuned)"
 HAGO_INT8 = "hago INT8 (untuned, default VNNI schedules)"
-TUNE_TRIALS = 0  # per task, FP32 and INT8 alike (set by --tune-trials)
+HAGO_BF16 = f"hago bf16 (untuned, {BF16_DEVICE})"
+TUNE_TRIALS = 0  # per task, FP32, INT8 and bf16 alike (set by --tune-trials)
 TUNE_CACHE = WORK / "tuning"  # MetaSchedule records, reused by every later run
 ORT_FP32 = "ONNX Runtime FP32"
 ORT_INT8 = "ONNX Runtime INT8 (QDQ u8s8 per-channel)"
@@ -192,15 +199,27 @@ def bench_mnist(args) -> tuple[dict, str]:
     x_test, y_test = zoo.mnist_data("test")
     x_test, y_test = x_test[:n_eval], y_test[:n_eval]
     calib = np.load(assets["calib"])["input"]
-    res = hago_compile(assets["model"], DEVICE, assets["calib"], eval_data={"input": x_test, "label": y_test},
+    eval_data = {"input": x_test, "label": y_test}
+    res = hago_compile(assets["model"], DEVICE, assets["calib"], eval_data=eval_data,
                        out_dir=WORK / "mnist_build", tune=_tune_options())
+    bf16 = None
+    if _bf16_available():
+        from hago.annotate import AnnotateConfig
+
+        bf16 = hago_compile(assets["model"], BF16_DEVICE, assets["calib"], eval_data=eval_data,
+                            out_dir=WORK / "mnist_build_bf16", measure=False, tune=_tune_options(BF16_DEVICE),
+                            annotate_config=AnnotateConfig(all_bf16=True), corrections=())
     x1 = tvm.runtime.tensor(x_test[:1])
     rows = {}
-    for name, ex in ((TVM_FP32, res.fp32_executable), (HAGO_INT8, res.int_executable)):
+    builds = [(HAGO_FP32, res.fp32_executable), (HAGO_INT8, res.int_executable)]
+    builds += [(HAGO_BF16, bf16.int_executable)] if bf16 is not None else []
+    for name, ex in builds:
         vm = _vm(ex)
         rows[name] = {"ms": _median_ms(lambda: vm["main"](x1))}
-    rows[TVM_FP32]["top1"] = res.report["fp32"]["accuracy"]
+    rows[HAGO_FP32]["top1"] = res.report["fp32"]["accuracy"]
     rows[HAGO_INT8]["top1"] = res.report["quantized"]["accuracy"]
+    if bf16 is not None:
+        rows[HAGO_BF16]["top1"] = bf16.report["quantized"]["accuracy"]
 
     ort_int8 = _ort_int8(assets["model"], {"input": calib}, WORK / "mnist_ort_int8.onnx")
     feed1 = {"input": x_test[:1]}
@@ -215,10 +234,11 @@ def bench_mnist(args) -> tuple[dict, str]:
             for ov_name, compiled in ov_peers.items():
                 logits = _run_batched(_ov_fn(compiled), {"input": x_test}, 500)
                 rows[ov_name]["top1"] = float((logits.argmax(1) == y_test).mean())
-    table = to_markdown(rows, TVM_FP32, [("top1", "top-1", "{:.2%}")])
+    table = to_markdown(rows, HAGO_FP32, [("top1", "top-1", "{:.2%}")])
     body = (f"## MNIST CNN (ccexam, pretrained), {DEVICE}\n\n"
             f"Command: {_command('mnist')} ({_stamp()}).\n"
-            f"Machine: {_machine()}.\nAccuracy on the first {n_eval} images of the real MNIST test set.\n\n"
+            f"Machine: {_machine()}.\nAccuracy on the first {n_eval} images of the real MNIST test set.\n"
+            f"{_ops_note(res)}\n{_bf16_note(bf16)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
 
@@ -237,14 +257,14 @@ def _export_onnx(model, example: tuple, names: list[str], path: Path) -> Path:
     return path
 
 
-def _tune_options():
-    """Same per-task MetaSchedule budget for FP32 and INT8 (None: untuned, default schedules)."""
+def _tune_options(device: str = DEVICE):
+    """Same per-task MetaSchedule budget for FP32, INT8 and bf16 (None: untuned, default schedules)."""
     if not TUNE_TRIALS:
         return None
     from hago.hwspec import HardwareSpec
     from hago.tune import TuneOptions
 
-    return TuneOptions.for_spec(HardwareSpec.load(DEVICE), trials=TUNE_TRIALS, cache_dir=TUNE_CACHE)
+    return TuneOptions.for_spec(HardwareSpec.load(device), trials=TUNE_TRIALS, cache_dir=TUNE_CACHE)
 
 
 def _command(model: str) -> str:
@@ -252,17 +272,45 @@ def _command(model: str) -> str:
     return f"`python benchmarks/run.py --model {model}{tune}`"
 
 
-def _hago_build(model, example, calib, out_dir, batch_size, annotate_config=None, corrections=None):
+def _hago_build(model, example, calib, out_dir, batch_size, annotate_config=None, corrections=None,
+                device: str = DEVICE):
     """``hago.compile`` at batch 1 (FP32 and INT8 executables); no measurement inside.
 
     ``corrections=None`` is hago's default (bias correction); ``()`` turns it off."""
     from hago.compiler import compile as hago_compile
 
     t = time.perf_counter()
-    res = hago_compile(model, DEVICE, calib, example_inputs=example, out_dir=out_dir, measure=False,
-                       batch_size=batch_size, annotate_config=annotate_config, tune=_tune_options(),
+    res = hago_compile(model, device, calib, example_inputs=example, out_dir=out_dir, measure=False,
+                       batch_size=batch_size, annotate_config=annotate_config, tune=_tune_options(device),
                        corrections=corrections)
     return res, time.perf_counter() - t
+
+
+def _bf16_available() -> bool:
+    """Whether this CPU runs the bf16 build (``avx512_bf16``); if not, a note says the row was skipped."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    if "avx512_bf16" in flags:
+        return True
+    NOTES.append(f"{HAGO_BF16}: skipped, this CPU lacks avx512_bf16 (no `vdpbf16ps`).")
+    return False
+
+
+def _hago_bf16_build(model, example, calib, out_dir, batch_size):
+    """The bf16 build: every conv/dense that can be bf16 in bf16, the rest fp32 (``res.int_executable``).
+
+    No integer layer, hence nothing to correct; ``None`` (and a note) on a CPU without ``avx512_bf16``."""
+    if not _bf16_available():
+        return None
+    from hago.annotate import AnnotateConfig
+
+    print(f"  hago compile for {BF16_DEVICE} (all_bf16)", flush=True)
+    res, t = _hago_build(model, example, calib, out_dir, batch_size, annotate_config=AnnotateConfig(all_bf16=True),
+                         corrections=(), device=BF16_DEVICE)
+    res.extras["bench_compile_s"] = t
+    return res
 
 
 def _ops_note(res) -> str:
@@ -278,14 +326,37 @@ def _ops_note(res) -> str:
             f"Corrections: {corr}.")
 
 
+def _bf16_note(res) -> str:
+    """How many weighted layers of the bf16 build run in bf16 and how many stay fp32 (and why)."""
+    if res is None:
+        return f"{HAGO_BF16}: not built (see the notes)."
+    from collections import Counter
+
+    weighted = {n.name for n in res.graph.nodes if n.weighted}
+    ops = res.strategy.ops
+    bf = Counter(c.kind for c in ops.values() if c.mode == "bf16")
+    fp = Counter((c.kind, c.reason) for n, c in ops.items() if c.mode == "float" and n in weighted)
+    others = sum(1 for n, c in ops.items() if c.mode == "float" and n not in weighted)
+    bf_s = ", ".join(f"{k} {v}" for k, v in sorted(bf.items(), key=lambda kv: -kv[1]))
+    fp_s = "; ".join(f"{k} {v}: {why}" for (k, why), v in sorted(fp.items(), key=lambda kv: -kv[1]))
+    took = f" Its compile took {res.extras['bench_compile_s']:.0f} s." if "bench_compile_s" in res.extras else ""
+    return (f"hago bf16 build ({BF16_DEVICE}): {sum(bf.values())} of {len(weighted)} weighted layers bf16 "
+            f"({bf_s or 'none'}), {sum(fp.values())} fp32" + (f" ({fp_s})" if fp_s else "") +
+            f"; the {others} other ops fp32.{took}")
+
+
 def _latency_rows(feeds1: dict[str, np.ndarray], res, onnx_fp32: Path, onnx_int8: Path | None,
-                  ov_peers: dict) -> dict:
-    """Batch-1 latency of every build; ``ov_peers`` (OpenVINO FP32 / bf16) come right after ORT FP32."""
+                  ov_peers: dict, bf16=None) -> dict:
+    """Batch-1 latency of every build; ``ov_peers`` (OpenVINO FP32 / bf16) come right after ORT FP32.
+
+    ``bf16``: the hago bf16 build (its ``int_executable``), or None where it was skipped."""
     import tvm
 
     rows = {}
     args1 = [tvm.runtime.tensor(v) for v in feeds1.values()]
-    for name, ex in ((TVM_FP32, res.fp32_executable), (HAGO_INT8, res.int_executable)):
+    builds = [(HAGO_FP32, res.fp32_executable), (HAGO_INT8, res.int_executable)]
+    builds += [(HAGO_BF16, bf16.int_executable)] if bf16 is not None else []
+    for name, ex in builds:
         vm = _vm(ex)
         rows[name] = {"ms": _median_ms(lambda: vm["main"](*args1))}
         print(f"  {name}: {rows[name]['ms']:.2f} ms", flush=True)
@@ -353,11 +424,12 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
     wd = WORK / name
     print(f"{name}: hago compile (calibration on {n_calib} photo crops)", flush=True)
     res, t_compile = _hago_build(model, example, calib, wd / "build", batch_size=8)
+    bf16 = _hago_bf16_build(model, example, calib, wd / "build_bf16", batch_size=8)
     onnx_fp32 = _export_onnx(model, example, [inp], wd / f"{name}.onnx")
     onnx_int8 = _ort_int8(onnx_fp32, calib, wd / f"{name}_ort_int8.onnx")
     feeds1 = {inp: calib[inp][:1]}
     ov_peers = _openvino_fp32_peers(onnx_fp32)
-    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers)
+    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers, bf16)
     cols = []
     acc_note = "Random weights: latency only (accuracy claims are made on the pretrained models)."
     if pretrained:
@@ -372,7 +444,9 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
                 ORT_INT8: _run_batched(_ort_fn(onnx_int8), x, 50)}
         for ov_name, compiled in ov_peers.items():
             outs[ov_name] = _run_batched(_ov_fn(compiled), x, 50)
-        outs[TVM_FP32] = _run_batched(_tvm_fn(res.fp32_executable), x, 1)
+        outs[HAGO_FP32] = _run_batched(_tvm_fn(res.fp32_executable), x, 1)
+        if bf16 is not None:
+            outs[HAGO_BF16] = _run_batched(_tvm_fn(bf16.int_executable), x, 1)
         print(f"{name}: hago compile without bias correction", flush=True)
         import tvm
 
@@ -388,14 +462,15 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
                 ("top5_overlap", "top-5 overlap", "{:.1%}")]
         acc_note = (f"Accuracy: {n_eval} views ({n_photos} whole photographs, ImageNet centre crop, and their "
                     f"mirror images; `benchmarks/photos.py`, installed by `tools/install_photos.sh`), against "
-                    f"PyTorch FP32 (TVM FP32 matches it to 1e-5). Calibration used {n_calib} random crops of "
+                    f"PyTorch FP32 (hago FP32 matches it to 1e-5). Calibration used {n_calib} random crops of "
                     f"{len(models._sample_photos())} other photographs (scikit-image, scikit-learn, darknet).")
-    table = to_markdown(rows, TVM_FP32, cols)
+    table = to_markdown(rows, HAGO_FP32, cols)
     title = {"resnet18": "ResNet-18 (random weights)", "mobilenetv2": "MobileNetV2 (random weights)",
              "efficientnet_lite0": "EfficientNet-Lite0 (pretrained, ImageNet)"}[name]
     body = (f"## {title}, {DEVICE}, batch 1, 224x224\n\n"
             f"Command: {_command(name)} ({_stamp()}).\n"
-            f"Machine: {_machine()}.\n{acc_note}\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n\n"
+            f"Machine: {_machine()}.\n{acc_note}\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n"
+            f"{_bf16_note(bf16)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
 
@@ -423,12 +498,13 @@ def bench_minilm(args) -> tuple[dict, str]:
     wd = WORK / "minilm"
     print(f"minilm: hago compile (calibration on {n_calib} sentences)", flush=True)
     res, t_compile = _hago_build(model, example, calib, wd / "build", batch_size=8)
+    bf16 = _hago_bf16_build(model, example, calib, wd / "build_bf16", batch_size=8)
     onnx_fp32 = _export_onnx(model, example, names, wd / "minilm.onnx")
     onnx_int8 = _ort_int8(onnx_fp32, calib, wd / "minilm_ort_int8.onnx")
     docs, _ = models.lee_corpus()
     feeds1 = {k: v[:1] for k, v in models.tokenize(docs[:1]).items()}
     ov_peers = _openvino_fp32_peers(onnx_fp32)
-    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers)
+    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers, bf16)
     onnx_dyn = _ort_dynamic_int8(onnx_fp32, wd / "minilm_ort_dyn_int8.onnx")
     sess = _ort_session(onnx_dyn)
     rows[ORT_DYN] = {"ms": _median_ms(lambda: sess.run(None, feeds1))}
@@ -440,6 +516,8 @@ def bench_minilm(args) -> tuple[dict, str]:
     cands = {"PyTorch FP32 (reference)": embedder(_torch_fn(model), 32),
              HAGO_INT8: embedder(_tvm_fn(res.int_executable), 1),
              ORT_INT8: embedder(_ort_fn(onnx_int8), 32), ORT_DYN: embedder(_ort_fn(onnx_dyn), 32)}
+    if bf16 is not None:
+        cands[HAGO_BF16] = embedder(_tvm_fn(bf16.int_executable), 1)
     cands.update({ov_name: embedder(_ov_fn(compiled), 32) for ov_name, compiled in ov_peers.items()})
     variants = [] if args.quick else _minilm_variants(res)
     for label, cfg in variants:  # the same compile with ops pinned to float through AnnotateConfig
@@ -462,7 +540,7 @@ def bench_minilm(args) -> tuple[dict, str]:
     cols = [("lee_pearson", "Lee Pearson", "{:.4f}"), ("wordsim353_spearman", "WordSim353 Spearman", "{:.4f}"),
             ("simlex999_spearman", "SimLex-999 Spearman", "{:.4f}"),
             ("cos_vs_fp32", "mean cos vs FP32 (Lee docs)", "{:.4f}")]
-    table = to_markdown(rows, TVM_FP32, cols)
+    table = to_markdown(rows, HAGO_FP32, cols)
     body = (f"## all-MiniLM-L6-v2 (pretrained), {DEVICE}, batch 1, sequence length 128\n\n"
             f"Command: {_command('minilm')} ({_stamp()}).\n"
             f"Machine: {_machine()}.\n"
@@ -470,7 +548,8 @@ def bench_minilm(args) -> tuple[dict, str]:
             f"(sentence-transformers' pooling; our plain-torch BERT reproduces the published FP32 numbers at "
             f"length 256: Lee 0.6564, WordSim353 0.7289, SimLex-999 0.4462). Texts are truncated/padded to 128 "
             f"tokens. Calibration: {n_calib} sentences of gensim's Lee *background* corpus and polarity set "
-            f"(disjoint from the evaluation sets).\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n\n"
+            f"(disjoint from the evaluation sets).\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n"
+            f"{_bf16_note(bf16)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
 
@@ -511,7 +590,7 @@ def _machine() -> str:
 
 def to_markdown(rows: dict, base: str, cols=(("top1", "top-1", "{:.2%}"),)) -> str:
     ref = rows[base]["ms"]
-    head = "| build | median ms (batch 1) | speed-up vs TVM FP32 |" + "".join(f" {h} |" for _, h, _ in cols)
+    head = "| build | median ms (batch 1) | speed-up vs hago FP32 |" + "".join(f" {h} |" for _, h, _ in cols)
     lines = [head, "|---|---:|---:|" + "---:|" * len(cols)]
     for name, r in rows.items():
         ms = r.get("ms")
@@ -560,14 +639,15 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="skip the slowest accuracy rows")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--tune-trials", type=int, default=0,
-                   help="MetaSchedule trials per task for both TVM FP32 and hago INT8 (records cached in "
+                   help="MetaSchedule trials per task for hago FP32, INT8 and bf16 alike (records cached in "
                         "benchmarks/work/tuning; 0: untuned, hand-written default schedules)")
     args = p.parse_args()
-    global TVM_FP32, HAGO_INT8, TUNE_TRIALS
+    global HAGO_FP32, HAGO_INT8, HAGO_BF16, TUNE_TRIALS
     TUNE_TRIALS = args.tune_trials
     if TUNE_TRIALS:
-        TVM_FP32 = f"TVM FP32 (MetaSchedule, {TUNE_TRIALS} trials/task)"
+        HAGO_FP32 = f"hago FP32 (MetaSchedule, {TUNE_TRIALS} trials/task)"
         HAGO_INT8 = f"hago INT8 (MetaSchedule, {TUNE_TRIALS} trials/task)"
+        HAGO_BF16 = f"hago bf16 (MetaSchedule, {TUNE_TRIALS} trials/task, {BF16_DEVICE})"
     if args.model != "all":
         return run_one(args.model, args)
     rc = 0

@@ -15,11 +15,11 @@ def bench(model, device, calib, eval_data, strategies: list[str], out_dir=None, 
 
     console = console or Console()
     out = Path(out_dir) if out_dir else None
-    unknown = set(strategies) - {"fp32", "int8", "search"}
+    unknown = set(strategies) - {"fp32", "int8", "bf16", "search"}
     if unknown:
         from .search.target import SearchError
 
-        raise SearchError(f"unknown strategies {sorted(unknown)}; valid: fp32, int8, search")
+        raise SearchError(f"unknown strategies {sorted(unknown)}; valid: fp32, int8, bf16, search")
     rows = []
     if {"fp32", "int8"} & set(strategies):
         r = hago_compile(model, device, calib, eval_data=eval_data, out_dir=out / "int8" if out else None)
@@ -27,6 +27,12 @@ def bench(model, device, calib, eval_data, strategies: list[str], out_dir=None, 
             rows.append({"strategy": "fp32", **r.report["fp32"]})
         if "int8" in strategies:
             rows.append({"strategy": "int8 (all integer)", **r.report["quantized"]})
+    if "bf16" in strategies:
+        from .annotate import AnnotateConfig
+
+        r = hago_compile(model, device, calib, eval_data=eval_data, out_dir=out / "bf16" if out else None,
+                         annotate_config=AnnotateConfig(all_bf16=True), corrections=[])
+        rows.append({"strategy": "bf16 (bf16 where it can be, fp32 elsewhere)", **r.report["quantized"]})
     if "search" in strategies:
         res = search(model, device, calib, eval_data, out_dir=out / "search" if out else None,
                      algorithm=algorithm, log_path=(out / "search" / "search.jsonl") if out else None,

@@ -216,6 +216,19 @@ def _rpc_measurer(args):
     return RPCMeasurer(args.rpc, args.key, timeout_s=args.measure_timeout, device=device)
 
 
+def _precision_config(precision: str, spec, option: str = "--precision"):
+    """``--precision``: int8 (annotate's default) or bf16 (every layer the spec and kernels allow, fp32 elsewhere)."""
+    if precision == "int8":
+        return None
+    if precision != "bf16":
+        raise UsageError(f"{option} {precision!r}: valid: int8, bf16")
+    if "bf16" not in spec.precisions():
+        raise UsageError(f"{option} bf16: {spec.name} declares no bf16 (it has: {', '.join(spec.precisions())})")
+    from .annotate import AnnotateConfig
+
+    return AnnotateConfig(all_bf16=True)
+
+
 def _cmd_compile(args) -> int:
     from .strategy import Strategy
 
@@ -224,6 +237,7 @@ def _cmd_compile(args) -> int:
     _check_int(args.batch, "--batch", 1)
     strategy = Strategy.load(args.strategy) if args.strategy else None
     corrections = _corrections(args.corrections)
+    annotate_config = _precision_config(args.precision, spec)
     _heavy_checks(spec, args.device, corrections)
 
     from rich.console import Console
@@ -251,6 +265,7 @@ def _cmd_compile(args) -> int:
         measurer=_rpc_measurer(args),
         tune=tune,
         batch=args.batch,
+        annotate_config=annotate_config,
     )
     print_report(result.report)
     if args.output:
@@ -258,8 +273,8 @@ def _cmd_compile(args) -> int:
     return 0
 
 
-def _search_checks(args) -> None:
-    """compile's checks plus the search's own options, before TVM is imported (except the last)."""
+def _search_checks(args):
+    """compile's checks plus the search's own options, before TVM is imported (except the last); the spec."""
     spec = _common_checks(args, calib_required=True)
     _check_int(args.max_trials, "--max-trials", 1)
     _check_seconds(args.time_budget, "--time-budget")
@@ -268,6 +283,7 @@ def _search_checks(args) -> None:
     from .search.target import AccuracyTarget  # imports TVM (through hago.evaluate)
 
     AccuracyTarget.parse(args.accuracy_drop)
+    return spec
 
 
 def _engine_options(args) -> dict:
@@ -305,10 +321,12 @@ def _cmd_search(args) -> int:
 
 def _cmd_bench(args) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = sorted(set(strategies) - {"fp32", "int8", "search"}) or ([] if strategies else ["(none)"])
+    unknown = sorted(set(strategies) - {"fp32", "int8", "bf16", "search"}) or ([] if strategies else ["(none)"])
     if unknown:
-        raise UsageError(f"unknown --strategies {', '.join(unknown)}; valid: fp32, int8, search")
-    _search_checks(args)
+        raise UsageError(f"unknown --strategies {', '.join(unknown)}; valid: fp32, int8, bf16, search")
+    spec = _search_checks(args)
+    if "bf16" in strategies:
+        _precision_config("bf16", spec, "--strategies")
     from .bench import bench
 
     bench(args.model, args.device, args.calib, args.eval, strategies, args.output,
@@ -358,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "adaround / adaround_conv (learned rounding of depthwise / all conv weights; put it "
                         "before bias) or none; default: bias")
     c.add_argument("-o", "--output", help="output folder for model.so, strategy.json, report.json")
+    c.add_argument("--precision", default="int8",
+                   help="int8 (default: integer where the spec allows) or bf16 (bf16 where the spec allows, fp32 "
+                        "elsewhere; x86-avx512-bf16)")
     c.add_argument("--batch", type=int, default=None,
                    help="batch size the library is built for; default: the model file's own batch (1 if symbolic)")
     c.add_argument("--no-measure", action="store_true", help="skip latency measurement")
@@ -380,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare strategies (fp32, int8, search) on a device")
     b.add_argument("model")
     b.add_argument("--device", required=True)
-    b.add_argument("--strategies", default="fp32,int8,search")
+    b.add_argument("--strategies", default="fp32,int8,search", help="any of fp32, int8, bf16, search")
     _search_options(b)
     b.set_defaults(func=_cmd_bench)
     return p

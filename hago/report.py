@@ -43,7 +43,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
     console.print(summary_table(report))
     if report.get("speedup"):
         threads = f" ({report['threads']} threads)" if report.get("threads") else ""
-        console.print(f"speed-up over FP32: {report['speedup']:.2f}x{threads}")
+        console.print(f"speed-up over FP32 (hago's FP32 build, blocked float kernels): "
+                      f"{report['speedup']:.2f}x{threads}")
     if report.get("agreement") is not None:
         console.print(f"top-1 agreement with FP32: {report['agreement']:.2%} on {report.get('eval_samples')} samples")
     for op in report.get("float_ops", []):

@@ -198,6 +198,11 @@ CASES = [
     ("max-trials-text", SEARCH + " -o {d}/s --max-trials many", "invalid int value: 'many'"),
     ("tune-trials-negative", GOOD + " --tune-trials -3", "--tune-trials must be at least 0"),
     ("batch-zero", GOOD + " --batch 0", "--batch must be at least 1"),
+    ("precision-unknown", GOOD + " --precision fp16", "--precision 'fp16': valid: int8, bf16"),
+    ("precision-bf16-on-cascadelake", GOOD + " --precision bf16",
+     "--precision bf16: x86-avx512-vnni declares no bf16 (it has: int4, int8, fp32)"),
+    ("bench-bf16-on-cascadelake", SEARCH.replace("search", "bench", 1).replace(" --max-trials 2", "")
+     + " --strategies fp32,bf16", "--strategies bf16: x86-avx512-vnni declares no bf16"),
     ("time-budget-negative", SEARCH + " -o {d}/s --time-budget=-5", "--time-budget"),
     ("measure-timeout-zero", GOOD + " --measure-timeout 0", "--measure-timeout"),
     ("calibrator-unknown", GOOD + " --calibrator bogus", "unknown calibrator 'bogus'"),

@@ -37,8 +37,11 @@ def register(name):
 
 
 def _fp32_baseline(engine) -> None:
+    """Measure FP32, and the all-bf16 build where the space has bf16: every kernel of both gets a price."""
     if any(k.kind == "weight" and 0 in k.choices for k in engine.space.knobs):
         engine.latency(engine.space.all_float())
+    if engine.space.all_bf16() is not None:
+        engine.latency(engine.space.all_bf16())
 
 
 @register("greedy")
@@ -81,7 +84,7 @@ def latency_aware(engine) -> None:
     engine.latency(point)
     current = engine.accuracy(point)
     while current.accuracy < engine.threshold:
-        ups = engine.space.neighbours(current.point, +1)
+        ups = engine.space.raises(current.point)
         if not ups:
             break
         model.fit(*_measured(engine))
@@ -135,6 +138,17 @@ def _changes(space, point, allowed) -> list:
     return out
 
 
+def _best_move_per_knob(order: list, start) -> list:
+    """``order`` (moves best first) keeping only each knob's first move: a layer goes to bf16 or to fp32, not both."""
+    seen, out = set(), []
+    for lat, c in order:
+        i = next(j for j, (x, y) in enumerate(zip(start, c.point)) if x != y)
+        if i not in seen:
+            seen.add(i)
+            out.append((lat, c))
+    return out
+
+
 @register("evolve")
 def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, seed: int = 0) -> None:
     """Cost-model-guided search: measure little, predict the rest.
@@ -170,8 +184,9 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
                 allowed = [tuple(c for c in k.choices if c in (0, max(k.choices))) if k.kind == "weight"
                            else k.choices for k in space.knobs]
     top_ms = top.latency_ms if top.latency_ms is not None else (fp32.latency_ms or 1.0)
+    bf16 = engine.candidate(space.all_bf16()) if space.all_bf16() is not None else None
     prior = LayerPrior(space, layer_macs(engine.device_graph, space), top.point, top_ms,
-                       fp32.latency_ms, narrow_ms)
+                       fp32.latency_ms, narrow_ms, bf16.latency_ms if bf16 is not None else None)
     predict = _Predictor(engine, prior, seed)
     pool = {top.point: engine.accuracy(top.point)}
     start = top.point
@@ -184,7 +199,7 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
     #    millisecond, doubling how many until the target is met, then bisecting down.
     current = pool[start]
     while not _meets(engine, current):
-        ups = [p for p in space.neighbours(current.point, +1) if all(b in a for b, a in zip(p, allowed))]
+        ups = [p for p in space.raises(current.point) if all(b in a for b, a in zip(p, allowed))]
         if not ups:
             break
         predict.refit()
@@ -197,6 +212,7 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
             break
         order = sorted(zip(pred, cands), key=lambda g: (-(g[1].accuracy - current.accuracy) / max(g[0] - base, 1e-3 * base),
                                                         g[1].point))
+        order = _best_move_per_knob(order, current.point)
 
         def stacked(n, _from=current.point, _order=order):
             p = list(_from)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .space import Point, SearchSpace
+from .space import BF16, Point, SearchSpace
 
 
 def layer_macs(graph, space: SearchSpace) -> np.ndarray:
@@ -45,11 +45,18 @@ class LayerPrior:
     """``latency(point)`` from the all-integer (``top``) and FP32 times, spread over layers by work."""
 
     def __init__(self, space: SearchSpace, macs: np.ndarray, top: Point, top_ms: float,
-                 fp32_ms: float | None, narrow_ms: float | None = None):
+                 fp32_ms: float | None, narrow_ms: float | None = None, bf16_ms: float | None = None):
         self.space, self.top, self.top_ms = space, top, top_ms
         share = macs / macs.sum() if macs.sum() > 0 else np.full(len(macs), 1.0 / max(len(macs), 1))
         self.float_cost = share * ((fp32_ms - top_ms) if fp32_ms is not None else top_ms)
         self.narrow_cost = share * ((narrow_ms - top_ms) if narrow_ms is not None else 0.0)
+        # bf16: the all-bf16 build's extra time over the layers it moves, by work; unmeasured, half of float's
+        in_bf16 = np.array([k.kind == "weight" and BF16 in k.choices for k in space.knobs])
+        bf16_macs = macs * in_bf16
+        if bf16_ms is not None and bf16_macs.sum() > 0:
+            self.bf16_cost = bf16_macs / bf16_macs.sum() * (bf16_ms - top_ms)
+        else:
+            self.bf16_cost = 0.5 * self.float_cost
 
     def __call__(self, points: list[Point]) -> np.ndarray:
         out = []
@@ -58,7 +65,7 @@ class LayerPrior:
             for i, (k, b) in enumerate(zip(self.space.knobs, p)):
                 if k.kind != "weight" or b == self.top[i]:
                     continue
-                lat += self.float_cost[i] if b == 0 else self.narrow_cost[i]
+                lat += self.float_cost[i] if b == 0 else self.bf16_cost[i] if b == BF16 else self.narrow_cost[i]
             out.append(max(lat, 1e-3 * self.top_ms))
         return np.asarray(out, np.float64)
 

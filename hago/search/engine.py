@@ -59,7 +59,7 @@ from ..realize import realize
 from . import refcache
 from .kernelcache import KernelCache, profile_calls
 from .log import SearchLog, check_resumable
-from .space import Point, SearchSpace
+from .space import BF16, Point, SearchSpace
 from .target import AccuracyTarget, SearchError, make_metric
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,8 @@ class SearchEngine:
         for k in space.knobs:
             ch = k.choices
             if k.kind == "weight":
-                ch = tuple(c for c in ch if (c or allow_float) and (weight_bits is None or c == 0 or c in weight_bits))
+                ch = tuple(c for c in ch if (c or allow_float)
+                           and (weight_bits is None or c in (0, BF16) or c in weight_bits))
                 if not ch:
                     raise SearchError(f"no weight bits left for {k.name}: the spec allows {k.choices[1:]}")
             knobs.append(type(k)(k.name, k.kind, ch))
@@ -323,7 +324,7 @@ class SearchEngine:
     def label(self, point: Point) -> str:
         if point == self.space.all_float() and all(k.kind == "weight" for k in self.space.knobs):
             return "FP32"
-        return " ".join("F" if b == 0 else str(b) for b in point)
+        return " ".join("F" if b == 0 else "B" if b == BF16 else str(b) for b in point)
 
     def candidate(self, point: Point) -> Candidate:
         key = self.space.key(point)

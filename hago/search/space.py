@@ -2,9 +2,12 @@
 
 HAGO's rule sets each knob's choices: an edge's widest width is the smaller of
 what its producer can emit and what its consumer accepts, and float is always
-a choice. A weight knob picks the layer's weight bits from the spec, or 0 for
-float (the layer then runs in FP32 and its neighbours meet it at a float
-boundary). Activation knobs exist only where the spec lists more than one
+a choice. A weight knob picks the layer's precision: its integer weight bits
+from the spec, :data:`BF16` (16) where the spec declares bf16 for the layer's
+kind and the backend's kernels take it, or 0 for fp32 (the layer then runs in
+float and its neighbours meet it at a float boundary). Precision rises
+int4 < int8 < bf16 < fp32, so a search that restores accuracy step by step
+tries bf16 before fp32. Activation knobs exist only where the spec lists more than one
 activation width (the T4's int4/int8, say); on a device with one width the
 edge simply follows its consumer.
 """
@@ -18,6 +21,12 @@ from ..graph import Graph
 from ..hwspec import HardwareSpec
 
 Point = tuple[int, ...]
+#: the weight-knob choice that puts a layer in bf16 (bf16 weights and activations, float32 accumulation)
+BF16 = 16
+
+
+def _integer(choices) -> tuple[int, ...]:
+    return tuple(c for c in choices if c and c != BF16)
 
 
 @dataclass(frozen=True)
@@ -33,11 +42,19 @@ class SearchSpace:
 
     @classmethod
     def from_graph(cls, graph: Graph, spec: HardwareSpec) -> "SearchSpace":
+        from ..backends import backend_of
+
+        backend = backend_of(spec)
         knobs = []
         wbits = tuple(sorted({min(b, spec.weights.range_bits or b) for b in spec.bits.weight}))
         for node in graph.nodes:
-            if node.weighted and spec.descriptors(node.kind):
-                knobs.append(Knob(node.name, "weight", (0, *wbits)))
+            if not node.weighted:
+                continue
+            ints = wbits if spec.descriptors(node.kind) else ()
+            bf16 = (BF16,) if (spec.bf16_descriptor(node.kind) is not None
+                               and backend.bf16_node_problem(node) is None) else ()
+            if ints or bf16:
+                knobs.append(Knob(node.name, "weight", (0, *ints, *bf16)))
         if len(spec.bits.activation) > 1:
             for node in graph.nodes:
                 if node.weighted and spec.descriptors(node.kind):
@@ -62,34 +79,67 @@ class SearchSpace:
         return ",".join(f"{k.kind[0]}:{k.name}={b}" for k, b in zip(self.knobs, point))
 
     def widest(self) -> Point:
-        return tuple(max(k.choices) for k in self.knobs)
+        """Every layer integer at its widest width (bf16 for a layer with no integer choice)."""
+        return tuple(max(_integer(k.choices) or k.choices) if k.kind == "weight" else max(k.choices)
+                     for k in self.knobs)
 
     def narrowest(self) -> Point:
         """Every layer integer at its lowest width: the fastest build on most devices."""
-        return tuple(min(c for c in k.choices if c) if k.kind == "weight" else min(k.choices) for k in self.knobs)
+        return tuple(min(_integer(k.choices) or [c for c in k.choices if c]) if k.kind == "weight"
+                     else min(k.choices) for k in self.knobs)
 
     def all_float(self) -> Point:
         return tuple(0 if k.kind == "weight" else max(k.choices) for k in self.knobs)
 
+    def all_bf16(self) -> Point | None:
+        """Every layer that can run in bf16 in bf16, the others integer (widest); None without a bf16 choice."""
+        if not any(BF16 in k.choices for k in self.knobs):
+            return None
+        return tuple(BF16 if BF16 in k.choices else w for k, w in zip(self.knobs, self.widest()))
+
     def config(self, point: Point) -> AnnotateConfig:
-        weight, floats, edges = {}, set(), {}
+        weight, floats, bf16, edges = {}, set(), set(), {}
         for k, b in zip(self.knobs, point):
             if k.kind == "weight":
                 if b == 0:
                     floats.add(k.name)
+                elif b == BF16:
+                    bf16.add(k.name)
                 else:
                     weight[k.name] = b
             else:
                 edges[k.name] = b
-        return AnnotateConfig(node_weight_bits=weight, float_ops=frozenset(floats), edge_bits=edges)
+        return AnnotateConfig(node_weight_bits=weight, float_ops=frozenset(floats), bf16_ops=frozenset(bf16),
+                              edge_bits=edges)
+
+    def raises(self, point: Point) -> list[Point]:
+        """Points with one knob moved to any more precise choice (int8 -> bf16 and int8 -> fp32 alike).
+
+        What a search restoring accuracy weighs: the cheapest of them that
+        restores enough wins, which on a CPU whose bf16 is slower than its
+        fp32 is fp32, not the next step up.
+        """
+        out = []
+        for i, k in enumerate(self.knobs):
+            order = self._order(k)
+            for c in order[order.index(point[i]) + 1:]:
+                p = list(point)
+                p[i] = c
+                out.append(tuple(p))
+        return out
+
+    @staticmethod
+    def _order(k: Knob) -> list[int]:
+        """``k``'s choices from least to most precise: 4 < 8 < bf16 < fp32 for a weight knob."""
+        if k.kind != "weight":
+            return list(k.choices)
+        return sorted(_integer(k.choices)) + [c for c in k.choices if c == BF16] + [0]
 
     def neighbours(self, point: Point, direction: int) -> list[Point]:
         """Points one step more (+1) or less (-1) precise on a single knob; float is the top step."""
         out = []
         for i, k in enumerate(self.knobs):
-            order = list(k.choices)
-            if k.kind == "weight":
-                order = [c for c in order if c] + [0]  # 4 < 8 < float
+            order = self._order(k)
             j = order.index(point[i]) + direction
             if 0 <= j < len(order):
                 p = list(point)

@@ -41,7 +41,8 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
     ``Cg`` is the input channel count per group; every block lies inside one
     group (the layout choice makes ``ib | Cg`` and ``ob | O/groups``).
     """
-    n, _, h, w, ib = (int(s) for s in data.shape)
+    n = data.shape[0]  # may be symbolic: the batch
+    _, h, w, ib = (int(s) for s in data.shape[1:])
     oc_chunks, ic_chunks, kh, kw, _, ob = (int(s) for s in kernel.shape)
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
@@ -65,7 +66,8 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
 
 def depthwise_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation) -> te.Tensor:
     """``data [N, C/b, H, W, b]`` x ``kernel [C/b, 1, KH, KW, 1, b]`` -> ``[N, C/b, OH, OW, b]``."""
-    n, chunks, h, w, b = (int(s) for s in data.shape)
+    n = data.shape[0]  # may be symbolic: the batch
+    chunks, h, w, b = (int(s) for s in data.shape[1:])
     _, _, kh, kw, _, _ = (int(s) for s in kernel.shape)
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
@@ -96,9 +98,9 @@ def legalize_conv2d(default):
         if (blocks is None or blocks[1] != blocks[2] or str(x.dtype) != "float32" or str(w.dtype) != "float32"
                 or (a.out_dtype and str(a.out_dtype) not in ("", "float32"))):
             return default(bb, call)
-        try:
-            shapes = [int(s) for s in (*x.shape, *w.shape)]
-        except TypeError:  # symbolic
+        try:  # every dim static but the batch (calibration and evaluation builds keep it symbolic)
+            shapes = [1] + [int(s) for s in (*list(x.shape)[1:], *w.shape)]
+        except TypeError:
             return default(bb, call)
         strides, padding, dilation, groups = _ints(a.strides), _ints(a.padding), _ints(a.dilation), int(a.groups)
         if len(padding) == 2:

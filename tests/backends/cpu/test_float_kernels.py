@@ -185,3 +185,60 @@ def test_channel_block_choice():
 
     assert [channel_block(c, 16) for c in (64, 24, 40, 112, 20, 3, 18)] == [16, 8, 8, 16, 4, None, None]
     assert channel_block(64, 4) == 4
+
+
+def test_arm_float_convs_use_4_lane_blocks_and_match_torch_under_qemu(tmp_path):
+    """The same kernels at NEON width (NCHW4c, 4-float vectors), cross-compiled and run by qemu for the Pi 4."""
+    import shutil
+
+    from hago.build import build_for, export
+    from hago.measure import qemu
+
+    missing = [t for t in ("aarch64-linux-gnu-g++", qemu.QEMU) if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: tools/install_arm.sh")
+    ok, why = qemu.is_available()
+    if not ok:
+        pytest.skip(why)
+    from hago.backends.registry import backend_of
+    from hago.build import target_of
+    from hago.hwspec import HardwareSpec
+
+    spec = HardwareSpec.load("rpi4")
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((12, 3, 3, 3)).astype("float32") * 0.3
+    w2 = rng.standard_normal((12, 1, 3, 3)).astype("float32") * 0.3  # depthwise
+    x = rng.standard_normal((1, 3, 9, 9)).astype("float32")
+
+    def body(bb, v):
+        y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.nn.conv2d(v, relax.const(w1), padding=[1] * 4))))
+        y = bb.emit(relax.op.nn.conv2d(y, relax.const(w2), strides=[2, 2], padding=[1] * 4, groups=12))
+        return bb.emit(relax.op.nn.max_pool2d(y, [2, 2], [2, 2]))
+
+    mod = _module(x.shape, body)
+    backend = backend_of(spec)
+    assert backend.vector_lanes(target_of(spec)) == 4
+    assert sorted(_kernels(mod, target_of(spec), backend)) == ["conv2d_nchwc_float", "depthwise_nchwc_float"]
+    lib = export(build_for(mod, spec), spec, tmp_path / "model.so")
+    (out,) = qemu.run_under_qemu(lib, [x], cpu=spec.target["mcpu"], timeout=300)
+    t = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w1), padding=1))
+    t = torch.nn.functional.conv2d(t, torch.from_numpy(w2), stride=2, padding=1, groups=12)
+    _close(out, torch.nn.functional.max_pool2d(t, 2, 2).numpy())
+
+
+def test_symbolic_batch_keeps_the_blocked_kernels():
+    """Calibration and evaluation builds keep the batch symbolic: the kernels must not fall back there."""
+    n = tvm.tirx.Var("n", "int64")
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((32, 16, 3, 3)).astype("float32") * 0.2
+    wd = rng.standard_normal((32, 1, 3, 3)).astype("float32") * 0.2
+
+    def body(bb, v):
+        y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.nn.conv2d(v, relax.const(w), padding=[1] * 4))))
+        return bb.emit(relax.op.nn.conv2d(y, relax.const(wd), padding=[1] * 4, groups=32))
+
+    mod = _module((n, 16, 12, 12), body)
+    assert sorted(_kernels(mod)) == ["conv2d_nchwc_float", "depthwise_nchwc_float"]
+    x = rng.standard_normal((3, 16, 12, 12)).astype("float32")
+    t = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1))
+    _close(_run(mod, x), torch.nn.functional.conv2d(t, torch.from_numpy(wd), padding=1, groups=32).numpy())
