@@ -105,8 +105,8 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
                     if fake and mode == "integer":
                         handler = handler_for(strategy, node)  # its constants as realize quantizes them
                         value = handler.simulated_call(node, value, strategy) if handler else value
-                    elif fake and mode == "bf16":
-                        value = bf16.simulated_call(node, value)
+                    elif fake and mode == "bf16":  # emitted here: the rounding needs the substituted input
+                        value = bf16.simulated(bb, node, subst(value.args[0]))
                     if local and node is not None and node.name in tap_set:
                         twins[node.name] = _local_twin(bb, node, strategy, subst(value), with_bias)
                     if node is not None and node.weighted:

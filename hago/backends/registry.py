@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from hago.errors import SpecError
 
+from .amx.backend import AMXBackend
 from .arm import ArmBackend
 from .base import Backend
 from .cpu import CPUBackend
@@ -104,7 +105,9 @@ def for_target(target: tvm.target.Target) -> Backend:
     return resolve(None, kind)
 
 
-# the built-in backends, one folder each; derivation tries them in this order
+# the built-in backends, one folder each; derivation tries them in this order (amx before x86: an AMX spec
+# lists the x86 intrinsics too)
+register_backend("amx", AMXBackend())
 register_backend("x86", X86Backend())
 register_backend("arm", ArmBackend())
 register_backend("cuda", CudaBackend())

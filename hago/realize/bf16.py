@@ -9,6 +9,9 @@ op in float32 on the rounded values) only in summation order. The backend's
 build turns the Relax op into its bf16 kernel (x86: ``vdpbf16ps``); any other
 build legalizes it to float32 arithmetic on the rounded values, which is the
 twin itself.
+
+The twin rounds on the bits (:func:`_round_te`), never through a bf16
+``astype`` pair: fused into one loop, TVM keeps that pair's value in fp32.
 """
 
 from __future__ import annotations
@@ -45,7 +48,26 @@ def bf16_call(node: Node, x: relax.Expr) -> relax.Call:
     return _op(node, O.astype(x, BF16), w)
 
 
-def simulated_call(node: Node, call: relax.Call) -> relax.Call:
-    """``node``'s float32 call with its input and weight rounded to bfloat16 (what the bf16 layer computes)."""
-    x = O.astype(O.astype(call.args[0], BF16), "float32")
-    return _op(node, x, relax.const(round_to_bf16(node.weight), "float32"))
+def _round_te(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even) on its bits, kept float32.
+
+    Not ``astype(astype(x, bf16), f32)``: once FuseTIR inlines the pair into
+    one loop, TVM's bf16 legalization computes the bf16 value in fp32 and the
+    rounding disappears (measured: the pair returns ``x`` unchanged in a
+    fused kernel). A rounding on the bits survives any fusion.
+    """
+    from tvm import te, tirx
+
+    def rne(*i):
+        b = tirx.reinterpret("uint32", x(*i))
+        lsb = (b >> tirx.const(16, "uint32")) & tirx.const(1, "uint32")
+        r = (b + tirx.const(0x7FFF, "uint32") + lsb) & tirx.const(0xFFFF0000, "uint32")
+        return tirx.reinterpret("float32", r)
+
+    return te.compute(x.shape, rne, name="hago_round_bf16")
+
+
+def simulated(bb: relax.BlockBuilder, node: Node, x: relax.Expr) -> relax.Expr:
+    """``node``'s float32 op on float ``x`` and its weight, both rounded to bfloat16 (what the bf16 layer computes)."""
+    xr = bb.emit_te(_round_te, x, primfunc_name_hint="hago_round_bf16")
+    return _op(node, xr, relax.const(round_to_bf16(node.weight), "float32"))

@@ -57,9 +57,13 @@ class X86Backend(CPUBackend):
         return 32 if self.vector_lanes(target) == 16 else 16
 
     def bf16_problem(self, op, desc, target):
-        """bf16 needs ``avx512bf16`` in the spec's target (named CPU or ``mattr``) and a bf16 kernel for ``op``."""
+        """bf16 needs a bf16 kernel for ``op`` and the instructions in the spec's target (named CPU or ``mattr``)."""
         if op not in BF16_OPS:
             return "inputs", f"backend {self.name} has no bf16 {op} kernel (it has: {', '.join(BF16_OPS)})"
+        return self.bf16_target_problem(target)
+
+    def bf16_target_problem(self, target) -> tuple[str, str] | None:
+        """``vdpbf16ps`` needs ``avx512bf16``."""
         mattr = target.get("mattr") or []
         if target.get("mcpu") in BF16_CPUS or "+avx512bf16" in mattr:
             return None

@@ -1,0 +1,78 @@
+"""The AMX backend: Sapphire Rapids-class CPUs, hago's x86 kernels plus the tile unit where it pays.
+
+It is the x86 backend (VNNI convs, depthwise, blocked layouts, float
+kernels) with AMX kernels put in where the tile unit beats the vector unit:
+
+* int8 dense/matmul with at least :data:`AMX_MIN_ROWS` rows: ``tdpbusd``
+  (:mod:`.dense`), the int32 accumulator requantized by realize as for VNNI;
+  fewer rows (a batch-1 classifier) stay on VNNI, where the measured time
+  is the same (the weights' memory traffic bounds both: 1x512x1000 8.2 us
+  AMX, 8.3 us VNNI) and VNNI needs no tile configuration;
+* bf16 dense: ``tdpbf16ps`` with the bias in the tiles;
+* bf16 conv: the ``vdpbf16ps`` kernels of the x86 backend until the AMX
+  implicit-GEMM conv lands.
+
+Chosen for specs whose ``intrinsics`` list ``x86-amx``; host builds stay
+with the x86 backend (:meth:`claims`). The kernels ask Linux for the AMX
+permission themselves (see :mod:`.permission`).
+"""
+
+from __future__ import annotations
+
+from ..x86 import X86Backend
+from ..x86.plan import X86Plan
+
+#: LLVM CPU names with AMX-BF16 and AMX-INT8
+AMX_CPUS = frozenset({"sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids"})
+#: fewest GEMM rows (M) for which an int8 dense goes to AMX rather than VNNI (measured, see module docstring)
+AMX_MIN_ROWS = 16
+
+
+def _rows(x_shape) -> int | None:
+    try:
+        rows = 1
+        for d in list(x_shape)[:-1]:
+            rows *= int(d)
+        return rows
+    except (TypeError, ValueError):
+        return None
+
+
+class AMXPlan(X86Plan):
+    """The x86 plan with AMX dense kernels (int8 for large M, bf16 always)."""
+
+    def dense_kernel(self, choice, x_dtype, x_shape, w_shape):
+        rows = _rows(x_shape)
+        if x_dtype == "uint8" and rows is not None and rows >= AMX_MIN_ROWS:
+            from .dense import emit_dense_amx
+
+            return lambda bb, x, w_q: emit_dense_amx(bb, x, w_q, "int8")
+        return super().dense_kernel(choice, x_dtype, x_shape, w_shape)
+
+    def bf16_kernel(self, node, x_shape):
+        if node.kind == "dense" and _rows(x_shape) is not None:
+            from .dense import emit_dense_amx
+
+            return lambda bb, x: emit_dense_amx(bb, x, node.weight, "bf16", bias=node.bias)
+        return super().bf16_kernel(node, x_shape)
+
+
+class AMXBackend(X86Backend):
+    """x86 with AMX tiles (Sapphire Rapids, Emerald Rapids, Granite Rapids)."""
+
+    intrinsics = frozenset({"x86-amx"})
+
+    def claims(self, target) -> bool:
+        """Never for a build that names no backend: host builds stay with the x86 backend."""
+        return False
+
+    def bf16_target_problem(self, target):
+        """bf16 here runs on the tiles: the target must have AMX-BF16."""
+        mattr = target.get("mattr") or []
+        if target.get("mcpu") in AMX_CPUS or "+amx-bf16" in mattr:
+            return None
+        return "inputs", (f"target mcpu {target.get('mcpu')!r} has no AMX-BF16; the amx backend needs one of "
+                          f"{', '.join(sorted(AMX_CPUS))} or mattr +amx-bf16")
+
+    def plan(self, graph, strategy):
+        return AMXPlan(graph, strategy)

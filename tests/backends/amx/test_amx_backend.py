@@ -1,0 +1,83 @@
+"""The amx backend end to end: the x86-amx spec, AMX int8 dense bit-identical to VNNI, AMX bf16 dense vs its twin."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from hago.annotate import AnnotateConfig
+from hago.backends.amx.permission import amx_available
+from hago.backends.registry import backend_of, get_backend
+from hago.compiler import quantize
+from hago.errors import SpecError
+from hago.hwspec import HardwareSpec, spec_dir
+
+BATCH = 32  # the denses get 32 rows: AMX (>= AMX_MIN_ROWS); at batch 1 they stay on VNNI
+
+needs_amx = pytest.mark.skipif(amx_available() is not None, reason=str(amx_available()))
+
+
+def test_amx_spec_selects_the_amx_backend_and_needs_amx_bf16():
+    spec = HardwareSpec.load("x86-amx")
+    assert backend_of(spec).name == "amx" and backend_of(HardwareSpec.load("x86-avx512-bf16")).name == "x86"
+    assert spec.precisions() == ["int4", "int8", "bf16", "fp32"]
+    src = (spec_dir() / "x86-amx.yaml").read_text().replace("mcpu: sapphirerapids", "mcpu: cooperlake")
+    with pytest.raises(SpecError, match="target mcpu 'cooperlake' has no AMX-BF16"):
+        HardwareSpec.from_yaml(src.replace("name: x86-amx", "name: t"), "t.yaml")
+
+
+def _run(mod, spec, backend, x):
+    import tvm
+    from tvm import relax
+
+    from hago.build import target_of
+
+    ex = backend.build(mod, target_of(spec))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy(), ex
+
+
+@needs_amx
+def test_int8_dense_on_amx_is_bit_identical_to_vnni(mnist_model, mnist_test):
+    from hago.pipeline import lower
+
+    spec = HardwareSpec.load("x86-amx")
+    x = mnist_test[0]
+    q = quantize(mnist_model, spec, {"input": x[-256:]}, example_inputs=(torch.from_numpy(x[:2]),), corrections=())
+    amx_mod = lower(q.prepared, q.strategy, spec, BATCH)[1].mod
+    names = [gv.name_hint for gv, _ in amx_mod.functions_items()]
+    assert sum("dense_amx_int8" in n for n in names) == 2, names
+    amx_out, ex = _run(amx_mod, spec, get_backend("amx"), x[:BATCH])
+    vnni = HardwareSpec.load("x86-avx512-vnni")
+    vnni_mod = lower(q.prepared, q.strategy, vnni, BATCH)[1].mod
+    assert not any("amx" in gv.name_hint for gv, _ in vnni_mod.functions_items())
+    vnni_out, _ = _run(vnni_mod, vnni, get_backend("x86"), x[:BATCH])
+    np.testing.assert_array_equal(amx_out, vnni_out)  # same integers, other instructions
+    asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ex.mod.inspect_source("asm")
+    assert re.search(r"\btdpbusd\b", asm) and re.search(r"\bldtilecfg\b", asm)
+
+
+@needs_amx
+def test_bf16_dense_on_amx_tracks_its_simulated_twin(mnist_model, mnist_test):
+    from hago.build import static_batch
+    from hago.pipeline import lower
+    from hago.simulate import simulate
+
+    spec = HardwareSpec.load("x86-amx")
+    x = mnist_test[0]
+    # everything before it float: its input is the same floats in both builds, so only summation order differs
+    # (a second bf16 layer after it would round those tiny differences to whole bf16 steps)
+    cfg = AnnotateConfig(bf16_ops=frozenset({"n9_dense"}),
+                         float_ops=frozenset({"n0_conv2d", "n3_conv2d", "n7_dense"}))
+    q = quantize(mnist_model, spec, {"input": x[-256:]}, example_inputs=(torch.from_numpy(x[:2]),),
+                 annotate_config=cfg, corrections=())
+    mod = lower(q.prepared, q.strategy, spec, BATCH)[1].mod
+    assert sum("dense_amx_bf16" in gv.name_hint for gv, _ in mod.functions_items()) == 1
+    real, ex = _run(mod, spec, get_backend("amx"), x[:BATCH])
+    sim, _ = _run(static_batch(simulate(q.graph, q.strategy), BATCH), spec, get_backend("amx"), x[:BATCH])
+    assert np.abs(real - sim).max() <= 1e-5 * np.abs(sim).max()  # summation order only
+    asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ex.mod.inspect_source("asm")
+    assert re.search(r"\btdpbf16ps\b", asm)
