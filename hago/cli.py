@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import HagoError, error_line
+from .errors import HagoError, SpecError, error_line
 
 log = logging.getLogger("hago")
 
@@ -172,7 +172,15 @@ def _common_checks(args, *, calib_required: bool):
     _check_measure_timeout(args.measure_timeout)
     _check_calibrator(args.calibrator)
     _check_rpc(args)
-    return HardwareSpec.load(args.device)
+    spec = HardwareSpec.load(args.device)
+    runs_local = spec.is_local and not getattr(args, "rpc", None)
+    if runs_local and (not getattr(args, "no_measure", False) or args.eval):  # its build will run here
+        from .hwspec import runs_here
+
+        problem = runs_here(spec)
+        if problem is not None:
+            raise SpecError(problem)
+    return spec
 
 
 def _heavy_checks(spec, device: str, corrections) -> None:

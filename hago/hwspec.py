@@ -297,6 +297,8 @@ class HardwareSpec(_Frozen):
             YAML syntax error, unknown key/op/dtype or bad value.
         """
         text = str(path_or_name)
+        if text == "host":
+            return host_spec()
         path = Path(text)
         if not (isinstance(path_or_name, os.PathLike) or "/" in text or os.sep in text
                 or path.suffix in (".yaml", ".yml")):
@@ -524,12 +526,30 @@ def check_spec_file(path: str | os.PathLike) -> str:
             f"{len(spec.integer_ops())} integer ops)")
 
 
+def runs_here(spec: HardwareSpec) -> str | None:
+    """Why this machine cannot run a local spec's builds (missing CPU features); None if it can or if remote."""
+    if not spec.is_local:
+        return None
+    return backends.backend_of(spec).host_problem(spec)
+
+
+def host_spec() -> HardwareSpec:
+    """``--device host``: the best spec this machine runs, in the backends' order of preference."""
+    names = list(dict.fromkeys(n for b in backends.BACKENDS.values() for n in b.host_specs()))
+    for name in names:
+        spec = HardwareSpec.load(name)
+        if runs_here(spec) is None:
+            return spec
+    raise SpecError(f"--device host: this machine runs none of {', '.join(names) or 'the known specs'}; "
+                    f"name a spec (hago devices)")
+
+
 def device_table(specs: Iterable[HardwareSpec]):
     """A ``rich.table.Table`` for ``hago devices``; rich is imported only here."""
     from rich.table import Table
 
     table = Table(title="hago devices")
-    for col in ("name", "target", "execution", "precisions", "integer", "intrinsics", "bits"):
+    for col in ("name", "target", "execution", "here", "precisions", "integer", "intrinsics", "bits"):
         table.add_column(col, no_wrap=col == "name")
     for s in specs:
         execution = f"remote ({s.rpc.key})" if s.execution == "remote" and s.rpc else s.execution
@@ -537,6 +557,8 @@ def device_table(specs: Iterable[HardwareSpec]):
         kinds = "/".join(dict.fromkeys("x".join(d.inputs) for d in mm)) or "no matmul"
         bits = (f"w{','.join(map(str, s.bits.weight))} "
                 f"a{','.join(map(str, s.bits.activation))}")
-        table.add_row(s.name, s.target_summary(), execution, " ".join(s.precisions()),
+        problem = runs_here(s)
+        here = "-" if not s.is_local else "yes" if problem is None else "no: " + problem.split("lacks: ")[-1].split(" (")[0]
+        table.add_row(s.name, s.target_summary(), execution, here, " ".join(s.precisions()),
                       f"{len(s.integer_ops())} ops, {kinds}", ", ".join(s.intrinsics), bits)
     return table

@@ -53,7 +53,7 @@ def _err(capsys, argv) -> str:
 def test_devices_lists_every_spec(capsys):
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
-    for name in ("x86-avx512-vnni", "x86-avx512-bf16", "x86-avx2", "rpi4", "rpi5", "cuda-t4", "cuda-h100"):
+    for name in ("x86-avx512-vnni", "x86-avx512-bf16", "x86-amx", "x86-avx2", "rpi4", "rpi5", "cuda-t4", "cuda-h100"):
         assert name in out
 
 

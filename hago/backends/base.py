@@ -218,6 +218,14 @@ class Backend:
         """Why graph node ``node`` cannot run in bf16 although the spec declares bf16 for its kind; None if it can."""
         return None
 
+    def host_problem(self, spec: HardwareSpec) -> str | None:
+        """Why a build for local spec ``spec`` cannot run on this machine (missing CPU features); None if it can."""
+        return None
+
+    def host_specs(self) -> tuple[str, ...]:
+        """Spec names, best first, this backend would pick for ``--device host`` (the first this machine runs)."""
+        return ()
+
     def integer_problem(self, node) -> str | None:
         """Why graph node ``node`` cannot be integer on this backend although the spec allows its kind; None if it can.
 

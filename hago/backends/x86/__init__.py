@@ -56,6 +56,17 @@ class X86Backend(CPUBackend):
         """32 zmm registers with AVX-512, 16 ymm/xmm otherwise."""
         return 32 if self.vector_lanes(target) == 16 else 16
 
+    def host_problem(self, spec):
+        """The CPU flags the spec's target CPU needs, against this machine's (:mod:`.host`)."""
+        from .host import host_problem
+
+        return host_problem(spec.name, spec.target)
+
+    def host_specs(self):
+        from .host import HOST_PREFERENCE
+
+        return HOST_PREFERENCE
+
     def bf16_problem(self, op, desc, target):
         """bf16 needs a bf16 kernel for ``op`` and the instructions in the spec's target (named CPU or ``mattr``)."""
         if op not in BF16_OPS:
