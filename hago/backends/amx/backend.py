@@ -9,8 +9,11 @@ kernels) with AMX kernels put in where the tile unit beats the vector unit:
   is the same (the weights' memory traffic bounds both: 1x512x1000 8.2 us
   AMX, 8.3 us VNNI) and VNNI needs no tile configuration;
 * bf16 dense: ``tdpbf16ps`` with the bias in the tiles;
-* bf16 conv: the ``vdpbf16ps`` kernels of the x86 backend until the AMX
-  implicit-GEMM conv lands.
+* bf16 conv: implicit GEMM on the tiles (:mod:`.conv`), legalized at build
+  time from the blocked layout the float pipeline gives it, so a bf16 conv
+  reads the 16-channel blocks its fp32 neighbours write (the conversion to
+  bf16 fuses into the producer's epilogue); grouped and dilated convs stay
+  fp32 (:meth:`AMXBackend.bf16_node_problem`).
 
 Chosen for specs whose ``intrinsics`` list ``x86-amx``; host builds stay
 with the x86 backend (:meth:`claims`). The kernels ask Linux for the AMX
@@ -50,11 +53,12 @@ class AMXPlan(X86Plan):
         return super().dense_kernel(choice, x_dtype, x_shape, w_shape)
 
     def bf16_kernel(self, node, x_shape):
+        """bf16 dense: the AMX kernel now; bf16 conv: None, the plain Relax op the build legalizes onto AMX."""
         if node.kind == "dense" and _rows(x_shape) is not None:
             from .dense import emit_dense_amx
 
             return lambda bb, x: emit_dense_amx(bb, x, node.weight, "bf16", bias=node.bias)
-        return super().bf16_kernel(node, x_shape)
+        return None
 
 
 class AMXBackend(X86Backend):
@@ -73,6 +77,42 @@ class AMXBackend(X86Backend):
             return None
         return "inputs", (f"target mcpu {target.get('mcpu')!r} has no AMX-BF16; the amx backend needs one of "
                           f"{', '.join(sorted(AMX_CPUS))} or mattr +amx-bf16")
+
+    def bf16_node_problem(self, node):
+        """The AMX conv takes single-group, undilated convs; dense any shape."""
+        if node.weight is None:
+            return "bf16 needs a constant weight"
+        if node.kind != "dense":
+            a = node.call.attrs
+            if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
+                return "the AMX bf16 conv takes single-group, undilated convs: runs in fp32"
+            if node.weight.shape[1] % 4 or node.weight.shape[0] % 4:
+                return (f"the AMX bf16 conv takes channels in 4s ({node.weight.shape[1]} -> {node.weight.shape[0]}): "
+                        "runs in fp32")
+        return None
+
+    def prepare_fusion(self, mod, target):
+        """Float convs blocked as on x86, and bf16 convs too (the AMX conv reads the same 16-channel blocks)."""
+        from ..cpu.float_layout import block_float_convs
+
+        return block_float_convs(mod, self.vector_lanes(target), bf16=True)
+
+    def legalizations(self, target) -> dict:
+        """bf16 convs in blocked layouts onto the AMX conv; everything else as on x86."""
+        legal = dict(super().legalizations(target))
+        float_conv = legal["relax.nn.conv2d"]
+
+        def conv2d(bb, call):
+            if str(call.args[0].ty.dtype) == "bfloat16":
+                from .conv import legalize_conv2d_amx_bf16
+
+                out = legalize_conv2d_amx_bf16(bb, call)
+                if out is not None:
+                    return out
+            return float_conv(bb, call)
+
+        legal["relax.nn.conv2d"] = conv2d
+        return legal
 
     def plan(self, graph, strategy):
         return AMXPlan(graph, strategy)

@@ -41,13 +41,18 @@ def channel_block(channels: int, lanes: int) -> int | None:
     return None
 
 
-def conv_layouts(call, lanes: int) -> list[str] | None:
-    """``[data, kernel, out]`` layouts for a float NCHW/OIHW ``relax.nn.conv2d`` call; None: keep it plain."""
+def conv_layouts(call, lanes: int, bf16: bool = False) -> list[str] | None:
+    """``[data, kernel, out]`` layouts for a float NCHW/OIHW ``relax.nn.conv2d`` call; None: keep it plain.
+
+    ``bf16``: the backend also has a blocked kernel for convs on bfloat16
+    operands (AMX): those get blocks too, single-group ones only.
+    """
     a = call.attrs
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
         return None
     x, w = call.args[0].ty, call.args[1].ty
-    if str(x.dtype) != "float32" or str(w.dtype) != "float32":
+    dtypes = {str(x.dtype), str(w.dtype)}
+    if dtypes != {"float32"} and not (bf16 and dtypes == {"bfloat16"} and int(a.groups) == 1):
         return None
     try:
         c, o, i = int(x.shape[1]), int(w.shape[0]), int(w.shape[1])
@@ -58,11 +63,10 @@ def conv_layouts(call, lanes: int) -> list[str] | None:
         b = channel_block(c, lanes)
         return None if b is None else [f"NCHW{b}c", f"OIHW1i{b}o", f"NCHW{b}c"]
     ob = channel_block(o // groups, lanes)
-    ib = channel_block(i, lanes) or (i if groups == 1 and i < MIN_BLOCK else None)
+    ib = channel_block(i, lanes) or (i if groups == 1 and i < MIN_BLOCK and "float32" in dtypes else None)
     if ob is None or ib is None:
         return None
     return [f"NCHW{ib}c", f"OIHW{ib}i{ob}o", f"NCHW{ob}c"]
-
 
 
 def _float_value(v) -> float | None:
@@ -144,17 +148,20 @@ def _calls(mod: tvm.IRModule, op_name: str) -> list:
     return found
 
 
-def block_float_convs(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
-    """``mod`` with its float convs in blocked layouts (weights re-laid out as constants); ``mod`` on failure."""
+def block_float_convs(mod: tvm.IRModule, lanes: int, bf16: bool = False) -> tvm.IRModule:
+    """``mod`` with its float convs in blocked layouts (weights re-laid out as constants); ``mod`` on failure.
+
+    ``bf16``: bf16 convs too (a backend with a blocked bf16 conv kernel).
+    """
     conv2d = "relax.nn.conv2d"
 
     def layout_cb(call):
         if getattr(call.op, "name", "") != conv2d:
             return {}
-        layouts = conv_layouts(call, lanes)
+        layouts = conv_layouts(call, lanes, bf16)
         return {conv2d: layouts} if layouts else {}
 
-    if not any(conv_layouts(call, lanes) for call in _calls(mod, conv2d)):
+    if not any(conv_layouts(call, lanes, bf16) for call in _calls(mod, conv2d)):
         return mod  # nothing to block (an all-integer program): leave it exactly as it is
     try:
         converted = relax.transform.ConvertLayout({}, layout_cb)(_legalize_blocked_pools(_clip_to_minmax(mod)))

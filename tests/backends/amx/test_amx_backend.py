@@ -81,3 +81,27 @@ def test_bf16_dense_on_amx_tracks_its_simulated_twin(mnist_model, mnist_test):
     assert np.abs(real - sim).max() <= 1e-5 * np.abs(sim).max()  # summation order only
     asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ex.mod.inspect_source("asm")
     assert re.search(r"\btdpbf16ps\b", asm)
+
+
+@needs_amx
+def test_bf16_build_runs_convs_and_denses_on_amx_and_tracks_its_twin(mnist_model, mnist_test):
+    """``all_bf16`` on x86-amx: the 1-channel first conv stays fp32 (channels in 4s), the rest on the tiles."""
+    from hago.build import static_batch
+    from hago.pipeline import lower
+    from hago.simulate import simulate
+
+    spec = HardwareSpec.load("x86-amx")
+    x = mnist_test[0]
+    q = quantize(mnist_model, spec, {"input": x[-256:]}, example_inputs=(torch.from_numpy(x[:2]),),
+                 annotate_config=AnnotateConfig(all_bf16=True), corrections=())
+    modes = {n: c.mode for n, c in q.strategy.ops.items() if c.kind in ("conv2d", "dense")}
+    assert modes == {"n0_conv2d": "float", "n3_conv2d": "bf16", "n7_dense": "bf16", "n9_dense": "bf16"}
+    assert "channels in 4s" in q.strategy.ops["n0_conv2d"].reason
+    mod = lower(q.prepared, q.strategy, spec, BATCH)[1].mod
+    real, ex = _run(mod, spec, get_backend("amx"), x[:BATCH])
+    sim, _ = _run(static_batch(simulate(q.graph, q.strategy), BATCH), spec, get_backend("amx"), x[:BATCH])
+    asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ex.mod.inspect_source("asm")
+    assert len(re.findall(r"\btdpbf16ps\b", asm)) >= 2 and "vdpbf16ps" not in asm  # conv and dense on tiles
+    # the conv's bf16 output feeds a bf16 dense: its rounding can flip a bf16 step there, so compare by agreement
+    assert (real.argmax(1) == sim.argmax(1)).all()
+    assert np.abs(real - sim).mean() <= 2e-3 * np.abs(sim).mean()
