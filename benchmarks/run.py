@@ -14,9 +14,9 @@ set), ``resnet18`` / ``mobilenetv2`` (random weights: latency only),
 crops of real photographs) and ``minilm`` (all-MiniLM-L6-v2, sequence length
 128; gensim's Lee / WordSim353 / SimLex-999 correlations).
 
-The hago bf16 row is a second compile for ``x86-avx512-bf16`` with every conv/dense that can run in bf16 doing
-so (``AnnotateConfig(all_bf16=True)``, the rest fp32, no integer layers); it is left out, with a note, on a CPU
-without ``avx512_bf16``.
+The hago bf16 row is a second compile, for ``x86-amx`` where the CPU has AMX (else ``x86-avx512-bf16``), with
+every conv/dense that can run in bf16 doing so (``AnnotateConfig(all_bf16=True)``, the rest fp32, no integer
+layers); it is left out, with a note, on a CPU without ``avx512_bf16``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,16 @@ WORK = HERE / "work"
 sys.path.insert(0, str(HERE))
 
 DEVICE = "x86-avx512-vnni"
-BF16_DEVICE = "x86-avx512-bf16"  # the hago bf16 row's spec (Cooper Lake and later, Zen 4/5)
+def _best_bf16_spec() -> str:
+    """The hago bf16 row's spec: x86-amx (AMX tiles) where the CPU has them, else x86-avx512-bf16 (vdpbf16ps)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return "x86-amx" if {"amx_bf16", "amx_tile"} <= flags else "x86-avx512-bf16"
+
+
+BF16_DEVICE = _best_bf16_spec()
 REAL_MODELS = ("resnet18", "mobilenetv2", "efficientnet_lite0", "minilm")
 ALL_MODELS = ("mnist", *REAL_MODELS)
 HAGO_FP32 = "hago FP32 (untuned)"

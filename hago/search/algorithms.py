@@ -24,6 +24,7 @@ import random
 import numpy as np
 
 from .costmodel import LatencyModel, LayerPrior, layer_macs
+from .space import BF16
 
 ALGORITHMS = {}
 
@@ -71,6 +72,26 @@ def _predict(engine, model: LatencyModel, points: list) -> np.ndarray:
     return np.asarray(out, np.float64)
 
 
+def _cheapest_raises(space, point, predict, allowed=None) -> list:
+    """Per knob, the more precise choice predicted fastest (bf16 or fp32 for an int8 layer): one candidate each.
+
+    Scoring every more precise choice would double the accuracy runs of a
+    bf16 spec; the predictor (kernel cache, measured all-bf16 and FP32
+    builds) already knows which of them is cheaper on this device, and the
+    accuracy they restore is close (bf16 keeps 8 mantissa bits).
+    """
+    ups = [p for p in space.raises(point) if allowed is None or all(b in a for b, a in zip(p, allowed))]
+    if not ups:
+        return []
+    best = {}
+    for p, lat in zip(ups, predict(ups)):
+        i = next(j for j, (x, y) in enumerate(zip(point, p)) if x != y)
+        lat = float(lat) if np.isfinite(lat) else float("inf")
+        if i not in best or lat < best[i][0]:
+            best[i] = (lat, p)
+    return [p for _, p in sorted(best.values(), key=lambda g: g[1])]
+
+
 def _measured(engine):
     cands = [c for c in engine.all_candidates() if c.latency_ms is not None]
     return [c.point for c in cands], [c.latency_ms for c in cands]
@@ -84,10 +105,10 @@ def latency_aware(engine) -> None:
     engine.latency(point)
     current = engine.accuracy(point)
     while current.accuracy < engine.threshold:
-        ups = engine.space.raises(current.point)
+        model.fit(*_measured(engine))
+        ups = _cheapest_raises(engine.space, current.point, lambda pts: _predict(engine, model, pts))
         if not ups:
             break
-        model.fit(*_measured(engine))
         base = _predict(engine, model, [current.point])[0]
         pred = _predict(engine, model, ups)
         gains = []
@@ -181,8 +202,8 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
         if est_top is not None and est_narrow is not None:
             narrow_ms = top.latency_ms * est_narrow / est_top if top.latency_ms and est_top > 0 else None
             if est_narrow >= est_top * (1 - tol):  # the same kernels: narrower weights only cost accuracy
-                allowed = [tuple(c for c in k.choices if c in (0, max(k.choices))) if k.kind == "weight"
-                           else k.choices for k in space.knobs]
+                allowed = [tuple(c for c in k.choices if c in (0, BF16, w)) if k.kind == "weight"
+                           else k.choices for k, w in zip(space.knobs, top.point)]
     top_ms = top.latency_ms if top.latency_ms is not None else (fp32.latency_ms or 1.0)
     bf16 = engine.candidate(space.all_bf16()) if space.all_bf16() is not None else None
     prior = LayerPrior(space, layer_macs(engine.device_graph, space), top.point, top_ms,
@@ -199,10 +220,10 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
     #    millisecond, doubling how many until the target is met, then bisecting down.
     current = pool[start]
     while not _meets(engine, current):
-        ups = [p for p in space.raises(current.point) if all(b in a for b, a in zip(p, allowed))]
+        predict.refit()
+        ups = _cheapest_raises(space, current.point, predict, allowed)
         if not ups:
             break
-        predict.refit()
         base, pred = predict([current.point])[0], predict(ups)
         cands = [engine.accuracy(p) for p in ups]
         pool.update((c.point, c) for c in cands)
