@@ -114,7 +114,8 @@ def main() -> int:
     chosen = ms["hago search (chosen)"]
     for name in fns:
         lines.append(f"| {name} | {ms[name]:.3f} | {ms[name] / chosen:.2f}x | {scores[name]:.2%} |")
-    per_layer = ", ".join(f"{n} {m}{'' if m != 'integer' else f' w{b}'}" for n, _, m, b in layers if m != "integer")
+    not_int8 = [f"{n} ({m})" for n, _, m, _ in layers if m != "integer"]
+    per_layer = ("all of them" if len(not_int8) == len(layers) else ", ".join(not_int8)) if not_int8 else "none"
     body = (f"## {args.model}: hago search vs FP32/bf16 runtimes, {DEVICE}\n\n"
             f"Command: `python benchmarks/search_peers.py --model {args.model} --max-trials {args.max_trials}` "
             f"({bench._stamp()}).\nMachine: {bench._machine()}.\n"
@@ -122,7 +123,7 @@ def main() -> int:
             f"(`--accuracy-drop {args.accuracy_drop}`); evolve, {result.trials} device measurements, "
             f"{search_s:.0f} s in all; met: {result.met_target}. FP32 measured by the search: "
             f"{result.fp32.latency_ms:.3f} ms.\n\n" + "\n".join(lines) + "\n\n"
-            f"Chosen precisions (weighted layers): {dict(modes)}; the layers not in int8: {per_layer or 'none'}.\n"
+            f"Chosen precisions (weighted layers): {dict(modes)}; the layers not in int8: {per_layer}.\n"
             f"Front: `{(out / 'pareto.png').relative_to(HERE.parent)}` (not committed; `pareto.json` beside it).\n"
             + bench._notes())
     print(body)

@@ -35,21 +35,29 @@ def blocked_layouts(attrs) -> tuple[int, int, int] | None:
     return int(d.group(1)), int(k.group(2)), int(o.group(1))
 
 
-def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, groups: int) -> te.Tensor:
-    """``data [N, C/ib, H, W, ib]`` x ``kernel [O/ob, Cg/ib, KH, KW, ib, ob]`` -> ``[N, O/ob, OH, OW, ob]``.
-
-    ``Cg`` is the input channel count per group; every block lies inside one
-    group (the layout choice makes ``ib | Cg`` and ``ob | O/groups``).
-    """
-    n = data.shape[0]  # may be symbolic: the batch
-    _, h, w, ib = (int(s) for s in data.shape[1:])
-    oc_chunks, ic_chunks, kh, kw, _, ob = (int(s) for s in kernel.shape)
+def _padded_window(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation):
+    """``(padded data, OH, OW, KH, KW)``: the spatial zero padding as a block of its own, and the output size."""
+    h, w = (int(s) for s in data.shape[2:4])
+    kh, kw = (int(s) for s in kernel.shape[2:4])
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     oh = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
     ow = (w + left + right - (kw - 1) * dw - 1) // sw + 1
     if any(padding):
         data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="hago_pad")
+    return data, oh, ow, kh, kw
+
+
+def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, groups: int) -> te.Tensor:
+    """``data [N, C/ib, H, W, ib]`` x ``kernel [O/ob, Cg/ib, KH, KW, ib, ob]`` -> ``[N, O/ob, OH, OW, ob]``.
+
+    ``Cg`` is the input channel count per group; every block lies inside one
+    group (the layout choice makes ``ib | Cg`` and ``ob | O/groups``).
+    """
+    n, ib = data.shape[0], int(data.shape[4])  # the batch may be symbolic
+    oc_chunks, ic_chunks, _, _, _, ob = (int(s) for s in kernel.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    data, oh, ow, kh, kw = _padded_window(data, kernel, strides, padding, dilation)
     chunks_per_group = oc_chunks // groups  # output blocks per group
     ic = te.reduce_axis((0, ic_chunks), name="ic")
     ry = te.reduce_axis((0, kh), name="ry")
@@ -66,15 +74,9 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
 
 def depthwise_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation) -> te.Tensor:
     """``data [N, C/b, H, W, b]`` x ``kernel [C/b, 1, KH, KW, 1, b]`` -> ``[N, C/b, OH, OW, b]``."""
-    n = data.shape[0]  # may be symbolic: the batch
-    chunks, h, w, b = (int(s) for s in data.shape[1:])
-    _, _, kh, kw, _, _ = (int(s) for s in kernel.shape)
+    n, chunks, b = data.shape[0], int(data.shape[1]), int(data.shape[4])  # the batch may be symbolic
     (sh, sw), (dh, dw) = strides, dilation
-    top, left, bottom, right = padding
-    oh = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
-    ow = (w + left + right - (kw - 1) * dw - 1) // sw + 1
-    if any(padding):
-        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="hago_pad")
+    data, oh, ow, kh, kw = _padded_window(data, kernel, strides, padding, dilation)
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     return te.compute(
