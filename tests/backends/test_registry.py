@@ -26,7 +26,7 @@ def test_derivation_from_kind_and_intrinsics():
     assert resolve("cpu", "llvm", ["x86-vnni"]).name == "cpu"  # a named backend wins over the intrinsics
     with pytest.raises(SpecError, match="no backend builds for target kind 'opencl'"):
         resolve(None, "opencl", [])
-    with pytest.raises(SpecError, match="unknown backend 'tpu'; valid: arm, cpu, cuda, x86"):
+    with pytest.raises(SpecError, match="unknown backend 'tpu'; valid: amx, arm, cpu, cuda, x86"):
         get_backend("tpu")
 
 

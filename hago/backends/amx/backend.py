@@ -3,7 +3,7 @@
 It is the x86 backend (VNNI convs, depthwise, blocked layouts, float
 kernels) with AMX kernels put in where the tile unit beats the vector unit:
 
-* int8 dense/matmul with at least :data:`AMX_MIN_ROWS` rows: ``tdpbusd``
+* int8 dense/matmul with at least ``plan.AMX_MIN_ROWS`` rows: ``tdpbusd``
   (:mod:`.dense`), the int32 accumulator requantized by realize as for VNNI;
   fewer rows (a batch-1 classifier) stay on VNNI, where the measured time
   is the same (the weights' memory traffic bounds both: 1x512x1000 8.2 us
@@ -23,42 +23,9 @@ permission themselves (see :mod:`.permission`).
 from __future__ import annotations
 
 from ..x86 import X86Backend
-from ..x86.plan import X86Plan
 
 #: LLVM CPU names with AMX-BF16 and AMX-INT8
 AMX_CPUS = frozenset({"sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids"})
-#: fewest GEMM rows (M) for which an int8 dense goes to AMX rather than VNNI (measured, see module docstring)
-AMX_MIN_ROWS = 16
-
-
-def _rows(x_shape) -> int | None:
-    try:
-        rows = 1
-        for d in list(x_shape)[:-1]:
-            rows *= int(d)
-        return rows
-    except (TypeError, ValueError):
-        return None
-
-
-class AMXPlan(X86Plan):
-    """The x86 plan with AMX dense kernels (int8 for large M, bf16 always)."""
-
-    def dense_kernel(self, choice, x_dtype, x_shape, w_shape):
-        rows = _rows(x_shape)
-        if x_dtype == "uint8" and rows is not None and rows >= AMX_MIN_ROWS:
-            from .dense import emit_dense_amx
-
-            return lambda bb, x, w_q: emit_dense_amx(bb, x, w_q, "int8")
-        return super().dense_kernel(choice, x_dtype, x_shape, w_shape)
-
-    def bf16_kernel(self, node, x_shape):
-        """bf16 dense: the AMX kernel now; bf16 conv: None, the plain Relax op the build legalizes onto AMX."""
-        if node.kind == "dense" and _rows(x_shape) is not None:
-            from .dense import emit_dense_amx
-
-            return lambda bb, x: emit_dense_amx(bb, x, node.weight, "bf16", bias=node.bias)
-        return None
 
 
 class AMXBackend(X86Backend):
@@ -115,4 +82,6 @@ class AMXBackend(X86Backend):
         return legal
 
     def plan(self, graph, strategy):
+        from .plan import AMXPlan  # imports TVM: only when a build needs it
+
         return AMXPlan(graph, strategy)

@@ -20,6 +20,15 @@ BATCH = 32  # the denses get 32 rows: AMX (>= AMX_MIN_ROWS); at batch 1 they sta
 needs_amx = pytest.mark.skipif(amx_available() is not None, reason=str(amx_available()))
 
 
+@pytest.fixture(scope="module")
+def prepared(mnist_model, mnist_test):
+    """MNIST imported, prepared and with its calibration data loaded once for every strategy below."""
+    from hago.pipeline import prepare_model
+
+    x = mnist_test[0]
+    return prepare_model(mnist_model, {"input": x[-256:]}, example_inputs=(torch.from_numpy(x[:2]),))
+
+
 def test_amx_spec_selects_the_amx_backend_and_needs_amx_bf16():
     spec = HardwareSpec.load("x86-amx")
     assert backend_of(spec).name == "amx" and backend_of(HardwareSpec.load("x86-avx512-bf16")).name == "x86"
@@ -41,12 +50,12 @@ def _run(mod, spec, backend, x):
 
 
 @needs_amx
-def test_int8_dense_on_amx_is_bit_identical_to_vnni(mnist_model, mnist_test):
+def test_int8_dense_on_amx_is_bit_identical_to_vnni(prepared, mnist_test):
     from hago.pipeline import lower
 
     spec = HardwareSpec.load("x86-amx")
     x = mnist_test[0]
-    q = quantize(mnist_model, spec, {"input": x[-256:]}, example_inputs=(torch.from_numpy(x[:2]),), corrections=())
+    q = quantize(prepared, spec, corrections=())
     amx_mod = lower(q.prepared, q.strategy, spec, BATCH)[1].mod
     names = [gv.name_hint for gv, _ in amx_mod.functions_items()]
     assert sum("dense_amx_int8" in n for n in names) == 2, names
@@ -61,7 +70,7 @@ def test_int8_dense_on_amx_is_bit_identical_to_vnni(mnist_model, mnist_test):
 
 
 @needs_amx
-def test_bf16_dense_on_amx_tracks_its_simulated_twin(mnist_model, mnist_test):
+def test_bf16_dense_on_amx_tracks_its_simulated_twin(prepared, mnist_test):
     from hago.build import static_batch
     from hago.pipeline import lower
     from hago.simulate import simulate
@@ -72,8 +81,7 @@ def test_bf16_dense_on_amx_tracks_its_simulated_twin(mnist_model, mnist_test):
     # (a second bf16 layer after it would round those tiny differences to whole bf16 steps)
     cfg = AnnotateConfig(bf16_ops=frozenset({"n9_dense"}),
                          float_ops=frozenset({"n0_conv2d", "n3_conv2d", "n7_dense"}))
-    q = quantize(mnist_model, spec, {"input": x[-256:]}, example_inputs=(torch.from_numpy(x[:2]),),
-                 annotate_config=cfg, corrections=())
+    q = quantize(prepared, spec, annotate_config=cfg, corrections=())
     mod = lower(q.prepared, q.strategy, spec, BATCH)[1].mod
     assert sum("dense_amx_bf16" in gv.name_hint for gv, _ in mod.functions_items()) == 1
     real, ex = _run(mod, spec, get_backend("amx"), x[:BATCH])
@@ -84,7 +92,7 @@ def test_bf16_dense_on_amx_tracks_its_simulated_twin(mnist_model, mnist_test):
 
 
 @needs_amx
-def test_bf16_build_runs_convs_and_denses_on_amx_and_tracks_its_twin(mnist_model, mnist_test):
+def test_bf16_build_runs_convs_and_denses_on_amx_and_tracks_its_twin(prepared, mnist_test):
     """``all_bf16`` on x86-amx: the 1-channel first conv stays fp32 (channels in 4s), the rest on the tiles."""
     from hago.build import static_batch
     from hago.pipeline import lower
@@ -92,8 +100,7 @@ def test_bf16_build_runs_convs_and_denses_on_amx_and_tracks_its_twin(mnist_model
 
     spec = HardwareSpec.load("x86-amx")
     x = mnist_test[0]
-    q = quantize(mnist_model, spec, {"input": x[-256:]}, example_inputs=(torch.from_numpy(x[:2]),),
-                 annotate_config=AnnotateConfig(all_bf16=True), corrections=())
+    q = quantize(prepared, spec, annotate_config=AnnotateConfig(all_bf16=True), corrections=())
     modes = {n: c.mode for n, c in q.strategy.ops.items() if c.kind in ("conv2d", "dense")}
     assert modes == {"n0_conv2d": "float", "n3_conv2d": "bf16", "n7_dense": "bf16", "n9_dense": "bf16"}
     assert "channels in 4s" in q.strategy.ops["n0_conv2d"].reason
