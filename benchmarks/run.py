@@ -44,12 +44,12 @@ sys.path.insert(0, str(HERE))
 
 DEVICE = "x86-avx512-vnni"
 def _best_bf16_spec() -> str:
-    """The hago bf16 row's spec: x86-amx (AMX tiles) where the CPU has them, else x86-avx512-bf16 (vdpbf16ps)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    return "x86-amx" if {"amx_bf16", "amx_tile"} <= flags else "x86-avx512-bf16"
+    """The hago bf16 row's spec: ``$HAGO_BENCH_BF16_SPEC``, else x86-amx (AMX tiles) where this CPU runs it,
+    else x86-avx512-bf16 (``vdpbf16ps``)."""
+    from hago.hwspec import HardwareSpec, runs_here
+
+    return os.environ.get("HAGO_BENCH_BF16_SPEC") or (
+        "x86-amx" if runs_here(HardwareSpec.load("x86-amx")) is None else "x86-avx512-bf16")
 
 
 BF16_DEVICE = _best_bf16_spec()
@@ -296,14 +296,13 @@ def _hago_build(model, example, calib, out_dir, batch_size, annotate_config=None
 
 
 def _bf16_available() -> bool:
-    """Whether this CPU runs the bf16 build (``avx512_bf16``); if not, a note says the row was skipped."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        flags = []
-    if "avx512_bf16" in flags:
+    """Whether this CPU runs the bf16 build's spec; if not, a note says the row was skipped."""
+    from hago.hwspec import HardwareSpec, runs_here
+
+    problem = runs_here(HardwareSpec.load(BF16_DEVICE))
+    if problem is None:
         return True
-    NOTES.append(f"{HAGO_BF16}: skipped, this CPU lacks avx512_bf16 (no `vdpbf16ps`).")
+    NOTES.append(f"{HAGO_BF16}: skipped, {problem}.")
     return False
 
 

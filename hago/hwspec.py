@@ -526,11 +526,18 @@ def check_spec_file(path: str | os.PathLike) -> str:
             f"{len(spec.integer_ops())} integer ops)")
 
 
+def why_not_here(spec: HardwareSpec) -> str | None:
+    """Short reason this machine cannot run a local spec's builds (``lacks CPU flags ...``); None if it can or remote."""
+    return backends.backend_of(spec).host_problem(spec) if spec.is_local else None
+
+
 def runs_here(spec: HardwareSpec) -> str | None:
-    """Why this machine cannot run a local spec's builds (missing CPU features); None if it can or if remote."""
-    if not spec.is_local:
+    """One line: why this machine cannot run a local spec's builds; None if it can (or the spec is remote)."""
+    reason = why_not_here(spec)
+    if reason is None:
         return None
-    return backends.backend_of(spec).host_problem(spec)
+    return (f"{spec.name} (mcpu {spec.target.get('mcpu')}) cannot run on this machine: it {reason} "
+            f"(`hago devices` marks the specs it runs; --device host picks the best)")
 
 
 def host_spec() -> HardwareSpec:
@@ -557,8 +564,8 @@ def device_table(specs: Iterable[HardwareSpec]):
         kinds = "/".join(dict.fromkeys("x".join(d.inputs) for d in mm)) or "no matmul"
         bits = (f"w{','.join(map(str, s.bits.weight))} "
                 f"a{','.join(map(str, s.bits.activation))}")
-        problem = runs_here(s)
-        here = "-" if not s.is_local else "yes" if problem is None else "no: " + problem.split("lacks: ")[-1].split(" (")[0]
+        reason = why_not_here(s)
+        here = "-" if not s.is_local else "yes" if reason is None else f"no: {reason}"
         table.add_row(s.name, s.target_summary(), execution, here, " ".join(s.precisions()),
                       f"{len(s.integer_ops())} ops, {kinds}", ", ".join(s.intrinsics), bits)
     return table

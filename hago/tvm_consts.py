@@ -8,3 +8,7 @@ OPAQUE = 8
 #: spelling (MetaSchedule's relax integration, dlight's default-schedule pass; ``libtvm_compiler.so`` holds
 #: no other); ``tir.is_scheduled``, the name from before TVM's ``tir`` -> ``tirx`` rename, is read by nothing.
 IS_SCHEDULED = "tirx.is_scheduled"
+
+#: The block (or PrimFunc) annotation naming which of hago's hand-written kernels a block is: the default
+#: schedules find their blocks by it (x86 VNNI/bf16, the CPU float kernels, AMX).
+KERNEL_ATTR = "hago.kernel"

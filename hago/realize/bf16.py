@@ -16,6 +16,7 @@ The twin rounds on the bits (:func:`_round_te`), never through a bf16
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 from tvm import relax
 from tvm.relax import op as O
@@ -27,10 +28,7 @@ BF16 = "bfloat16"
 
 def round_to_bf16(a: np.ndarray) -> np.ndarray:
     """float32 ``a`` rounded to the nearest bfloat16 (ties to even), still as float32; NaN and inf kept."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    bits = a.view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
-    return np.where(np.isfinite(a), rounded, a).astype(np.float32)
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def _op(node: Node, x, w) -> relax.Call:

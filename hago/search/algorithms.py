@@ -159,17 +159,6 @@ def _changes(space, point, allowed) -> list:
     return out
 
 
-def _best_move_per_knob(order: list, start) -> list:
-    """``order`` (moves best first) keeping only each knob's first move: a layer goes to bf16 or to fp32, not both."""
-    seen, out = set(), []
-    for lat, c in order:
-        i = next(j for j, (x, y) in enumerate(zip(start, c.point)) if x != y)
-        if i not in seen:
-            seen.add(i)
-            out.append((lat, c))
-    return out
-
-
 @register("evolve")
 def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, seed: int = 0) -> None:
     """Cost-model-guided search: measure little, predict the rest.
@@ -233,7 +222,6 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
             break
         order = sorted(zip(pred, cands), key=lambda g: (-(g[1].accuracy - current.accuracy) / max(g[0] - base, 1e-3 * base),
                                                         g[1].point))
-        order = _best_move_per_knob(order, current.point)
 
         def stacked(n, _from=current.point, _order=order):
             p = list(_from)

@@ -24,10 +24,6 @@ from __future__ import annotations
 
 from ..x86 import X86Backend
 
-#: LLVM CPU names with AMX-BF16 and AMX-INT8
-AMX_CPUS = frozenset({"sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids"})
-
-
 class AMXBackend(X86Backend):
     """x86 with AMX tiles (Sapphire Rapids, Emerald Rapids, Granite Rapids)."""
 
@@ -38,12 +34,10 @@ class AMXBackend(X86Backend):
         return False
 
     def bf16_target_problem(self, target):
-        """bf16 here runs on the tiles: the target must have AMX-BF16."""
-        mattr = target.get("mattr") or []
-        if target.get("mcpu") in AMX_CPUS or "+amx-bf16" in mattr:
-            return None
-        return "inputs", (f"target mcpu {target.get('mcpu')!r} has no AMX-BF16; the amx backend needs one of "
-                          f"{', '.join(sorted(AMX_CPUS))} or mattr +amx-bf16")
+        """bf16 here runs on the tiles: the target must have ``amx_bf16``."""
+        from ..x86.host import target_problem
+
+        return target_problem(target, "amx_bf16", "the amx backend's bf16")
 
     def bf16_node_problem(self, node):
         """The AMX conv takes single-group, undilated convs; dense any shape."""

@@ -65,7 +65,9 @@ from hago.tvm_consts import IS_SCHEDULED, OPAQUE
 
 from .amx_ir import IMPORT_PRAGMA, RELEASE_FN, REQUEST_FN
 from .conv_ir import K_BLOCKS, K_CHANNELS, b_step_bytes, conv_config_fn, conv_ir, conv_kernel_name, pixel_bytes
-from .dense import BF16, KERNEL_ATTR, LANES, PERMISSION_MESSAGE, default_threads, task_grid
+from hago.tvm_consts import KERNEL_ATTR
+
+from .dense import BF16, LANES, PERMISSION_MESSAGE, default_threads, task_grid
 
 CONV_AMX = "conv2d_amx_bf16"
 PACK_DATA = "pack_amx_conv_data"

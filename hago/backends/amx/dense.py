@@ -48,12 +48,12 @@ from tvm.relax import op as O
 from tvm.script import tirx as T
 
 from hago.errors import QuantizeError
-from hago.tvm_consts import IS_SCHEDULED, OPAQUE
+from hago.tvm_consts import IS_SCHEDULED, KERNEL_ATTR, OPAQUE
 
+from ..x86.bf16 import to_bf16  # one rounding for every bf16 kernel
 from . import amx_ir
 from .amx_ir import IMPORT_PRAGMA, OPS, RELEASE_FN, REQUEST_FN
 
-KERNEL_ATTR = "hago.kernel"
 DENSE_AMX = {"int8": "dense_amx_int8", "bf16": "dense_amx_bf16"}
 PACK_A = "pack_amx_a"  # A -> [Mp, Kp] (padded; bf16: rounded)
 LANES = 16  # C columns per tile (16 x 32-bit)
@@ -81,11 +81,6 @@ def col_tiles(n: int) -> int:
 def k_pad(k: int, dtype: str) -> int:
     """K padded to whole 64-byte tile rows."""
     return _up(k, OPS[dtype][1])
-
-
-def to_bf16(a: np.ndarray) -> np.ndarray:
-    """``a`` rounded to bfloat16, nearest even (what the kernel does to its fp32 inputs)."""
-    return np.asarray(a).astype(ml_dtypes.bfloat16)
 
 
 def pack_dense_weight(w_kn: np.ndarray, dtype: str) -> np.ndarray:

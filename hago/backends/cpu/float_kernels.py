@@ -17,7 +17,8 @@ import re
 
 from tvm import te, topi
 
-KERNEL_ATTR = "hago.kernel"  # the block annotation every hago kernel carries
+from hago.tvm_consts import KERNEL_ATTR
+
 CONV = "conv2d_nchwc_float"
 DEPTHWISE = "depthwise_nchwc_float"
 KINDS = (CONV, DEPTHWISE)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
-from .float_kernels import CONV, DEPTHWISE, KERNEL_ATTR
+from hago.tvm_consts import KERNEL_ATTR
+
+from .float_kernels import CONV, DEPTHWISE
 
 MAX_BLOCKS = 4  # weight vectors live at once in a conv tile
 DEPTHWISE_COLUMNS = 16  # accumulators of a depthwise tile, at most
@@ -45,12 +47,12 @@ def register_tile(columns: int, blocks: int, registers: int) -> tuple[int, int]:
     return best[2], best[3]
 
 
-def kernel_blocks(sch: Schedule) -> list[tuple[str, object]]:
-    """``(kind, block)`` of the blocked float conv blocks directly under the root."""
+def kernel_blocks(sch: Schedule, kinds=(CONV, DEPTHWISE)) -> list[tuple[str, object]]:
+    """``(kind, block)`` of the blocks directly under the root annotated (``KERNEL_ATTR``) as one of ``kinds``."""
     out = []
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
         kind = sch.get(blk).annotations.get(KERNEL_ATTR)
-        if kind is not None and str(kind) in (CONV, DEPTHWISE):
+        if kind is not None and str(kind) in kinds:
             out.append((str(kind), blk))
     return out
 
@@ -91,14 +93,14 @@ def _prologue(sch: Schedule, blk) -> None:
                 pass
 
 
-def _write_back(sch: Schedule, blk, at_loop, lanes_loop_of) -> None:
-    """The epilogue (or a cache of the accumulators) computed at ``at_loop``, its lanes vectorized."""
+def _write_back(sch: Schedule, blk, outer: list) -> None:
+    """The epilogue (or a cache of the accumulators) computed under ``outer[-1]``, unrolled, its lanes vectorized."""
     epi = _epilogue(sch, blk)
     wb = epi if epi is not None else sch.cache_write(blk, 0, "global")
-    sch.reverse_compute_at(wb, at_loop)
+    sch.reverse_compute_at(wb, outer[-1])
     loops = sch.get_loops(wb)
     sch.vectorize(loops[-1])
-    for loop in loops[len(lanes_loop_of):-1]:
+    for loop in loops[len(outer):-1]:
         sch.unroll(loop)
 
 
@@ -109,8 +111,7 @@ def schedule_conv(sch: Schedule, blk, registers: int) -> None:
     owo, owi = sch.split(ow, [None, rw])
     sch.reorder(n, oco, oh, owo, ic, ry, rx, ri, owi, oci, ob)
     _prologue(sch, blk)
-    outer = [n, oco, oh, owo]
-    _write_back(sch, blk, owo, outer)
+    _write_back(sch, blk, [n, oco, oh, owo])
     sch.parallel(sch.fuse(n, oco, oh))
     sch.unroll(owi)
     sch.unroll(oci)
@@ -125,7 +126,7 @@ def schedule_depthwise(sch: Schedule, blk, registers: int) -> None:
     owo, owi = sch.split(ow, [None, rw])
     sch.reorder(n, c, oh, owo, ry, rx, owi, lanes)
     _prologue(sch, blk)
-    _write_back(sch, blk, owo, [n, c, oh, owo])
+    _write_back(sch, blk, [n, c, oh, owo])
     sch.parallel(sch.fuse(n, c, oh))
     sch.unroll(ry)
     sch.unroll(rx)

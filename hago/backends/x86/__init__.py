@@ -22,9 +22,6 @@ from ..cpu import CPUBackend
 #: weight layouts (spec descriptor ``weight_layout``) served by the VNNI kernels
 VNNI_WEIGHT_LAYOUTS = ("OIHW4i16o4i", "NK16n4k")
 _X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686")
-#: LLVM CPU names with AVX512_BF16 (``vdpbf16ps``): Cooper Lake, Sapphire/Emerald/Granite Rapids, Zen 4/5
-BF16_CPUS = frozenset({"cooperlake", "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d",
-                       "diamondrapids", "znver4", "znver5"})
 #: ops with a bf16 kernel (depthwise stays fp32: two bf16 per lane buy nothing on one channel per group)
 BF16_OPS = ("conv2d", "dense")
 BF16_LANES = 16  # fp32 accumulators per vdpbf16ps
@@ -60,7 +57,7 @@ class X86Backend(CPUBackend):
         """The CPU flags the spec's target CPU needs, against this machine's (:mod:`.host`)."""
         from .host import host_problem
 
-        return host_problem(spec.name, spec.target)
+        return host_problem(spec.target)
 
     def host_specs(self):
         from .host import HOST_PREFERENCE
@@ -74,12 +71,10 @@ class X86Backend(CPUBackend):
         return self.bf16_target_problem(target)
 
     def bf16_target_problem(self, target) -> tuple[str, str] | None:
-        """``vdpbf16ps`` needs ``avx512bf16``."""
-        mattr = target.get("mattr") or []
-        if target.get("mcpu") in BF16_CPUS or "+avx512bf16" in mattr:
-            return None
-        return "inputs", (f"target mcpu {target.get('mcpu')!r} has no avx512bf16; bf16 needs one of "
-                          f"{', '.join(sorted(BF16_CPUS))} or mattr +avx512bf16")
+        """``vdpbf16ps`` needs ``avx512_bf16`` (the CPU table of :mod:`.host`)."""
+        from .host import target_problem
+
+        return target_problem(target, "avx512_bf16", "bf16")
 
     def bf16_node_problem(self, node):
         """The bf16 kernels pad any dense or single-group conv; a grouped conv needs pairs in, 16s out per group."""

@@ -55,7 +55,10 @@ from tvm import relax, te, tirx
 from tvm.relax import op as O
 
 from hago.errors import QuantizeError
-from .vnni import BLOCKED, KERNEL_ATTR, _pair, _up
+from hago.tvm_consts import KERNEL_ATTR
+
+from . import vnni
+from .vnni import BLOCKED, _pair
 
 DENSE_BF16 = "dense_bf16"
 CONV_BF16 = "conv2d_nchwc_bf16"
@@ -74,60 +77,28 @@ def to_bf16(a: np.ndarray) -> np.ndarray:
 
 
 def in_block(c_per_group: int) -> int:
-    """Input channel block: the largest of 16/8/4/2 dividing the 2-padded channel count."""
-    cp = _up(c_per_group, RED)
-    return next(b for b in (16, 8, 4, 2) if cp % b == 0)
+    """Input channel block: VNNI's rule with pairs: the largest of 16/8/4/2 dividing the 2-padded channels."""
+    return vnni.in_block(c_per_group, RED)
 
 
 def bf16_applicable(kind: str, x_shape, w_shape, groups: int = 1) -> bool:
-    """Whether ``emit_dense_bf16`` / ``emit_conv2d_bf16`` handles this layer.
+    """Whether ``emit_dense_bf16`` / ``emit_conv2d_bf16`` handles this layer: VNNI's rule with pairs.
 
-    ``kind`` is ``"dense"`` (``x [..., K]``, ``w [K, N]``) or ``"conv2d"``
-    (``x`` NCHW, ``w`` OIHW). Shapes must be static. Grouped convs qualify
-    when every group has an even number of input and a multiple of 16 output
-    channels; depthwise does not (see the module docstring).
+    Grouped convs qualify when every group has an even number of input and a
+    multiple of 16 output channels; depthwise does not (see the module docstring).
     """
-    try:
-        xs, ws = [int(s) for s in x_shape], [int(s) for s in w_shape]
-    except (TypeError, ValueError):
-        return False
-    if kind == "dense":
-        return len(xs) >= 1 and len(ws) == 2 and xs[-1] == ws[0]
-    if kind != "conv2d" or len(xs) != 4 or len(ws) != 4 or groups < 1:
-        return False
-    c, o = xs[1], ws[0]
-    if c != ws[1] * groups or o % groups:
-        return False
-    return groups == 1 or (ws[1] % RED == 0 and (o // groups) % LANES == 0)
+    return vnni.vnni_applicable(kind, x_shape, w_shape, groups, RED)
 
 
-# ---- weight packing (numpy, at compile time) -------------------------------
+# ---- weight packing (numpy, at compile time): VNNI's layouts with pairs, rounded to bf16 ------------------
 def pack_dense_weight(w_kn: np.ndarray) -> np.ndarray:
     """fp32 ``[K, N] -> bf16 [Np/16, Kp/2, 16, 2]``, zero-padded to multiples of 2 / 16."""
-    k, n = w_kn.shape
-    w = np.zeros((_up(k, RED), _up(n, LANES)), ml_dtypes.bfloat16)
-    w[:k, :n] = to_bf16(w_kn)
-    kp, np_ = w.shape
-    return np.ascontiguousarray(w.T.reshape(np_ // LANES, LANES, kp // RED, RED).transpose(0, 2, 1, 3))
+    return vnni.pack_dense_weight(to_bf16(w_kn), RED)
 
 
 def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, in_channels: int | None = None) -> np.ndarray:
-    """fp32 ``[O, I, KH, KW] -> bf16 [Op/16, Ip/b, KH, KW, b/2, 16, 2]`` (``b = in_block(I)``).
-
-    ``I`` is per group; with one group O and I are zero-padded up to 16 and 2.
-    ``in_channels`` (one group only) is the channel count of a blocked NCHW16c
-    input, channel padding included: I is zero-padded up to it and ``b = 16``.
-    """
-    o, i, kh, kw = w_oihw.shape
-    b = in_block(i) if in_channels is None else LANES
-    if groups == 1:
-        op, ip = _up(o, LANES), _up(i, RED) if in_channels is None else int(in_channels)
-    else:
-        op, ip = o, i
-    w = np.zeros((op, ip, kh, kw), ml_dtypes.bfloat16)
-    w[:o, :i] = to_bf16(w_oihw)
-    w = w.reshape(op // LANES, LANES, ip // b, b // RED, RED, kh, kw)
-    return np.ascontiguousarray(w.transpose(0, 2, 5, 6, 3, 1, 4))
+    """fp32 ``[O, I, KH, KW] -> bf16 [Op/16, Ip/b, KH, KW, b/2, 16, 2]`` (see ``vnni.pack_conv_weight``)."""
+    return vnni.pack_conv_weight(to_bf16(w_oihw), groups, in_channels, RED)
 
 
 # ---- TE kernels -------------------------------------------------------------

@@ -24,6 +24,8 @@ CPU_FLAGS = {
     "sapphirerapids": ("avx2", "fma", *_AVX512, "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"),
     "emeraldrapids": ("avx2", "fma", *_AVX512, "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"),
     "graniterapids": ("avx2", "fma", *_AVX512, "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"),
+    "graniterapids-d": ("avx2", "fma", *_AVX512, "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"),
+    "diamondrapids": ("avx2", "fma", *_AVX512, "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"),
     "znver4": ("avx2", "fma", *_AVX512, "avx512_vnni", "avx512_bf16"),
     "znver5": ("avx2", "fma", *_AVX512, "avx512_vnni", "avx512_bf16"),
 }
@@ -58,15 +60,20 @@ def required_flags(target: dict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(flags))
 
 
-def host_problem(name: str, target: dict) -> str | None:
-    """Why this machine cannot run spec ``name``'s build (one line naming the missing flags); None if it can."""
+def target_problem(target: dict, flag: str, what: str) -> tuple[str, str] | None:
+    """``("inputs", problem)`` when spec target ``target`` (named CPU or ``mattr``) lacks ``flag``, for ``what``."""
+    if flag in required_flags(target):
+        return None
+    cpus = ", ".join(sorted(cpu for cpu, flags in CPU_FLAGS.items() if flag in flags))
+    return "inputs", f"target mcpu {target.get('mcpu')!r} has no {flag}; {what} needs one of {cpus} or its mattr"
+
+
+def host_problem(target: dict) -> str | None:
+    """Why this machine cannot run a build for ``target`` (the missing CPU flags); None if it can."""
     if not is_x86_host():
-        return f"{name} is an x86-64 spec and this machine is {platform.machine()}"
+        return f"not x86-64 but {platform.machine()}"
     have = cpu_flags()
     if not have:
         return None  # no /proc/cpuinfo: nothing to check against
     missing = [f for f in required_flags(target) if f not in have]
-    if missing:
-        return (f"{name} (mcpu {target.get('mcpu')}) needs CPU flags this machine lacks: {', '.join(missing)} "
-                f"(`hago devices` marks the specs it runs; --device host picks the best)")
-    return None
+    return f"lacks CPU flags {', '.join(missing)}" if missing else None

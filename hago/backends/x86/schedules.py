@@ -18,6 +18,8 @@ from tvm.s_tir import Schedule, ScheduleError
 from hago.errors import error_line
 from hago.tvm_consts import IS_SCHEDULED, OPAQUE
 
+from ..cpu.float_schedule import kernel_blocks as annotated_blocks
+
 from .bf16 import CONV_BF16, DENSE_BF16, FROM_NCHWC_F32, PAD_NCHWC_BF16, TO_BF16, TO_NCHWC_BF16
 from .bf16_intrin import bf16_intrin
 from .bf16_schedule import (schedule_conv_bf16, schedule_dense_bf16, schedule_from_nchwc_f32,
@@ -25,7 +27,7 @@ from .bf16_schedule import (schedule_conv_bf16, schedule_dense_bf16, schedule_fr
 from .depthwise import DEPTHWISE, deinterleave_intrin, schedule_depthwise
 from .depthwise_blocked import DEPTHWISE_NCHWC, schedule_depthwise_blocked
 from .vnni_intrin import vnni_intrin
-from .vnni import CONV, DENSE, FROM_NCHWC, KERNEL_ATTR, PAD_NCHWC, TO_NCHWC
+from .vnni import CONV, DENSE, FROM_NCHWC, PAD_NCHWC, TO_NCHWC
 from .vnni_schedule import (schedule_conv, schedule_dense, schedule_from_nchwc, schedule_pad_nchwc,
                                 schedule_to_nchwc)
 
@@ -62,12 +64,7 @@ def register_intrinsics() -> None:
 
 def kernel_blocks(sch: Schedule) -> list[tuple[str, object]]:
     """``(kind, block)`` of every registered kernel block directly under ``sch``'s root."""
-    out = []
-    for blk in sch.get_child_blocks(sch.get_sblock("root")):
-        kind = sch.get(blk).annotations.get(KERNEL_ATTR)
-        if kind is not None and str(kind) in SCHEDULES:
-            out.append((str(kind), blk))
-    return out
+    return annotated_blocks(sch, SCHEDULES)
 
 
 def is_kernel(func: tvm.tirx.PrimFunc) -> bool:

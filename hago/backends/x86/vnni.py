@@ -30,9 +30,9 @@ from tvm import relax, te, tirx
 from tvm.relax import op as O
 
 from hago.errors import QuantizeError
+from hago.tvm_consts import KERNEL_ATTR
 from .epilogue import Requant, requant_expr
 
-KERNEL_ATTR = "hago.kernel"
 DENSE = "dense_vnni"
 CONV = "conv2d_nchwc_vnni"
 TO_NCHWC = "nchw_to_nchwc"
@@ -56,13 +56,16 @@ def _pair(v) -> tuple[int, int]:
     return (t[0], t[0]) if len(t) == 1 else (t[0], t[1])
 
 
-def in_block(c_per_group: int) -> int:
-    """Input channel block: the largest of 16/8/4 dividing the 4-padded channel count."""
-    cp = _up(c_per_group, RED)
-    return next(b for b in (16, 8, 4) if cp % b == 0)
+def in_block(c_per_group: int, red: int = RED) -> int:
+    """Input channel block: the largest of 16/8/4/2 (at least ``red``) dividing the ``red``-padded channel count.
+
+    ``red``: values reduced per 32-bit lane (4 bytes for ``vpdpbusd``, 2 bf16 for ``vdpbf16ps``).
+    """
+    cp = _up(c_per_group, red)
+    return next(b for b in (16, 8, 4, 2) if b >= red and cp % b == 0)
 
 
-def vnni_applicable(kind: str, x_shape, w_shape, groups: int = 1) -> bool:
+def vnni_applicable(kind: str, x_shape, w_shape, groups: int = 1, red: int = RED) -> bool:
     """Whether ``emit_dense_vnni`` / ``emit_conv2d_vnni`` handles this layer.
 
     ``kind`` is ``"dense"`` (``x [..., K]``, ``w [K, N]``) or ``"conv2d"``
@@ -84,32 +87,33 @@ def vnni_applicable(kind: str, x_shape, w_shape, groups: int = 1) -> bool:
     c, o = xs[1], ws[0]
     if c != ws[1] * groups or o % groups:
         return False
-    return groups == 1 or (ws[1] % RED == 0 and (o // groups) % LANES == 0)
+    return groups == 1 or (ws[1] % red == 0 and (o // groups) % LANES == 0)
 
 
 # ---- weight packing (numpy, at compile time) -------------------------------
-def pack_dense_weight(w_kn: np.ndarray) -> np.ndarray:
-    """int8 ``[K, N] -> [Np/16, Kp/4, 16, 4]``, zero-padded to multiples of 4 / 16."""
+def pack_dense_weight(w_kn: np.ndarray, red: int = RED) -> np.ndarray:
+    """``[K, N] -> [Np/16, Kp/red, 16, red]`` in ``w_kn``'s dtype, zero-padded to multiples of ``red`` / 16."""
     k, n = w_kn.shape
-    w = np.zeros((_up(k, RED), _up(n, LANES)), np.int8)
+    w = np.zeros((_up(k, red), _up(n, LANES)), w_kn.dtype)
     w[:k, :n] = w_kn
     kp, np_ = w.shape
-    return np.ascontiguousarray(w.T.reshape(np_ // LANES, LANES, kp // RED, RED).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(w.T.reshape(np_ // LANES, LANES, kp // red, red).transpose(0, 2, 1, 3))
 
 
-def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, in_channels: int | None = None) -> np.ndarray:
-    """int8 ``[O, I, KH, KW] -> [Op/16, Ip/b, KH, KW, b/4, 16, 4]`` (``b = in_block(I)``).
+def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, in_channels: int | None = None,
+                     red: int = RED) -> np.ndarray:
+    """``[O, I, KH, KW] -> [Op/16, Ip/b, KH, KW, b/red, 16, red]`` (``b = in_block(I, red)``), ``w_oihw``'s dtype.
 
-    ``I`` is per group; with one group O and I are zero-padded up to 16 and 4.
+    ``I`` is per group; with one group O and I are zero-padded up to 16 and ``red``.
     ``in_channels`` (one group only) is the channel count of a blocked NCHW16c
     input, channel padding included: I is zero-padded up to it and ``b = 16``.
     """
     o, i, kh, kw = w_oihw.shape
-    b = in_block(i) if in_channels is None else LANES
-    op, ip = (_up(o, LANES), _up(i, RED) if in_channels is None else int(in_channels)) if groups == 1 else (o, i)
-    w = np.zeros((op, ip, kh, kw), np.int8)
+    b = in_block(i, red) if in_channels is None else LANES
+    op, ip = (_up(o, LANES), _up(i, red) if in_channels is None else int(in_channels)) if groups == 1 else (o, i)
+    w = np.zeros((op, ip, kh, kw), w_oihw.dtype)
     w[:o, :i] = w_oihw
-    w = w.reshape(op // LANES, LANES, ip // b, b // RED, RED, kh, kw)
+    w = w.reshape(op // LANES, LANES, ip // b, b // red, red, kh, kw)
     return np.ascontiguousarray(w.transpose(0, 2, 5, 6, 3, 1, 4))
 
 

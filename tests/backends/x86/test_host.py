@@ -26,7 +26,7 @@ def test_a_spec_needing_missing_flags_is_named_with_them(flags):
     flags(*CASCADE)
     assert runs_here(HardwareSpec.load("x86-avx512-vnni")) is None
     problem = runs_here(HardwareSpec.load("x86-amx"))
-    assert problem.startswith("x86-amx (mcpu sapphirerapids) needs CPU flags this machine lacks: "
+    assert problem.startswith("x86-amx (mcpu sapphirerapids) cannot run on this machine: it lacks CPU flags "
                               "avx512_bf16, amx_tile, amx_int8, amx_bf16")
     assert "avx512_bf16" in runs_here(HardwareSpec.load("x86-avx512-bf16"))
     assert runs_here(HardwareSpec.load("rpi4")) is None  # remote: not this machine's business
@@ -57,7 +57,7 @@ def test_devices_marks_what_runs_here(flags):
     header = [c.header for c in table.columns]
     rows = dict(zip(table.columns[0]._cells, table.columns[header.index("here")]._cells))
     assert rows["x86-avx512-vnni"] == "yes" and rows["rpi4"] == "-"
-    assert rows["x86-amx"] == "no: avx512_bf16, amx_tile, amx_int8, amx_bf16"
+    assert rows["x86-amx"] == "no: lacks CPU flags avx512_bf16, amx_tile, amx_int8, amx_bf16"
 
 
 def test_compile_refuses_a_spec_the_cpu_cannot_run_before_building(flags, tmp_path, capsys):
@@ -69,6 +69,6 @@ def test_compile_refuses_a_spec_the_cpu_cannot_run_before_building(flags, tmp_pa
     cmd = ["compile", str(assets["model"]), "--device", "x86-amx", "--calib", str(assets["calib"])]
     assert main(cmd) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("hago: error: x86-amx (mcpu sapphirerapids) needs CPU flags this "
-                                               "machine lacks: avx512_bf16, amx_tile, amx_int8, amx_bf16")
+    assert len(err) == 1 and err[0].startswith("hago: error: x86-amx (mcpu sapphirerapids) cannot run on this "
+                                               "machine: it lacks CPU flags avx512_bf16, amx_tile, amx_int8, amx_bf16")
     assert not (tmp_path / "out").exists()
