@@ -61,15 +61,17 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
-from hago.tvm_consts import IS_SCHEDULED, OPAQUE
+from hago.errors import QuantizeError
+from hago.tvm_consts import IS_SCHEDULED, KERNEL_ATTR, OPAQUE
 
+from ..x86.epilogue import requant_expr
 from .amx_ir import IMPORT_PRAGMA, RELEASE_FN, REQUEST_FN
-from .conv_ir import K_BLOCKS, K_CHANNELS, b_step_bytes, conv_config_fn, conv_ir, conv_kernel_name, pixel_bytes
-from hago.tvm_consts import KERNEL_ATTR
-
+from .conv_ir import (ELEMENT, K_BLOCKS, K_CHANNELS, b_step_bytes, conv_config_fn, conv_ir, conv_kernel_name,
+                      pixel_bytes)
 from .dense import BF16, LANES, PERMISSION_MESSAGE, default_threads, task_grid
 
 CONV_AMX = "conv2d_amx_bf16"
+CONV_AMX_INT8 = "conv2d_amx_int8"
 PACK_DATA = "pack_amx_conv_data"
 IN_BLOCKS = (4, 8, 16, 32)  # input channel blocks of the relax layout (bytes per pixel row: 8 .. 64)
 OUT_BLOCKS = (4, 8, 16)  # output channel blocks (16: tiles store into the output directly)
@@ -117,10 +119,11 @@ class ConvGeometry:
     ob: int
     kb: int | None = None
     force_mode: str | None = None
+    dtype: str = "bf16"  # "bf16" (tdpbf16ps, fp32 out) or "int8" (tdpbusd, requantized uint8/int8 NCHW16c out)
 
     @property
     def k_block(self) -> int:
-        return self.kb or K_CHANNELS
+        return self.kb or K_CHANNELS[self.dtype]
 
     @property
     def cb(self) -> int:  # K blocks of the input channels
@@ -128,7 +131,7 @@ class ConvGeometry:
 
     @property
     def pixel(self) -> int:  # bytes of one input pixel (one A row)
-        return pixel_bytes(self.k_block)
+        return pixel_bytes(self.k_block, self.dtype)
 
     @property
     def hp(self) -> int:
@@ -189,8 +192,8 @@ class ConvGeometry:
 
     @property
     def direct(self) -> bool:
-        """Whether C tiles store straight into the output (``NCHW16c`` and consecutive pixels)."""
-        return self.ob == LANES and self.consecutive
+        """Whether C tiles store straight into the output (bf16 ``NCHW16c``, consecutive pixels; int8 requantizes)."""
+        return self.dtype == "bf16" and self.ob == LANES and self.consecutive
 
     @property
     def o16(self) -> int:  # 16-channel output blocks (weight column blocks)
@@ -243,26 +246,38 @@ def blocked_weight_to_oihw(w: np.ndarray) -> np.ndarray:
     return w.transpose(0, 5, 1, 4, 2, 3).reshape(ocb * ob, icb * ib, kh, kw)
 
 
-def pack_conv_weight(w_oihw: np.ndarray, kb: int = K_CHANNELS) -> np.ndarray:
-    """``[O, C, KH, KW]`` -> bf16 ``[O16, C/kb, KH, KW, kb/2, 16, 2]`` (zero-padded), rounded to nearest even.
+def pack_conv_weight(w_oihw: np.ndarray, kb: int = K_CHANNELS["bf16"], dtype: str = "bf16") -> np.ndarray:
+    """``[O, C, KH, KW]`` -> ``[O16, C/kb, KH, KW, kb/v, 16, v]`` (zero-padded): bf16 (``v = 2``), int8 (``v = 4``).
 
     Element ``[ob, cb, kh, kw, p, j, e]`` is the weight of output channel
-    ``16*ob + j`` and input channel ``kb*cb + 2*p + e``: B tile rows are
-    input-channel pairs, each row the 16 output channels' pairs.
+    ``16*ob + j`` and input channel ``kb*cb + v*p + e``: B tile rows are
+    groups of ``v`` input channels, each row the 16 output channels' groups.
+    bf16 rounds to nearest even; int8 weights must already be int8.
     """
     o, c, kh, kw = w_oihw.shape
+    v = ELEMENT[dtype][1]
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bf16" else np.int8
+    if dtype == "int8" and np.asarray(w_oihw).dtype != np.int8:
+        raise QuantizeError(f"AMX int8 conv: weights must be int8, got {np.asarray(w_oihw).dtype}")
     op, cp = _up(o, LANES), _up(c, kb)
-    w = np.zeros((op, cp, kh, kw), ml_dtypes.bfloat16)
-    w[:o, :c] = np.asarray(w_oihw).astype(ml_dtypes.bfloat16)
-    w = w.reshape(op // LANES, LANES, cp // kb, kb // 2, 2, kh, kw)
+    w = np.zeros((op, cp, kh, kw), np_dtype)
+    w[:o, :c] = np.asarray(w_oihw).astype(np_dtype)
+    w = w.reshape(op // LANES, LANES, cp // kb, kb // v, v, kh, kw)
     return np.ascontiguousarray(w.transpose(0, 2, 5, 6, 3, 1, 4))
 
 
-def _pack_data_te(x, g: ConvGeometry):
-    """``[N, C/ib, H, W, ib]`` -> bf16 ``[N, C/kb, Hp, Wp, kb]``: zero outside the image and beyond C."""
+def _pack_data_te(x, g: ConvGeometry, pad_value: int = 0):
+    """``[N, C/ib, H, W, ib]`` -> ``[N, C/kb, Hp, Wp, kb]``: ``pad_value`` outside the image and beyond C.
+
+    bf16 (fp32 input rounded on the way; pads with zero) or uint8 (int8 kernel;
+    pads with the zero point, so the padding is real value 0).
+    """
     top, left, kb = g.padding[0], g.padding[1], g.k_block
     per = kb // g.ib  # relax blocks per K block
-    zero = tirx.reinterpret(BF16, tirx.const(0, "uint16"))  # a bf16 literal would be a bf16 broadcast
+    if g.dtype == "int8":
+        zero = tirx.const(int(pad_value), "uint8")
+    else:
+        zero = tirx.reinterpret(BF16, tirx.const(0, "uint16"))  # a bf16 literal would be a bf16 broadcast
     cblocks = g.c // g.ib
 
     def body(n, cb, y, x_, l):
@@ -279,19 +294,19 @@ def _pack_data_te(x, g: ConvGeometry):
             conds += [xx >= 0, xx < g.w]
             xx = tirx.max(tirx.min(xx, g.w - 1), 0)
         v = x[n, blk, yy, xx, l % g.ib]
-        v = v if str(v.dtype) == BF16 else v.astype(BF16)
+        v = v if g.dtype == "int8" or str(v.dtype) == BF16 else v.astype(BF16)
         return tirx.if_then_else(tirx.all(*conds), v, zero) if conds else v
 
     shape = (g.n, g.cb, g.hp, g.wp, kb)
     return te.compute(shape, body, name=PACK_DATA, attrs={KERNEL_ATTR: PACK_DATA})
 
 
-def pack_data_func(g: ConvGeometry, in_dtype: str) -> tirx.PrimFunc:
+def pack_data_func(g: ConvGeometry, in_dtype: str, pad_value: int = 0) -> tirx.PrimFunc:
     """The scheduled pack PrimFunc: (image, block, row) in parallel, the channels of one relax block a vector."""
     from tvm.s_tir import Schedule
 
     x = te.placeholder((g.n, g.c // g.ib, g.h, g.w, g.ib), in_dtype, name="x")
-    out = _pack_data_te(x, g)
+    out = _pack_data_te(x, g, pad_value)
     sch = Schedule(tvm.IRModule({"main": te.create_prim_func([x, out])}))
     blk = sch.get_sblock(PACK_DATA)
     n, cb, y, x_, l = sch.get_loops(blk)
@@ -312,14 +327,33 @@ def k_block(g: ConvGeometry, in_dtype: str) -> int:
     1x1 144->24 at 56 x 56 32 us direct, 72 us packed; 576->96 at 14 x 14
     24 / 26 us; 96->576 at 14 x 14 21 / 20 us).
     """
-    if in_dtype == BF16 and not any(g.padding) and g.ib in K_BLOCKS:
+    if g.dtype == "int8":
+        return int8_k_block(g)
+    if in_dtype == BF16 and not any(g.padding) and g.ib in K_BLOCKS["bf16"]:
         return g.ib
-    return K_CHANNELS
+    return K_CHANNELS["bf16"]
+
+
+def int8_k_block(g: ConvGeometry) -> int:
+    """Input channels per K step of the int8 conv: the 16-channel blocks as they are, or a packed copy.
+
+    Reading ``NCHW16c`` in place fills a quarter of each tile row; packing to
+    64 (or 32) channels is one pass over the uint8 activation. A padded conv
+    needs a pass anyway (the padding is written), so it packs to full rows;
+    an unpadded one (1x1) reads in place, which measured faster on all but
+    one of 25 pointwise convs of MobileNetV2 and EfficientNet-Lite0
+    (``benchmarks/amx_vs_vnni.py``: 480->112 at 14 x 14 14.7 us in place,
+    26.1 us packed; the exception, 320->1280 at 7 x 7, 27.0 vs 21.7 us).
+    """
+    if any(g.padding):
+        return 64 if g.c > 32 else 32
+    return g.ib
 
 
 def needs_pack(g: ConvGeometry, in_dtype: str) -> bool:
-    """Whether the kernel's input is a packed copy (padded, 32-channel blocks, bf16) rather than ``x`` itself."""
-    return in_dtype != BF16 or g.ib != g.k_block or any(g.padding)
+    """Whether the kernel's input is a packed copy (padded, full blocks) rather than ``x`` itself."""
+    wanted = "uint8" if g.dtype == "int8" else BF16
+    return in_dtype != wanted or g.ib != g.k_block or any(g.padding)
 
 
 # ---- the kernel -----------------------------------------------------------------------
@@ -334,17 +368,25 @@ def weights_outer_order(g: ConvGeometry, cm: int, cn: int) -> bool:
     pairs = g.n * -(-g.lines * per_line // 2) / cm
     groups = -(-g.o16 // 2) / cn
     a_bytes = g.n * g.cb * g.hp * g.wp * g.pixel / cm
-    b_bytes = g.o16 * g.cb * g.kh * g.kw * b_step_bytes(g.k_block) / cn
+    b_bytes = g.o16 * g.cb * g.kh * g.kw * b_step_bytes(g.k_block, g.dtype) / cn
     return b_bytes + groups * a_bytes < a_bytes + pairs * b_bytes
 
 
 def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_permission: bool = True,
-                     weights_outer: bool | None = None):
-    """The AMX conv PrimFunc ``(X, W, [bias], Out)`` for ``g`` (its ``kb`` set, see :func:`k_block`).
+                     weights_outer: bool | None = None, requant=None):
+    """The AMX conv PrimFunc for ``g`` (its ``kb`` set, see :func:`k_block`).
 
-    ``X``: bf16 ``[N, C/kb, Hp, Wp, kb]`` (the packed input, or the relax
-    input itself); ``W``: :func:`pack_conv_weight`; ``bias``: fp32 ``[O16*16]``
-    (zero-padded); ``Out``: fp32 ``[N, O/ob, OH, OW, ob]``.
+    bf16 (``g.dtype``): ``(X, W, [bias], Out)``. ``X``: bf16 ``[N, C/kb, Hp,
+    Wp, kb]`` (the packed input, or the relax input itself); ``W``:
+    :func:`pack_conv_weight`; ``bias``: fp32 ``[O16*16]`` (zero-padded);
+    ``Out``: fp32 ``[N, O/ob, OH, OW, ob]``.
+
+    int8: ``(X, W, bias, multiplier, half, shift, Out)``, ``X`` uint8, ``W``
+    int8, the four requantize constants of ``requant``
+    (:meth:`~hago.backends.base.Requant.constants`, ``O16*16`` each) and
+    ``Out`` ``requant.dtype`` ``[N, O16, OH, OW, 16]``: each C tile is stored
+    (int32) into a stack buffer and requantized from there, bit-identical to
+    realize's requantize of the int32 conv.
 
     ``chunks``: parallel tasks (the thread count). ``request_permission=False``
     leaves out the permission check (a process without it dies with SIGILL).
@@ -360,9 +402,12 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     if weights_outer is None:
         weights_outer = weights_outer_order(g, cm, cn)
     odd_tiles, odd_blocks = tiles % 2 == 1, g.o16 % 2 == 1
-    kb = g.k_block
-    ir = conv_ir(rows, kb, [(mt, nt) for mt in (1, 2) for nt in (1, 2)], bias)  # LLVM drops unused ones
-    cfg = conv_config_fn(rows, kb)
+    kb, dt = g.k_block, g.dtype
+    int8 = dt == "int8"
+    if int8 and (requant is None or bias or g.ob != LANES):
+        raise ValueError("the AMX int8 conv needs a requant, no bias and 16-channel output blocks")
+    ir = conv_ir(rows, kb, [(mt, nt) for mt in (1, 2) for nt in (1, 2)], bias, dt)  # LLVM drops unused ones
+    cfg = conv_config_fn(rows, kb, dt)
     image, direct, consecutive = g.mode == "image", g.direct, g.consecutive
     oh, ow, wp, line, o, ob = g.oh, g.ow, g.wp, g.line, g.o, g.ob
     plane = oh * ow  # output pixels of one channel block
@@ -372,12 +417,15 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     i64 = T.int64
     lda = i64(g.pixel if image else sw * g.pixel)
     khstride, icstride = i64(wp * g.pixel), i64(g.hp * wp * g.pixel)
-    bnext = i64(g.cb * g.kh * g.kw * b_step_bytes(kb))
+    bnext = i64(g.cb * g.kh * g.kw * b_step_bytes(kb, dt))
     cnext, ldc = i64(plane * 4 * LANES if direct else rows * 4 * LANES), i64(4 * LANES)
+    vals = ELEMENT[dt][1]
+    a_dtype, w_dtype = ("uint8", "int8") if int8 else (BF16, BF16)
+    acc_dtype, out_dtype = ("int32", requant.dtype) if int8 else ("float32", "float32")
     check = bool(request_permission)
     attrs = {"tir.noalias": True, KERNEL_ATTR: CONV_AMX, IS_SCHEDULED: True, "op_pattern": OPAQUE}
     xshape = (g.n, g.cb, g.hp, wp, kb)
-    wshape = (g.o16, g.cb, g.kh, g.kw, kb // 2, LANES, 2)
+    wshape = (g.o16, g.cb, g.kh, g.kw, kb // vals, LANES, vals)
     oshape = (g.n, out_blocks, oh, ow, ob)
     steps = (i64(g.cb), i64(g.kh), i64(g.kw), icstride, khstride)
 
@@ -403,13 +451,13 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
         return True if consecutive else (start(t) + i) % wp < ow
 
     @T.macro
-    def tile_call(X, Wt, cinit, Out, Of, acc, img, t0, t1, nb, mt, nt):
+    def tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t1, nb, mt, nt):
         y0, x0 = T.meta_var(input_pixel(t0))
         y1, x1 = T.meta_var(input_pixel(t1))
         a0 = T.meta_var(T.address_of(X[img, 0, y0, x0, 0]))
         a1 = T.meta_var(T.address_of(X[img, 0, y1, x1, 0]))
         b = T.meta_var(T.address_of(Wt[2 * nb, 0, 0, 0, 0, 0, 0]))
-        name = T.meta_var(conv_kernel_name(mt, nt, bias, kb))
+        name = T.meta_var(conv_kernel_name(mt, nt, bias, kb, dt))
         if direct:
             base = T.meta_var((img * out_blocks + 2 * nb) * plane)
             ext = T.meta_var((nt - 1) * plane * LANES + rows * LANES)
@@ -428,57 +476,75 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
                         blk = T.meta_var((2 * nb + cc) * sub + jb)
                         if blk < out_blocks:
                             for jl in T.vectorized(ob):
-                                Of[((img * out_blocks + blk) * plane + q) * ob + jl] = acc[r, cc, i, jb * ob + jl]
+                                Of[((img * out_blocks + blk) * plane + q) * ob + jl] = store(
+                                    acc[r, cc, i, jb * ob + jl], blk * ob + jl)
 
     @T.macro
-    def block(X, Wt, bias_ptr, Out, Of, acc, mb, nb):
+    def block(X, Wt, bias_ptr, Out, Of, acc, store, mb, nb):
         """Output block ``(mb, nb)``: pixel-tile pair ``mb`` (image-major) by 32-channel group ``nb``."""
         img = T.meta_var(mb // pairs)
         t0 = T.meta_var(mb % pairs * 2)
         cinit = T.meta_var(bias_ptr(nb))
         if odd_tiles and t0 + 1 == tiles:
             if odd_blocks and 2 * nb + 1 == g.o16:
-                tile_call(X, Wt, cinit, Out, Of, acc, img, t0, t0, nb, 1, 1)
+                tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t0, nb, 1, 1)
             else:
-                tile_call(X, Wt, cinit, Out, Of, acc, img, t0, t0, nb, 1, 2)
+                tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t0, nb, 1, 2)
         else:
             if odd_blocks and 2 * nb + 1 == g.o16:
-                tile_call(X, Wt, cinit, Out, Of, acc, img, t0, t0 + 1, nb, 2, 1)
+                tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t0 + 1, nb, 2, 1)
             else:
-                tile_call(X, Wt, cinit, Out, Of, acc, img, t0, t0 + 1, nb, 2, 2)
+                tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t0 + 1, nb, 2, 2)
 
     @T.macro
-    def body(X, Wt, bias_ptr, Out):
+    def body(X, Wt, bias_ptr, Out, store):
         if check:
             rc = T.call_extern("int32", REQUEST_FN)
             assert rc == 0, PERMISSION_MESSAGE
-        Of = T.decl_buffer((g.n * out_blocks * plane * ob,), "float32", data=Out.data)  # flat view
+        Of = T.decl_buffer((g.n * out_blocks * plane * ob,), out_dtype, data=Out.data)  # flat view
         for task in T.parallel(cm * cn, annotations={IMPORT_PRAGMA: ir}):
-            acc = T.decl_buffer((2, 2, rows, LANES), "float32", align=64)
+            acc = T.decl_buffer((2, 2, rows, LANES), acc_dtype, align=64)
             T.call_extern("void", cfg)
             if weights_outer:
                 for nb in T.serial(task % cn * nnb // cn, (task % cn + 1) * nnb // cn):
                     for mb in T.serial(task // cn * nmb // cm, (task // cn + 1) * nmb // cm):
-                        block(X, Wt, bias_ptr, Out, Of, acc, mb, nb)
+                        block(X, Wt, bias_ptr, Out, Of, acc, store, mb, nb)
             else:
                 for mb in T.serial(task // cn * nmb // cm, (task // cn + 1) * nmb // cm):
                     for nb in T.serial(task % cn * nnb // cn, (task % cn + 1) * nnb // cn):
-                        block(X, Wt, bias_ptr, Out, Of, acc, mb, nb)
+                        block(X, Wt, bias_ptr, Out, Of, acc, store, mb, nb)
             T.call_extern("void", RELEASE_FN)
+
+    def copy(value, channel):
+        return value
+
+    oc = g.o16 * LANES
+    if int8:
+        attrs[KERNEL_ATTR] = CONV_AMX_INT8
+
+        @T.prim_func
+        def kernel_int8(X: T.Buffer(xshape, a_dtype), Wt: T.Buffer(wshape, w_dtype), RB: T.Buffer((oc,), "int32"),
+                        RM: T.Buffer((oc,), "int32"), RH: T.Buffer((oc,), "int64"), RS: T.Buffer((oc,), "int64"),
+                        Out: T.Buffer(oshape, out_dtype)):
+            T.func_attr(attrs)
+            body(X, Wt, lambda nb: T.address_of(X[0, 0, 0, 0, 0]), Out,
+                 lambda value, channel: requant_expr(value, channel, RB, RM, RH, RS, requant))
+
+        return kernel_int8.without_attr("global_symbol")
 
     if bias:
         @T.prim_func
-        def kernel_bias(X: T.Buffer(xshape, BF16), Wt: T.Buffer(wshape, BF16), B: T.Buffer((g.o16 * LANES,), "float32"),
+        def kernel_bias(X: T.Buffer(xshape, BF16), Wt: T.Buffer(wshape, BF16), B: T.Buffer((oc,), "float32"),
                         Out: T.Buffer(oshape, "float32")):
             T.func_attr(attrs)
-            body(X, Wt, lambda nb: T.address_of(B[2 * nb * LANES]), Out)
+            body(X, Wt, lambda nb: T.address_of(B[2 * nb * LANES]), Out, copy)
 
         return kernel_bias.without_attr("global_symbol")
 
     @T.prim_func
     def kernel(X: T.Buffer(xshape, BF16), Wt: T.Buffer(wshape, BF16), Out: T.Buffer(oshape, "float32")):
         T.func_attr(attrs)
-        body(X, Wt, lambda nb: T.address_of(X[0, 0, 0, 0, 0]), Out)  # C starts at zero: cinit unused
+        body(X, Wt, lambda nb: T.address_of(X[0, 0, 0, 0, 0]), Out, copy)  # C starts at zero: cinit unused
 
     return kernel.without_attr("global_symbol")
 

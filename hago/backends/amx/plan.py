@@ -1,4 +1,4 @@
-"""The AMX backend's plan: the x86 plan with AMX dense kernels (int8 for large M, bf16 always).
+"""The AMX backend's plan: the x86 plan with AMX convs and dense kernels where the tiles pay.
 
 Which int8 dense goes to the tiles is a measured rule: with fewer than
 :data:`AMX_MIN_ROWS` rows (a batch-1 classifier) the weights' memory traffic
@@ -8,7 +8,8 @@ needs no tile configuration.
 
 from __future__ import annotations
 
-from ..x86.plan import X86Plan
+from .. import base
+from ..x86.plan import X86Plan, _VnniConv
 
 #: fewest GEMM rows (M) for which an int8 dense goes to AMX rather than VNNI
 AMX_MIN_ROWS = 16
@@ -24,8 +25,45 @@ def _rows(x_shape) -> int | None:
         return None
 
 
+def _static(bb, x) -> list[int] | None:
+    try:
+        return [int(d) for d in bb.normalize(x).ty.shape.values]
+    except (TypeError, AttributeError, ValueError):
+        return None
+
+
+class _AmxConv(base.ConvKernel):
+    """The AMX int8 conv (:mod:`.conv_int8`) for a blocked layer it takes and where tiles pay; else VNNI.
+
+    It needs the blocked uint8 input, one group, no dilation, and writes the
+    requantized blocked output, so it runs between blocked layers; a first
+    layer on an ``NCHW`` input or a layer feeding a float op stays on VNNI,
+    which converts layouts in its own passes.
+    """
+
+    requantizes = True
+
+    def __init__(self):
+        self.vnni = _VnniConv()
+
+    def emit(self, bb, x, w_q, conv, requant, native_in, native_out):
+        from .conv_int8 import amx_int8_conv_applicable, amx_int8_pays, emit_conv2d_amx_int8, int8_geometry
+
+        xs = _static(bb, x)
+        if (requant is not None and native_in and xs is not None
+                and amx_int8_conv_applicable(xs, w_q.shape, conv.strides, conv.dilation, conv.groups)
+                and amx_int8_pays(int8_geometry(xs, w_q.shape, conv.strides, conv.padding)) and native_out()):
+            y = emit_conv2d_amx_int8(bb, x, w_q, conv.strides, conv.padding, conv.pad_value, requant)
+            return base.Emitted(y, base.NATIVE)
+        return self.vnni.emit(bb, x, w_q, conv, requant, native_in, native_out)
+
+
 class AMXPlan(X86Plan):
-    """The x86 plan with AMX dense kernels (int8 for large M, bf16 always)."""
+    """The x86 plan with AMX int8 convs (blocked layers), int8 dense for large M, and bf16 dense."""
+
+    def conv_kernel(self, node, choice, x_qparams, x_shape, w_shape):
+        kernel = super().conv_kernel(node, choice, x_qparams, x_shape, w_shape)
+        return _AmxConv() if isinstance(kernel, _VnniConv) else kernel
 
     def dense_kernel(self, choice, x_dtype, x_shape, w_shape):
         rows = _rows(x_shape)
