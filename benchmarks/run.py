@@ -53,16 +53,19 @@ def _best_bf16_spec() -> str:
 
 
 BF16_DEVICE = _best_bf16_spec()
+AMX_DEVICE = "x86-amx"
 REAL_MODELS = ("resnet18", "mobilenetv2", "efficientnet_lite0", "minilm")
 ALL_MODELS = ("mnist", *REAL_MODELS)
 HAGO_FP32 = "hago FP32 (untuned)"
 HAGO_INT8 = "hago INT8 (untuned, default VNNI schedules)"
 HAGO_BF16 = f"hago bf16 (untuned, {BF16_DEVICE})"
+HAGO_INT8_AMX = f"hago INT8 (untuned, {AMX_DEVICE}: AMX where it pays, else VNNI)"
 TUNE_TRIALS = 0  # per task, FP32, INT8 and bf16 alike (set by --tune-trials)
 TUNE_CACHE = WORK / "tuning"  # MetaSchedule records, reused by every later run
 ORT_FP32 = "ONNX Runtime FP32"
 ORT_INT8 = "ONNX Runtime INT8 (QDQ u8s8 per-channel)"
 OV_INT8 = "OpenVINO INT8 (the ORT QDQ model)"
+OV_NNCF = "OpenVINO INT8 (NNCF PTQ of the FP32 model)"
 OV_FP32 = "OpenVINO FP32"
 OV_BF16 = "OpenVINO bf16 (inference_precision=bf16, FP32 ONNX)"
 ORT_DYN = "ONNX Runtime INT8 dynamic (quantize_dynamic, per-channel)"
@@ -218,15 +221,24 @@ def bench_mnist(args) -> tuple[dict, str]:
         bf16 = hago_compile(assets["model"], BF16_DEVICE, assets["calib"], eval_data=eval_data,
                             out_dir=WORK / "mnist_build_bf16", measure=False, tune=_tune_options(BF16_DEVICE),
                             annotate_config=AnnotateConfig(all_bf16=True), corrections=())
+    amx = None
+    if _amx_available():
+        t = time.perf_counter()
+        amx = hago_compile(assets["model"], AMX_DEVICE, assets["calib"], eval_data=eval_data,
+                           out_dir=WORK / "mnist_build_amx", measure=False, tune=_tune_options(AMX_DEVICE))
+        amx.extras["bench_compile_s"] = time.perf_counter() - t
     x1 = tvm.runtime.tensor(x_test[:1])
     rows = {}
     builds = [(HAGO_FP32, res.fp32_executable), (HAGO_INT8, res.int_executable)]
+    builds += [(HAGO_INT8_AMX, amx.int_executable)] if amx is not None else []
     builds += [(HAGO_BF16, bf16.int_executable)] if bf16 is not None else []
     for name, ex in builds:
         vm = _vm(ex)
         rows[name] = {"ms": _median_ms(lambda: vm["main"](x1))}
     rows[HAGO_FP32]["top1"] = res.report["fp32"]["accuracy"]
     rows[HAGO_INT8]["top1"] = res.report["quantized"]["accuracy"]
+    if amx is not None:
+        rows[HAGO_INT8_AMX]["top1"] = amx.report["quantized"]["accuracy"]
     if bf16 is not None:
         rows[HAGO_BF16]["top1"] = bf16.report["quantized"]["accuracy"]
 
@@ -243,11 +255,16 @@ def bench_mnist(args) -> tuple[dict, str]:
             for ov_name, compiled in ov_peers.items():
                 logits = _run_batched(_ov_fn(compiled), {"input": x_test}, 500)
                 rows[ov_name]["top1"] = float((logits.argmax(1) == y_test).mean())
+    nncf = _openvino_nncf(assets["model"], {"input": calib})
+    if nncf is not None:
+        rows[OV_NNCF] = {"ms": _median_ms(lambda: nncf(feed1))}
+        logits = _run_batched(_ov_fn(nncf), {"input": x_test}, 500)
+        rows[OV_NNCF]["top1"] = float((logits.argmax(1) == y_test).mean())
     table = to_markdown(rows, HAGO_FP32, [("top1", "top-1", "{:.2%}")])
     body = (f"## MNIST CNN (ccexam, pretrained), {DEVICE}\n\n"
             f"Command: {_command('mnist')} ({_stamp()}).\n"
             f"Machine: {_machine()}.\nAccuracy on the first {n_eval} images of the real MNIST test set.\n"
-            f"{_ops_note(res)}\n{_bf16_note(bf16)}\n\n"
+            f"{_ops_note(res)}\n{_bf16_note(bf16)}\n{_amx_note(res, amx)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
 
@@ -306,6 +323,69 @@ def _bf16_available() -> bool:
     return False
 
 
+def _amx_available() -> bool:
+    """Whether this CPU runs the x86-amx spec; if not, a note says the AMX row was skipped."""
+    from hago.hwspec import HardwareSpec, runs_here
+
+    problem = runs_here(HardwareSpec.load(AMX_DEVICE))
+    if problem is None:
+        return True
+    NOTES.append(f"{HAGO_INT8_AMX}: skipped, {problem}.")
+    return False
+
+
+def _hago_amx_build(model, example, calib, out_dir, batch_size):
+    """The INT8 compile for x86-amx (same calibration and corrections as the VNNI one), or None without AMX."""
+    if not _amx_available():
+        return None
+    print(f"  hago compile for {AMX_DEVICE}", flush=True)
+    res, t = _hago_build(model, example, calib, out_dir, batch_size, device=AMX_DEVICE)
+    res.extras["bench_compile_s"] = t
+    return res
+
+
+def _amx_note(res, amx) -> str:
+    """Which convs/denses of the AMX build run on the tiles (counted in its integer program)."""
+    if amx is None:
+        return f"{HAGO_INT8_AMX}: not built (see the notes)."
+    from hago.compiler import static_pair
+    from hago.hwspec import HardwareSpec
+
+    text = static_pair(amx.quantized, HardwareSpec.load(AMX_DEVICE), 1)[1].script(show_meta=False)
+    convs = len(re.findall(r"call_tir\(cls\.hago_conv2d_amx_int8\d*,", text))
+    dense = len(re.findall(r"call_tir\(cls\.hago_dense_amx_int8\d*,", text))
+    vnni = len(re.findall(r"call_tir\(cls\.hago_conv2d_nchwc_vnni\d*,", text))
+    return (f"hago INT8 on {AMX_DEVICE}: {convs} convs and {dense} dense/matmul on AMX tiles, {vnni} convs on "
+            f"VNNI (the measured rule in `hago/backends/amx/conv_int8.py`); its compile took "
+            f"{amx.extras['bench_compile_s']:.0f} s.")
+
+
+def _openvino_nncf(onnx_fp32: Path, calib: dict, transformer: bool = False):
+    """OpenVINO INT8 through its own flow: NNCF post-training quantization of the FP32 model, on the same
+    calibration samples hago gets (batch 1 each). None (and a note) where NNCF is not installed or fails."""
+    try:
+        import nncf
+        import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+    except ImportError:
+        NOTES.append(f"{OV_NNCF}: skipped, NNCF is not installed (`make bench` installs it).")
+        return None
+    n = len(next(iter(calib.values())))
+    samples = [{k: v[i:i + 1] for k, v in calib.items()} for i in range(n)]
+    try:
+        core = ov.Core()
+        kw = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+        quantized = nncf.quantize(core.read_model(str(onnx_fp32)), nncf.Dataset(samples), subset_size=n, **kw)
+        config = {props.inference_num_threads(): THREADS, hints.performance_mode(): hints.PerformanceMode.LATENCY}
+        return core.compile_model(quantized, "CPU", config)
+    except Exception as e:  # noqa: BLE001 - optional peer
+        msg = " ".join(str(e).split())
+        print(f"  {OV_NNCF} failed: {msg}", flush=True)
+        NOTES.append(f"{OV_NNCF}: NNCF could not quantize the FP32 model: `{msg[-200:]}`")
+        return None
+
+
 def _hago_bf16_build(model, example, calib, out_dir, batch_size):
     """The bf16 build: every conv/dense that can be bf16 in bf16, the rest fp32 (``res.int_executable``).
 
@@ -354,15 +434,17 @@ def _bf16_note(res) -> str:
 
 
 def _latency_rows(feeds1: dict[str, np.ndarray], res, onnx_fp32: Path, onnx_int8: Path | None,
-                  ov_peers: dict, bf16=None) -> dict:
+                  ov_peers: dict, bf16=None, amx=None, nncf=None) -> dict:
     """Batch-1 latency of every build; ``ov_peers`` (OpenVINO FP32 / bf16) come right after ORT FP32.
 
-    ``bf16``: the hago bf16 build (its ``int_executable``), or None where it was skipped."""
+    ``bf16``: the hago bf16 build (its ``int_executable``), or None where it was skipped; ``amx``: the
+    hago INT8 build for x86-amx, or None; ``nncf``: OpenVINO's NNCF-quantized model, or None."""
     import tvm
 
     rows = {}
     args1 = [tvm.runtime.tensor(v) for v in feeds1.values()]
     builds = [(HAGO_FP32, res.fp32_executable), (HAGO_INT8, res.int_executable)]
+    builds += [(HAGO_INT8_AMX, amx.int_executable)] if amx is not None else []
     builds += [(HAGO_BF16, bf16.int_executable)] if bf16 is not None else []
     for name, ex in builds:
         vm = _vm(ex)
@@ -386,6 +468,9 @@ def _latency_rows(feeds1: dict[str, np.ndarray], res, onnx_fp32: Path, onnx_int8
         if ov is not None:
             rows[OV_INT8] = {"ms": _median_ms(lambda: ov(feeds1))}
             print(f"  {OV_INT8}: {rows[OV_INT8]['ms']:.2f} ms", flush=True)
+    if nncf is not None:
+        rows[OV_NNCF] = {"ms": _median_ms(lambda: nncf(feeds1))}
+        print(f"  {OV_NNCF}: {rows[OV_NNCF]['ms']:.2f} ms", flush=True)
     return rows
 
 
@@ -432,12 +517,14 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
     wd = WORK / name
     print(f"{name}: hago compile (calibration on {n_calib} photo crops)", flush=True)
     res, t_compile = _hago_build(model, example, calib, wd / "build", batch_size=8)
+    amx = _hago_amx_build(model, example, calib, wd / "build_amx", batch_size=8)
     bf16 = _hago_bf16_build(model, example, calib, wd / "build_bf16", batch_size=8)
     onnx_fp32 = _export_onnx(model, example, [inp], wd / f"{name}.onnx")
     onnx_int8 = _ort_int8(onnx_fp32, calib, wd / f"{name}_ort_int8.onnx")
+    nncf = _openvino_nncf(onnx_fp32, calib)
     feeds1 = {inp: calib[inp][:1]}
     ov_peers = _openvino_fp32_peers(onnx_fp32)
-    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers, bf16)
+    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers, bf16, amx, nncf)
     cols = []
     acc_note = "Random weights: latency only (accuracy claims are made on the pretrained models)."
     if pretrained:
@@ -453,6 +540,10 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
         for ov_name, compiled in ov_peers.items():
             outs[ov_name] = _run_batched(_ov_fn(compiled), x, 50)
         outs[HAGO_FP32] = _run_batched(_tvm_fn(res.fp32_executable), x, 1)
+        if amx is not None:
+            outs[HAGO_INT8_AMX] = _run_batched(_tvm_fn(amx.int_executable), x, 1)
+        if nncf is not None:
+            outs[OV_NNCF] = _run_batched(_ov_fn(nncf), x, 50)
         if bf16 is not None:
             outs[HAGO_BF16] = _run_batched(_tvm_fn(bf16.int_executable), x, 1)
         print(f"{name}: hago compile without bias correction", flush=True)
@@ -478,6 +569,7 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
     body = (f"## {title}, {DEVICE}, batch 1, 224x224\n\n"
             f"Command: {_command(name)} ({_stamp()}).\n"
             f"Machine: {_machine()}.\n{acc_note}\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n"
+            f"{_amx_note(res, amx)}\n"
             f"{_bf16_note(bf16)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
@@ -506,13 +598,15 @@ def bench_minilm(args) -> tuple[dict, str]:
     wd = WORK / "minilm"
     print(f"minilm: hago compile (calibration on {n_calib} sentences)", flush=True)
     res, t_compile = _hago_build(model, example, calib, wd / "build", batch_size=8)
+    amx = _hago_amx_build(model, example, calib, wd / "build_amx", batch_size=8)
     bf16 = _hago_bf16_build(model, example, calib, wd / "build_bf16", batch_size=8)
     onnx_fp32 = _export_onnx(model, example, names, wd / "minilm.onnx")
     onnx_int8 = _ort_int8(onnx_fp32, calib, wd / "minilm_ort_int8.onnx")
+    nncf = _openvino_nncf(onnx_fp32, calib, transformer=True)
     docs, _ = models.lee_corpus()
     feeds1 = {k: v[:1] for k, v in models.tokenize(docs[:1]).items()}
     ov_peers = _openvino_fp32_peers(onnx_fp32)
-    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers, bf16)
+    rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers, bf16, amx, nncf)
     onnx_dyn = _ort_dynamic_int8(onnx_fp32, wd / "minilm_ort_dyn_int8.onnx")
     sess = _ort_session(onnx_dyn)
     rows[ORT_DYN] = {"ms": _median_ms(lambda: sess.run(None, feeds1))}
@@ -526,6 +620,10 @@ def bench_minilm(args) -> tuple[dict, str]:
              ORT_INT8: embedder(_ort_fn(onnx_int8), 32), ORT_DYN: embedder(_ort_fn(onnx_dyn), 32)}
     if bf16 is not None:
         cands[HAGO_BF16] = embedder(_tvm_fn(bf16.int_executable), 1)
+    if amx is not None:
+        cands[HAGO_INT8_AMX] = embedder(_tvm_fn(amx.int_executable), 1)
+    if nncf is not None:
+        cands[OV_NNCF] = embedder(_ov_fn(nncf), 32)
     cands.update({ov_name: embedder(_ov_fn(compiled), 32) for ov_name, compiled in ov_peers.items()})
     variants = [] if args.quick else _minilm_variants(res)
     for label, cfg in variants:  # the same compile with ops pinned to float through AnnotateConfig
@@ -557,7 +655,7 @@ def bench_minilm(args) -> tuple[dict, str]:
             f"length 256: Lee 0.6564, WordSim353 0.7289, SimLex-999 0.4462). Texts are truncated/padded to 128 "
             f"tokens. Calibration: {n_calib} sentences of gensim's Lee *background* corpus and polarity set "
             f"(disjoint from the evaluation sets).\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n"
-            f"{_bf16_note(bf16)}\n\n"
+            f"{_bf16_note(bf16)}\n{_amx_note(res, amx)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
 
