@@ -7,8 +7,10 @@ constants (batch 1): the VNNI conv requantizing on its register tiles (what the 
 int8 conv with its default K step (``conv_int8.int8_geometry``), and the AMX conv reading the 16-channel
 blocks in place (``kb = 16``, where the conv does not pad). Outputs are checked equal, then the kernels are
 timed in alternation (``time_evaluator``, min over rounds), so the ratios are side by side. The printed table
-gives the rule in ``hago/backends/amx/conv_int8.amx_int8_pays`` and the fraction of AMX peak
-(1024 int8 MAC per cycle per core at the measured clock) of the largest ResNet-18 conv.
+gives the rule in ``hago/backends/amx/conv_int8.amx_int8_pays``, and each AMX time as a fraction of the tile
+unit's peak: 1024 int8 MAC per cycle per core at the clock ``/proc/cpuinfo`` reports, on ``--threads`` cores.
+MiniLM's two largest matmuls (seq 128: 128x384 @ 384x1536 and 128x1536 @ 1536x384, int8) are timed the same
+way, AMX dense against VNNI dense (``--only minilm``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,22 @@ SHAPES = [
     ("efficientnet_lite0", 480, 14, 112, 1, 1), ("efficientnet_lite0", 672, 7, 192, 1, 1),
     ("efficientnet_lite0", 1152, 7, 192, 1, 1), ("efficientnet_lite0", 1152, 7, 320, 1, 1),
 ]
+#: (model, m, k, n): int8 matmuls timed AMX against VNNI
+DENSE = [("minilm", 128, 384, 1536), ("minilm", 128, 1536, 384)]
+AMX_MACS_PER_CYCLE = 1024  # int8, per core (Intel AMX: 16x64 by 64x16 in 16 cycles)
+
+
+def clock_ghz() -> float:
+    """The clock /proc/cpuinfo reports (a VM's nominal one; turbo can run faster, so fractions are upper bounds)."""
+    try:
+        mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz")]
+        return max(mhz) / 1e3
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def peak_fraction(macs: float, us: float, cores: int) -> float:
+    return macs / (us * 1e-6) / (cores * clock_ghz() * 1e9 * AMX_MACS_PER_CYCLE)
 
 
 def _requant(o, rng):
@@ -61,9 +79,10 @@ def main() -> int:
     from tvm import relax
 
     from hago.backends.amx.conv_int8 import emit_conv2d_amx_int8, int8_geometry
+    from hago.backends.amx.dense import emit_dense_amx
     from hago.backends.amx.permission import amx_available
     from hago.backends.registry import get_backend
-    from hago.backends.x86.kernels import emit_conv2d_vnni
+    from hago.backends.x86.kernels import emit_conv2d_vnni, emit_dense_vnni
 
     missing = amx_available()
     if missing:
@@ -95,12 +114,26 @@ def main() -> int:
                 bb.emit_func_output(out)
             variants.setdefault(i, []).append((way, name, geo))
         inputs[i] = tvm.runtime.tensor(x)
+    denses = [d for d in DENSE if args.only in (None, d[0])]
+    for j, (model, m, k, n) in enumerate(denses):
+        w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        for way in ("vnni", "amx"):
+            v = relax.Var("x", relax.TensorType((m, k), "uint8"))
+            with bb.function(f"d{j}_{way}", [v]):
+                with bb.dataflow():
+                    y = emit_dense_vnni(bb, v, w) if way == "vnni" else emit_dense_amx(bb, v, w, "int8",
+                                                                                       threads=args.threads)
+                    out = bb.emit_output(y)
+                bb.emit_func_output(out)
+        inputs[f"d{j}"] = tvm.runtime.tensor(rng.integers(0, 256, (m, k), dtype=np.uint8))
     target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": args.threads})
     with target:
         ex = get_backend("x86").build(bb.get(), target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
+    print(f"clock {clock_ghz():.2f} GHz (/proc/cpuinfo), {args.threads} threads; AMX peak "
+          f"{args.threads * clock_ghz() * AMX_MACS_PER_CYCLE:.0f} GMAC/s")
     print(f"{'model':<19}{'conv':<22}{'MMAC':>7}{'vnni us':>9}{'amx us':>9}{'kb':>4}{'amx16 us':>9}"
-          f"{'vnni/amx':>9}")
+          f"{'vnni/amx':>9}{'peak':>7}")
     for i, (model, c, hw, o, k, s) in enumerate(shapes):
         outs = {way: vm[name](inputs[i]).numpy() for way, name, _ in variants[i]}
         for way, out in outs.items():
@@ -115,7 +148,15 @@ def main() -> int:
         kb16 = f"{best['amx_kb16']:9.1f}" if "amx_kb16" in best else f"{'-':>9}"
         amx = min(v for way, v in best.items() if way != "vnni")
         print(f"{model:<19}{f'{k}x{k}/{s} {c}->{o} @{hw}':<22}{macs:7.1f}{best['vnni']:9.1f}{best['amx']:9.1f}"
-              f"{g.k_block:4d}{kb16}{best['vnni'] / amx:9.2f}")
+              f"{g.k_block:4d}{kb16}{best['vnni'] / amx:9.2f}{peak_fraction(macs * 1e6, amx, args.threads):7.1%}")
+    for j, (model, m, k, n) in enumerate(denses):
+        outs = {way: vm[f"d{j}_{way}"](inputs[f"d{j}"]).numpy() for way in ("vnni", "amx")}
+        assert np.array_equal(outs["vnni"], outs["amx"]), f"{model} {m}x{k}x{n}: amx differs from vnni"
+        best = {way: min(vm.time_evaluator(f"d{j}_{way}", tvm.cpu(), number=20, repeat=1)(inputs[f"d{j}"]).min
+                         for _ in range(args.rounds)) * 1e6 for way in ("vnni", "amx")}
+        macs = m * k * n
+        print(f"{model:<19}{f'matmul {m}x{k}x{n}':<22}{macs / 1e6:7.1f}{best['vnni']:9.1f}{best['amx']:9.1f}"
+              f"{'':4}{'-':>9}{best['vnni'] / best['amx']:9.2f}{peak_fraction(macs, best['amx'], args.threads):7.1%}")
     return 0
 
 

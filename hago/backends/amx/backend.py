@@ -53,10 +53,12 @@ class AMXBackend(X86Backend):
         return None
 
     def prepare_fusion(self, mod, target):
-        """Float convs blocked as on x86, and bf16 convs too (the AMX conv reads the same 16-channel blocks)."""
+        """Float convs blocked as on x86, and bf16 convs too (the AMX conv reads the same 16-channel blocks);
+        a bf16 conv's bias, relu/relu6 and bf16 cast then go onto its tiles (:mod:`.bf16_epilogue`)."""
         from ..cpu.float_layout import block_float_convs
+        from .bf16_epilogue import fuse_bf16_epilogues
 
-        return block_float_convs(mod, self.vector_lanes(target), bf16=True)
+        return fuse_bf16_epilogues(block_float_convs(mod, self.vector_lanes(target), bf16=True))
 
     def legalizations(self, target) -> dict:
         """bf16 convs in blocked layouts onto the AMX conv; everything else as on x86."""

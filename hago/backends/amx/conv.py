@@ -373,13 +373,18 @@ def weights_outer_order(g: ConvGeometry, cm: int, cn: int) -> bool:
 
 
 def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_permission: bool = True,
-                     weights_outer: bool | None = None, requant=None):
+                     weights_outer: bool | None = None, requant=None, clip=None, out_dtype: str = "float32"):
     """The AMX conv PrimFunc for ``g`` (its ``kb`` set, see :func:`k_block`).
 
     bf16 (``g.dtype``): ``(X, W, [bias], Out)``. ``X``: bf16 ``[N, C/kb, Hp,
     Wp, kb]`` (the packed input, or the relax input itself); ``W``:
     :func:`pack_conv_weight`; ``bias``: fp32 ``[O16*16]`` (zero-padded);
     ``Out``: fp32 ``[N, O/ob, OH, OW, ob]``.
+
+    bf16 epilogue: ``clip = (lo, hi)`` clamps each output and ``out_dtype``
+    ``"bfloat16"`` rounds it to bf16 (nearest even) for the next bf16 layer;
+    either sends the C tiles through the stack buffer (a relu6 and the cast
+    on the stored tile instead of one more pass over the fp32 output).
 
     int8: ``(X, W, bias, multiplier, half, shift, Out)``, ``X`` uint8, ``W``
     int8, the four requantize constants of ``requant``
@@ -408,7 +413,8 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
         raise ValueError("the AMX int8 conv needs a requant, no bias and 16-channel output blocks")
     ir = conv_ir(rows, kb, [(mt, nt) for mt in (1, 2) for nt in (1, 2)], bias, dt)  # LLVM drops unused ones
     cfg = conv_config_fn(rows, kb, dt)
-    image, direct, consecutive = g.mode == "image", g.direct, g.consecutive
+    epilogue = clip is not None or out_dtype != "float32"
+    image, direct, consecutive = g.mode == "image", g.direct and not epilogue, g.consecutive
     oh, ow, wp, line, o, ob = g.oh, g.ow, g.wp, g.line, g.o, g.ob
     plane = oh * ow  # output pixels of one channel block
     out_blocks = o // ob
@@ -421,7 +427,7 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     cnext, ldc = i64(plane * 4 * LANES if direct else rows * 4 * LANES), i64(4 * LANES)
     vals = ELEMENT[dt][1]
     a_dtype, w_dtype = ("uint8", "int8") if int8 else (BF16, BF16)
-    acc_dtype, out_dtype = ("int32", requant.dtype) if int8 else ("float32", "float32")
+    acc_dtype, out_dtype = ("int32", requant.dtype) if int8 else ("float32", out_dtype)
     check = bool(request_permission)
     attrs = {"tir.noalias": True, KERNEL_ATTR: CONV_AMX, IS_SCHEDULED: True, "op_pattern": OPAQUE}
     xshape = (g.n, g.cb, g.hp, wp, kb)
@@ -450,8 +456,17 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
         """Whether row ``i`` of tile ``t`` is an output pixel (not a column between two output rows)."""
         return True if consecutive else (start(t) + i) % wp < ow
 
+    def pair(mb):
+        """``(image, first tile, second tile, tiles)`` of pixel-tile pair ``mb`` (an odd last pair has one tile)."""
+        img, t0 = mb // pairs, mb % pairs * 2
+        if odd_tiles:
+            last = t0 + 1 == tiles
+            return img, t0, T.if_then_else(last, t0, t0 + 1), T.if_then_else(last, 1, 2)
+        return img, t0, t0 + 1, 2
+
     @T.macro
-    def tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t1, nb, mt, nt):
+    def tile_call(X, Wt, cinit, Out, acc, slot, img, t0, t1, nb, mt, nt):
+        """The micro-kernel: C tiles straight into ``Out`` (direct) or into ``acc[slot]``."""
         y0, x0 = T.meta_var(input_pixel(t0))
         y1, x1 = T.meta_var(input_pixel(t1))
         a0 = T.meta_var(T.address_of(X[img, 0, y0, x0, 0]))
@@ -465,36 +480,48 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
             c1 = T.meta_var(Out.access_ptr("w", offset=(base + output_pixel(t1, 0)) * LANES, extent=ext))
             T.call_extern("void", name, a0, a1, lda, b, bnext, cinit, c0, c1, cnext, ldc, *steps)
         else:
-            c0 = T.meta_var(acc.access_ptr("w", offset=0, extent=2 * rows * LANES))
-            c1 = T.meta_var(acc.access_ptr("w", offset=2 * rows * LANES, extent=2 * rows * LANES))
+            off = T.meta_var(slot * 4 * rows * LANES)
+            c0 = T.meta_var(acc.access_ptr("w", offset=off, extent=2 * rows * LANES))
+            c1 = T.meta_var(acc.access_ptr("w", offset=off + 2 * rows * LANES, extent=2 * rows * LANES))
             T.call_extern("void", name, a0, a1, lda, b, bnext, cinit, c0, c1, cnext, ldc, *steps)
-            for r, i in T.grid(mt, rows):  # the kept rows, each 16 channels as 16 / ob vectors of ob
-                t = T.meta_var(T.if_then_else(r == 0, t0, t1))
+
+    @T.macro
+    def block(X, Wt, bias_ptr, Out, acc, slot, mb, nb):
+        """Output block ``(mb, nb)``: pixel-tile pair ``mb`` (image-major) by 32-channel group ``nb``."""
+        img, t0, t1, _ = T.meta_var(pair(mb))
+        cinit = T.meta_var(bias_ptr(nb))
+        if odd_tiles and t0 + 1 == tiles:
+            if odd_blocks and 2 * nb + 1 == g.o16:
+                tile_call(X, Wt, cinit, Out, acc, slot, img, t0, t0, nb, 1, 1)
+            else:
+                tile_call(X, Wt, cinit, Out, acc, slot, img, t0, t0, nb, 1, 2)
+        else:
+            if odd_blocks and 2 * nb + 1 == g.o16:
+                tile_call(X, Wt, cinit, Out, acc, slot, img, t0, t0 + 1, nb, 2, 1)
+            else:
+                tile_call(X, Wt, cinit, Out, acc, slot, img, t0, t0 + 1, nb, 2, 2)
+
+    @T.macro
+    def epilogue(Of, acc, store, slot, mb, nb):
+        """Block ``(mb, nb)``'s kept rows from ``acc[slot]`` into the output, each 16 channels as 16 / ob vectors."""
+        img, t0, t1, mts = T.meta_var(pair(mb))
+        for r in T.serial(mts):
+            for i in T.serial(rows):
+                t = T.meta_var(t0 + r)
                 if kept(t, i):
                     q = T.meta_var(output_pixel(t, i))
-                    for cc, jb in T.grid(nt, sub):
+                    for cc, jb in T.grid(2, sub):  # a missing second column tile fails the block check
                         blk = T.meta_var((2 * nb + cc) * sub + jb)
                         if blk < out_blocks:
                             for jl in T.vectorized(ob):
                                 Of[((img * out_blocks + blk) * plane + q) * ob + jl] = store(
-                                    acc[r, cc, i, jb * ob + jl], blk * ob + jl)
+                                    acc[slot, r, cc, i, jb * ob + jl], blk * ob + jl)
 
-    @T.macro
-    def block(X, Wt, bias_ptr, Out, Of, acc, store, mb, nb):
-        """Output block ``(mb, nb)``: pixel-tile pair ``mb`` (image-major) by 32-channel group ``nb``."""
-        img = T.meta_var(mb // pairs)
-        t0 = T.meta_var(mb % pairs * 2)
-        cinit = T.meta_var(bias_ptr(nb))
-        if odd_tiles and t0 + 1 == tiles:
-            if odd_blocks and 2 * nb + 1 == g.o16:
-                tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t0, nb, 1, 1)
-            else:
-                tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t0, nb, 1, 2)
-        else:
-            if odd_blocks and 2 * nb + 1 == g.o16:
-                tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t0 + 1, nb, 2, 1)
-            else:
-                tile_call(X, Wt, cinit, Out, Of, acc, store, img, t0, t0 + 1, nb, 2, 2)
+    def decode(b, m0, nm, n0, nn):
+        """The ``b``-th block of a task: ``(mb, nb)`` in the task's loop order (see :func:`weights_outer_order`)."""
+        if weights_outer:
+            return m0 + b % nm, n0 + b // nm
+        return m0 + b // nn, n0 + b % nn
 
     @T.macro
     def body(X, Wt, bias_ptr, Out, store):
@@ -503,20 +530,34 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
             assert rc == 0, PERMISSION_MESSAGE
         Of = T.decl_buffer((g.n * out_blocks * plane * ob,), out_dtype, data=Out.data)  # flat view
         for task in T.parallel(cm * cn, annotations={IMPORT_PRAGMA: ir}):
-            acc = T.decl_buffer((2, 2, rows, LANES), acc_dtype, align=64)
+            acc = T.decl_buffer((2, 2, 2, rows, LANES), acc_dtype, align=64)
             T.call_extern("void", cfg)
-            if weights_outer:
-                for nb in T.serial(task % cn * nnb // cn, (task % cn + 1) * nnb // cn):
-                    for mb in T.serial(task // cn * nmb // cm, (task // cn + 1) * nmb // cm):
-                        block(X, Wt, bias_ptr, Out, Of, acc, store, mb, nb)
+            n0 = T.meta_var(task % cn * nnb // cn)
+            nn = T.meta_var((task % cn + 1) * nnb // cn - task % cn * nnb // cn)
+            m0 = T.meta_var(task // cn * nmb // cm)
+            nm = T.meta_var((task // cn + 1) * nmb // cm - task // cn * nmb // cm)
+            if direct:
+                for b in T.serial(nm * nn):
+                    mb, nb = T.meta_var(decode(b, m0, nm, n0, nn))
+                    block(X, Wt, bias_ptr, Out, acc, 0, mb, nb)
             else:
-                for mb in T.serial(task // cn * nmb // cm, (task // cn + 1) * nmb // cm):
-                    for nb in T.serial(task % cn * nnb // cn, (task % cn + 1) * nnb // cn):
-                        block(X, Wt, bias_ptr, Out, Of, acc, store, mb, nb)
+                # software pipelined: block b's tiles are computed (and stored to acc[b % 2]) before block
+                # b - 1's rows are read back, so the tile stores have committed by then and the tile unit works
+                # while the vector units run the epilogue
+                for b in T.serial(nm * nn + 1):
+                    if b < nm * nn:
+                        mb, nb = T.meta_var(decode(b, m0, nm, n0, nn))
+                        block(X, Wt, bias_ptr, Out, acc, b % 2, mb, nb)
+                    if b > 0:
+                        pm, pn = T.meta_var(decode(b - 1, m0, nm, n0, nn))
+                        epilogue(Of, acc, store, (b - 1) % 2, pm, pn)
             T.call_extern("void", RELEASE_FN)
 
     def copy(value, channel):
-        return value
+        if clip is not None:
+            value = tirx.min(tirx.max(value, tirx.const(float(clip[0]), "float32")),
+                             tirx.const(float(clip[1]), "float32"))
+        return value if out_dtype == "float32" else value.astype(out_dtype)
 
     oc = g.o16 * LANES
     if int8:
@@ -535,14 +576,14 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     if bias:
         @T.prim_func
         def kernel_bias(X: T.Buffer(xshape, BF16), Wt: T.Buffer(wshape, BF16), B: T.Buffer((oc,), "float32"),
-                        Out: T.Buffer(oshape, "float32")):
+                        Out: T.Buffer(oshape, out_dtype)):
             T.func_attr(attrs)
             body(X, Wt, lambda nb: T.address_of(B[2 * nb * LANES]), Out, copy)
 
         return kernel_bias.without_attr("global_symbol")
 
     @T.prim_func
-    def kernel(X: T.Buffer(xshape, BF16), Wt: T.Buffer(wshape, BF16), Out: T.Buffer(oshape, "float32")):
+    def kernel(X: T.Buffer(xshape, BF16), Wt: T.Buffer(wshape, BF16), Out: T.Buffer(oshape, out_dtype)):
         T.func_attr(attrs)
         body(X, Wt, lambda nb: T.address_of(X[0, 0, 0, 0, 0]), Out, copy)  # C starts at zero: cinit unused
 
@@ -551,12 +592,15 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
 
 # ---- Relax --------------------------------------------------------------------------------
 def emit_conv2d_amx_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, g: ConvGeometry,
-                         bias=None, threads: int | None = None, request_permission: bool = True) -> relax.Expr:
-    """The conv of ``g`` on blocked ``x`` (bf16 or fp32) and float/bf16 ``w_oihw``: fp32 ``NCHW{ob}c``.
+                         bias=None, threads: int | None = None, request_permission: bool = True, clip=None,
+                         out_dtype: str = "float32") -> relax.Expr:
+    """The conv of ``g`` on blocked ``x`` (bf16 or fp32) and float/bf16 ``w_oihw``: ``NCHW{ob}c``.
 
-    ``bias``: optional fp32 ``[O]``, added in the tiles. ``threads``:
-    parallel tasks (default ``dense.default_threads()``, the target's
-    ``num-cores``). The target needs AMX (``mcpu`` sapphirerapids or later).
+    ``bias``: optional fp32 ``[O]``, added in the tiles. ``clip`` (lo, hi)
+    and ``out_dtype`` (``"float32"`` or ``"bfloat16"``): the epilogue on the
+    stored tiles (:func:`conv_kernel_func`). ``threads``: parallel tasks
+    (default ``dense.default_threads()``, the target's ``num-cores``). The
+    target needs AMX (``mcpu`` sapphirerapids or later).
     """
     in_dtype = str(bb.normalize(x).ty.dtype)
     if g.kb is None:
@@ -564,14 +608,15 @@ def emit_conv2d_amx_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarr
     if needs_pack(g, in_dtype):
         pack = bb.add_func(pack_data_func(g, in_dtype), "hago_pack_amx_conv")
         x = bb.emit(relax.call_tir(pack, [x], relax.TensorType((g.n, g.cb, g.hp, g.wp, g.k_block), BF16)))
-    func = conv_kernel_func(g, threads or default_threads(), bias is not None, request_permission)
+    func = conv_kernel_func(g, threads or default_threads(), bias is not None, request_permission, clip=clip,
+                            out_dtype=out_dtype)
     gv = bb.add_func(func, "hago_conv2d_amx_bf16")
     args = [x, relax.const(tvm.runtime.tensor(pack_conv_weight(w_oihw, g.k_block)))]
     if bias is not None:
         b = np.zeros(g.o16 * LANES, np.float32)  # a tile load reads all 16 channels of the last block
         b[:g.o] = np.asarray(bias, np.float32).reshape(-1)
         args.append(relax.const(b))
-    out_type = relax.TensorType((g.n, g.o // g.ob, g.oh, g.ow, g.ob), "float32")
+    out_type = relax.TensorType((g.n, g.o // g.ob, g.oh, g.ow, g.ob), out_dtype)
     return bb.emit(relax.call_tir(gv, args, out_type))
 
 
@@ -591,17 +636,17 @@ def _fp32_source(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
     return x
 
 
-def legalize_conv2d_amx_bf16(bb: relax.BlockBuilder, call: relax.Call, bias=None, threads: int | None = None,
-                             request_permission: bool = True) -> relax.Expr | None:
-    """The AMX kernel for a bf16 ``relax.nn.conv2d`` in hago's blocked layouts; None when it does not apply.
+def amx_bf16_conv(call: relax.Call) -> tuple[relax.Expr, np.ndarray, ConvGeometry] | None:
+    """``(data, OIHW weight, geometry)`` of a ``relax.nn.conv2d`` the AMX bf16 kernel takes; None if it does not.
 
     Takes data ``NCHW{ib}c`` (bf16 or fp32), a ``relax.Constant`` weight
     ``OIHW{ib}i{ob}o`` with the same ``ob`` as ``out_layout = NCHW{ob}c``, an
-    fp32 result; returns the fp32 ``NCHW{ob}c`` conv (plus ``bias`` when
-    given; otherwise bias and activation are the caller's epilogue).
+    fp32 result, static shapes.
     """
     from hago.backends.cpu.float_kernels import blocked_layouts
 
+    if getattr(call.op, "name", "") != "relax.nn.conv2d":
+        return None
     a = call.attrs
     blocks = blocked_layouts(a)
     x, w = call.args[0], call.args[1]
@@ -618,6 +663,19 @@ def legalize_conv2d_amx_bf16(bb: relax.BlockBuilder, call: relax.Call, bias=None
     strides, padding, dilation = _ints(a.strides), _ints(a.padding), _ints(a.dilation)
     if not conv2d_amx_bf16_applicable(xshape, wshape, strides, padding, dilation, int(a.groups)):
         return None
-    g = geometry(xshape, wshape, strides, padding)
-    w_oihw = blocked_weight_to_oihw(w.value.numpy())
+    return x, blocked_weight_to_oihw(w.value.numpy()), geometry(xshape, wshape, strides, padding)
+
+
+def legalize_conv2d_amx_bf16(bb: relax.BlockBuilder, call: relax.Call, bias=None, threads: int | None = None,
+                             request_permission: bool = True) -> relax.Expr | None:
+    """The AMX kernel for a bf16 ``relax.nn.conv2d`` in hago's blocked layouts; None when it does not apply.
+
+    See :func:`amx_bf16_conv`; returns the fp32 ``NCHW{ob}c`` conv (plus
+    ``bias`` when given; otherwise bias and activation are the caller's
+    epilogue, or :mod:`.bf16_epilogue` put them on the tiles already).
+    """
+    found = amx_bf16_conv(call)
+    if found is None:
+        return None
+    x, w_oihw, g = found
     return emit_conv2d_amx_bf16(bb, _fp32_source(bb, x), w_oihw, g, bias, threads, request_permission)

@@ -112,3 +112,48 @@ def test_bf16_build_runs_convs_and_denses_on_amx_and_tracks_its_twin(prepared, m
     # the conv's bf16 output feeds a bf16 dense: its rounding can flip a bf16 step there, so compare by agreement
     assert (real.argmax(1) == sim.argmax(1)).all()
     assert np.abs(real - sim).mean() <= 2e-3 * np.abs(sim).mean()
+
+
+@needs_amx
+def test_bf16_conv_epilogue_on_the_tiles_is_bit_identical(monkeypatch):
+    """bf16 conv + bias + relu6/relu (+ the next layer's bf16 cast) becomes one AMX kernel call with the clamp and
+    the cast on its stored tiles: no separate elementwise pass, outputs bit-identical to the unfused build."""
+    import tvm
+    from torch import nn
+    from tvm import relax
+
+    import hago.backends.amx.bf16_epilogue as epilogue
+    from hago.build import target_of
+    from hago.compiler import static_pair
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.c1 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+            self.c2, self.c3 = nn.Conv2d(64, 64, 1), nn.Conv2d(64, 32, 1)
+
+        def forward(self, x):
+            y = nn.functional.relu6(self.c1(torch.relu(self.stem(x))))
+            return self.c3(torch.relu(self.c2(y))).mean((2, 3))
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    spec = HardwareSpec.load("x86-amx")
+    q = quantize(Net().eval(), spec, {"x": x}, example_inputs=(torch.from_numpy(x[:1]),), corrections=(),
+                 annotate_config=AnnotateConfig(all_bf16=True))
+    _, mod = static_pair(q, spec, 1)
+    chains = epilogue._Chains  # the rewrite's own view of the blocked module
+    from hago.backends.cpu.float_layout import block_float_convs
+
+    with target_of(spec):
+        ends = chains(block_float_convs(mod, 16, bf16=True)["main"]).ends()
+    kinds = sorted((clip, dtype) for _, _, clip, dtype in ends.values())
+    assert kinds == [((0.0, 6.0), "bfloat16"), ((0.0, np.inf), "bfloat16")]  # c1: relu6 + cast, c2: relu + cast
+    outs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(epilogue, "fuse_bf16_epilogues", lambda m: m)
+        ex = get_backend("amx").build(mod, target_of(spec))
+        outs[fused] = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
+    assert np.abs(outs[True]).max() > 0
+    np.testing.assert_array_equal(outs[True], outs[False])
