@@ -25,8 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-#: (model, c, hw, o, k, stride): the distinct non-depthwise convs after each model's stem
+#: (model, c, hw, o, k, stride): the distinct non-depthwise convs; a stem (c < 16) reads plain NCHW and runs on
+#: AMX with its kernel columns folded into K (``emit_conv2d_amx_int8_taps``)
 SHAPES = [
+    ("resnet18", 3, 224, 64, 7, 2), ("mobilenetv2", 3, 224, 32, 3, 2),
     ("resnet18", 64, 56, 64, 3, 1), ("resnet18", 64, 56, 128, 3, 2), ("resnet18", 64, 56, 128, 1, 2),
     ("resnet18", 128, 28, 128, 3, 1), ("resnet18", 128, 28, 256, 3, 2), ("resnet18", 128, 28, 256, 1, 2),
     ("resnet18", 256, 14, 256, 3, 1), ("resnet18", 256, 14, 512, 3, 2), ("resnet18", 256, 14, 512, 1, 2),
@@ -78,7 +80,7 @@ def main() -> int:
     import tvm
     from tvm import relax
 
-    from hago.backends.amx.conv_int8 import emit_conv2d_amx_int8, int8_geometry
+    from hago.backends.amx.conv_int8 import emit_conv2d_amx_int8, emit_conv2d_amx_int8_taps, int8_geometry
     from hago.backends.amx.dense import emit_dense_amx
     from hago.backends.amx.permission import amx_available
     from hago.backends.registry import get_backend
@@ -94,12 +96,13 @@ def main() -> int:
     inputs, variants = {}, {}
     for i, (model, c, hw, o, k, s) in enumerate(shapes):
         pad = (k // 2,) * 4
-        x = rng.integers(0, 256, (1, -(-c // 16), hw, hw, 16), dtype=np.uint8)
+        stem = c < 16
+        x = rng.integers(0, 256, (1, c, hw, hw) if stem else (1, -(-c // 16), hw, hw, 16), dtype=np.uint8)
         w = rng.integers(-128, 128, (o, c, k, k), dtype=np.int8)
         rq = _requant(o, rng)
-        g = int8_geometry(x.shape, w.shape, (s, s), pad)
+        g = "taps" if stem else int8_geometry(x.shape, w.shape, (s, s), pad)
         ways = {"vnni": None, "amx": g}
-        if not any(pad) and g.k_block != 16:
+        if not stem and not any(pad) and g.k_block != 16:
             ways["amx_kb16"] = dataclasses.replace(g, kb=16)
         for way, geo in ways.items():
             name = f"s{i}_{way}"
@@ -108,6 +111,8 @@ def main() -> int:
                 with bb.dataflow():
                     if geo is None:
                         y = emit_conv2d_vnni(bb, v, w, (s, s), (1, 1), 1, pad, 100, rq, out_layout="NCHW16c")
+                    elif geo == "taps":
+                        y = emit_conv2d_amx_int8_taps(bb, v, w, (s, s), pad, 100, rq, threads=args.threads)
                     else:
                         y = emit_conv2d_amx_int8(bb, v, w, (s, s), pad, 100, rq, threads=args.threads, g=geo)
                     out = bb.emit_output(y)
@@ -144,11 +149,12 @@ def main() -> int:
                 t = vm.time_evaluator(name, tvm.cpu(), number=20, repeat=1)(inputs[i]).min * 1e6
                 best[way] = min(best[way], t)
         g = dict((way, geo) for way, _, geo in variants[i])["amx"]
-        macs = g.n * o * g.oh * g.ow * c * k * k / 1e6
+        oh = (hw + 2 * (k // 2) - k) // s + 1
+        macs = o * oh * oh * c * k * k / 1e6
         kb16 = f"{best['amx_kb16']:9.1f}" if "amx_kb16" in best else f"{'-':>9}"
         amx = min(v for way, v in best.items() if way != "vnni")
         print(f"{model:<19}{f'{k}x{k}/{s} {c}->{o} @{hw}':<22}{macs:7.1f}{best['vnni']:9.1f}{best['amx']:9.1f}"
-              f"{g.k_block:4d}{kb16}{best['vnni'] / amx:9.2f}{peak_fraction(macs * 1e6, amx, args.threads):7.1%}")
+              f"{'taps' if g == 'taps' else g.k_block:>4}{kb16}{best['vnni'] / amx:9.2f}{peak_fraction(macs * 1e6, amx, args.threads):7.1%}")
     for j, (model, m, k, n) in enumerate(denses):
         outs = {way: vm[f"d{j}_{way}"](inputs[f"d{j}"]).numpy() for way in ("vnni", "amx")}
         assert np.array_equal(outs["vnni"], outs["amx"]), f"{model} {m}x{k}x{n}: amx differs from vnni"

@@ -120,6 +120,10 @@ class ConvGeometry:
     kb: int | None = None
     force_mode: str | None = None
     dtype: str = "bf16"  # "bf16" (tdpbf16ps, fp32 out) or "int8" (tdpbusd, requantized uint8/int8 NCHW16c out)
+    #: channels of a pixel-packed input ``[N, 1, Hp, Wp + slack, C]`` (a narrow stem, NCHW{C}c padded: an A
+    #: row of ``kb`` bytes then covers ``kb / C`` neighbouring pixels, the kernel columns folded into K;
+    #: ``slack`` pixels end each row so the last A row stays inside it); None: ``[N, C/kb, Hp, Wp, kb]``
+    pitch: int | None = None
 
     @property
     def k_block(self) -> int:
@@ -130,8 +134,17 @@ class ConvGeometry:
         return -(-self.c // self.k_block)
 
     @property
-    def pixel(self) -> int:  # bytes of one input pixel (one A row)
-        return pixel_bytes(self.k_block, self.dtype)
+    def pixel(self) -> int:  # bytes from one input pixel to the next (an A row's start)
+        return self.pitch or pixel_bytes(self.k_block, self.dtype)
+
+    @property
+    def row_pixels(self) -> int:
+        """Pixels of one input row: ``Wp``, plus the slack of a pixel-packed input (see ``pitch``)."""
+        return self.wp + (-(-self.k_block // self.pitch) if self.pitch else 0)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_pixels * self.pixel
 
     @property
     def hp(self) -> int:
@@ -169,7 +182,7 @@ class ConvGeometry:
         """
         if self.force_mode:
             return self.force_mode
-        if self.strides != (1, 1):
+        if self.strides != (1, 1) or self.pitch:
             return "rows"
         if self.wp == self.ow:
             return "image"
@@ -367,7 +380,7 @@ def weights_outer_order(g: ConvGeometry, cm: int, cn: int) -> bool:
     rows, per_line = g.tiling()
     pairs = g.n * -(-g.lines * per_line // 2) / cm
     groups = -(-g.o16 // 2) / cn
-    a_bytes = g.n * g.cb * g.hp * g.wp * g.pixel / cm
+    a_bytes = g.n * g.cb * g.hp * g.row_bytes / cm
     b_bytes = g.o16 * g.cb * g.kh * g.kw * b_step_bytes(g.k_block, g.dtype) / cn
     return b_bytes + groups * a_bytes < a_bytes + pairs * b_bytes
 
@@ -422,7 +435,7 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     sh, sw = g.strides
     i64 = T.int64
     lda = i64(g.pixel if image else sw * g.pixel)
-    khstride, icstride = i64(wp * g.pixel), i64(g.hp * wp * g.pixel)
+    khstride, icstride = i64(g.row_bytes), i64(g.hp * g.row_bytes)
     bnext = i64(g.cb * g.kh * g.kw * b_step_bytes(kb, dt))
     cnext, ldc = i64(plane * 4 * LANES if direct else rows * 4 * LANES), i64(4 * LANES)
     vals = ELEMENT[dt][1]
@@ -430,7 +443,7 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     acc_dtype, out_dtype = ("int32", requant.dtype) if int8 else ("float32", out_dtype)
     check = bool(request_permission)
     attrs = {"tir.noalias": True, KERNEL_ATTR: CONV_AMX, IS_SCHEDULED: True, "op_pattern": OPAQUE}
-    xshape = (g.n, g.cb, g.hp, wp, kb)
+    xshape = (g.n, g.cb, g.hp, wp, kb) if g.pitch is None else (g.n, 1, g.hp, g.row_pixels, g.pitch)
     wshape = (g.o16, g.cb, g.kh, g.kw, kb // vals, LANES, vals)
     oshape = (g.n, out_blocks, oh, ow, ob)
     steps = (i64(g.cb), i64(g.kh), i64(g.kw), icstride, khstride)

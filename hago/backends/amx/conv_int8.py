@@ -35,6 +35,7 @@ from tvm import relax
 from hago.errors import QuantizeError
 
 from ..base import Requant
+from ..x86.vnni import _to_nchwc_te
 from .conv import ConvGeometry, conv_kernel_func, k_block, needs_pack, pack_conv_weight, pack_data_func
 from .dense import LANES, default_threads
 
@@ -110,3 +111,63 @@ def amx_int8_pays(g: ConvGeometry) -> bool:
     """
     kind = "1x1" if g.kh * g.kw == 1 else "kxk"
     return g.c >= AMX_MIN_CHANNELS[kind]
+
+
+# ---- narrow first layers: the kernel columns folded into K ------------------------------------------
+def amx_int8_taps_applicable(data_shape, weight_shape, strides, dilation, groups) -> bool:
+    """Whether a plain ``NCHW`` uint8 conv with few channels (an RGB stem) can run with its columns in K.
+
+    ``C * KW`` must fit one tile row (64 bytes); one group, no dilation, static shapes.
+    """
+    try:
+        ds, ws = [int(s) for s in data_shape], [int(s) for s in weight_shape]
+        dilation = [int(d) for d in dilation]
+    except (TypeError, ValueError):
+        return False
+    if len(ds) != 4 or len(ws) != 4 or int(groups) != 1 or any(d != 1 for d in dilation) or ds[1] != ws[1]:
+        return False
+    return ws[1] * ws[3] <= 64 and min(ds + ws) >= 1
+
+
+def taps_k_block(c: int, kw: int) -> int:
+    """The K step holding one kernel row's ``kw * c`` values: 16, 32 or 64."""
+    return next(kb for kb in (16, 32, 64) if c * kw <= kb)
+
+
+def taps_geometry(data_shape, weight_shape, strides, padding) -> ConvGeometry:
+    """The ``KH x 1`` conv over pixel-packed rows that computes a narrow ``KH x KW`` conv (:class:`ConvGeometry`)."""
+    n, c, h, w = (int(s) for s in data_shape)
+    o, _, kh, kw = (int(s) for s in weight_shape)
+    top, left, bottom, right = (int(p) for p in padding)
+    sh, sw = (int(s) for s in strides)
+    kb = taps_k_block(c, kw)
+    wp = w + left + right
+    # "pixels" of the folded conv: every padded column a window can start at; the kernel reads kb bytes from each
+    return ConvGeometry(n, kb, h + top + bottom, wp - kw + 1, -(-o // LANES) * LANES, kh, 1, (sh, sw),
+                        (0, 0, 0, 0), kb, LANES, kb=kb, dtype="int8", pitch=c)
+
+
+def emit_conv2d_amx_int8_taps(bb: relax.BlockBuilder, x_u8: relax.Expr, w_oihw: np.ndarray, strides, padding,
+                              pad_value: int, requant: Requant, threads: int | None = None) -> relax.Expr:
+    """The requantized conv of a plain ``NCHW`` uint8 input with few channels: ``requant.dtype`` ``NCHW16c``.
+
+    The input is rewritten once as ``NCHW{C}c`` (all channels of a pixel
+    together), padded with ``pad_value`` and ``slack`` pixels at each row's end
+    (the x86 ``nchw_to_nchwc`` kernel, the pass the VNNI conv makes too), so
+    the tiles read each kernel row's ``KW * C`` bytes as one A row (row stride
+    ``stride_w * C`` bytes) and run a ``KH x 1`` conv with a K step of ``KW *
+    C`` values rounded up to 16/32/64, instead of ``C`` channels padded to 16
+    per tap. The bytes an A row reads past ``KW * C`` meet zero weights.
+    """
+    ty = bb.normalize(x_u8).ty
+    xs = [int(s) for s in ty.shape.values]
+    w = np.asarray(w_oihw)
+    o, c, kh, kw = w.shape
+    g = taps_geometry(xs, w.shape, strides, padding)
+    top, left, bottom, _ = (int(p) for p in padding)
+    right = g.row_pixels - xs[3] - left  # the conv's right padding and the slack
+    rows = bb.emit_te(_to_nchwc_te, x_u8, c, c, (top, left, bottom, right), int(pad_value),
+                      primfunc_name_hint="hago_nchw_to_nchwc")
+    wt = np.zeros((o, g.k_block, kh, 1), np.int8)
+    wt[:, :kw * c, :, 0] = w.transpose(0, 3, 1, 2).reshape(o, kw * c, kh)  # [o, (kw, c), kh]: NHWC byte order
+    return emit_conv2d_amx_int8(bb, rows, wt, g.strides, (0, 0, 0, 0), pad_value, requant, threads, g=g)

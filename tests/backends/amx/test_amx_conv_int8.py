@@ -37,6 +37,7 @@ class Case:
     padding: tuple[int, int, int, int]
     kb: int | None = None  # forced K step (None: int8_geometry's choice)
     mode: str | None = None  # forced tile mode
+    taps: bool = False  # plain NCHW input, kernel columns folded into K (emit_conv2d_amx_int8_taps)
 
 
 CASES = {
@@ -48,6 +49,9 @@ CASES = {
     "3x3_s2_asym_pad_c24": Case(1, 24, (9, 17), 20, 3, 2, (0, 1, 1, 0)),
     "3x3_7x7_image_tiles": Case(1, 128, (7, 7), 64, 3, 1, (1, 1, 1, 1), mode="image"),
     "5x5_pad2_rows_c48": Case(1, 48, (8, 8), 16, 5, 1, (2, 2, 2, 2), mode="rows"),
+    "taps_rgb_7x7_s2": Case(1, 3, (30, 30), 64, 7, 2, (3, 3, 3, 3), taps=True),
+    "taps_rgb_3x3_s2_o20": Case(2, 3, (17, 17), 20, 3, 2, (1, 1, 1, 1), taps=True),
+    "taps_gray_5x5_asym": Case(1, 1, (12, 12), 16, 5, 1, (2, 2, 1, 1), taps=True),
 }
 
 
@@ -87,7 +91,7 @@ def _case_data(name: str, case: Case):
     rq = Requant(bias, mult, shift, zy, 0, 255, "uint8")
     ref = rescale_fixed_point(acc + bias[None, :, None, None], mult.astype(np.int64), shift, axis=1) + zy
     ref = np.clip(ref, 0, 255).astype(np.uint8)
-    return _blocked(x, zx), w, rq, zx, _blocked(ref, zy)
+    return (x if case.taps else _blocked(x, zx)), w, rq, zx, _blocked(ref, zy)
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +99,24 @@ def built():
     import tvm
     from tvm import relax
 
-    from hago.backends.amx.conv_int8 import emit_conv2d_amx_int8
+    from hago.backends.amx.conv_int8 import emit_conv2d_amx_int8, emit_conv2d_amx_int8_taps
     from hago.backends.registry import get_backend
 
     bb, cases = relax.BlockBuilder(), {}
     for name, case in CASES.items():
         xb, w, rq, zx, ref = _case_data(name, case)
-        g = int8_geometry(xb.shape, w.shape, (case.stride,) * 2, case.padding)
-        g = dataclasses.replace(g, kb=case.kb or g.k_block, force_mode=case.mode)
+        g = None
+        if not case.taps:
+            g = int8_geometry(xb.shape, w.shape, (case.stride,) * 2, case.padding)
+            g = dataclasses.replace(g, kb=case.kb or g.k_block, force_mode=case.mode)
         v = relax.Var("x", relax.TensorType(xb.shape, "uint8"))
         with bb.function(name, [v]):
             with bb.dataflow():
-                out = bb.emit_output(emit_conv2d_amx_int8(bb, v, w, (case.stride,) * 2, case.padding, zx, rq, g=g))
+                if case.taps:
+                    y = emit_conv2d_amx_int8_taps(bb, v, w, (case.stride,) * 2, case.padding, zx, rq)
+                else:
+                    y = emit_conv2d_amx_int8(bb, v, w, (case.stride,) * 2, case.padding, zx, rq, g=g)
+                out = bb.emit_output(y)
             bb.emit_func_output(out)
         cases[name] = (xb, ref, g, np.unique(ref).size)
     target = tvm.target.Target(TARGET)
@@ -148,7 +158,7 @@ def test_bit_exact_against_intref(built, name):
 
 @needs_amx
 def test_case_geometries_cover_both_k_steps_and_modes(built):
-    geos = [g for _, _, g, _ in built[1].values()]
+    geos = [g for _, _, g, _ in built[1].values() if g is not None]
     assert {g.k_block for g in geos} == {16, 32, 64} and {g.mode for g in geos} == {"rows", "image"}
 
 
@@ -161,7 +171,7 @@ def test_assembly_has_tdpbusd(built):
 
 @needs_amx
 def test_network_on_x86_amx_runs_amx_convs_bit_identical_to_vnni():
-    """A small CNN quantized for x86-amx: its blocked 3x3 and wide 1x1 convs run on AMX, the RGB stem and the
+    """A small CNN quantized for x86-amx: its RGB stem, blocked 3x3 and wide 1x1 convs run on AMX, the
     24-channel 1x1 on VNNI, the depthwise on its blocked kernel, and the output equals the x86-avx512-vnni build's bit for bit."""
     import tvm
     from tvm import relax
@@ -200,7 +210,9 @@ def test_network_on_x86_amx_runs_amx_convs_bit_identical_to_vnni():
         outs[device] = vm["main"](tvm.runtime.tensor(x[:2])).numpy()
     amx = len(re.findall(r"call_tir\(cls\.hago_conv2d_amx_int8\d*,", texts["x86-amx"]))
     vnni = len(re.findall(r"call_tir\(cls\.hago_conv2d_nchwc_vnni\d*,", texts["x86-amx"]))
-    assert (amx, vnni) == (3, 2)  # c3 (3x3, 32 channels), pw (1x1, 64), narrow (1x1, 80); stem and up (24): VNNI
+    # stem (RGB, columns in K), c3 (3x3, 32 channels), pw (1x1, 64), narrow (1x1, 80) on AMX; up (1x1, 24) on VNNI
+    assert (amx, vnni) == (4, 1)
+    assert "hago_nchw_to_nchwc" in texts["x86-amx"]  # the stem's input packed once
     assert "hago_conv2d_amx_int8" not in texts["x86-avx512-vnni"]
     assert np.abs(outs["x86-amx"]).max() > 0
     np.testing.assert_array_equal(outs["x86-amx"], outs["x86-avx512-vnni"])
