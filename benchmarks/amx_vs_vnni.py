@@ -3,7 +3,8 @@
     python benchmarks/amx_vs_vnni.py [--threads 2] [--rounds 5] [--only resnet18]
 
 Each shape is built three ways in one module from the same uint8 NCHW16c input, int8 weights and requantize
-constants (batch 1): the VNNI conv requantizing on its register tiles (what the x86 plan runs), the AMX
+constants (batch 1; the float requantize of the x86-amx spec): the VNNI conv requantizing on its register
+tiles (what the x86 plan runs), the AMX
 int8 conv with its default K step (``conv_int8.int8_geometry``), and the AMX conv reading the 16-channel
 blocks in place (``kb = 16``, where the conv does not pad). Outputs are checked equal, then the kernels are
 timed in alternation (``time_evaluator``, min over rounds), so the ratios are side by side. The printed table
@@ -63,10 +64,11 @@ def peak_fraction(macs: float, us: float, cores: int) -> float:
 
 
 def _requant(o, rng):
+    """Float requantize constants, as the x86-amx spec declares (``requantize: float``) for both kernels."""
     from hago.backends.base import Requant
 
-    return Requant(rng.integers(-5000, 5000, o).astype(np.int32), rng.integers(2**29, 2**30, o).astype(np.int32),
-                   np.full(o, 44, np.int64), 100, 0, 255, "uint8")
+    scale = (rng.integers(2**29, 2**30, o) / 2.0**44).astype(np.float32)
+    return Requant(rng.integers(-5000, 5000, o).astype(np.int32), None, None, 100, 0, 255, "uint8", scale=scale)
 
 
 def main() -> int:

@@ -37,22 +37,27 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class Requant:
-    """Per-output-channel constants of realize's fixed-point requantize (``shift`` in [1, 62]).
+    """Per-output-channel constants of realize's requantize: fixed point (``shift`` in [1, 62]) or float.
 
-    What realize hands a kernel that requantizes in its own write-back
-    (``p = int64(acc + bias) * multiplier``, rounded half away from zero by
-    ``shift``, plus the zero point, clipped to ``[qmin, qmax]``): the same
-    arithmetic as realize's element-wise requantize, on the kernel's register
-    tile, so the result is bit-identical.
+    What realize hands a kernel that requantizes in its own write-back: the
+    same arithmetic as realize's element-wise requantize, on the kernel's
+    register tile, so the result is bit-identical. Fixed point (a spec's
+    ``requantize: fixed_point``): ``p = int64(acc + bias) * multiplier``,
+    rounded half away from zero by ``shift``, plus the zero point, clipped to
+    ``[qmin, qmax]``. Float (``requantize: float``, ``scale`` set, no
+    multiplier): ``round(float32(acc + bias) * scale) + zero point``, clipped,
+    as oneDNN and MLAS requantize: a third of the vector work (no 64-bit
+    lanes), at fp32's rounding of the scaled accumulator.
     """
 
     bias: np.ndarray  # int32 [O], added to the int32 accumulator (zero-point term folded in)
-    multiplier: np.ndarray  # [O], < 2**31
-    shift: np.ndarray  # [O]
+    multiplier: np.ndarray | None  # [O], < 2**31 (fixed point)
+    shift: np.ndarray | None  # [O] (fixed point)
     zero_point: int
     qmin: int
     qmax: int
     dtype: str  # "uint8" | "int8"
+    scale: np.ndarray | None = None  # [O] float32 (float requantize)
 
     def constants(self, channels: int) -> list:
         """``bias`` int32, ``multiplier`` int32, ``half = 2**(shift-1)`` int64, ``shift`` int64, each ``[channels]``.
@@ -61,6 +66,10 @@ class Requant:
         -> 64 bit one (``vpmuldq``), not a full 64-bit multiply. Channels past
         the per-channel arrays (a blocked layout's padding) get bias 0 and
         multiplier 0, so they requantize to the zero point: real value 0.
+
+        A float requantize has the same four slots (every kernel takes four):
+        ``bias``, ``scale`` float32 (0 past the channels), and two unused
+        int64 zeros.
         """
         from tvm import relax
 
@@ -70,6 +79,9 @@ class Requant:
                 return relax.const(np.full(channels, a[0], dtype), dtype)
             return relax.const(np.concatenate([a, np.full(channels - a.size, pad, dtype)]), dtype)
 
+        if self.scale is not None:
+            unused = full(0, "int64", 0)
+            return [full(self.bias, "int32", 0), full(self.scale, "float32", 0), unused, unused]
         shift = np.asarray(self.shift).astype(np.int64)
         return [full(self.bias, "int32", 0), full(self.multiplier, "int32", 0),
                 full(np.int64(1) << (shift - 1), "int64", 1), full(shift, "int64", 1)]

@@ -96,9 +96,14 @@ class Weighted(OpHandler):
         groups = int(a.groups)
         kernel = r.plan.conv_kernel(node, choice, qx, xs, wq.shape)
         rq = None  # a kernel requantizes in its own write-back when the output is integer
-        if consts.multiplier is not None and kernel is not None and kernel.requantizes:
+        if qy is not None and kernel is not None and kernel.requantizes and (
+                consts.multiplier is not None or r.style == "float"):
+            scale = None
+            if r.style == "float":  # what realize's float requantize multiplies by, rounded to float32 as there
+                real = float(qx.scale) * consts.weight_scale.astype(np.float64) / float(qy.scale)
+                scale = real.astype(np.float32)
             rq = Requant(folded.astype(np.int32), consts.multiplier, consts.shift, int(qy.zero_point),
-                         int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype))
+                         int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype), scale=scale)
             rq = absorb_activation(r, node.name, rq)
         if kernel is not None:
             args = ConvArgs(_ints(a.strides), pad, _ints(a.dilation), groups, int(qx.zero_point))

@@ -575,10 +575,11 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     oc = g.o16 * LANES
     if int8:
         attrs[KERNEL_ATTR] = CONV_AMX_INT8
+        m_dtype = "float32" if requant.scale is not None else "int32"  # Requant.constants' second slot
 
         @T.prim_func
         def kernel_int8(X: T.Buffer(xshape, a_dtype), Wt: T.Buffer(wshape, w_dtype), RB: T.Buffer((oc,), "int32"),
-                        RM: T.Buffer((oc,), "int32"), RH: T.Buffer((oc,), "int64"), RS: T.Buffer((oc,), "int64"),
+                        RM: T.Buffer((oc,), m_dtype), RH: T.Buffer((oc,), "int64"), RS: T.Buffer((oc,), "int64"),
                         Out: T.Buffer(oshape, out_dtype)):
             T.func_attr(attrs)
             body(X, Wt, lambda nb: T.address_of(X[0, 0, 0, 0, 0]), Out,

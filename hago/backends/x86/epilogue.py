@@ -20,11 +20,20 @@ from ..base import Requant  # the constants realize hands a kernel (bias, multip
 
 
 def requant_expr(acc_value, c, bias, mult, half, shift, rq: Requant):
-    """The requantized 8-bit value of the int32 ``acc_value`` of output channel ``c`` (TE expression)."""
+    """The requantized 8-bit value of the int32 ``acc_value`` of output channel ``c`` (TE expression).
+
+    ``bias, mult, half, shift``: :meth:`Requant.constants`; for a float
+    requantize (``rq.scale``) ``mult`` holds the float32 scale and ``half``,
+    ``shift`` are unused.
+    """
     # the add runs on uint32 (wrapping, like int32 without overflow): LLVM may not widen an unsigned add
     # through the sign extension, so the product stays a 32 x 32 -> 64 bit one (vpmuldq, 1 uop) instead
     # of a full 64-bit multiply (vpmullq, 3 uops), which it picks when the int32 add is hoisted to int64
     s = (acc_value.astype("uint32") + bias[c].astype("uint32")).astype("int32")
+    if rq.scale is not None:  # realize's float requantize, op for op: round(f32(acc) * scale) + zp, clip, cast
+        f = tirx.round(s.astype("float32") * mult[c]) + tirx.const(float(rq.zero_point), "float32")
+        f = tirx.max(tirx.min(f, tirx.const(float(rq.qmax), "float32")), tirx.const(float(rq.qmin), "float32"))
+        return f.astype(rq.dtype)
     p = s.astype("int64") * mult[c].astype("int64")
     # round half away from zero without |p| and a select: for p < 0, ceil((p - half) / 2**s) is
     # floor((p + half - 1) / 2**s), and p >> 63 is that -1 (arithmetic shifts floor)

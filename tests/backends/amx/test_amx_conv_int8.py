@@ -38,6 +38,7 @@ class Case:
     kb: int | None = None  # forced K step (None: int8_geometry's choice)
     mode: str | None = None  # forced tile mode
     taps: bool = False  # plain NCHW input, kernel columns folded into K (emit_conv2d_amx_int8_taps)
+    float_requant: bool = False  # requantize with a float32 scale (a spec's requantize: float)
 
 
 CASES = {
@@ -52,6 +53,8 @@ CASES = {
     "taps_rgb_7x7_s2": Case(1, 3, (30, 30), 64, 7, 2, (3, 3, 3, 3), taps=True),
     "taps_rgb_3x3_s2_o20": Case(2, 3, (17, 17), 20, 3, 2, (1, 1, 1, 1), taps=True),
     "taps_gray_5x5_asym": Case(1, 1, (12, 12), 16, 5, 1, (2, 2, 1, 1), taps=True),
+    "float_requant_3x3_c40": Case(1, 40, (10, 10), 48, 3, 1, (1, 1, 1, 1), float_requant=True),
+    "float_requant_taps_rgb": Case(1, 3, (20, 20), 32, 3, 2, (1, 1, 1, 1), taps=True, float_requant=True),
 }
 
 
@@ -88,9 +91,15 @@ def _case_data(name: str, case: Case):
     spread = float((acc + bias[None, :, None, None]).std())
     shift = np.full(case.o, int(np.round(np.log2(spread * 2**30 / 40))), np.int64)  # outputs span the range
     shift[::3] += 1
-    rq = Requant(bias, mult, shift, zy, 0, 255, "uint8")
-    ref = rescale_fixed_point(acc + bias[None, :, None, None], mult.astype(np.int64), shift, axis=1) + zy
-    ref = np.clip(ref, 0, 255).astype(np.uint8)
+    if case.float_requant:  # realize's float requantize: round(f32(acc + bias) * f32 scale) + zp, clipped
+        scale = (mult.astype(np.float64) / 2.0 ** shift).astype(np.float32)
+        rq = Requant(bias, None, None, zy, 0, 255, "uint8", scale=scale)
+        f = (acc + bias[None, :, None, None]).astype(np.int32).astype(np.float32) * scale[None, :, None, None]
+        ref = np.clip(np.rint(f) + np.float32(zy), 0, 255).astype(np.uint8)
+    else:
+        rq = Requant(bias, mult, shift, zy, 0, 255, "uint8")
+        ref = rescale_fixed_point(acc + bias[None, :, None, None], mult.astype(np.int64), shift, axis=1) + zy
+        ref = np.clip(ref, 0, 255).astype(np.uint8)
     return (x if case.taps else _blocked(x, zx)), w, rq, zx, _blocked(ref, zy)
 
 
@@ -170,9 +179,11 @@ def test_assembly_has_tdpbusd(built):
 
 
 @needs_amx
-def test_network_on_x86_amx_runs_amx_convs_bit_identical_to_vnni():
+def test_network_on_x86_amx_runs_amx_convs_bit_exact(run_tvm):
     """A small CNN quantized for x86-amx: its RGB stem, blocked 3x3 and wide 1x1 convs run on AMX, the
-    24-channel 1x1 on VNNI, the depthwise on its blocked kernel, and the output equals the x86-avx512-vnni build's bit for bit."""
+    24-channel 1x1 on VNNI, the depthwise on its blocked kernel, all requantizing with the spec's float
+    scales on their tiles; the output equals the plain-layout integer program's (realize's element-wise float
+    requantize) bit for bit, on both specs."""
     import tvm
     from tvm import relax
     from torch import nn
@@ -208,6 +219,7 @@ def test_network_on_x86_amx_runs_amx_convs_bit_identical_to_vnni():
         texts[device] = int_mod.script(show_meta=False)
         vm = relax.VirtualMachine(build(int_mod, target_of(spec)), tvm.cpu())
         outs[device] = vm["main"](tvm.runtime.tensor(x[:2])).numpy()
+        np.testing.assert_array_equal(outs[device], run_tvm(q.realized.mod, x[:2]))
     amx = len(re.findall(r"call_tir\(cls\.hago_conv2d_amx_int8\d*,", texts["x86-amx"]))
     vnni = len(re.findall(r"call_tir\(cls\.hago_conv2d_nchwc_vnni\d*,", texts["x86-amx"]))
     # stem (RGB, columns in K), c3 (3x3, 32 channels), pw (1x1, 64), narrow (1x1, 80) on AMX; up (1x1, 24) on VNNI
@@ -215,4 +227,6 @@ def test_network_on_x86_amx_runs_amx_convs_bit_identical_to_vnni():
     assert "hago_nchw_to_nchwc" in texts["x86-amx"]  # the stem's input packed once
     assert "hago_conv2d_amx_int8" not in texts["x86-avx512-vnni"]
     assert np.abs(outs["x86-amx"]).max() > 0
-    np.testing.assert_array_equal(outs["x86-amx"], outs["x86-avx512-vnni"])
+    assert HardwareSpec.load("x86-amx").requantize == "float"
+    # the two requantizes round differently only where a value sits within fp32's precision of a half
+    np.testing.assert_allclose(outs["x86-amx"], outs["x86-avx512-vnni"], atol=0.05 * np.abs(outs["x86-amx"]).max())
