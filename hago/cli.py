@@ -352,7 +352,9 @@ def _search_options(p) -> None:
     p.add_argument("--calibrator", default="mse")
     p.add_argument("--corrections", default=None,
                    help="corrections every candidate gets, comma separated: bias (default), adaround,bias, "
-                        "adaround_conv,bias or none (per-layer ones only)")
+                        "adaround_conv,bias, cle (cross-layer equalization of the FP32 weights, before "
+                        "calibration), bias_data_free (bias correction from batch-norm statistics, no data) "
+                        "or none (per-layer ones only)")
     p.add_argument("--rpc", help="tracker host:port; measure on the board registered under --key")
     p.add_argument("--key", help="RPC device key")
     p.add_argument("--measure-timeout", type=float, default=60.0, help="seconds before a measurement is failed")
@@ -382,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy plug-ins after calibration, comma separated, in order: bias (empirical bias "
                         "correction, each layer on its FP32 input), bias_sequential (layer by layer, slow), "
                         "adaround / adaround_conv (learned rounding of depthwise / all conv weights; put it "
-                        "before bias) or none; default: bias")
+                        "before bias), cle (cross-layer equalization through ReLU: rescales the FP32 weights "
+                        "before calibration), bias_data_free (data-free bias correction from batch-norm "
+                        "statistics) or none; default: bias")
     c.add_argument("-o", "--output", help="output folder for model.so, strategy.json, report.json")
     c.add_argument("--precision", default="int8",
                    help="int8 (default: integer where the spec allows) or bf16 (bf16 where the spec allows, fp32 "

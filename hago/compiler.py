@@ -19,14 +19,15 @@ import numpy as np
 
 from . import build as build_mod
 from .annotate import AnnotateConfig
-from .correct import check_corrections
+from .correct import CORRECTIONS, check_corrections
 from .data import Samples, check_labels, load_samples
 from .errors import DataError
 from .evaluate import agreement, predict, top1
 from .graph import Graph
 from .hwspec import HardwareSpec, check_target
 from .measure import device_threads, measure_local, pool_threads
-from .pipeline import CALIB_BATCH, PreparedModel, check_strategy, decide, lower, prepare_model, realized_program
+from .pipeline import (CALIB_BATCH, PreparedModel, apply_graph_corrections, check_strategy, decide, lower,
+                       prepare_model, realized_program)
 from .realize import Realized
 from .strategy import Strategy
 
@@ -96,7 +97,9 @@ def quantize(
     names :mod:`hago.correct` plug-ins run after calibration (none by default
     here: this is the stage function; :func:`compile` and the CLI default to
     :data:`DEFAULT_CORRECTIONS`). A replayed strategy carries their results
-    and runs none.
+    and runs none, except the graph corrections it names (``cle``), which
+    rewrite the FP32 weights before calibration and are re-applied to the
+    model (deterministically) so that its graph hash matches.
     """
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
     check_target(spec)  # an mcpu LLVM does not know: one line now, not 91 LLVM lines and a generic build later
@@ -107,8 +110,10 @@ def quantize(
     prepared = model if isinstance(model, PreparedModel) else prepare_model(model, calib, example_inputs=example_inputs)
     if strategy is not None:
         strat = strategy if isinstance(strategy, Strategy) else Strategy.load(strategy)
+        prepared = apply_graph_corrections(prepared, [n for n in strat.corrections if n in CORRECTIONS])
         check_strategy(strat, prepared, spec)
     else:
+        prepared = apply_graph_corrections(prepared, names)
         host = build_mod.target_of(spec) if spec.is_local else build_mod.host_target()
         strat = decide(prepared, spec, host, calibrator=calibrator, corrections=names, config=annotate_config,
                        batch_size=batch_size)

@@ -13,6 +13,7 @@ always stays in float.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,9 @@ class Node:
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     relax_op: str = ""
+    #: ``(mean, std)`` per output channel of the batch norm folded into this layer at prepare
+    #: (:func:`hago.prepare.fold_batch_norm`): the statistics of its output, bias included; None without one
+    bn_stats: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def weighted(self) -> bool:
@@ -101,6 +105,35 @@ def with_main(mod: tvm.IRModule, main: relax.Function) -> tvm.IRModule:
     out = module_without_main(mod)
     out["main"] = main
     return out
+
+
+#: Module attribute holding the statistics of folded batch norms: ``{weight_key(folded weight): [[mean], [std]]}``.
+#: On the module, not on ``main``: the graph hash (``main``'s) is the same with or without them.
+BN_STATS_ATTR = "hago_bn_stats"
+
+
+def weight_key(w: np.ndarray) -> str:
+    """A layer's identity across passes that keep its weight: a digest of the float32 weight bytes."""
+    return hashlib.sha1(np.ascontiguousarray(w, np.float32).tobytes()).hexdigest()[:20]
+
+
+def bn_stats(mod: tvm.IRModule) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The folded batch norms' output statistics kept on ``mod`` (:data:`BN_STATS_ATTR`), by weight key."""
+    attrs = mod.attrs
+    if attrs is None or BN_STATS_ATTR not in attrs:
+        return {}
+    out = {}
+    for k, v in attrs[BN_STATS_ATTR].items():
+        a = v.numpy().astype(np.float64)
+        out[str(k)] = (a[0], a[1])
+    return out
+
+
+def with_bn_stats(mod: tvm.IRModule, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> tvm.IRModule:
+    """``mod`` with :data:`BN_STATS_ATTR` set to ``stats`` (replacing what it held)."""
+    value = {k: tvm.runtime.tensor(np.stack([np.asarray(m, np.float32), np.asarray(s, np.float32)]))
+             for k, (m, s) in stats.items()}
+    return mod.with_attr(BN_STATS_ATTR, tvm.runtime.convert(value))
 
 
 def _const_value(expr) -> np.ndarray | None:
@@ -186,6 +219,7 @@ def analyze(mod: tvm.IRModule) -> Graph:
     body = func.body
     if not isinstance(body, relax.SeqExpr):
         raise QuantizeError("main has no binding blocks; run hago.prepare first")
+    stats = bn_stats(mod)
     bindings = [b for blk in body.blocks for b in blk.bindings]
     use_count: dict = {}
     for b in bindings:
@@ -210,6 +244,8 @@ def analyze(mod: tvm.IRModule) -> Graph:
         kind, weight = _classify(b.value)
         name = f"n{len(nodes)}_{kind}"
         node = Node(name, kind, b.value, b.var, b.var, weight=weight, relax_op=_op_name(b.value))
+        if stats and node.weighted:
+            node.bn_stats = stats.get(weight_key(weight))
         if node.weighted and use_count.get(b.var, 0) == 1:
             nxt = consumers_of_var[b.var][0]
             val = value_of.get(nxt)

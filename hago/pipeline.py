@@ -10,6 +10,10 @@ written once:
   its sizes (:mod:`hago.batching`): a :class:`PreparedModel`. Everything
   downstream takes it, so a search hands the model it already holds to
   :func:`hago.compile` instead of reloading the file;
+- :func:`apply_graph_corrections` runs the graph corrections
+  (:class:`~hago.correct.GraphCorrection`: ``cle``) on the prepared FP32
+  module, before anything is annotated or calibrated: a new
+  :class:`PreparedModel` (new weights, new graph hash) that remembers them;
 - :func:`calibrate` fills a strategy's ranges from one FP32 pass;
 - :func:`decide` is annotate (the spec's choices) plus calibration plus the
   correction plug-ins: a complete :class:`~hago.strategy.Strategy`;
@@ -22,6 +26,7 @@ same FP32 program.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -29,7 +34,7 @@ from .annotate import AnnotateConfig, annotate
 from .backends import backend_of
 from .batching import bind_calibration_dims, whole_batches
 from .calibrate import get_calibrator
-from .correct import CorrectionContext, check_corrections, corrected_graph, run_corrections
+from .correct import CorrectionContext, check_corrections, corrected_graph, get_correction, graph_stage, run_corrections
 from .data import InputInfo, Samples, load_samples
 from .errors import DataError, QuantizeError
 from .frontend import fixed_batch, import_model, input_infos
@@ -42,7 +47,8 @@ from .strategy import Strategy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PreparedModel", "prepare_model", "calibrate", "decide", "lower", "check_strategy", "CALIB_BATCH"]
+__all__ = ["PreparedModel", "prepare_model", "apply_graph_corrections", "calibrate", "decide", "lower",
+           "check_strategy", "CALIB_BATCH"]
 
 #: Samples per calibration pass for a graph with a symbolic batch.
 CALIB_BATCH = 64
@@ -55,7 +61,8 @@ class PreparedModel:
     ``declared_batch`` is the batch the file declared (the default build
     batch); ``fixed_batch`` is set when the graph depends on it (then every
     run uses it); ``calib`` is the calibration data, trimmed to whole batches
-    of a fixed batch; ``notes`` are one-line facts for the report.
+    of a fixed batch; ``notes`` are one-line facts for the report; ``rewrites``
+    the graph corrections already applied to ``fp32`` (:func:`apply_graph_corrections`).
     """
 
     fp32: object
@@ -66,6 +73,7 @@ class PreparedModel:
     fixed_batch: int | None = None
     calib: Samples | None = None
     notes: list[str] = field(default_factory=list)
+    rewrites: tuple[str, ...] = ()
 
     def batch_for(self, wanted: int) -> int:
         """``wanted``, unless the graph is fixed to another batch (then that one)."""
@@ -101,6 +109,26 @@ def prepare_model(model, calib=None, *, example_inputs=None) -> PreparedModel:
                          notes)
 
 
+def apply_graph_corrections(prepared: PreparedModel, names) -> PreparedModel:
+    """``prepared`` with the graph corrections among ``names`` applied to its FP32 module, in order.
+
+    Strategy-stage names are ignored here, and so are graph corrections it
+    already had (``prepared.rewrites``), so calling it twice, or on the model
+    a search hands over, changes nothing. Each is deterministic: a replayed
+    strategy that names one gets the same graph hash (:func:`check_strategy`).
+    """
+    todo = [n for n in graph_stage(tuple(names)) if n not in prepared.rewrites]
+    if not todo:
+        return prepared
+    fp32, notes = prepared.fp32, list(prepared.notes)
+    for name in todo:
+        fp32, report = get_correction(name).rewrite(fp32)
+        log.info("correction %s: %s", name, report)
+        notes.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    return dataclasses.replace(prepared, fp32=fp32, graph=analyze(fp32), graph_hash=graph_hash(fp32), notes=notes,
+                               rewrites=prepared.rewrites + tuple(todo))
+
+
 def calibrate(prepared: PreparedModel, strategy: Strategy, calibrator: str, target,
               batch_size: int = CALIB_BATCH) -> Strategy:
     """Observe the FP32 program on the calibration data and fill ``strategy``'s ranges."""
@@ -115,9 +143,18 @@ def calibrate(prepared: PreparedModel, strategy: Strategy, calibrator: str, targ
 def decide(prepared: PreparedModel, spec: HardwareSpec, target, *, calibrator: str = "mse",
            corrections: tuple[str, ...] = (), config: AnnotateConfig | None = None,
            batch_size: int = CALIB_BATCH) -> Strategy:
-    """Annotate for ``spec``, calibrate, and run the correction plug-ins: a complete strategy."""
+    """Annotate for ``spec``, calibrate, and run the correction plug-ins: a complete strategy.
+
+    Graph corrections among ``corrections`` must already be applied to ``prepared``
+    (:func:`apply_graph_corrections`); the strategy records them first.
+    """
     check_corrections(corrections)
+    missing = [n for n in graph_stage(corrections) if n not in prepared.rewrites]
+    if missing:
+        raise QuantizeError(f"correction {missing[0]} rewrites the FP32 graph: apply it before deciding "
+                            "(hago.pipeline.apply_graph_corrections)")
     strat = annotate(prepared.graph, spec, prepared.graph_hash, config)
+    strat.corrections.extend(prepared.rewrites)
     calibrate(prepared, strat, calibrator, target, batch_size)
     run_corrections(corrections, CorrectionContext(prepared.fp32, prepared.graph, strat, prepared.calib, target,
                                                    prepared.batch_for(batch_size)))

@@ -16,7 +16,11 @@ the hardware will run, so inference-only rewrites happen here, once:
 5. :func:`fold_batch_norm` folds inference batch norm into the preceding
    conv2d weights and bias: a quantized conv must carry the folded weights,
    or the weight ranges calibrated are not those that run; any other batch
-   norm with constant statistics becomes one multiply and one add;
+   norm with constant statistics becomes one multiply and one add. The
+   folded batch norms' output statistics (per channel mean ``beta`` and std
+   ``|gamma|``) are kept on the module (:data:`hago.graph.BN_STATS_ATTR`,
+   outside ``main``, so the graph hash is unchanged) for the data-free
+   corrections (:mod:`hago.correct.bias_data_free`);
 6. :func:`fold_pad_into_conv` merges a zero, spatial-only ``nn.pad`` into
    the padding of the NCHW conv2d it feeds (TF-ported nets such as
    EfficientNet-Lite pad explicitly for "SAME"): realize pads with the input
@@ -40,6 +44,7 @@ from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .conv1d import conv1d_as_conv2d
+from .graph import bn_stats, weight_key, with_bn_stats
 from .importer_ops import restore_relax_ops
 from .relax_rewrite import rewrite_relax_functions
 from .safe_index import safe_index
@@ -98,8 +103,25 @@ def fold_batch_norm() -> tvm.transform.Pass:
     (:func:`commute_constants`). Declines non-NCHW/OIHW convs and
     training-mode batch norms. A batch norm with constant statistics that
     does not follow a conv becomes ``x * s + t`` instead.
+
+    Each folded batch norm's output statistics, ``(beta, |gamma| *
+    sqrt(var / (var + eps)))`` per channel (exact when the running statistics
+    are those of the conv's output), are kept on the module under the folded
+    weight's key (:func:`hago.graph.weight_key`): after folding they are the
+    mean and std of the conv's output, which :func:`hago.graph.analyze`
+    attaches to the node as ``bn_stats``.
     """
-    return _FoldBatchNorm()
+    return _FoldBatchNormKeepStats()
+
+
+@tvm.transform.module_pass(opt_level=0, name="hago.FoldBatchNormKeepStats")
+class _FoldBatchNormKeepStats:
+    """:class:`_FoldBatchNorm` on every Relax function, then the statistics it saw onto the module."""
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        stats: dict = {}
+        mod = _FoldBatchNorm(stats)(mod)
+        return with_bn_stats(mod, {**bn_stats(mod), **stats}) if stats else mod
 
 
 def fold_pad_into_conv() -> tvm.transform.Pass:
@@ -157,7 +179,8 @@ class _CommuteMutator(PyExprMutator):
 
 @relax.transform.function_pass(opt_level=0, name="hago.FoldBatchNorm")
 class _FoldBatchNorm:
-    def __init__(self):
+    def __init__(self, stats: dict | None = None):
+        self.stats = stats if stats is not None else {}  # weight key -> (mean, std) of the folded output
         self.data = wildcard()
         self.weight = is_const()
         self.bias = is_const()
@@ -183,6 +206,14 @@ class _FoldBatchNorm:
         scale = (gamma if attrs.scale else np.ones_like(var)) / np.sqrt(var + float(attrs.epsilon))
         return scale, (bias - mean) * scale + (beta if attrs.center else 0.0)
 
+    def _output_stats(self, bn: relax.Call, matches) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std of the batch norm's output, per channel, if its input has the running statistics."""
+        gamma, beta, _, var = (matches[p].value.numpy().astype(np.float64) for p in self.bn_args)
+        attrs = bn.attrs
+        gamma = gamma if attrs.scale else np.ones_like(var)
+        mean = beta if attrs.center else np.zeros_like(var)
+        return mean, np.abs(gamma) * np.sqrt(var / (var + float(attrs.epsilon)))
+
     def _into_conv(self, expr: relax.Expr, matches) -> relax.Expr:
         conv, bn = matches[self.conv], matches[self.bn]
         ca = conv.attrs
@@ -199,7 +230,9 @@ class _FoldBatchNorm:
                 return expr
             bias = bias.reshape(channels)
         scale, shift = self._scale_shift(bn, matches, bias)
-        new_w = relax.const((weight * scale.reshape(-1, 1, 1, 1)).astype(weight.dtype))
+        folded = (weight * scale.reshape(-1, 1, 1, 1)).astype(weight.dtype)
+        self.stats[weight_key(folded)] = self._output_stats(bn, matches)
+        new_w = relax.const(folded)
         new_b = relax.const(shift.reshape(1, channels, 1, 1).astype(weight.dtype))
         new_conv = relax.Call(conv.op, [matches[self.data], new_w], ca, span=conv.span)
         return relax.op.add(new_conv, new_b)

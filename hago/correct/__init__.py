@@ -13,17 +13,26 @@ strategy (``OpChoice.bias_delta``), so ``realize`` and a replayed
   weights (Nagel et al. 2020; :mod:`hago.correct.adaround`), stored as one
   bit per weight in ``OpChoice.weight_round``; ``adaround_conv`` does every
   integer conv. Run it before ``bias``.
+* ``cle`` -- cross-layer equalization (Nagel et al. 2019, sec. 4.1;
+  :mod:`hago.correct.cle`): a *graph* correction that rescales conv/dense
+  pairs through ReLU in the FP32 weights before annotate and calibration,
+  leaving the FP32 function unchanged.
+* ``bias_data_free`` -- the paper's analytic bias correction
+  (:mod:`hago.correct.bias_data_free`): ``(W_q - W) E[x]`` with ``E[x]``
+  from the folded batch norms' statistics, no data.
 
 ``corrected_graph(graph, strategy)`` is the graph whose biases include the
 stored deltas and whose weights sit on their learned grid points; pass it to
 ``realize``/``simulate`` instead of the plain graph.
 """
 
-from hago.correct.base import (CORRECTIONS, Correction, CorrectionContext, check_corrections, corrected_graph,
-                               get_correction, register, run_corrections)
+from hago.correct.base import (CORRECTIONS, Correction, CorrectionContext, GraphCorrection, check_corrections,
+                               corrected_graph, get_correction, graph_stage, register, run_corrections)
 from hago.correct.adaround import AdaRound, AdaRoundConv
 from hago.correct.bias import BiasCorrection, SequentialBiasCorrection
+from hago.correct.bias_data_free import DataFreeBiasCorrection
+from hago.correct.cle import CrossLayerEqualization
 
 __all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Correction", "CorrectionContext",
-           "SequentialBiasCorrection", "check_corrections", "corrected_graph", "get_correction", "register",
-           "run_corrections"]
+           "CrossLayerEqualization", "DataFreeBiasCorrection", "GraphCorrection", "SequentialBiasCorrection",
+           "check_corrections", "corrected_graph", "get_correction", "graph_stage", "register", "run_corrections"]

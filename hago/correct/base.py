@@ -4,6 +4,15 @@ A correction is one class registered under a CLI name (``@register("bias")``)
 with ``run(ctx)``; it may only write ``strategy.ops[node].bias_delta`` and ``.weight_round``. Keeping
 its output in the strategy (not in a modified model) leaves the FP32 graph and
 its hash untouched, so the FP32 baseline and strategy replay stay exact.
+
+A :class:`GraphCorrection` (``stage = "graph"``; cross-layer equalization) is
+the one exception: it rewrites the prepared FP32 module's constants *before*
+annotate and calibration, since it changes weights and activation ranges
+both. It must leave the FP32 function unchanged (up to float rounding) and be
+deterministic, so that a replayed strategy, which names it in
+``strategy.corrections``, re-applies it to the same prepared model and finds
+the same graph hash (:func:`hago.pipeline.apply_graph_corrections`). Graph
+corrections run first, whatever their place in the list.
 """
 
 from __future__ import annotations
@@ -48,10 +57,28 @@ class Correction(ABC):
     #: its input edge) and its FP32 input: a search may then compute it once and copy it to every
     #: candidate that quantizes the layer the same way (``hago.search.engine``)
     local: ClassVar[bool] = False
+    #: ``strategy``: runs after calibration and writes into the strategy; ``graph``: a
+    #: :class:`GraphCorrection`, rewrites the FP32 module before annotate and calibration
+    stage: ClassVar[str] = "strategy"
 
     @abstractmethod
     def run(self, ctx: CorrectionContext) -> dict:
         """Apply the correction to ``ctx.strategy``; return a small report (numbers, for logs)."""
+
+
+class GraphCorrection(Correction):
+    """A plug-in that rewrites the prepared FP32 module's constants before calibration (``stage = "graph"``)."""
+
+    stage = "graph"
+    local = True  # applied once to the model every candidate shares
+
+    @abstractmethod
+    def rewrite(self, mod) -> tuple[object, dict]:
+        """``(new module, report)``: ``mod`` (a prepared IRModule) with its constants rewritten."""
+
+    def run(self, ctx: CorrectionContext) -> dict:
+        raise QuantizeError(f"correction {self.name!r} rewrites the FP32 graph before calibration; it runs "
+                            "through hago.pipeline.apply_graph_corrections, not after calibration")
 
 
 CORRECTIONS: dict[str, type[Correction]] = {}
@@ -73,10 +100,23 @@ def check_corrections(names: Sequence[str]) -> None:
             raise QuantizeError(f"unknown correction {name!r}; valid: {', '.join(sorted(CORRECTIONS))}")
 
 
+def graph_stage(names: Sequence[str]) -> list[str]:
+    """The names among ``names`` that are graph corrections (:class:`GraphCorrection`), in order."""
+    check_corrections(names)
+    return [n for n in names if CORRECTIONS[n].stage == "graph"]
+
+
 def run_corrections(names: Sequence[str], ctx: CorrectionContext) -> dict:
-    """Run the named corrections in order; record them in ``ctx.strategy.corrections``."""
+    """Run the named strategy-stage corrections in order; record them in ``ctx.strategy.corrections``.
+
+    Graph corrections among ``names`` are skipped here: they ran on the module
+    before calibration (the caller records them).
+    """
+    check_corrections(names)
     reports = {}
     for name in names:
+        if CORRECTIONS[name].stage == "graph":
+            continue
         corr = get_correction(name)
         reports[name] = corr.run(ctx)
         ctx.strategy.corrections.append(name)

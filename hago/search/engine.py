@@ -49,7 +49,7 @@ from ..calibrate import get_calibrator
 from ..data import check_labels, load_samples
 from ..errors import MeasureError, error_line
 from ..evaluate import predict
-from ..pipeline import CALIB_BATCH, prepare_model
+from ..pipeline import CALIB_BATCH, apply_graph_corrections, prepare_model
 from ..graph import analyze
 from ..hwspec import HardwareSpec
 from ..measure import LocalMeasurer, Measurer, device_threads
@@ -165,7 +165,9 @@ class SearchEngine:
             device_threads(self.spec.cores)
         # loaded and prepared once (hago.pipeline): symbolic sizes other than the batch come from the
         # calibration data; a static batch the graph depends on fixes every batch below
-        self.prepared = prepare_model(model, calib, example_inputs=example_inputs)
+        self.prepared = apply_graph_corrections(  # cle rewrites the FP32 weights every candidate starts from
+            prepare_model(model, calib, example_inputs=example_inputs),
+            (corrections,) if isinstance(corrections, str) else tuple(corrections or ()))
         self.fp32, self.graph, self.ghash = self.prepared.fp32, self.prepared.graph, self.prepared.graph_hash
         self.infos, self.fixed_batch = self.prepared.inputs, self.prepared.fixed_batch
         self.space = self._space(allow_float, weight_bits)
