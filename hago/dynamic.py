@@ -54,15 +54,17 @@ def emit_row_quantize(bb: relax.BlockBuilder, x: relax.Expr) -> tuple[relax.Expr
 
 
 def emit_dense(bb: relax.BlockBuilder, x: relax.Expr, w_q: np.ndarray, w_scale: np.ndarray,
-               bias: np.ndarray | None, matmul: Callable[[relax.BlockBuilder, relax.Expr, np.ndarray], relax.Expr]
-               ) -> relax.Expr:
+               bias: np.ndarray | None, matmul: Callable[[relax.BlockBuilder, relax.Expr, np.ndarray], relax.Expr],
+               rows: tuple | None = None) -> relax.Expr:
     """Float ``x [..., K] @ w`` through uint8 x int8 with per-row dynamic activation parameters.
 
     ``w_q`` is the int8 ``[K, N]`` weight with per-column scales ``w_scale``;
     ``matmul(bb, q_uint8, w_q)`` emits the int32 product (VNNI or plain).
+    ``rows``: ``x``'s :func:`emit_row_quantize` already emitted (a
+    transformer's Q, K and V projections read one input: quantized once).
     Returns the float32 output, bias included.
     """
-    q, scale, zp = emit_row_quantize(bb, x)
+    q, scale, zp = rows if rows is not None else emit_row_quantize(bb, x)
     acc = bb.emit(matmul(bb, q, w_q))
     wsum = w_q.astype(np.int64).sum(axis=0).astype(np.int32)
     centred = bb.emit(O.subtract(acc, O.multiply(zp, _c(wsum, "int32"))))

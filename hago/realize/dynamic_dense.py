@@ -41,6 +41,10 @@ class DynamicDense(Weighted):
                 return kernel(bb, q, w)
             return O.matmul(q, const(w, "int8"), out_dtype="int32")
 
-        r.fval[node.name] = dynamic.emit_dense(r.bb, r.get_float(node.inputs[0]), wq, wqp.scale, node.bias, matmul)
+        src = node.inputs[0]
+        x = r.get_float(src)
+        if src not in r.rows:  # quantized once per edge, however many dense layers read it
+            r.rows[src] = dynamic.emit_row_quantize(r.bb, x)
+        r.fval[node.name] = dynamic.emit_dense(r.bb, x, wq, wqp.scale, node.bias, matmul, rows=r.rows[src])
         r.layers[node.name] = LayerConstants(wq, wqp.scale, np.zeros(wq.shape[1], np.int32))
 

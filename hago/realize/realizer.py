@@ -53,6 +53,7 @@ class Realizer:
         self.fval: dict[str, relax.Expr] = {}
         self.qval: dict[str, relax.Expr] = {}
         self.native: dict[str, relax.Expr] = {}  # edge -> its integer value in the plan's native layout
+        self.rows: dict[str, tuple] = {}  # edge -> (q, scale, zp) of its per-row dynamic quantization
         self.absorbed: set[str] = set()  # relu/clip nodes done by their producer kernel's requantize clip
         self.var_map: dict = {}
         self.edge_of_var = {v: e for e, v in graph.edge_var.items()}

@@ -102,3 +102,30 @@ def test_dynamic_dense_is_bit_exact_and_beats_a_static_range(run_tvm):
     # the simulated twin quantizes the same way
     sim = run_tvm(simulate(q.graph, q.strategy), x, batch=24)
     assert np.abs(sim - got).max() <= 1e-3 * np.abs(ref).max()
+
+
+class SharedInput(nn.Module):
+    """Two dense layers reading one float edge, as a transformer's Q, K and V projections do."""
+
+    def __init__(self, k: int = 48):
+        super().__init__()
+        self.q, self.k = nn.Linear(k, 16), nn.Linear(k, 24)
+
+    def forward(self, x):
+        r = torch.relu(x)
+        return torch.cat([self.q(r), self.k(r)], dim=1)
+
+
+def test_an_edge_read_by_several_denses_is_quantized_once(run_tvm):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    model = SharedInput().eval()
+    calib, x = _rows(rng, 64, 48), _rows(rng, 24, 48)
+    q = _quantize(model, calib)
+    text = q.realized.mod.script(show_meta=False)
+    assert text.count("R.min(") == 1 and text.count("R.max(") == 1  # one row range for both denses
+    got = run_tvm(q.realized.mod, x, batch=24)
+    layers = [q.realized.layers[n.name] for n in q.graph.nodes if n.kind == "dense"]
+    ref = np.concatenate([_reference(x, fc, layer.weight_q, layer.weight_scale)
+                          for fc, layer in zip((model.q, model.k), layers)], axis=1)
+    np.testing.assert_array_equal(got, ref)
