@@ -386,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "adaround / adaround_conv (learned rounding of depthwise / all conv weights; put it "
                         "before bias), cle (cross-layer equalization through ReLU: rescales the FP32 weights "
                         "before calibration), bias_data_free (data-free bias correction from batch-norm "
-                        "statistics) or none; default: bias")
+                        "statistics), dfmpc (data-free compensation: a low-bit layer's error absorbed by the "
+                        "next higher-bit layer's input-channel scales, from batch-norm statistics) or none; "
+                        "default: bias")
     c.add_argument("-o", "--output", help="output folder for model.so, strategy.json, report.json")
     c.add_argument("--precision", default="int8",
                    help="int8 (default: integer where the spec allows) or bf16 (bf16 where the spec allows, fp32 "

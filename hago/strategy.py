@@ -44,6 +44,15 @@ class OpChoice:
     # learned rounding (hago.correct.adaround): one up/down bit per weight, packed
     # (hago.correct.rounding); None rounds to nearest
     weight_round: str | None = None
+    # per-input-channel factor on the layer's float weights before they are quantized
+    # (hago.correct.dfmpc); None (the default, left out of the JSON) scales nothing
+    weight_scale_in: list[float] | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if d["weight_scale_in"] is None:  # optional: strategies without it keep their exact JSON
+            del d["weight_scale_in"]
+        return d
 
 
 @dataclass
@@ -109,7 +118,7 @@ class Strategy:
             "device": self.device,
             "calibrator": self.calibrator,
             "corrections": list(self.corrections),
-            "ops": {k: asdict(v) for k, v in self.ops.items()},
+            "ops": {k: v.to_json() for k, v in self.ops.items()},
             "edges": {k: v.to_json() for k, v in self.edges.items()},
         }
 
@@ -227,6 +236,9 @@ def _validate_op(where: str, op) -> None:
     bd = op.get("bias_delta")
     if bd is not None and (not isinstance(bd, list) or _numbers(bd) is None and bd):
         _fail(f"{where}.bias_delta", "must be a list of finite numbers or null")
+    ws = op.get("weight_scale_in")
+    if ws is not None and not (isinstance(ws, list) and _numbers(ws) is not None and min(ws) > 0):
+        _fail(f"{where}.weight_scale_in", "must be a non-empty list of finite positive numbers or null")
     if not isinstance(op.get("reason", ""), str) or not isinstance(op.get("weight_round") or "", str):
         _fail(where, "reason and weight_round must be strings")
 

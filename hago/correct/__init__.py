@@ -21,6 +21,12 @@ strategy (``OpChoice.bias_delta``), so ``realize`` and a replayed
   (:mod:`hago.correct.bias_data_free`): ``(W_q - W) E[x]`` with ``E[x]``
   from the folded batch norms' statistics, no data.
 
+* ``dfmpc`` -- data-free mixed-precision compensation (after Chen et al. 2023;
+  :mod:`hago.correct.dfmpc`): a low-bit layer's weight error absorbed by the
+  next, higher-bit layer through ReLU, as per-input-channel weight scales
+  (``OpChoice.weight_scale_in``) and a bias shift, in closed form from the
+  batch-norm statistics.
+
 ``corrected_graph(graph, strategy)`` is the graph whose biases include the
 stored deltas and whose weights sit on their learned grid points; pass it to
 ``realize``/``simulate`` instead of the plain graph.
@@ -32,7 +38,9 @@ from hago.correct.adaround import AdaRound, AdaRoundConv
 from hago.correct.bias import BiasCorrection, SequentialBiasCorrection
 from hago.correct.bias_data_free import DataFreeBiasCorrection
 from hago.correct.cle import CrossLayerEqualization
+from hago.correct.dfmpc import DataFreeMixedPrecisionCompensation
 
 __all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Correction", "CorrectionContext",
-           "CrossLayerEqualization", "DataFreeBiasCorrection", "GraphCorrection", "SequentialBiasCorrection",
+           "CrossLayerEqualization", "DataFreeBiasCorrection",
+           "DataFreeMixedPrecisionCompensation", "GraphCorrection", "SequentialBiasCorrection",
            "check_corrections", "corrected_graph", "get_correction", "graph_stage", "register", "run_corrections"]

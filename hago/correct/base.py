@@ -1,7 +1,8 @@
 """The correction interface, its registry, and the graph with corrected biases.
 
 A correction is one class registered under a CLI name (``@register("bias")``)
-with ``run(ctx)``; it may only write ``strategy.ops[node].bias_delta`` and ``.weight_round``. Keeping
+with ``run(ctx)``; it may only write ``strategy.ops[node].bias_delta``, ``.weight_round`` and
+``.weight_scale_in``. Keeping
 its output in the strategy (not in a modified model) leaves the FP32 graph and
 its hash untouched, so the FP32 baseline and strategy replay stay exact.
 
@@ -128,16 +129,42 @@ def channels(node) -> int:
     return node.weight.shape[0] if node.kind != "dense" else node.weight.shape[1]
 
 
+def scale_input_channels(node, w: np.ndarray, scale) -> np.ndarray:
+    """``w`` (``node``'s weight layout) with input channel ``i``'s weights multiplied by ``scale[i]``.
+
+    Input channels are those of the layer's input: ``C_in`` of a conv (all groups: a depthwise conv's
+    channel ``i`` is its filter ``i``), ``K`` of a dense ``[K, N]``.
+    """
+    s = np.asarray(scale, np.float32)
+    if node.kind == "dense":
+        if s.shape != (w.shape[0],):
+            raise QuantizeError(f"strategy's weight_scale_in for {node.name} does not fit the layer; "
+                                "re-run hago compile")
+        return (w * s[:, None]).astype(np.float32)
+    groups = int(node.call.attrs.groups)
+    out_ch, per_group = w.shape[:2]
+    if s.shape != (per_group * groups,) or out_ch % groups:
+        raise QuantizeError(f"strategy's weight_scale_in for {node.name} does not fit the layer; "
+                            "re-run hago compile")
+    group_of = np.arange(out_ch) // (out_ch // groups)
+    per_out = s.reshape(groups, per_group)[group_of]  # [O, C_in / groups]
+    return (w * per_out.reshape(out_ch, per_group, *[1] * (w.ndim - 2))).astype(np.float32)
+
+
 def corrected_graph(graph: Graph, strategy: Strategy) -> Graph:
     """``graph`` with the strategy's corrections in its constants (the same graph if none).
 
     Every stored ``bias_delta`` is added to its node's bias (a layer without a
-    bias gets the delta as its bias); a stored ``weight_round`` replaces the
+    bias gets the delta as its bias); a stored ``weight_scale_in``
+    (:mod:`hago.correct.dfmpc`) multiplies the weights of each input channel
+    (:func:`scale_input_channels`; not with a ``weight_round`` on the same layer,
+    which was learned on the unscaled weights); a stored ``weight_round`` replaces the
     weights by ones already on their grid, rounded the learned way
     (:mod:`hago.correct.rounding`). ``realize`` and ``simulate`` read
     ``node.bias`` and ``node.weight``, so both see the corrected values.
     """
-    ops = {n: c for n, c in strategy.ops.items() if c.bias_delta is not None or c.weight_round is not None}
+    ops = {n: c for n, c in strategy.ops.items()
+           if c.bias_delta is not None or c.weight_round is not None or c.weight_scale_in is not None}
     if not ops:
         return graph
     nodes = []
@@ -149,6 +176,13 @@ def corrected_graph(graph: Graph, strategy: Strategy) -> Graph:
         if not node.weighted:
             raise QuantizeError(f"strategy corrects {node.name}, which has no weights; re-run hago compile")
         changes = {}
+        if c.weight_scale_in is not None and c.weight_round is not None:
+            # adaround learns its rounding on the FP32 graph's weights, not on dfmpc's scaled ones
+            raise QuantizeError(f"strategy has both dfmpc's weight_scale_in and a learned weight_round for "
+                                f"{node.name}: they do not compose; run adaround before dfmpc (dfmpc then "
+                                "leaves that layer alone) or only one of them")
+        if c.weight_scale_in is not None:  # the scaled weight is what realize quantizes
+            changes["weight"] = scale_input_channels(node, node.weight, c.weight_scale_in)
         if c.weight_round is not None:
             up = rounding.decode(c.weight_round, node.weight.shape)
             changes["weight"] = rounding.rounded_weight(node.weight, node.kind, c.weight_bits, up)
