@@ -111,6 +111,8 @@ class ConvArgs:
     dilation: tuple[int, ...]
     groups: int
     pad_value: int  # the input zero point
+    #: the layout the float consumers of a float output read it in, where the plan knows (None: plain)
+    float_out_layout: str | None = None
 
 
 class ConvKernel:
@@ -152,6 +154,14 @@ class NativeLayout:
         """The plain value of native ``value`` with ``channels`` channels."""
         raise NotImplementedError
 
+    def float_to_native(self, bb, value):
+        """Float ``value`` (plain) moved into the native layout, to be quantized there; None: not here.
+
+        Where the build holds the float producer in that layout already, the
+        move cancels against the producer's own conversion back to plain.
+        """
+        return None
+
 
 class Plan:
     """Which kernel and layout each integer layer gets: the base plan, plain Relax ops only.
@@ -173,6 +183,18 @@ class Plan:
     def takes_native(self, node: Node, choice: OpChoice, edge: str) -> bool:
         """Whether the integer weighted layer ``node`` runs on ``edge`` in :attr:`layout`."""
         return False
+
+    def float_layout_produced(self, edge: str) -> str | None:
+        """The layout the build will hold float edge ``edge`` in, where the plan can tell (None: plain).
+
+        Realize quantizes such an edge for a consumer in :attr:`layout` in
+        that layout (:meth:`NativeLayout.float_to_native`).
+        """
+        return None
+
+    def float_layout_consumed(self, edge: str) -> str | None:
+        """The layout some float consumer of ``edge`` reads it in after the build's layout passes (None: plain)."""
+        return None
 
     def conv_kernel(self, node: Node, choice: OpChoice, x_qparams: QParams, x_shape: list,
                     w_shape: tuple) -> ConvKernel | None:

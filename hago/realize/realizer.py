@@ -94,6 +94,23 @@ class Realizer:
             self.native[edge] = self.plan.layout.to_native(self.bb, q, int(qp.zero_point))
         return self.native[edge]
 
+    def native_from_float(self, edge: str) -> bool:
+        """Quantize float-produced ``edge`` straight into the native layout, where the plan builds its float
+        producer in that layout (then the layout change between them cancels); False: nothing emitted.
+        """
+        layout = self.plan.layout
+        if (edge in self.qval or edge in self.native or layout is None or not self.plan.holds_native(edge)
+                or self.plan.float_layout_produced(edge) != layout.name):
+            return False
+        qp = self.qparams(edge)
+        if qp.per_channel:
+            return False
+        moved = layout.float_to_native(self.bb, self.get_float(edge))
+        if moved is None:
+            return False
+        self.native[edge] = self.bb.emit(quantize(moved, qp))
+        return True
+
     def takes_native(self, name: str, edge: str) -> bool:
         """Whether integer node ``name`` would run on ``edge`` in the native layout rather than the plain one."""
         node, choice = self.g.node(name), self.s.ops[name]

@@ -52,6 +52,8 @@ class Weighted(OpHandler):
         conv = node.kind != "dense"
         src = node.inputs[0]
         native_in = conv and src in r.native and r.takes_native(node.name, src)
+        if conv and not native_in and r.takes_native(node.name, src):
+            native_in = r.native_from_float(src)  # a blocked float producer: quantized in its layout
         xq, qx = (r.native[src], r.qparams(src)) if native_in else r.get_quant(src)
         xs = r.edge_shape(src) if native_in else shape(xq)
         sx, zx = float(qx.scale), int(qx.zero_point)
@@ -106,7 +108,8 @@ class Weighted(OpHandler):
                          int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype), scale=scale)
             rq = absorb_activation(r, node.name, rq)
         if kernel is not None:
-            args = ConvArgs(_ints(a.strides), pad, _ints(a.dilation), groups, int(qx.zero_point))
+            float_out = r.plan.float_layout_consumed(node.name) if qy is None else None
+            args = ConvArgs(_ints(a.strides), pad, _ints(a.dilation), groups, int(qx.zero_point), float_out)
             emitted = kernel.emit(r.bb, xq, wq, args, rq, native_in, lambda: r.native_output(node.name))
             if emitted.form == NATIVE:
                 r.native[node.name] = emitted.value

@@ -15,6 +15,11 @@ which block its channels allow: ``lanes`` (the target's float vector width)
 where they divide it, then halves of it down to 4; a first layer with fewer
 channels than a vector (RGB: 3) takes all of them as one block. A conv whose
 channels fit none of these stays plain NCHW and keeps the generic schedule.
+
+ConvertLayout converts each op from its input's layout and never removes a
+transform followed by its inverse; :mod:`.layout_pairs` does, afterwards, so
+the blocked tensors of an integer plan (x86 NCHW16c) meet the blocked float
+layers without an NCHW pass between them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import tvm
 from tvm import relax
 
 from hago.errors import error_line
+
+from .layout_pairs import cancel_layout_pairs
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +172,12 @@ def block_float_convs(mod: tvm.IRModule, lanes: int, bf16: bool = False) -> tvm.
         return mod  # nothing to block (an all-integer program): leave it exactly as it is
     try:
         converted = relax.transform.ConvertLayout({}, layout_cb)(_legalize_blocked_pools(_clip_to_minmax(mod)))
-        return relax.transform.FoldConstant()(converted)
+        converted = relax.transform.FoldConstant()(converted)
     except Exception as e:  # an op ConvertLayout cannot carry: the plain layout is slow, not wrong
         log.warning("float convs stay NCHW (blocked layout conversion failed): %s", error_line(e, limit=None))
         return mod
+    try:
+        return cancel_layout_pairs(converted)
+    except Exception as e:  # the round trips stay: as many passes as before, the same values
+        log.warning("layout round trips kept (their removal failed): %s", error_line(e, limit=None))
+        return converted

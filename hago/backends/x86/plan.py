@@ -13,18 +13,33 @@ conv requantizes on its register tiles, and residual adds, relu/clip,
 max-pool and depthwise convs (:mod:`.depthwise_blocked`) run on the blocked
 tensor. The layout changes back to NCHW only where an op needs it (a float
 op, a reshape).
+
+A float layer between integer ones keeps their blocks where the build runs it
+in NCHW16c too (a float conv whose channels divide by 16: ConvertLayout's
+choice on these AVX-512 CPUs): the int8 conv before it returns its int32
+accumulator through a Relax layout transform and the one after it quantizes
+the float tensor after one (:meth:`X86Plan.float_layout_consumed` /
+``float_layout_produced`` decide where); the build's
+:mod:`..cpu.layout_pairs` drops each against ConvertLayout's inverse, so
+bias, dequantize, activation and quantize run on the blocked tensors.
 """
 
 from __future__ import annotations
 
 import tvm
+from tvm.relax import op as O
 
 from hago.errors import QuantizeError
 from hago.qparams import QParams, container_dtype
 
 from .. import base
+from ..cpu.layout_pairs import ELEMENTWISE
 from . import VNNI_WEIGHT_LAYOUTS, kernels
-from .vnni import BLOCKED
+from .vnni import BLOCKED, LANES
+
+#: float ops a blocked float layout passes through unchanged (ConvertLayout carries it; kinds of hago.graph)
+_FLOAT_CARRIERS = ("relu", "clip", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "add")
+_FLOAT_CONVS = ("conv2d", "depthwise_conv2d")
 
 
 def _shape(var) -> list:
@@ -42,6 +57,14 @@ class Blocked(base.NativeLayout):
 
     def to_plain(self, bb, value, channels: int):
         return kernels.emit_from_blocked(bb, value, channels)
+
+    def float_to_native(self, bb, value):
+        """A Relax ``layout_transform`` NCHW -> NCHW16c (cancelled against a blocked float producer's); None
+        where the channels are not a multiple of 16 (the blocked float layers would then use smaller blocks)."""
+        shape = _shape(bb.normalize(value))
+        if len(shape) != 4 or not isinstance(shape[1], int) or shape[1] % LANES:
+            return None
+        return bb.emit(O.layout_transform(value, lambda n, c, h, w: (n, c // LANES, h, w, c % LANES)))
 
 
 def packed_layout(choice, qx: QParams) -> bool:
@@ -87,8 +110,11 @@ class _VnniConv(base.ConvKernel):
     def emit(self, bb, x, w_q, conv, requant, native_in, native_out):
         blocked = requant is not None and conv.groups == 1 and native_out()
         layout = BLOCKED if blocked else "NCHW"
+        # a float output read blocked again: the int32 accumulator's way back to NCHW is one the build cancels
+        relax_back = requant is None and conv.float_out_layout == BLOCKED
         acc = kernels.emit_conv2d_vnni(bb, x, w_q, conv.strides, conv.dilation, conv.groups, padding=conv.padding,
-                                       pad_value=conv.pad_value, requant=requant, out_layout=layout)
+                                       pad_value=conv.pad_value, requant=requant, out_layout=layout,
+                                       relax_back=relax_back)
         if blocked:
             return base.Emitted(acc, base.NATIVE)
         return base.Emitted(acc, base.REQUANTIZED if requant is not None else base.INT32)
@@ -128,6 +154,63 @@ class X86Plan(base.Plan):
             return (int(node.call.attrs.groups) == 1 and packed_layout(choice, self.qparams(edge))
                     and kernels.vnni_applicable("conv2d", xs, node.weight.shape, 1))
         return False
+
+    # ---- float layers between blocked integer ones ---------------------------------------
+    # The CPU build blocks float convs with ConvertLayout (:mod:`..cpu.float_layout`): on the AVX-512 CPUs
+    # VNNI needs, 16 float lanes, so a float conv whose channels divide by 16 runs in NCHW16c, the layout
+    # of the integer activations. An int8 conv next to such a layer converts through Relax layout
+    # transforms that :mod:`..cpu.layout_pairs` cancels against ConvertLayout's: no NCHW pass between them.
+    def _float_conv_blocked(self, node, port: int) -> bool:
+        """Whether float conv ``node``'s data (``port`` 0) or output (2) layout will be NCHW16c."""
+        from ..cpu.float_layout import conv_layouts
+
+        layouts = conv_layouts(node.call, LANES)
+        return layouts is not None and layouts[port] == BLOCKED
+
+    def _float(self, name: str) -> bool:
+        return self.strategy.ops[name].mode == "float"
+
+    def _produced_blocked(self, edge: str) -> bool:
+        node = self.graph.producer(edge)
+        if node is None or not self._float(node.name):
+            return False
+        if node.kind in _FLOAT_CONVS:
+            return self._float_conv_blocked(node, 2)
+        if node.kind in _FLOAT_CARRIERS or (node.kind == "other" and node.relax_op in ELEMENTWISE):
+            return any(self._produced_blocked(e) for e in node.inputs)
+        return False
+
+    def float_layout_produced(self, edge: str) -> str | None:
+        """NCHW16c where a float conv the build blocks produces ``edge`` through ops that keep its layout."""
+        return BLOCKED if self._produced_blocked(edge) else None
+
+    def _consumed_blocked(self, edge: str) -> bool:
+        """Whether every reader of float ``edge`` reads it blocked (at most one through element-wise ops)."""
+        readers = self.graph.consumers.get(edge, [])
+        if not readers or edge in self.graph.outputs:
+            return False  # the network's output is plain
+        elementwise = 0
+        for name in readers:
+            node = self.graph.node(name)
+            if not self._float(name):
+                return False
+            if node.kind in _FLOAT_CONVS and node.inputs[0] == edge and self._float_conv_blocked(node, 0):
+                continue
+            if node.kind == "add" and any(self._produced_blocked(e) for e in node.inputs if e != edge):
+                continue  # ConvertLayout blocks the add and converts this operand to it
+            if node.kind in ("relu", "clip") or (node.kind == "other" and node.relax_op in ELEMENTWISE
+                                                 and node.inputs == [edge]):
+                elementwise += 1  # moved onto the blocked tensor, with the ops before it
+                if elementwise == 1 and self._consumed_blocked(name):
+                    continue
+            return False
+        return True
+
+    def float_layout_consumed(self, edge: str) -> str | None:
+        """NCHW16c where every reader of ``edge`` reads it blocked: blocked float convs, adds with a blocked
+        operand, or one chain of element-wise ops leading to them (moved onto the blocked tensor when the
+        layout round trip is cancelled). A plain reader anywhere keeps the NCHW route."""
+        return BLOCKED if self._consumed_blocked(edge) else None
 
     def conv_kernel(self, node, choice, x_qparams, x_shape, w_shape):
         groups = int(node.call.attrs.groups)

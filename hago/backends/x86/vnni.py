@@ -293,7 +293,8 @@ def emit_dense_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_kn_int8: np.ndar
 
 def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_oihw_int8: np.ndarray,
                      strides=(1, 1), dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0),
-                     pad_value: int = 0, requant: Requant | None = None, out_layout: str = "NCHW") -> relax.Expr:
+                     pad_value: int = 0, requant: Requant | None = None, out_layout: str = "NCHW",
+                     relax_back: bool = False) -> relax.Expr:
     """int32 NCHW ``conv2d(x, w)`` for uint8 ``x`` through VNNI (8-bit with ``requant``).
 
     ``padding`` (top, left, bottom, right) is filled with ``pad_value`` (the
@@ -308,6 +309,13 @@ def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_oihw_int8: np.n
     ``out_layout="NCHW16c"`` (needs ``requant``) the result stays blocked:
     the requantize runs on the kernel's register tiles and no layout
     conversion is emitted at all.
+
+    ``relax_back`` (no ``requant``, one group, output channels a multiple of
+    16): the int32 NCHW16c -> NCHW conversion is a Relax ``layout_transform``
+    instead of the kernel, for a layer whose float consumers read it blocked
+    again: the build's :func:`~hago.backends.cpu.layout_pairs.cancel_layout_pairs`
+    then drops it and its inverse, and the bias and dequantize run on the
+    blocked accumulator.
     """
     blocked_in = len(bb.normalize(x_u8).ty.shape.values) == 5
     xs = _u8_shape(bb, x_u8, "conv2d")
@@ -342,6 +350,8 @@ def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_oihw_int8: np.n
                           primfunc_name_hint="hago_conv2d_nchwc_vnni")
     acc = bb.emit_te(_conv_te, data, kernel, _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_vnni")
+    if relax_back and requant is None and groups == 1 and int(wp.shape[0]) * LANES == o:
+        return bb.emit(O.layout_transform(acc, lambda n, c, h, w, lane: (n, c * LANES + lane, h, w)))
     if requant is not None:  # requantize in the NCHW16c -> NCHW write-back: no int32 NCHW pass
         def back(a, bias, mult, half, shift):  # emit_te takes tensors and numbers, not a Requant
             return _from_nchwc_requant_te(a, o, bias, mult, half, shift, requant)
