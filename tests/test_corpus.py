@@ -48,12 +48,27 @@ def _ids(cases):
     return [f"{name}-{'static' if static else 'dynamic'}" for name, static in cases]
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``export(name, static) -> onnx path``: each model exported once (seeded, so the same file every time);
+    its x86, rpi4 and CUDA builds read that file, as a user's would."""
+    paths = {}
+
+    def export(name, static):
+        if (name, static) not in paths:
+            d = tmp_path_factory.mktemp(f"{name}-{'static' if static else 'dynamic'}")
+            paths[name, static] = corpus.CORPUS[name].export(d / f"{name}.onnx", static=static)
+        return paths[name, static]
+
+    return export
+
+
 @pytest.fixture(scope="module", params=IMPORTED, ids=_ids(IMPORTED))
-def x86(request, tmp_path_factory):
+def x86(request, exported):
     """``(case, onnx path, CompileResult)`` for x86."""
     name, static = request.param
     case = corpus.CORPUS[name]
-    path = case.export(tmp_path_factory.mktemp(name) / f"{name}.onnx", static=static)
+    path = exported(name, static)
     return case, path, hago_compile(path, "x86-avx512-vnni", {"x": case.samples(N_CALIB)}, measure=False)
 
 
@@ -105,9 +120,9 @@ def test_unreadable_ops_are_refused_in_one_line(name, static, tmp_path, capsys):
 
 @pytest.mark.skipif(corpus.NO_ARM_TOOLCHAIN is not None, reason=str(corpus.NO_ARM_TOOLCHAIN))
 @pytest.mark.parametrize("name,static", ARM_CASES, ids=_ids(ARM_CASES))
-def test_cross_compiles_for_rpi4(name, static, tmp_path):
+def test_cross_compiles_for_rpi4(name, static, tmp_path, exported):
     case = corpus.CORPUS[name]
-    path = case.export(tmp_path / f"{name}.onnx", static=static)
+    path = exported(name, static)
     result = hago_compile(path, "rpi4", {"x": case.samples(N_CALIB)}, measure=False, out_dir=tmp_path / "out")
     assert corpus.is_aarch64_elf(tmp_path / "out" / "model.so")
     assert result.report["ops"]["integer"] >= 1
@@ -119,10 +134,10 @@ CUDA_CASES = [c for c in IMPORTED if not c[1]]
 
 
 @pytest.mark.parametrize("name,static", CUDA_CASES, ids=_ids(CUDA_CASES))
-def test_builds_for_cuda_t4(name, static, tmp_path):
+def test_builds_for_cuda_t4(name, static, tmp_path, exported):
     """Compile-only here (no GPU): the build and its CUDA source; grouped convs stay float there, with the reason."""
     case = corpus.CORPUS[name]
-    path = case.export(tmp_path / f"{name}.onnx", static=static)
+    path = exported(name, static)
     result = hago_compile(path, "cuda-t4", {"x": case.samples(N_CALIB)}, measure=False, out_dir=tmp_path / "out")
     assert (tmp_path / "out" / "kernels.cu").stat().st_size > 0
     assert result.report["ops"]["integer"] >= 1

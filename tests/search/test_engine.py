@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from hago.search.algorithms import ALGORITHMS
 from hago.search.engine import SearchEngine
 from hago.measure import LocalMeasurer
 
-pytestmark = [pytest.mark.llvm, pytest.mark.slow]
+from .conftest import reference_dir, warm_copy
+
+pytestmark = [pytest.mark.llvm, pytest.mark.slow, pytest.mark.usefixtures("reference")]
 N_EVAL = 300
 
 
@@ -36,6 +39,16 @@ def npz(tmp_path_factory, data):
     np.savez(d / "calib.npz", **data[0])
     np.savez(d / "eval.npz", **data[1])
     return d / "calib.npz", d / "eval.npz"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist_onnx_path, data):
+    """``data``'s reference cache (calibration, ``bias`` corrections, FP32 outputs), computed once. Also put
+    in the session cache, which engines without a ``cache_dir`` use (they would compute the same files, and
+    they are keyed by the graph and data); tests that need an empty kernel cache copy it (``warm_copy``)."""
+    ref = reference_dir(mnist_onnx_path, data, tmp_path_factory.mktemp("search_reference"))
+    shutil.copytree(ref, Path(os.environ["HAGO_CACHE_DIR"]) / "reference", dirs_exist_ok=True)
+    return ref
 
 
 def _engine(onnx, data, log, **kw):
@@ -111,7 +124,8 @@ for line in sys.stdin:
 def test_hung_and_crashed_measurements_are_logged_and_skipped(mnist_onnx_path, data, tmp_path):
     fake = tmp_path / "fake_worker.py"
     fake.write_text(FAKE_WORKER)
-    m = LocalMeasurer(timeout_s=8, repeat=3, min_repeat_ms=30, command=[sys.executable, str(fake)])
+    # the hung kernel costs the whole time-out; a real measurement here takes well under a second
+    m = LocalMeasurer(timeout_s=4, repeat=3, min_repeat_ms=30, command=[sys.executable, str(fake)])
     e = _engine(mnist_onnx_path, data, tmp_path / "h.jsonl", measurer=m, accuracy_drop="1%", max_trials=4)
     t0 = time.time()
     r = e.run(ALGORITHMS["greedy"])
@@ -148,9 +162,10 @@ def test_killed_search_resumes_without_measuring_twice(mnist_onnx_path, npz, tmp
     assert report["search"]["met_target"] is True
 
 
-def test_kernel_cache_estimates_a_candidate_from_shared_kernels(mnist_onnx_path, data, tmp_path):
+def test_kernel_cache_estimates_a_candidate_from_shared_kernels(mnist_onnx_path, data, reference, tmp_path):
     """8- and 4-bit weights run the same int8 kernels: measuring one prices the other without the device."""
-    e = _engine(mnist_onnx_path, data, tmp_path / "c.jsonl", cache_dir=tmp_path / "cache", max_trials=2)
+    e = _engine(mnist_onnx_path, data, tmp_path / "c.jsonl", cache_dir=warm_copy(reference, tmp_path / "cache"),
+                max_trials=2)
     wide, narrow = e.space.widest(), e.space.narrowest()
     assert wide != narrow
     assert e.estimate(narrow) is None  # nothing measured yet
@@ -196,13 +211,13 @@ class KernelSumMeasurer:
         return Measurement(sum(t for _, t in calls), 0.0, 1, kernels=tuple(calls))
 
 
-def test_cost_model_search_matches_greedy_with_fewer_measurements(mnist_onnx_path, data, tmp_path):
+def test_cost_model_search_matches_greedy_with_fewer_measurements(mnist_onnx_path, data, reference, tmp_path):
     results, engines = {}, {}
     for name in ("greedy", "evolve"):
         m = KernelSumMeasurer()
         small = (data[0], {k: v[:100] for k, v in data[1].items()})
         e = _engine(mnist_onnx_path, small, tmp_path / f"{name}.jsonl", measurer=m, accuracy_drop="1%",
-                    weight_bits=[8], cache_dir=tmp_path / f"cache_{name}")
+                    weight_bits=[8], cache_dir=warm_copy(reference, tmp_path / f"cache_{name}"))
         engines[name], results[name] = e, (r := e.run(ALGORITHMS[name]))
         assert r.met_target and r.trials == m.calls == len(_latency_lines(tmp_path / f"{name}.jsonl"))
     greedy, evolve = results["greedy"], results["evolve"]
@@ -214,13 +229,15 @@ def test_cost_model_search_matches_greedy_with_fewer_measurements(mnist_onnx_pat
     assert evolve.best.point == engines["evolve"].space.widest()
 
 
-def test_candidates_are_bias_corrected_like_compile(mnist_onnx_path, data, tmp_path):
+def test_candidates_are_bias_corrected_like_compile(mnist_onnx_path, data, reference, tmp_path):
     """Every candidate is scored as ``hago compile`` would build it: the all-8-bit candidate carries the
     same bias deltas compile's ``bias`` correction computes; a layer put back to float carries none, the
     others keep theirs; ``corrections=()`` turns it off."""
     from hago.compiler import quantize
 
-    e = _engine(mnist_onnx_path, data, tmp_path / "b.jsonl", cache_dir=tmp_path / "cache", max_trials=1)
+    # the engine's bias deltas come from the reference cache, computed by an engine like this one
+    e = _engine(mnist_onnx_path, data, tmp_path / "b.jsonl", cache_dir=warm_copy(reference, tmp_path / "cache"),
+                max_trials=1)
     wide = e.strategy(e.space.widest())
     q = quantize(mnist_onnx_path, "x86-avx512-vnni", data[0], calibrator="mse", corrections=("bias",))
     deltas = {n: op.bias_delta for n, op in q.strategy.ops.items() if op.bias_delta is not None}
@@ -237,15 +254,22 @@ def test_candidates_are_bias_corrected_like_compile(mnist_onnx_path, data, tmp_p
     assert all(op.bias_delta is None for op in plain.strategy(plain.space.widest()).ops.values())
 
 
-def test_candidates_carry_learned_rounding_like_compile(mnist_onnx_path, data, tmp_path):
+def test_candidates_carry_learned_rounding_like_compile(mnist_onnx_path, data, reference, tmp_path, monkeypatch):
     """``adaround_conv,bias``: the all-8-bit candidate gets compile's learned rounding bits and the bias
     deltas measured after them; a layer put back to float gets neither; a correction whose result depends
     on the other layers is refused before any work."""
     from hago.compiler import quantize
+    from hago.correct.adaround import AdaRound
     from hago.search.target import SearchError
 
+    # fewer Adam steps per layer (600 by default), for the search and compile alike: what is checked is that
+    # both ship the same learned bits, not how good they are (tests/correct/test_adaround.py checks that)
+    defaults = dict(zip(AdaRound.__init__.__code__.co_varnames[1:], AdaRound.__init__.__defaults__))
+    monkeypatch.setattr(AdaRound.__init__, "__defaults__", tuple({**defaults, "iters": 150}.values()))
+    assert AdaRound().iters == 150 and AdaRound().max_samples == defaults["max_samples"]
     names = ("adaround_conv", "bias")
-    e = _engine(mnist_onnx_path, data, tmp_path / "a.jsonl", cache_dir=tmp_path / "cache", corrections=names)
+    cache = warm_copy(reference, tmp_path / "cache")  # the calibration statistics; the corrections are computed
+    e = _engine(mnist_onnx_path, data, tmp_path / "a.jsonl", cache_dir=cache, corrections=names)
     wide = e.strategy(e.space.widest())
     q = quantize(mnist_onnx_path, "x86-avx512-vnni", data[0], calibrator="mse", corrections=names)
     learned = {n: op for n, op in q.strategy.ops.items() if op.weight_round is not None}
@@ -260,8 +284,7 @@ def test_candidates_carry_learned_rounding_like_compile(mnist_onnx_path, data, t
     assert mixed.ops[e.space.knobs[i].name].weight_round is None
     assert mixed.ops[e.space.knobs[i].name].bias_delta is None
     with pytest.raises(SearchError, match="bias_sequential"):
-        _engine(mnist_onnx_path, data, tmp_path / "s.jsonl", cache_dir=tmp_path / "cache",
-                corrections=("bias_sequential",))
+        _engine(mnist_onnx_path, data, tmp_path / "s.jsonl", cache_dir=cache, corrections=("bias_sequential",))
 
 
 def test_a_space_too_large_for_len_still_reports_its_size():

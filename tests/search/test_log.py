@@ -153,8 +153,8 @@ class CountingMeasurer:
 
 
 @pytest.mark.llvm
-def test_engine_resumes_a_torn_log_twice_without_measuring_twice(mnist_onnx_path, small_data, tmp_path):
-    log, cache = tmp_path / "e.jsonl", tmp_path / "cache"
+def test_engine_resumes_a_torn_log_twice_without_measuring_twice(mnist_onnx_path, small_data, tmp_path, warm_cache):
+    log, cache = tmp_path / "e.jsonl", warm_cache
     runs = []
 
     def run(trials, resume):

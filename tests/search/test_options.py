@@ -79,10 +79,10 @@ class FailingMeasurer:
 
 @pytest.mark.llvm
 @pytest.mark.parametrize("trials", [1, 10])
-def test_search_that_measures_nothing_says_so(mnist_onnx_path, small_data, tmp_path, trials):
+def test_search_that_measures_nothing_says_so(mnist_onnx_path, small_data, tmp_path, warm_cache, trials):
     m = FailingMeasurer()
     e = SearchEngine(mnist_onnx_path, "x86-avx512-vnni", small_data[0], small_data[1],
-                     log_path=tmp_path / "s.jsonl", cache_dir=tmp_path / "cache", measurer=m, max_trials=trials)
+                     log_path=tmp_path / "s.jsonl", cache_dir=warm_cache, measurer=m, max_trials=trials)
     with pytest.raises(MeasureError) as err:
         e.run(ALGORITHMS["greedy"])
     msg = str(err.value)

@@ -36,9 +36,9 @@ def _forbid_recompute(monkeypatch):
 
 
 def test_planted_pickles_never_run_and_results_stay_correct(mnist_onnx_path, small_data, tmp_path, evil_pickle,
-                                                           caplog):
+                                                           caplog, warm_cache):
     payload, marker = evil_pickle
-    cache = tmp_path / "cache"
+    cache = warm_cache  # valid files to plant over (computing them is test_cache_round_trips_identically's)
     first = _engine(mnist_onnx_path, small_data, tmp_path, cache, "a.jsonl")
     expected = _state(first)
     ref = cache / "reference"
@@ -97,8 +97,8 @@ def test_cache_round_trips_identically(mnist_onnx_path, small_data, tmp_path, mo
 
 
 @pytest.mark.parametrize("damage", ["other_version", "other_key", "truncated", "not_a_layer"])
-def test_stale_or_malformed_cache_is_recomputed(mnist_onnx_path, small_data, tmp_path, damage, caplog):
-    cache = tmp_path / "cache"
+def test_stale_or_malformed_cache_is_recomputed(mnist_onnx_path, small_data, tmp_path, damage, caplog, warm_cache):
+    cache = warm_cache
     expected = _state(_engine(mnist_onnx_path, small_data, tmp_path, cache, "a.jsonl"))
     ref = cache / "reference"
     calib, corr = next(ref.glob("calib-*.npz")), next(ref.glob("corrections-*.json"))
