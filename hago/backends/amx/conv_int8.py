@@ -95,19 +95,20 @@ def emit_conv2d_amx_int8(bb: relax.BlockBuilder, x_u8: relax.Expr, w_oihw: np.nd
     return bb.emit(relax.call_tir(gv, args, out_type))
 
 
-#: fewest input channels for which the AMX conv beats the VNNI one (``benchmarks/amx_vs_vnni.py``)
+#: fewest input channels for which the AMX conv beats the VNNI one (``benchmarks/amx_vs_vnni.py``, float requantize:
+#: 3x3 convs of 64-512 channels 2.1-3.2x; 1x1 from 64 channels 1.04-1.86x, below it 0.81-0.94x but for 32->16)
 AMX_MIN_CHANNELS = {"1x1": 64, "kxk": 32}
 
 
 def amx_int8_pays(g: ConvGeometry) -> bool:
     """Whether the tiles beat VNNI for this conv: the rule measured by ``benchmarks/amx_vs_vnni.py``.
 
-    Convs with a kernel window win 2-4x (ResNet-18's 3x3 convs, 64 to 512
-    channels). Pointwise convs win 1.1-1.5x from 64 input channels up, and
-    lose below (16, 24, 32 or 40 channels, most of them expanding 6x: 16->96
-    at 112 x 112 ran 413 us on AMX against 172 us on VNNI): there each K step
-    fills a quarter of a tile row, and the requantize of the stored tiles,
-    which VNNI does on its register tiles, dominates.
+    Convs with a kernel window win 2.1-3.2x (ResNet-18's 3x3 convs, 64 to
+    512 channels). Pointwise convs win 1.04-1.86x from 64 input channels up,
+    and lose below (16, 24, 32 or 40 channels expanding 6x: 16->96 at 112 x
+    112 ran 120 us on AMX against 103 us on VNNI): there each K step fills a
+    quarter of a tile row, and the requantize of the stored tiles, which VNNI
+    does on its register tiles, dominates.
     """
     kind = "1x1" if g.kh * g.kw == 1 else "kxk"
     return g.c >= AMX_MIN_CHANNELS[kind]
@@ -127,6 +128,18 @@ def amx_int8_taps_applicable(data_shape, weight_shape, strides, dilation, groups
     if len(ds) != 4 or len(ws) != 4 or int(groups) != 1 or any(d != 1 for d in dilation) or ds[1] != ws[1]:
         return False
     return ws[1] * ws[3] <= 64 and min(ds + ws) >= 1
+
+
+#: the fewest values per output (C x KH x KW) for which a narrow stem pays on the tiles
+#: (``benchmarks/amx_vs_vnni.py``: ResNet-18's 7x7 3->64, K = 147, 1.62x VNNI; MobileNetV2's 3x3 3->32, K = 27, 0.93x)
+AMX_MIN_TAPS_K = 64
+
+
+def amx_int8_taps_pays(weight_shape) -> bool:
+    """Whether a narrow stem runs faster on the tiles than on VNNI: enough multiply-adds per output to pay the
+    requantize of the stored tiles (the measured rule, :data:`AMX_MIN_TAPS_K`)."""
+    _, c, kh, kw = (int(s) for s in weight_shape)
+    return c * kh * kw >= AMX_MIN_TAPS_K
 
 
 def taps_k_block(c: int, kw: int) -> int:

@@ -38,9 +38,10 @@ class _AmxConv(base.ConvKernel):
     It needs the blocked uint8 input, one group, no dilation, and writes the
     requantized blocked output, so it runs between blocked layers; a narrow
     first layer on a plain ``NCHW`` input (an RGB stem, ``C * KW <= 64``)
-    runs with its kernel columns folded into K (``emit_conv2d_amx_int8_taps``:
-    ResNet-18's 7x7 stem 2.2x faster than on VNNI); a layer feeding a float
-    op stays on VNNI, which converts layouts in its own passes.
+    runs with its kernel columns folded into K (``emit_conv2d_amx_int8_taps``)
+    where it pays (ResNet-18's 7x7 stem 1.62x VNNI; a 3x3 one stays on VNNI);
+    a layer feeding a float op stays on VNNI, which converts layouts in its
+    own passes.
     """
 
     requantizes = True
@@ -59,7 +60,8 @@ class _AmxConv(base.ConvKernel):
                 and amx.amx_int8_pays(amx.int8_geometry(xs, w_q.shape, conv.strides, conv.padding)) and native_out()):
             y = amx.emit_conv2d_amx_int8(bb, x, w_q, conv.strides, conv.padding, conv.pad_value, requant)
             return base.Emitted(y, base.NATIVE)
-        if not native_in and amx.amx_int8_taps_applicable(xs, *args) and native_out():  # an RGB stem
+        if (not native_in and amx.amx_int8_taps_applicable(xs, *args) and amx.amx_int8_taps_pays(w_q.shape)
+                and native_out()):  # an RGB stem with a window wide enough
             y = amx.emit_conv2d_amx_int8_taps(bb, x, w_q, conv.strides, conv.padding, conv.pad_value, requant)
             return base.Emitted(y, base.NATIVE)
         return self.vnni.emit(bb, x, w_q, conv, requant, native_in, native_out)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from hago.backends.amx.conv_int8 import amx_int8_conv_applicable, amx_int8_pays, int8_geometry
+from hago.backends.amx.conv_int8 import (amx_int8_conv_applicable, amx_int8_pays, amx_int8_taps_pays,
+                                         int8_geometry)
 from hago.backends.amx.permission import amx_available
 from hago.backends.base import Requant
 from intref import rescale_fixed_point
@@ -145,6 +146,7 @@ def test_applicability_and_rule():
     assert amx_int8_pays(int8_geometry((1, 4, 14, 14, 16), (96, 64, 1, 1), (1, 1), (0, 0)))
     assert not amx_int8_pays(int8_geometry((1, 1, 112, 112, 16), (96, 16, 1, 1), (1, 1), (0, 0)))
     assert amx_int8_pays(int8_geometry((1, 2, 28, 28, 16), (32, 32, 3, 3), (1, 1), (1, 1)))
+    assert amx_int8_taps_pays((64, 3, 7, 7)) and not amx_int8_taps_pays((32, 3, 3, 3))  # stems: K 147 vs 27
     # K steps: padded convs pack to full rows, pointwise ones read the 16-channel blocks in place
     assert int8_geometry((1, 4, 14, 14, 16), (64, 64, 3, 3), (1, 1), (1, 1)).k_block == 64
     assert int8_geometry((1, 2, 14, 14, 16), (64, 24, 3, 3), (1, 1), (1, 1)).k_block == 32
@@ -195,7 +197,7 @@ def test_network_on_x86_amx_runs_amx_convs_bit_exact(run_tvm):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = nn.Conv2d(3, 32, 3, padding=1)
+            self.stem = nn.Conv2d(3, 32, 5, padding=2)
             self.c3 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
             self.pw = nn.Conv2d(64, 80, 1)
             self.dw = nn.Conv2d(80, 80, 3, padding=1, groups=80)
@@ -222,7 +224,8 @@ def test_network_on_x86_amx_runs_amx_convs_bit_exact(run_tvm):
         np.testing.assert_array_equal(outs[device], run_tvm(q.realized.mod, x[:2]))
     amx = len(re.findall(r"call_tir\(cls\.hago_conv2d_amx_int8\d*,", texts["x86-amx"]))
     vnni = len(re.findall(r"call_tir\(cls\.hago_conv2d_nchwc_vnni\d*,", texts["x86-amx"]))
-    # stem (RGB, columns in K), c3 (3x3, 32 channels), pw (1x1, 64), narrow (1x1, 80) on AMX; up (1x1, 24) on VNNI
+    # stem (RGB 5x5: K = 75, columns in K), c3 (3x3, 32 channels), pw (1x1, 64), narrow (1x1, 80) on AMX;
+    # up (1x1, 24) on VNNI
     assert (amx, vnni) == (4, 1)
     assert "hago_nchw_to_nchwc" in texts["x86-amx"]  # the stem's input packed once
     assert "hago_conv2d_amx_int8" not in texts["x86-avx512-vnni"]
