@@ -19,6 +19,23 @@ from .realizer import LayerConstants
 from .weighted import Weighted
 
 
+def _rows_key(r, edge: str) -> tuple:
+    """What identifies ``edge``'s rows: the edge, or the tensor it reshapes when the reshape keeps the last axis.
+
+    ``torch.export`` gives every ``nn.Linear`` on a 3-d input its own reshape
+    to 2-d, so a transformer's Q, K and V projections read three reshape
+    edges of one hidden state: the same rows, which are quantized once.
+    """
+    shape = tuple(r.edge_shape(edge))
+    src = edge
+    while (producer := r.g.producer(src)) is not None and producer.kind == "reshape":
+        up = producer.inputs[0]
+        if list(r.edge_shape(up))[-1:] != list(shape)[-1:]:
+            break
+        src = up
+    return src, shape
+
+
 class DynamicDense(Weighted):
     """Registered before :class:`~hago.realize.weighted.Weighted`, so it takes the dense layers it applies to."""
 
@@ -43,8 +60,9 @@ class DynamicDense(Weighted):
 
         src = node.inputs[0]
         x = r.get_float(src)
-        if src not in r.rows:  # quantized once per edge, however many dense layers read it
-            r.rows[src] = dynamic.emit_row_quantize(r.bb, x)
-        r.fval[node.name] = dynamic.emit_dense(r.bb, x, wq, wqp.scale, node.bias, matmul, rows=r.rows[src])
+        key = _rows_key(r, src)
+        if key not in r.rows:  # quantized once, however many dense layers read these rows
+            r.rows[key] = dynamic.emit_row_quantize(r.bb, x)
+        r.fval[node.name] = dynamic.emit_dense(r.bb, x, wq, wqp.scale, node.bias, matmul, rows=r.rows[key])
         r.layers[node.name] = LayerConstants(wq, wqp.scale, np.zeros(wq.shape[1], np.int32))
 

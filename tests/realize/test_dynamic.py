@@ -111,21 +111,23 @@ class SharedInput(nn.Module):
         super().__init__()
         self.q, self.k = nn.Linear(k, 16), nn.Linear(k, 24)
 
-    def forward(self, x):
+    def forward(self, x):  # x [N, 4, K]: on 3-d inputs each Linear reads its own reshape, as in a BERT
         r = torch.relu(x)
-        return torch.cat([self.q(r), self.k(r)], dim=1)
+        return torch.cat([self.q(r), self.k(r)], dim=2)
 
 
 def test_an_edge_read_by_several_denses_is_quantized_once(run_tvm):
     torch.manual_seed(0)
     rng = np.random.default_rng(2)
     model = SharedInput().eval()
-    calib, x = _rows(rng, 64, 48), _rows(rng, 24, 48)
+    calib, x = _rows(rng, 64, 48).reshape(16, 4, 48), _rows(rng, 96, 48).reshape(24, 4, 48)
     q = _quantize(model, calib)
+    dense_inputs = {n.inputs[0] for n in q.graph.nodes if n.kind == "dense"}
+    assert len(dense_inputs) == 2  # two reshape edges of one tensor
     text = q.realized.mod.script(show_meta=False)
     assert text.count("R.min(") == 1 and text.count("R.max(") == 1  # one row range for both denses
-    got = run_tvm(q.realized.mod, x, batch=24)
+    got = run_tvm(q.realized.mod, x, batch=24).reshape(24, 4, 40)
     layers = [q.realized.layers[n.name] for n in q.graph.nodes if n.kind == "dense"]
-    ref = np.concatenate([_reference(x, fc, layer.weight_q, layer.weight_scale)
+    ref = np.concatenate([_reference(x.reshape(96, 48), fc, layer.weight_q, layer.weight_scale)
                           for fc, layer in zip((model.q, model.k), layers)], axis=1)
-    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(got.reshape(96, 40), ref)
