@@ -69,7 +69,9 @@ def x86(request, exported):
     name, static = request.param
     case = corpus.CORPUS[name]
     path = exported(name, static)
-    return case, path, hago_compile(path, "x86-avx512-vnni", {"x": case.samples(N_CALIB)}, measure=False)
+    # no corrections: these nets check import, fallback and the integer build; bias correction has its own tests
+    return case, path, hago_compile(path, "x86-avx512-vnni", {"x": case.samples(N_CALIB)}, measure=False,
+                                    corrections=())
 
 
 def test_fp32_build_matches_onnxruntime(x86):
@@ -123,7 +125,8 @@ def test_unreadable_ops_are_refused_in_one_line(name, static, tmp_path, capsys):
 def test_cross_compiles_for_rpi4(name, static, tmp_path, exported):
     case = corpus.CORPUS[name]
     path = exported(name, static)
-    result = hago_compile(path, "rpi4", {"x": case.samples(N_CALIB)}, measure=False, out_dir=tmp_path / "out")
+    result = hago_compile(path, "rpi4", {"x": case.samples(N_CALIB)}, measure=False, out_dir=tmp_path / "out",
+                          corrections=())
     assert corpus.is_aarch64_elf(tmp_path / "out" / "model.so")
     assert result.report["ops"]["integer"] >= 1
     for kind in case.expect.get("integer", []):
@@ -138,7 +141,8 @@ def test_builds_for_cuda_t4(name, static, tmp_path, exported):
     """Compile-only here (no GPU): the build and its CUDA source; grouped convs stay float there, with the reason."""
     case = corpus.CORPUS[name]
     path = exported(name, static)
-    result = hago_compile(path, "cuda-t4", {"x": case.samples(N_CALIB)}, measure=False, out_dir=tmp_path / "out")
+    result = hago_compile(path, "cuda-t4", {"x": case.samples(N_CALIB)}, measure=False, out_dir=tmp_path / "out",
+                          corrections=())
     assert (tmp_path / "out" / "kernels.cu").stat().st_size > 0
     assert result.report["ops"]["integer"] >= 1
     float_convs = [op.reason for op in result.strategy.ops.values() if op.mode == "float" and op.kind == "conv2d"]
