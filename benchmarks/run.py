@@ -264,7 +264,7 @@ def bench_mnist(args) -> tuple[dict, str]:
     body = (f"## MNIST CNN (ccexam, pretrained), {DEVICE}\n\n"
             f"Command: {_command('mnist')} ({_stamp()}).\n"
             f"Machine: {_machine()}.\nAccuracy on the first {n_eval} images of the real MNIST test set.\n"
-            f"{_ops_note(res)}\n{_bf16_note(bf16)}\n{_amx_note(res, amx)}\n\n"
+            f"{_ops_note(res)}\n{_bf16_note(bf16)}\n{_amx_note(amx)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
 
@@ -293,9 +293,13 @@ def _tune_options(device: str = DEVICE):
     return TuneOptions.for_spec(HardwareSpec.load(device), trials=TUNE_TRIALS, cache_dir=TUNE_CACHE)
 
 
+QUICK = False  # set by --quick: the command written with the results says so
+
+
 def _command(model: str) -> str:
     tune = f" --tune-trials {TUNE_TRIALS}" if TUNE_TRIALS else ""
-    return f"`python benchmarks/run.py --model {model}{tune}`"
+    quick = " --quick" if QUICK else ""
+    return f"`python benchmarks/run.py --model {model}{tune}{quick}`"
 
 
 def _hago_build(model, example, calib, out_dir, batch_size, annotate_config=None, corrections=None,
@@ -344,7 +348,7 @@ def _hago_amx_build(model, example, calib, out_dir, batch_size):
     return res
 
 
-def _amx_note(res, amx) -> str:
+def _amx_note(amx) -> str:
     """Which convs/denses of the AMX build run on the tiles (counted in its integer program)."""
     if amx is None:
         return f"{HAGO_INT8_AMX}: not built (see the notes)."
@@ -569,7 +573,7 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
     body = (f"## {title}, {DEVICE}, batch 1, 224x224\n\n"
             f"Command: {_command(name)} ({_stamp()}).\n"
             f"Machine: {_machine()}.\n{acc_note}\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n"
-            f"{_amx_note(res, amx)}\n"
+            f"{_amx_note(amx)}\n"
             f"{_bf16_note(bf16)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
@@ -655,7 +659,7 @@ def bench_minilm(args) -> tuple[dict, str]:
             f"length 256: Lee 0.6564, WordSim353 0.7289, SimLex-999 0.4462). Texts are truncated/padded to 128 "
             f"tokens. Calibration: {n_calib} sentences of gensim's Lee *background* corpus and polarity set "
             f"(disjoint from the evaluation sets).\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n"
-            f"{_bf16_note(bf16)}\n{_amx_note(res, amx)}\n\n"
+            f"{_bf16_note(bf16)}\n{_amx_note(amx)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
 
@@ -748,8 +752,8 @@ def main() -> int:
                    help="MetaSchedule trials per task for hago FP32, INT8 and bf16 alike (records cached in "
                         "benchmarks/work/tuning; 0: untuned, hand-written default schedules)")
     args = p.parse_args()
-    global HAGO_FP32, HAGO_INT8, HAGO_BF16, TUNE_TRIALS
-    TUNE_TRIALS = args.tune_trials
+    global HAGO_FP32, HAGO_INT8, HAGO_BF16, TUNE_TRIALS, QUICK
+    TUNE_TRIALS, QUICK = args.tune_trials, args.quick
     if TUNE_TRIALS:
         HAGO_FP32 = f"hago FP32 (MetaSchedule, {TUNE_TRIALS} trials/task)"
         HAGO_INT8 = f"hago INT8 (MetaSchedule, {TUNE_TRIALS} trials/task)"

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from bn_nets import bn_net
 from hago.annotate import AnnotateConfig
 from hago.compiler import quantize
 from hago.correct import CORRECTIONS, CorrectionContext, get_correction
@@ -116,25 +117,12 @@ def test_cle_skips_relu6_pairs():
 
 
 # -- data-free bias correction ---------------------------------------------------------------------
-def _bn_net(x: np.ndarray) -> nn.Module:
-    """conv -> BN -> ReLU -> conv, the BN's running statistics those of the first conv on ``x``'s distribution."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3))
-    with torch.no_grad():
-        y = net[0](torch.from_numpy(x))
-        net[1].running_mean.copy_(y.mean((0, 2, 3)))
-        net[1].running_var.copy_(y.var((0, 2, 3)))
-        net[1].weight.uniform_(0.3, 1.5)
-        net[1].bias.uniform_(-0.6, 0.8)
-    return net.eval()
-
-
 def test_bias_data_free_removes_the_mean_shift_of_4bit_weights():
     rng = np.random.default_rng(0)
     stats_x = rng.standard_normal((512, 3, 12, 12)).astype(np.float32)  # what "training" saw: only in the BN
     calib = rng.standard_normal((64, 3, 12, 12)).astype(np.float32)
     test = rng.standard_normal((512, 3, 12, 12)).astype(np.float32)  # data the correction never sees
-    net = _bn_net(stats_x)
+    net = bn_net(stats_x)
     q = quantize(net, DEVICE, calib, example_inputs=(torch.from_numpy(calib[:2]),),
                  annotate_config=AnnotateConfig(weight_bits=4), corrections=["bias_data_free"])
     second = [n for n in q.graph.nodes if n.kind == "conv2d"][1]

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from bn_nets import bn_net, fit_bn_stats
 from hago.annotate import AnnotateConfig
 from hago.compiler import quantize
 from hago.correct import CORRECTIONS, CorrectionContext, corrected_graph, get_correction
@@ -55,26 +56,13 @@ def test_moments_match_monte_carlo():
 
 
 # -- the pair --------------------------------------------------------------------------------------
-def _bn_net(x: np.ndarray) -> nn.Module:
-    """conv -> BN -> ReLU -> conv, the BN's running statistics those of the first conv on ``x``'s distribution."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3))
-    with torch.no_grad():
-        y = net[0](torch.from_numpy(x))
-        net[1].running_mean.copy_(y.mean((0, 2, 3)))
-        net[1].running_var.copy_(y.var((0, 2, 3)))
-        net[1].weight.uniform_(0.3, 1.5)
-        net[1].bias.uniform_(-0.6, 0.8)
-    return net.eval()
-
-
 @pytest.fixture(scope="module")
 def pair():
     rng = np.random.default_rng(0)
     stats_x = rng.standard_normal((512, 3, 12, 12)).astype(np.float32)  # what "training" saw: only in the BN
     calib = rng.standard_normal((64, 3, 12, 12)).astype(np.float32)
     test = rng.standard_normal((256, 3, 12, 12)).astype(np.float32)  # data the correction never sees
-    net = _bn_net(stats_x)
+    net = bn_net(stats_x)
     example = (torch.from_numpy(calib[:2]),)
     names = [n.name for n in prepare_model(net, example_inputs=example).graph.nodes if n.kind == "conv2d"]
     return net, calib, test, example, names
@@ -163,7 +151,7 @@ def test_dfmpc_still_helps_when_the_input_is_correlated():
         return (0.5 * t[:, :, 1:-1, 1:-1] + 1.5 * F.conv2d(t, torch.ones(3, 1, 3, 3) / 9, groups=3) + 0.3).numpy()
 
     stats_x, calib, test = draw(512), draw(64), draw(256)
-    net = _bn_net(stats_x)
+    net = bn_net(stats_x)
     example = (torch.from_numpy(calib[:2]),)
     names = [n.name for n in prepare_model(net, example_inputs=example).graph.nodes if n.kind == "conv2d"]
     q = _quantize((net, calib, test, example, names), 2)
@@ -188,12 +176,7 @@ def test_dfmpc_through_a_flatten_into_a_dense_layer(run_tvm):
     stats_x, calib, test = (rng.standard_normal((n, 3, 6, 6)).astype(np.float32) for n in (512, 64, 256))
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
-    with torch.no_grad():
-        y = net[0](torch.from_numpy(stats_x))
-        net[1].running_mean.copy_(y.mean((0, 2, 3)))
-        net[1].running_var.copy_(y.var((0, 2, 3)))
-        net[1].weight.uniform_(0.3, 1.5)
-        net[1].bias.uniform_(-0.6, 0.8)
+    fit_bn_stats(net[0], net[1], stats_x)
     net.eval()
     example = (torch.from_numpy(calib[:2]),)
     conv = [n.name for n in prepare_model(net, example_inputs=example).graph.nodes if n.kind == "conv2d"][0]
