@@ -30,6 +30,7 @@ from .pipeline import (CALIB_BATCH, PreparedModel, apply_graph_corrections, chec
                        prepare_model, realized_program)
 from .realize import Realized
 from .strategy import Strategy
+from .weight_bytes import weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,8 @@ def compile(  # noqa: A001 - mirrors the CLI verb, as tvm.compile does
     result.int_executable = build_mod.build_for(int_static, spec, tune=tune)
     report = _base_report(spec, graph, strat, ghash, calibrator, t_quant)
     report["batch"] = batch
+    report["fp32"]["weight_bytes"] = weight_bytes(fp32_static)  # 4-bit layers' packed weights show here
+    report["quantized"]["weight_bytes"] = weight_bytes(int_static)
     report["notes"].extend(q.notes)
     if measure and measurer is not None:  # the user's choice wins, on a local device too (a server over RPC)
         _measure_remote(result, report, spec, measurer, q, batch)

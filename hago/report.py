@@ -9,26 +9,34 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from .weight_bytes import format_bytes
+
 
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
 def summary_table(report: dict) -> Table:
-    """FP32 against quantized: latency, accuracy, and what stayed in float."""
+    """FP32 against quantized: latency, accuracy, weight bytes (packed 4-bit weights count half), and what
+    stayed in float."""
     t = Table(title=f"hago: {report['device']}  (calibrator {report.get('calibrator')})")
     t.add_column("build")
     t.add_column(f"latency ms (batch {report.get('batch', 1)})", justify="right")
     t.add_column("top-1", justify="right")
+    t.add_column("weights", justify="right")
     bf16 = report["ops"].get("bf16", 0)
     t.add_column("ops integer/bf16/float" if bf16 else "ops integer/float", justify="right")
     fp, q = report["fp32"], report["quantized"]
-    t.add_row("FP32", _fmt(fp.get("latency_ms"), ".3f"), _fmt(fp.get("accuracy"), ".2%"), "-")
+    t.add_row("FP32", _fmt(fp.get("latency_ms"), ".3f"), _fmt(fp.get("accuracy"), ".2%"),
+              format_bytes(fp.get("weight_bytes")), "-")
     ops = "/".join(str(report["ops"][k]) for k in (("integer", "bf16", "float") if bf16 else ("integer", "float")))
     latency = _fmt(q.get("latency_ms"), ".3f")
     if slower_than_fp32(report):
         latency = f"[bold red]{latency} SLOWER[/]"
-    t.add_row("quantized", latency, _fmt(q.get("accuracy"), ".2%"), ops)
+    weights = format_bytes(q.get("weight_bytes"))
+    if fp.get("weight_bytes") and q.get("weight_bytes"):
+        weights += f" ({q['weight_bytes'] / fp['weight_bytes']:.2f}x)"
+    t.add_row("quantized", latency, _fmt(q.get("accuracy"), ".2%"), weights, ops)
     return t
 
 

@@ -58,6 +58,9 @@ __all__ = [
     "conv2d_int",
     "conv1d_int",
     "dense_int",
+    "pack_int4",
+    "unpack_int4",
+    "dense_int4",
     "add_int_fixed",
     "add_int_exact",
     "relu_int",
@@ -318,6 +321,45 @@ def dense_int(x_q, w_q, x_zp):
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"bad shapes {x.shape} @ {w.shape}")
     return _to_int32((x - int(x_zp)) @ w)
+
+
+# --------------------------------------------------------------------------
+# packed 4-bit weights (x86 VNNI layout)
+# --------------------------------------------------------------------------
+# w [K, N] int4 (values -8..7) is stored as uint8 P[N16, K8, 16, 4] with
+# N16 = ceil(N/16), K8 = ceil(K/8); missing (padded) weights are 0.  For
+# k = 8*kb + 4*h + b and n = 16*nb + l, w[k, n] is nibble h (h=0: bits 0-3,
+# h=1: bits 4-7) of P[nb, kb, l, b], in two's complement (w mod 16).
+def _int4_positions(K, N):
+    """(k, n) index grids of a [K, N] weight."""
+    return np.meshgrid(np.arange(K), np.arange(N), indexing="ij")
+
+
+def pack_int4(w_q):
+    """int4 w [K, N] (any int dtype, values in [-8, 7]) -> uint8 [ceil(N/16), ceil(K/8), 16, 4]."""
+    w = _check_int(w_q, "w_q").astype(np.int64)
+    if w.ndim != 2 or w.size and (w.min() < -8 or w.max() > 7):
+        raise ValueError("pack_int4 needs a 2-d weight with values in [-8, 7]")
+    K, N = w.shape
+    P = np.zeros((-(-N // 16), -(-K // 8), 16, 4), np.int64)
+    k, n = _int4_positions(K, N)
+    np.add.at(P, (n // 16, k // 8, n % 16, k % 4), np.mod(w, 16) << (4 * ((k % 8) // 4)))
+    return P.astype(np.uint8)
+
+
+def unpack_int4(packed, K, N):
+    """uint8 P (layout above) -> int8 w [K, N]."""
+    P = np.asarray(packed)
+    if P.dtype != np.uint8 or P.shape != (-(-N // 16), -(-K // 8), 16, 4):
+        raise ValueError(f"packed {P.dtype} {P.shape} is not a [{K}, {N}] int4 weight")
+    k, n = _int4_positions(K, N)
+    nib = (P[n // 16, k // 8, n % 16, k % 4].astype(np.int64) >> (4 * ((k % 8) // 4))) & 15
+    return np.where(nib >= 8, nib - 16, nib).astype(np.int8)
+
+
+def dense_int4(x_q, packed, K, N, x_zp):
+    """int32 acc of x [M, K] times the packed int4 weight: unpack, then dense_int."""
+    return dense_int(x_q, unpack_int4(packed, K, N), x_zp)
 
 
 # --------------------------------------------------------------------------

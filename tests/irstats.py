@@ -14,7 +14,7 @@ from tvm import relax
 
 HEAVY_OPS = ("relax.nn.conv2d", "relax.matmul")
 #: hand-scheduled kernels (hago.backends.x86) that stand in for conv2d / matmul
-HEAVY_KERNELS = ("hago_conv2d_nchwc_vnni", "hago_dense_vnni", "hago_conv2d_depthwise")
+HEAVY_KERNELS = ("hago_conv2d_nchwc_vnni", "hago_dense_vnni", "hago_dense_int4_vnni", "hago_conv2d_depthwise")
 
 
 @dataclass(frozen=True)

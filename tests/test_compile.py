@@ -68,6 +68,7 @@ def test_outputs_are_written_and_loadable(mnist_build, mnist_test):
     assert report["device"] == "x86-avx512-vnni"
     assert report["fp32"]["latency_ms"] > 0 and report["quantized"]["latency_ms"] > 0
     assert set(report["ops"]) == {"integer", "bf16", "float"}
+    assert 0 < report["quantized"]["weight_bytes"] < 0.3 * report["fp32"]["weight_bytes"]  # int8 weights
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cpu())
     direct = relax.VirtualMachine(result.int_executable, tvm.cpu())
     for x in mnist_test[0][:8]:  # the export is a batch-1 build

@@ -1,14 +1,15 @@
 """Per-kernel latencies, cached per (device, kernel workload), and estimates built from them.
 
 Most candidates share most kernels: a conv that is integer in two strategies
-runs the same kernel in both, and 4-bit weights ride in the same int8
-containers as 8-bit ones. Each device measurement therefore also records how
-long every kernel call took (the VM's instrument hook, in the measuring
-process), keyed by the kernel's name and its argument shapes and dtypes, which
-pins the workload, dtype and layout. A candidate whose kernels are all cached
-gets an estimate, the sum of its calls, conversions included (a quantize or
-dequantize at a float boundary is a kernel call like any other), without
-touching the device.
+runs the same kernel in both, and 4-bit conv weights ride in the same int8
+containers as 8-bit ones (a 4-bit dense on x86 VNNI runs its own packed
+kernel, :mod:`hago.backends.x86.vnni_int4`). Each device measurement
+therefore also records how long every kernel call took (the VM's instrument
+hook, in the measuring process), keyed by the kernel's name and its argument
+shapes and dtypes, which pins the workload, dtype and layout. A candidate
+whose kernels are all cached gets an estimate, the sum of its calls,
+conversions included (a quantize or dequantize at a float boundary is a
+kernel call like any other), without touching the device.
 
 The builder numbers the functions it fuses (``fused_conv2d1_add3_relu``);
 the numbers are dropped from every ``_``-separated part of the name, so the

@@ -2,7 +2,8 @@
 
 The x86 plan (:mod:`.plan`) calls an ``emit_*`` function where the hardware
 spec names such a layout (VNNI, ``weight_layout: NK16n4k`` /
-``OIHW4i16o4i``, and the NCHW depthwise kernel on the same specs); the
+``OIHW4i16o4i``, a 4-bit dense with packed weights, and the NCHW depthwise
+kernel on the same specs); the
 emitted PrimFuncs carry a ``hago.kernel`` block annotation, and
 ``schedule_vnni`` gives them their default schedules (``schedules.SCHEDULES``)
 before ``tvm.compile`` so an untuned build already runs ``vpdpbusd`` /
@@ -22,6 +23,7 @@ from .schedules import (
     schedule_vnni,
 )
 from .vnni_intrin import HAGO_VNNI_INTRIN, fix_shipped_vnni_intrin, vnni_intrin
+from .vnni_int4 import emit_dense_vnni_int4, int4_applicable
 from .depthwise import depthwise_applicable, emit_conv2d_depthwise
 from .depthwise_blocked import emit_conv2d_depthwise_blocked
 from .vnni import (
@@ -47,10 +49,12 @@ __all__ = [
     "emit_conv2d_depthwise_blocked",
     "emit_conv2d_vnni",
     "emit_dense_vnni",
+    "emit_dense_vnni_int4",
     "emit_from_blocked",
     "emit_to_blocked",
     "fix_shipped_vnni_intrin",
     "has_vnni",
+    "int4_applicable",
     "is_kernel",
     "kernel_blocks",
     "pack_conv_weight",

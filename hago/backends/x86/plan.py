@@ -3,7 +3,8 @@
 Realize asks it per layer (:class:`hago.backends.Plan`). Where the spec's
 descriptor names them, hago's hand-scheduled kernels (:mod:`.kernels`) stand
 in for the plain ops: VNNI conv/dense (``weight_layout: OIHW4i16o4i`` /
-``NK16n4k``, uint8 activations), and the depthwise kernel (the depthwise
+``NK16n4k``, uint8 activations; a 4-bit dense with packed weights,
+:mod:`.vnni_int4`), and the depthwise kernel (the depthwise
 descriptor ``layout: NCHW`` with ``inputs: [uint8, int8]``), which pads and
 requantizes inside its own loop nest.
 
@@ -236,7 +237,11 @@ class X86Plan(base.Plan):
                                                    tuple(int(d) for d in a.dilation), groups, pad, bias=node.bias)
 
     def dense_kernel(self, choice, x_dtype, x_shape, w_shape):
+        """VNNI on uint8 activations; a 4-bit dense (the spec lists 4 in ``bits.weight``, so annotate could
+        give it) stores its weights packed, two per byte (:mod:`.vnni_int4`)."""
         layout = (choice.descriptor or {}).get("weight_layout")
         if layout in VNNI_WEIGHT_LAYOUTS and x_dtype == "uint8" and kernels.vnni_applicable("dense", x_shape, w_shape):
+            if choice.weight_bits == 4 and kernels.int4_applicable(x_shape, w_shape):
+                return kernels.emit_dense_vnni_int4
             return kernels.emit_dense_vnni
         return None

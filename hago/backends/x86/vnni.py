@@ -277,14 +277,21 @@ def emit_dense_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_kn_int8: np.ndar
     w = _int8(w_kn_int8, "dense")
     if not vnni_applicable("dense", xs, w.shape):
         raise QuantizeError(f"dense {xs} x {list(w.shape)}: shapes do not match")
-    k, n = w.shape
     wp = pack_dense_weight(w)
-    kp = int(wp.shape[1]) * RED
+    return emit_packed_dense(bb, x_u8, xs, w.shape, int(wp.shape[1]) * RED,
+                             lambda a: bb.emit_te(_dense_te, a, relax.const(wp, "int8"),
+                                                  primfunc_name_hint="hago_dense_vnni"))
+
+
+def emit_packed_dense(bb: relax.BlockBuilder, x_u8: relax.Expr, xs: list[int], w_shape, kp: int, kernel):
+    """The shape plumbing around a packed-weight dense kernel: ``[..., K]`` flattened to ``[M, K]``, K
+    zero-padded to ``kp``, ``kernel(a [M, kp]) -> int32 [M, Np]``, then sliced to N and reshaped back."""
+    k, n = (int(d) for d in w_shape)
     a = x_u8 if len(xs) == 2 else bb.emit(O.reshape(x_u8, (-1, k)))
     if kp != k:
         a = bb.emit_te(_pad_k_te, a, kp, primfunc_name_hint="hago_pad_k")
-    acc = bb.emit_te(_dense_te, a, relax.const(wp, "int8"), primfunc_name_hint="hago_dense_vnni")
-    if int(wp.shape[0]) * LANES != n:
+    acc = kernel(a)
+    if int(bb.normalize(acc).ty.shape.values[1]) != n:
         acc = bb.emit(O.strided_slice(acc, axes=[1], begin=[0], end=[n]))
     if len(xs) != 2:
         acc = bb.emit(O.reshape(acc, (*xs[:-1], n)))
