@@ -209,6 +209,11 @@ class Plan:
         """``emit(bb, x) -> float32`` (bias included) for a bf16 conv2d / dense on float ``x``; None: plain ops."""
         return None
 
+    def row_quantize_kernel(self, x_shape: list) -> Callable | None:
+        """``emit(bb, x) -> (q, scale, zp)``: a dense input's run-time per-row quantization
+        (:func:`hago.dynamic.emit_row_quantize`'s results, bit for bit) as one kernel; None: plain ops."""
+        return None
+
 
 # -- the backend ------------------------------------------------------------------------
 class Backend:

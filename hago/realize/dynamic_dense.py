@@ -62,7 +62,8 @@ class DynamicDense(Weighted):
         x = r.get_float(src)
         key = _rows_key(r, src)
         if key not in r.rows:  # quantized once, however many dense layers read these rows
-            r.rows[key] = dynamic.emit_row_quantize(r.bb, x)
+            kernel = r.plan.row_quantize_kernel(shape(r.bb.normalize(x)))
+            r.rows[key] = kernel(r.bb, x) if kernel is not None else dynamic.emit_row_quantize(r.bb, x)
         r.fval[node.name] = dynamic.emit_dense(r.bb, x, wq, wqp.scale, node.bias, matmul, rows=r.rows[key])
         r.layers[node.name] = LayerConstants(wq, wqp.scale, np.zeros(wq.shape[1], np.int32))
 

@@ -51,7 +51,7 @@ def _reference(x: np.ndarray, fc: nn.Linear, w_q: np.ndarray, w_scale: np.ndarra
     span = hi - lo
     scale = np.where(span > 0, span / f32(255), f32(1)).astype(f32)
     zp = np.clip(np.round(-lo / scale), 0, 255).astype(f32)
-    q = np.clip(np.round(r / scale) + zp, 0, 255).astype(np.int64)
+    q = np.clip(np.round(r * (f32(1) / scale)) + zp, 0, 255).astype(np.int64)
     acc = (q @ w_q.astype(np.int64)).astype(np.int32)
     centred = acc - zp.astype(np.int32) * w_q.astype(np.int64).sum(axis=0).astype(np.int32)
     bias = fc.bias.detach().numpy().astype(f32)

@@ -236,6 +236,13 @@ class X86Plan(base.Plan):
         return lambda bb, x: bf16.emit_conv2d_bf16(bb, x, node.weight, tuple(int(s) for s in a.strides),
                                                    tuple(int(d) for d in a.dilation), groups, pad, bias=node.bias)
 
+    def row_quantize_kernel(self, x_shape):
+        from ..cpu.row_quantize import emit_row_quantize
+
+        if any(not isinstance(d, int) for d in x_shape):  # a symbolic batch: the plain ops handle any shape
+            return None
+        return lambda bb, x: emit_row_quantize(bb, x, LANES)
+
     def dense_kernel(self, choice, x_dtype, x_shape, w_shape):
         """VNNI on uint8 activations; a 4-bit dense (the spec lists 4 in ``bits.weight``, so annotate could
         give it) stores its weights packed, two per byte (:mod:`.vnni_int4`)."""
