@@ -54,11 +54,14 @@ class AMXBackend(X86Backend):
 
     def prepare_fusion(self, mod, target):
         """Float convs blocked as on x86, and bf16 convs too (the AMX conv reads the same 16-channel blocks);
-        a bf16 conv's bias, relu/relu6 and bf16 cast then go onto its tiles (:mod:`.bf16_epilogue`)."""
+        a bf16 conv's bias, relu/relu6 and bf16 cast then go onto its tiles (:mod:`.bf16_epilogue`);
+        attention's softmax as one kernel, as on every CPU."""
         from ..cpu.float_layout import block_float_convs
+        from ..cpu.row_kernels import fuse_row_kernels
         from .bf16_epilogue import fuse_bf16_epilogues
 
-        return fuse_bf16_epilogues(block_float_convs(mod, self.vector_lanes(target), bf16=True))
+        lanes = self.vector_lanes(target)
+        return fuse_row_kernels(fuse_bf16_epilogues(block_float_convs(mod, lanes, bf16=True)), lanes)
 
     def legalizations(self, target) -> dict:
         """bf16 convs in blocked layouts onto the AMX conv; everything else as on x86."""

@@ -56,10 +56,13 @@ class CPUBackend(Backend):
         return 32
 
     def prepare_fusion(self, mod, target):
-        """Float convs in blocked ``NCHW{b}c`` layouts (:mod:`.float_layout`)."""
+        """Float convs in blocked ``NCHW{b}c`` layouts (:mod:`.float_layout`), attention's softmax as one
+        kernel (:mod:`.row_kernels`)."""
         from .float_layout import block_float_convs
+        from .row_kernels import fuse_row_kernels
 
-        return block_float_convs(mod, self.vector_lanes(target))
+        lanes = self.vector_lanes(target)
+        return fuse_row_kernels(block_float_convs(mod, lanes), lanes)
 
     def legalizations(self, target) -> dict:
         """hago's blocked float conv kernels (:mod:`.float_kernels`) in place of TVM's generic loop nest."""
