@@ -234,7 +234,8 @@ def apply_default_schedule(sch) -> bool:
 
 
 def _tileable(sch, blk) -> bool:
-    """Whether a reduction block can take ``_register_tile``: spatial loops first, then reductions, and
+    """Whether a reduction block can take ``_register_tile``: a product of two operands (a conv, a matmul),
+    spatial loops first, then reductions, and
     along the innermost spatial loop every read either stays put or walks contiguously in its last
     dimension (a float conv of stride 1, a matmul), so the vectorized lanes are plain vector loads."""
     b = sch.get(blk)
@@ -244,6 +245,8 @@ def _tileable(sch, blk) -> bool:
         return False
     if str(b.writes[0].source.dtype) not in ("float32", "int32"):
         return False
+    if len({r.source.name for r in b.reads if r.source.name != b.writes[0].source.name}) < 2:
+        return False  # one operand: a pool, which _lane_reduce runs with its padding inlined (no padded copy)
     v = b.iter_vars[spatial - 1].var
     if int(b.iter_vars[spatial - 1].dom.extent) % 4:
         return False
