@@ -40,14 +40,19 @@ class AMXBackend(X86Backend):
         return target_problem(target, "amx_bf16", "the amx backend's bf16")
 
     def bf16_node_problem(self, node):
-        """The AMX conv takes single-group, undilated convs; dense any shape."""
+        """The AMX conv takes single-group, undilated convs with channels in 4s, or a narrow stem whose
+        ``C * KW`` fits a K step (:mod:`.stem_bf16`); dense any shape."""
         if node.weight is None:
             return "bf16 needs a constant weight"
         if node.kind != "dense":
             a = node.call.attrs
             if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
                 return "the AMX bf16 conv takes single-group, undilated convs: runs in fp32"
-            if node.weight.shape[1] % 4 or node.weight.shape[0] % 4:
+            from .stem_bf16 import bf16_taps_applicable
+
+            w = node.weight.shape
+            if (w[1] % 4 or w[0] % 4) and not (w[0] % 16 == 0 and bf16_taps_applicable(
+                    (1, w[1], 2 * w[2], 2 * w[3]), w, a.strides, a.dilation, a.groups)):
                 return (f"the AMX bf16 conv takes channels in 4s ({node.weight.shape[1]} -> {node.weight.shape[0]}): "
                         "runs in fp32")
         return None

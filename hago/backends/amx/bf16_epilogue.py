@@ -25,7 +25,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .conv import BF16, _fp32_source, amx_bf16_conv, emit_conv2d_amx_bf16
+from .conv import BF16, amx_bf16_conv
 
 
 def _op(expr) -> str:
@@ -84,7 +84,6 @@ class _Chains:
             found = amx_bf16_conv(value)
             if found is None:
                 continue
-            g = found[2]
             end, bias, lo, hi, dtype = var, None, None, None, "float32"
             while self.single_use(end) and len(users.get(end, [])) == 1 and dtype == "float32":
                 nxt = users[end][0]
@@ -92,7 +91,7 @@ class _Chains:
                 other = step.args[1] if len(step.args) > 1 else None
                 name = _op(step)
                 if name == "relax.add" and bias is None and lo is None and hi is None and step.args[0].same_as(end):
-                    bias = _channel_bias(other, g.o, g.ob)
+                    bias = _channel_bias(other, found.o, found.ob)
                     if bias is None:
                         break
                 elif name == "relax.maximum" and lo is None and hi is None and _scalar(other) is not None:
@@ -133,9 +132,8 @@ def fuse_bf16_epilogues(mod: tvm.IRModule) -> tvm.IRModule:
             if binding.var not in ends:
                 return super().visit_var_binding_(binding)
             conv, bias, clip, dtype = ends[binding.var]
-            x, w_oihw, g = amx_bf16_conv(conv)
-            y = emit_conv2d_amx_bf16(self.builder_, _fp32_source(self.builder_, self.visit_expr(x)), w_oihw, g,
-                                     bias=bias, clip=clip, out_dtype=dtype)
+            found = amx_bf16_conv(conv)
+            y = found.emit(self.builder_, self.visit_expr(found.x), bias=bias, clip=clip, out_dtype=dtype)
             self.set_var_remap(binding.var, y)
 
     fused = rewrite_relax_functions(mod, _Fuse(mod))

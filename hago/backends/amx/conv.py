@@ -135,7 +135,7 @@ class ConvGeometry:
 
     @property
     def pixel(self) -> int:  # bytes from one input pixel to the next (an A row's start)
-        return self.pitch or pixel_bytes(self.k_block, self.dtype)
+        return pixel_bytes(self.pitch or self.k_block, self.dtype)
 
     @property
     def row_pixels(self) -> int:
@@ -650,12 +650,25 @@ def _fp32_source(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
     return x
 
 
-def amx_bf16_conv(call: relax.Call) -> tuple[relax.Expr, np.ndarray, ConvGeometry] | None:
-    """``(data, OIHW weight, geometry)`` of a ``relax.nn.conv2d`` the AMX bf16 kernel takes; None if it does not.
+@dataclass(frozen=True)
+class AmxBf16Conv:
+    """A ``relax.nn.conv2d`` the AMX bf16 kernels take: its data, its output channels and block, and the
+    emitter ``emit(bb, x, bias=None, clip=None, out_dtype="float32", threads=None, request_permission=True)``
+    of the kernel call on (the visited) ``x``."""
+
+    x: relax.Expr
+    o: int
+    ob: int
+    emit: object
+
+
+def amx_bf16_conv(call: relax.Call) -> AmxBf16Conv | None:
+    """The AMX bf16 kernel for a ``relax.nn.conv2d``; None if none takes it.
 
     Takes data ``NCHW{ib}c`` (bf16 or fp32), a ``relax.Constant`` weight
     ``OIHW{ib}i{ob}o`` with the same ``ob`` as ``out_layout = NCHW{ob}c``, an
-    fp32 result, static shapes.
+    fp32 result, static shapes: the blocked conv (``ib`` 4..32), or a narrow
+    stem whose one block holds all its channels (:mod:`.stem_bf16`).
     """
     from hago.backends.cpu.float_kernels import blocked_layouts
 
@@ -675,9 +688,18 @@ def amx_bf16_conv(call: relax.Call) -> tuple[relax.Expr, np.ndarray, ConvGeometr
     except (TypeError, ValueError):  # a symbolic dim (the batch of a calibration build)
         return None
     strides, padding, dilation = _ints(a.strides), _ints(a.padding), _ints(a.dilation)
-    if not conv2d_amx_bf16_applicable(xshape, wshape, strides, padding, dilation, int(a.groups)):
-        return None
-    return x, blocked_weight_to_oihw(w.value.numpy()), geometry(xshape, wshape, strides, padding)
+    w_oihw = blocked_weight_to_oihw(w.value.numpy())
+    if conv2d_amx_bf16_applicable(xshape, wshape, strides, padding, dilation, int(a.groups)):
+        g = geometry(xshape, wshape, strides, padding)
+
+        def emit(bb, x, bias=None, clip=None, out_dtype="float32", threads=None, request_permission=True):
+            return emit_conv2d_amx_bf16(bb, _fp32_source(bb, x), w_oihw, g, bias, threads, request_permission,
+                                        clip=clip, out_dtype=out_dtype)
+
+        return AmxBf16Conv(x, g.o, g.ob, emit)
+    from .stem_bf16 import blocked_stem
+
+    return blocked_stem(x, xshape, w_oihw, strides, padding, dilation, int(a.groups), blocks[2])
 
 
 def legalize_conv2d_amx_bf16(bb: relax.BlockBuilder, call: relax.Call, bias=None, threads: int | None = None,
@@ -691,5 +713,4 @@ def legalize_conv2d_amx_bf16(bb: relax.BlockBuilder, call: relax.Call, bias=None
     found = amx_bf16_conv(call)
     if found is None:
         return None
-    x, w_oihw, g = found
-    return emit_conv2d_amx_bf16(bb, _fp32_source(bb, x), w_oihw, g, bias, threads, request_permission)
+    return found.emit(bb, found.x, bias, threads=threads, request_permission=request_permission)

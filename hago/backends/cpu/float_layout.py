@@ -48,6 +48,12 @@ def channel_block(channels: int, lanes: int) -> int | None:
     return None
 
 
+def _bf16_stem(w, bf16: bool) -> bool:
+    """Whether a bf16 conv with fewer channels than a block is a stem the AMX bf16 kernel folds (its
+    ``C * KW`` values fit one 32-value K step: ``hago.backends.amx.stem_bf16``)."""
+    return bf16 and int(w.shape[1]) * int(w.shape[3]) <= 32
+
+
 def conv_layouts(call, lanes: int, bf16: bool = False) -> list[str] | None:
     """``[data, kernel, out]`` layouts for a float NCHW/OIHW ``relax.nn.conv2d`` call; None: keep it plain.
 
@@ -70,7 +76,8 @@ def conv_layouts(call, lanes: int, bf16: bool = False) -> list[str] | None:
         b = channel_block(c, lanes)
         return None if b is None else [f"NCHW{b}c", f"OIHW1i{b}o", f"NCHW{b}c"]
     ob = channel_block(o // groups, lanes)
-    ib = channel_block(i, lanes) or (i if groups == 1 and i < MIN_BLOCK and "float32" in dtypes else None)
+    narrow = groups == 1 and i < MIN_BLOCK and ("float32" in dtypes or _bf16_stem(w, bf16))
+    ib = channel_block(i, lanes) or (i if narrow else None)
     if ob is None or ib is None:
         return None
     return [f"NCHW{ib}c", f"OIHW{ib}i{ob}o", f"NCHW{ob}c"]

@@ -94,7 +94,8 @@ def test_bf16_dense_on_amx_tracks_its_simulated_twin(prepared, mnist_test):
 
 @needs_amx
 def test_bf16_build_runs_convs_and_denses_on_amx_and_tracks_its_twin(prepared, mnist_test):
-    """``all_bf16`` on x86-amx: the 1-channel first conv stays fp32 (channels in 4s), the rest on the tiles."""
+    """``all_bf16`` on x86-amx: every conv and dense on the tiles, the 1-channel first conv as a stem with its
+    kernel columns folded into K (``hago/backends/amx/stem_bf16.py``)."""
     from hago.build import static_batch
     from hago.pipeline import lower
     from hago.simulate import simulate
@@ -103,13 +104,13 @@ def test_bf16_build_runs_convs_and_denses_on_amx_and_tracks_its_twin(prepared, m
     x = mnist_test[0]
     q = quantize(prepared, spec, annotate_config=AnnotateConfig(all_bf16=True), corrections=())
     modes = {n: c.mode for n, c in q.strategy.ops.items() if c.kind in ("conv2d", "dense")}
-    assert modes == {"n0_conv2d": "float", "n3_conv2d": "bf16", "n7_dense": "bf16", "n9_dense": "bf16"}
-    assert "channels in 4s" in q.strategy.ops["n0_conv2d"].reason
+    assert modes == {"n0_conv2d": "bf16", "n3_conv2d": "bf16", "n7_dense": "bf16", "n9_dense": "bf16"}
     mod = lower(q.prepared, q.strategy, spec, BATCH)[1].mod
     real, ex = _run(mod, spec, get_backend("amx"), x[:BATCH])
     sim, _ = _run(static_batch(simulate(q.graph, q.strategy), BATCH), spec, get_backend("amx"), x[:BATCH])
     asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ex.mod.inspect_source("asm")
-    assert len(re.findall(r"\btdpbf16ps\b", asm)) >= 2 and "vdpbf16ps" not in asm  # conv and dense on tiles
+    assert len(re.findall(r"\btdpbf16ps\b", asm)) >= 3 and "vdpbf16ps" not in asm  # stem, conv and dense on tiles
+    assert "hago_pad_stem_bf16" in asm and "conv2d_nchwc" not in asm  # the stem's packing pass, no fp32 conv
     # the conv's bf16 output feeds a bf16 dense: its rounding can flip a bf16 step there, so compare by agreement
     assert (real.argmax(1) == sim.argmax(1)).all()
     assert np.abs(real - sim).mean() <= 2e-3 * np.abs(sim).mean()
@@ -149,7 +150,8 @@ def test_bf16_conv_epilogue_on_the_tiles_is_bit_identical(monkeypatch):
     with target_of(spec):
         ends = chains(block_float_convs(mod, 16, bf16=True)["main"]).ends()
     kinds = sorted((clip, dtype) for _, _, clip, dtype in ends.values())
-    assert kinds == [((0.0, 6.0), "bfloat16"), ((0.0, np.inf), "bfloat16")]  # c1: relu6 + cast, c2: relu + cast
+    # c1: relu6 + cast; c2 and the RGB stem (on the tiles as a folded stem, hago/backends/amx/stem_bf16.py): relu + cast
+    assert kinds == [((0.0, 6.0), "bfloat16"), ((0.0, np.inf), "bfloat16"), ((0.0, np.inf), "bfloat16")]
     outs = {}
     for fused in (True, False):
         if not fused:
