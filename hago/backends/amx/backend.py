@@ -27,6 +27,9 @@ from ..x86 import X86Backend
 class AMXBackend(X86Backend):
     """x86 with AMX tiles (Sapphire Rapids, Emerald Rapids, Granite Rapids)."""
 
+    #: the depthwise conv too: bf16 storage, fp32 arithmetic (``hago.backends.cpu.float_kernels``)
+    bf16_ops = ("conv2d", "dense", "depthwise_conv2d")
+
     intrinsics = frozenset({"x86-amx"})
 
     def claims(self, target) -> bool:
@@ -41,16 +44,20 @@ class AMXBackend(X86Backend):
 
     def bf16_node_problem(self, node):
         """The AMX conv takes single-group, undilated convs with channels in 4s, or a narrow stem whose
-        ``C * KW`` fits a K step (:mod:`.stem_bf16`); dense any shape."""
+        ``C * KW`` fits a K step (:mod:`.stem_bf16`); dense any shape. A depthwise conv (channels in 4s)
+        is bf16 too: its input and weights are stored in bf16 and it computes in fp32 (no tile product
+        fits it), which halves the bytes of the widest activations of a MobileNet."""
         if node.weight is None:
             return "bf16 needs a constant weight"
         if node.kind != "dense":
             a = node.call.attrs
+            w = node.weight.shape
+            if int(a.groups) > 1 and int(a.groups) == w[0] and w[1] == 1 and w[0] % 4 == 0:
+                return None  # depthwise: bf16 storage, fp32 arithmetic (hago.backends.cpu.float_kernels)
             if int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation):
                 return "the AMX bf16 conv takes single-group, undilated convs: runs in fp32"
             from .stem_bf16 import bf16_taps_applicable
 
-            w = node.weight.shape
             if (w[1] % 4 or w[0] % 4) and not (w[0] % 16 == 0 and bf16_taps_applicable(
                     (1, w[1], 2 * w[2], 2 * w[3]), w, a.strides, a.dilation, a.groups)):
                 return (f"the AMX bf16 conv takes channels in 4s ({node.weight.shape[1]} -> {node.weight.shape[0]}): "

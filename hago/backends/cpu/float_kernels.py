@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import re
 
-from tvm import te, topi
+import numpy as np
+import tvm
+from tvm import relax, te, topi
 
 from hago.tvm_consts import KERNEL_ATTR
 
@@ -74,8 +76,15 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
 
 
 def depthwise_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation) -> te.Tensor:
-    """``data [N, C/b, H, W, b]`` x ``kernel [C/b, 1, KH, KW, 1, b]`` -> ``[N, C/b, OH, OW, b]``."""
+    """``data [N, C/b, H, W, b]`` x ``kernel [C/b, 1, KH, KW, 1, b]`` -> ``[N, C/b, OH, OW, b]``.
+
+    bf16 ``data`` (a bf16 layer's stored input) is widened to fp32 on the way
+    into the padded copy; the arithmetic is fp32 either way.
+    """
     n, chunks, b = data.shape[0], int(data.shape[1]), int(data.shape[4])  # the batch may be symbolic
+    if str(data.dtype) != "float32":
+        src = data
+        data = te.compute(src.shape, lambda *i: src(*i).astype("float32"), name="hago_widen")
     (sh, sw), (dh, dw) = strides, dilation
     data, oh, ow, kh, kw = _padded_window(data, kernel, strides, padding, dilation)
     ry = te.reduce_axis((0, kh), name="ry")
@@ -98,7 +107,8 @@ def legalize_conv2d(default):
         a = call.attrs
         blocks = blocked_layouts(a)
         x, w = call.args[0].ty, call.args[1].ty
-        if (blocks is None or blocks[1] != blocks[2] or str(x.dtype) != "float32" or str(w.dtype) != "float32"
+        stored_bf16 = str(x.dtype) == "bfloat16" and str(w.dtype) in ("bfloat16", "float32")
+        if (blocks is None or blocks[1] != blocks[2] or not (str(x.dtype) == str(w.dtype) == "float32" or stored_bf16)
                 or (a.out_dtype and str(a.out_dtype) not in ("", "float32"))):
             return default(bb, call)
         try:  # every dim static but the batch (calibration and evaluation builds keep it symbolic)
@@ -110,8 +120,15 @@ def legalize_conv2d(default):
             padding = padding * 2
         channels = shapes[1] * shapes[4]
         if groups > 1 and groups == channels and shapes[6] == 1 and shapes[9] == 1:  # depthwise, kernel OIHW1i{b}o
-            return bb.call_te(depthwise_nchwc, call.args[0], call.args[1], strides, padding, dilation,
+            weight = call.args[1]
+            if str(w.dtype) != "float32":  # bf16 weight values, held as fp32 (exact): no widening per use
+                if not isinstance(weight, tvm.ir.expr.Constant):
+                    return default(bb, call)
+                weight = relax.const(weight.value.numpy().astype(np.float32))
+            return bb.call_te(depthwise_nchwc, call.args[0], weight, strides, padding, dilation,
                               primfunc_name_hint="conv2d_nchwc_dw")
+        if stored_bf16:  # only the depthwise kernel reads bf16 storage
+            return default(bb, call)
         return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], strides, padding, dilation, groups,
                           primfunc_name_hint="conv2d_nchwc")
 

@@ -58,14 +58,17 @@ def conv_layouts(call, lanes: int, bf16: bool = False) -> list[str] | None:
     """``[data, kernel, out]`` layouts for a float NCHW/OIHW ``relax.nn.conv2d`` call; None: keep it plain.
 
     ``bf16``: the backend also has a blocked kernel for convs on bfloat16
-    operands (AMX): those get blocks too, single-group ones only.
+    operands (AMX): those get blocks too, single-group ones and depthwise
+    (whose blocked float kernel reads bf16 storage).
     """
     a = call.attrs
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
         return None
     x, w = call.args[0].ty, call.args[1].ty
     dtypes = {str(x.dtype), str(w.dtype)}
-    if dtypes != {"float32"} and not (bf16 and dtypes == {"bfloat16"} and int(a.groups) == 1):
+    groups = int(a.groups)
+    depthwise = groups > 1 and int(w.shape[1]) == 1 and int(w.shape[0]) == groups
+    if dtypes != {"float32"} and not (bf16 and dtypes == {"bfloat16"} and (groups == 1 or depthwise)):
         return None
     try:
         c, o, i = int(x.shape[1]), int(w.shape[0]), int(w.shape[1])

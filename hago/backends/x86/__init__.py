@@ -31,6 +31,9 @@ BF16_LANES = 16  # fp32 accumulators per vdpbf16ps
 class X86Backend(CPUBackend):
     """x86-64 CPUs: the generic CPU build plus hago's VNNI/depthwise kernels and their schedules."""
 
+    #: ops with a bf16 kernel (a spec may declare bf16 for these only)
+    bf16_ops: tuple[str, ...] = BF16_OPS
+
     intrinsics = frozenset({"x86-vnni", "x86-avx2-vpmaddubsw"})
     generic = False
     layouts = frozenset({None, "NCHW", "NCHW16c"})
@@ -67,8 +70,8 @@ class X86Backend(CPUBackend):
 
     def bf16_problem(self, op, desc, target):
         """bf16 needs a bf16 kernel for ``op`` and the instructions in the spec's target (named CPU or ``mattr``)."""
-        if op not in BF16_OPS:
-            return "inputs", f"backend {self.name} has no bf16 {op} kernel (it has: {', '.join(BF16_OPS)})"
+        if op not in self.bf16_ops:
+            return "inputs", f"backend {self.name} has no bf16 {op} kernel (it has: {', '.join(self.bf16_ops)})"
         return self.bf16_target_problem(target)
 
     def bf16_target_problem(self, target) -> tuple[str, str] | None:

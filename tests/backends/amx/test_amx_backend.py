@@ -160,3 +160,46 @@ def test_bf16_conv_epilogue_on_the_tiles_is_bit_identical(monkeypatch):
         outs[fused] = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
     assert np.abs(outs[True]).max() > 0
     np.testing.assert_array_equal(outs[True], outs[False])
+
+
+@needs_amx
+def test_bf16_depthwise_reads_bf16_storage_and_tracks_its_twin():
+    """A depthwise conv is a bf16 layer on x86-amx: its input is stored in bf16 (the AMX conv before it casts
+    on its tiles), it computes in fp32, and the build equals its simulated twin to fp32 summation order."""
+    import tvm
+    from torch import nn
+    from tvm import relax
+
+    from hago.build import build_for, static_batch
+    from hago.compiler import static_pair
+    from hago.simulate import simulate
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+            self.dw, self.pw = nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 16, 1)
+
+        def forward(self, x):
+            return self.pw(nn.functional.relu6(self.dw(nn.functional.relu6(self.stem(x))))).mean((2, 3))
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    spec = HardwareSpec.load("x86-amx")
+    q = quantize(Net().eval(), spec, {"x": x}, example_inputs=(torch.from_numpy(x[:1]),), corrections=(),
+                 annotate_config=AnnotateConfig(all_bf16=True))
+    dw = next(n for n in q.graph.nodes if n.kind == "depthwise_conv2d")
+    assert q.strategy.ops[dw.name].mode == "bf16"
+    _, mod = static_pair(q, spec, 1)
+    ex = build_for(mod, spec)
+    asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ex.mod.inspect_source("asm")
+    assert "conv2d_nchwc_dw" in asm and "hago_conv2d_amx_bf16" in asm
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    real = vm["main"](tvm.runtime.tensor(x[:1])).numpy()
+    from hago.search.kernelcache import profile_calls
+
+    calls = [sig for sig, _ in profile_calls(vm, [tvm.runtime.tensor(x[:1])], runs=1) if "conv2d_nchwc_dw" in sig]
+    assert len(calls) == 1 and calls[0].split("(")[1].startswith("1x2x8x8x16:bfloat16")  # bf16 storage in
+    sim_ex = build_for(static_batch(simulate(q.graph, q.strategy), 1), spec)
+    sim = relax.VirtualMachine(sim_ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
+    np.testing.assert_allclose(real, sim, rtol=1e-5, atol=1e-6 * np.abs(sim).max())
