@@ -29,6 +29,10 @@ Rules, in the order they are applied per node:
 * an edge whose only consumer is an integer relu/clip is calibrated at that
   op's output, so the producer's requantize clips for free and the ReLU keeps
   the full 8-bit resolution for the non-negative range;
+* an embedding lookup (``take`` on a constant table) stores its table 4-bit
+  row-wise (:mod:`hago.embedding4`) when ``embedding_bits=4`` is asked and
+  the spec lists ``take`` under ``weights.rowwise_4bit``; it still outputs
+  float32, and its row ids are never quantized;
 * a float op's output read only by integer ops the spec lists under
   ``activations.dynamic`` (dense on x86 VNNI) is quantized per row at run
   time (:mod:`hago.dynamic`) instead of with one calibrated range.
@@ -69,11 +73,16 @@ class AnnotateConfig:
     #: every weighted node in bf16 where it can be, fp32 elsewhere: the bf16 build (no integer layer)
     all_bf16: bool = False
     dynamic: bool = True  # allow run-time per-row ranges where the spec lists them (hago.dynamic)
+    #: 4: store embedding tables (``take`` nodes) row-wise at 4 bits where the spec's ``weights.rowwise_4bit``
+    #: allows it (:mod:`hago.embedding4`); None keeps them float32
+    embedding_bits: int | None = None
 
 
 def _node_mode(node, spec: HardwareSpec, backend, integer_edges: set[str], cfg: AnnotateConfig,
                act_bits: int) -> OpChoice:
     descs = spec.descriptors(node.kind)
+    if node.kind == "take":
+        return _take_choice(node, spec, cfg)
     if node.kind == "other":
         return OpChoice(node.kind, "float", reason=f"unsupported op {node.relax_op}: runs in float")
     if node.name in cfg.bf16_ops or (cfg.all_bf16 and node.weighted):
@@ -106,6 +115,31 @@ def _node_mode(node, spec: HardwareSpec, backend, integer_edges: set[str], cfg: 
         widths = "/".join(map(str, in_bits)) + "-bit inputs" + (f", {wbits}-bit weights" if wbits else "")
         return OpChoice(node.kind, "float", reason=f"{spec.name} has no integer {node.kind} for {widths}")
     return OpChoice(node.kind, "integer", descriptor=desc.model_dump(), weight_bits=wbits)
+
+
+def _take_choice(node, spec: HardwareSpec, cfg: AnnotateConfig) -> OpChoice:
+    """An embedding lookup: its table 4-bit row-wise when asked and the spec allows it, else float.
+
+    Integer here means the *table* is stored in integer (codes, fp16 scale and
+    bias per row); the lookup still produces float32, so its output edge is
+    treated like a float op's (:func:`_emits_integer`) and its row ids are
+    never quantized.
+    """
+    allowed = "take" in spec.weights.rowwise_4bit
+    if cfg.embedding_bits != 4 or cfg.all_bf16 or node.name in cfg.float_ops:
+        hint = " (embedding_bits=4 would store its table 4-bit row-wise)" if allowed else ""
+        return OpChoice(node.kind, "float", reason=f"unsupported op {node.relax_op}: runs in float{hint}")
+    if not allowed:
+        return OpChoice(node.kind, "float", reason=f"{spec.name} allows no 4-bit row-wise take (weights.rowwise_4bit)")
+    if node.kind not in realizable_kinds():
+        return OpChoice(node.kind, "float", reason=f"hago cannot realize {node.kind} in integer yet")
+    return OpChoice(node.kind, "integer", weight_bits=4,
+                    reason="table 4-bit row-wise, fp16 scale and bias per row; float32 rows out")
+
+
+def _emits_integer(node, choice: OpChoice) -> bool:
+    """Whether ``node``'s output is an integer tensor: an integer op other than a 4-bit embedding lookup."""
+    return choice.mode == "integer" and node.kind != "take"
 
 
 def _bf16_choice(node, spec: HardwareSpec, backend) -> OpChoice:
@@ -147,7 +181,7 @@ def annotate(graph: Graph, spec: HardwareSpec, graph_hash: str, config: Annotate
     for node in graph.nodes:
         choice = _node_mode(node, spec, backend, integer_edges, cfg, act_bits)
         strategy.ops[node.name] = choice
-        if choice.mode == "integer":
+        if _emits_integer(node, choice):
             integer_edges.add(node.name)
         elif choice.reason.startswith("unsupported"):
             log.warning("%s: %s", node.name, choice.reason)
@@ -183,7 +217,9 @@ def _edge_choice(edge, graph: Graph, strategy: Strategy, spec, cfg: AnnotateConf
     producer = graph.producer(edge)
     if producer is not None and producer.kind in PASSTHROUGH and strategy.ops[producer.name].mode == "integer":
         return EdgeChoice(alias_of=producer.inputs[0])
-    int_consumers = [c for c in graph.consumers[edge] if strategy.ops[c].mode == "integer"]
+    # a take reads its row ids as they are: they are never quantized for it
+    int_consumers = [c for c in graph.consumers[edge]
+                     if strategy.ops[c].mode == "integer" and graph.node(c).kind != "take"]
     int_add = producer is not None and producer.kind == "add" and strategy.ops[producer.name].mode == "integer"
     if not int_consumers and not int_add:
         return EdgeChoice()  # an integer conv/dense feeding float is dequantized from its accumulator
@@ -196,7 +232,7 @@ def _edge_choice(edge, graph: Graph, strategy: Strategy, spec, cfg: AnnotateConf
         dtype = strategy.ops[producer.name].descriptor["output"]
     observe_at = None
     only = graph.consumers[edge]
-    if len(only) == 1 and producer is not None and strategy.ops[producer.name].mode == "integer":
+    if len(only) == 1 and producer is not None and _emits_integer(producer, strategy.ops[producer.name]):
         consumer = graph.node(only[0])
         if consumer.kind in ("relu", "clip") and strategy.ops[consumer.name].mode == "integer":
             observe_at = consumer.name
@@ -217,7 +253,7 @@ def _dynamic_edge(graph: Graph, strategy: Strategy, spec, cfg: AnnotateConfig, e
     producer = graph.producer(edge)
     if not (cfg.dynamic and allowed and bits == 8 and producer is not None):
         return False
-    if strategy.ops[producer.name].mode == "integer":
+    if _emits_integer(producer, strategy.ops[producer.name]):
         return False
     consumers = graph.consumers[edge]
     return bool(consumers) and all(

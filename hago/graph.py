@@ -7,7 +7,8 @@ keeps the passes small and guarantees they agree on node names, which are the
 keys of the strategy JSON.
 
 Node kinds are the op names of the hardware spec (``conv2d``, ``dense``,
-``add``, ``relu`` ...). A call hago does not know becomes kind ``other`` and
+``add``, ``relu`` ...), and ``take`` for an embedding lookup (a constant
+float table, row ids computed at run time; :mod:`hago.embedding4`). A call hago does not know becomes kind ``other`` and
 always stays in float.
 """
 
@@ -184,9 +185,21 @@ def _classify(call: relax.Call) -> tuple[str, np.ndarray | None]:
     }
     if op in simple:
         return simple[op], None
+    if op == "relax.take" and embedding_table(call) is not None:
+        return "take", None  # its table stays on the call: a lookup has no weight a matmul cost counts
     if op in _RESHAPE_OPS:
         return "reshape", None
     return "other", None
+
+
+def embedding_table(call: relax.Call) -> np.ndarray | None:
+    """The float32 table of an embedding lookup ``take(const [rows, dim], ids, axis=0)``, else None."""
+    table = _const_value(call.args[0])
+    axis = call.attrs.axis
+    if (table is None or table.ndim != 2 or table.dtype != np.float32 or axis is None or int(axis) != 0
+            or _const_value(call.args[1]) is not None):
+        return None
+    return table
 
 
 def _bias_of(call: relax.Call, producer: relax.Var) -> np.ndarray | None:

@@ -90,6 +90,10 @@ class QuantScheme(_Frozen):
     # ops whose float inputs may be quantized per row at run time (hago.dynamic) instead of with a
     # calibrated range; only meaningful for activations
     dynamic: list[Literal["dense"]] = Field(default_factory=list)
+    # ops whose constant table may be stored at 4 bits per value with an fp16 scale and bias per row
+    # (hago.embedding4: FBGEMM's fused rowwise format, read by a gather that dequantizes the rows it
+    # fetches); only meaningful for weights, and used only when asked (AnnotateConfig.embedding_bits=4)
+    rowwise_4bit: list[Literal["take"]] = Field(default_factory=list)
 
 
 class Bits(_Frozen):
@@ -196,6 +200,9 @@ class HardwareSpec(_Frozen):
         if self.weights.dynamic:
             raise _Problem("weights are constants: only activations can be quantized dynamically",
                            "weights", "dynamic")
+        if self.activations.rowwise_4bit:
+            raise _Problem("activations have no constant table: only weights can be stored row-wise",
+                           "activations", "rowwise_4bit")
         return self
 
     @model_validator(mode="after")

@@ -15,6 +15,8 @@ handler of its op family (:mod:`.registry`, which annotate reads too):
   fixed-point multiplier, summed in int64, clipped;
 * relu / clip / max-pool / reshape (:mod:`.passthrough`) run on the integer
   tensor and keep its scale;
+* an embedding lookup (:mod:`.embedding`) whose table annotate stores 4-bit
+  row-wise gathers and dequantizes only the rows it reads, and produces float;
 * a dense whose input edge is ``dynamic`` (:mod:`.dynamic_dense`) quantizes
   that float input per row at run time (:mod:`hago.dynamic`) and produces
   float.
@@ -38,6 +40,7 @@ from hago.strategy import Strategy
 
 from .add import Add
 from .dynamic_dense import DynamicDense
+from .embedding import RowwiseTake
 from .passthrough import PassThrough
 from .realizer import LayerConstants, Realized, Realizer
 from .registry import HANDLERS, OpHandler, handler_for, realizable_kinds, register_handler
@@ -48,6 +51,7 @@ register_handler(DynamicDense())  # before Weighted: it takes the dense layers w
 register_handler(Weighted())
 register_handler(Add())
 register_handler(PassThrough())
+register_handler(RowwiseTake())  # take: only where annotate stores its table 4-bit row-wise
 
 __all__ = ["HANDLERS", "LayerConstants", "OpHandler", "Realized", "handler_for", "realizable_kinds", "realize",
            "register_handler"]
