@@ -352,9 +352,11 @@ def _search_options(p) -> None:
     p.add_argument("--calibrator", default="mse")
     p.add_argument("--corrections", default=None,
                    help="corrections every candidate gets, comma separated: bias (default), adaround,bias, "
-                        "adaround_conv,bias, cle (cross-layer equalization of the FP32 weights, before "
-                        "calibration), bias_data_free (bias correction from batch-norm statistics, no data) "
-                        "or none (per-layer ones only)")
+                        "adaround_conv,bias, brecq,bias (adaround learned block by block, residual blocks jointly), "
+                        "cle (cross-layer equalization of the FP32 weights, before "
+                        "calibration), bias_data_free (bias correction from batch-norm statistics, no data), "
+                        "lapq (loss-aware activation clipping; hago compile only: its clips depend on every "
+                        "layer's choice, so the search refuses it) or none (per-layer ones only)")
     p.add_argument("--rpc", help="tracker host:port; measure on the board registered under --key")
     p.add_argument("--key", help="RPC device key")
     p.add_argument("--measure-timeout", type=float, default=60.0, help="seconds before a measurement is failed")
@@ -384,10 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy plug-ins after calibration, comma separated, in order: bias (empirical bias "
                         "correction, each layer on its FP32 input), bias_sequential (layer by layer, slow), "
                         "adaround / adaround_conv (learned rounding of depthwise / all conv weights; put it "
-                        "before bias), cle (cross-layer equalization through ReLU: rescales the FP32 weights "
+                        "before bias), brecq (block reconstruction: adaround's rounding learned jointly per "
+                        "residual / inverted-residual block on the block's output; put it before bias), "
+                        "cle (cross-layer equalization through ReLU: rescales the FP32 weights "
                         "before calibration), bias_data_free (data-free bias correction from batch-norm "
                         "statistics), dfmpc (data-free compensation: a low-bit layer's error absorbed by the "
-                        "next higher-bit layer's input-channel scales, from batch-norm statistics) or none; "
+                        "next higher-bit layer's input-channel scales, from batch-norm statistics), lapq "
+                        "(loss-aware post-training quantization: Lp-norm activation clips, then a joint Powell "
+                        "search of all clips on the network loss; put it before bias) or none; "
                         "default: bias")
     c.add_argument("-o", "--output", help="output folder for model.so, strategy.json, report.json")
     c.add_argument("--precision", default="int8",

@@ -33,16 +33,17 @@ def range_sources(strategy: Strategy) -> dict[str, str]:
     return out
 
 
-def probe_module(mod: tvm.IRModule, graph: Graph, edges: list[str]) -> tvm.IRModule:
+def probe_module(mod: tvm.IRModule, graph: Graph, edges: list[str], *, with_output: bool = False) -> tvm.IRModule:
     """A copy of ``mod`` whose main returns the tensors of ``edges`` as a tuple.
 
     Every other function of ``mod`` is kept: ``main`` may call helpers the
     importer added (``call_tir`` of the PrimFuncs TVM's ONNX importer emits
-    for ``Clip`` and ``Pad``).
+    for ``Clip`` and ``Pad``). ``with_output`` appends the model's own output
+    (as the tuple's last field), for a pass that needs both.
     """
     func = mod["main"]
     body = func.body
-    vars_ = [graph.edge_var[e] for e in edges]
+    vars_ = [graph.edge_var[e] for e in edges] + ([body.body] if with_output else [])
     tup = relax.Tuple(vars_)
     probe = relax.Var("hago_probe", relax.TupleType([v.ty for v in vars_]))
     blocks = list(body.blocks)

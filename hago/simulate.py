@@ -22,7 +22,9 @@ from tvm import relax
 from tvm.relax import op as O
 
 from .dynamic import fake_quantize_rows
+from .errors import QuantizeError
 from .graph import Graph
+from .qparams import container_dtype
 from .realize import bf16, handler_for
 from .realize.quant import bias_shape, dequantize, fake_quantized_weight, quantize, substitute
 from .strategy import Strategy
@@ -33,8 +35,36 @@ def _fake_quant(bb: relax.BlockBuilder, x, qp) -> relax.Expr:
     return bb.emit(dequantize(bb.emit(quantize(x, qp)), qp))
 
 
+def range_input_values(qp) -> np.ndarray:
+    """``[scale, zero_point]`` (float32): what a ``range_inputs`` edge's parameter of ``main`` holds for ``qp``."""
+    return np.array([float(qp.scale), float(qp.zero_point)], np.float32)
+
+
+def _fake_quant_param(bb: relax.BlockBuilder, x, qp, param: relax.Var) -> relax.Expr:
+    """``x`` fake-quantized with the scale and zero point in ``param`` (``[2]`` float32, run time).
+
+    The same ops as :func:`_fake_quant` with the constants replaced by scalars
+    taken from ``param``: ``quantize``/``dequantize`` (or round/clip for
+    sub-byte values) accept tensor parameters, and the zero point is cast to
+    the container dtype as the constant is, so an input equal to
+    :func:`range_input_values` of ``qp`` gives bit-identical values. Only
+    ``qp``'s dtype and integer range are baked in.
+    """
+    cdt = container_dtype(qp.dtype)
+    scale = bb.emit(O.take(param, relax.const(0, "int64"), axis=0, mode="clip"))
+    zp_f = bb.emit(O.take(param, relax.const(1, "int64"), axis=0, mode="clip"))
+    zp = bb.emit(O.astype(zp_f, cdt))
+    lo, hi = np.iinfo(cdt).min, np.iinfo(cdt).max
+    if (qp.qmin, qp.qmax) == (lo, hi):
+        q = bb.emit(O.quantize(x, scale, zp, axis=-1, out_dtype=cdt))
+    else:
+        r = bb.emit(O.add(O.round(O.divide(x, scale)), zp_f))
+        q = bb.emit(O.astype(O.clip(r, qp.qmin, qp.qmax), cdt))
+    return bb.emit(O.dequantize(q, scale, zp))
+
+
 def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs: Sequence[str] = (),
-             taps: Sequence[str] = (), local: bool = False) -> tvm.IRModule:
+             taps: Sequence[str] = (), local: bool = False, range_inputs: Sequence[str] = ()) -> tvm.IRModule:
     """Return the FP32 ``main`` of ``graph`` with fake quantization per ``strategy``.
 
     Biases are ``node.bias`` (so a graph from :func:`hago.correct.corrected_graph`
@@ -45,6 +75,14 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
     * ``bias_inputs``: these weighted nodes take their bias as an extra ``[C]``
       float32 parameter of ``main`` (after the model inputs, in this order), so a
       correction can change biases without rebuilding;
+    * ``range_inputs``: these static, calibrated edges (no alias, not dynamic)
+      take their scale and zero point from an extra ``[2]`` float32 parameter of
+      ``main`` each (``[scale, zero_point]``, :func:`range_input_values`; after
+      the bias inputs, in this order), so a correction can try many clipping
+      ranges on one build (:mod:`hago.correct.lapq`). The integer layers'
+      rounded weights stay those of the strategy's ranges (their scale floor
+      depends on the input scale only for all-but-dead channels), and a local
+      twin (``local=True``) keeps the strategy's constants;
     * ``taps``: ``main`` returns, instead of the model output, a tuple with the
       per-sample, per-output-channel mean (``[N, C]``) of each named weighted
       node's output (after its bias, before its output edge is fake-quantized);
@@ -67,6 +105,12 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
         n = graph.node(name)
         channels = n.weight.shape[0] if n.kind != "dense" else n.weight.shape[1]
         bias_vars[name] = relax.Var(f"hago_bias_{name}", relax.TensorType([channels], "float32"))
+    range_vars = {}
+    for edge in range_inputs:
+        choice = strategy.edges.get(edge)
+        if choice is None or not choice.bits or choice.alias_of is not None or choice.dynamic or choice.qparams is None:
+            raise QuantizeError(f"simulate: range input {edge!r} is not a calibrated static edge of the strategy")
+        range_vars[graph.edge_var[edge]] = relax.Var(f"hago_range_{edge}", relax.TensorType([2], "float32"))
 
     def subst(expr):
         return substitute(expr, lambda v: remap.get(v, v))
@@ -77,6 +121,8 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
         choice = strategy.edges.get(edge) if (edge and fake) else None
         if choice is not None and choice.bits and choice.alias_of is None and choice.dynamic:
             value = fake_quantize_rows(bb, value)  # per-row parameters at run time, as realize does
+        elif choice is not None and var in range_vars:  # checked above: a calibrated static edge
+            value = _fake_quant_param(bb, value, choice.qparams, range_vars[var])
         elif choice is not None and choice.bits and choice.alias_of is None and choice.qparams is not None:
             value = _fake_quant(bb, value, choice.qparams)
         remap[var] = value
@@ -91,7 +137,7 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
         return acc
 
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs else None
-    with bb.function("main", params + list(bias_vars.values()), attrs=attrs):
+    with bb.function("main", params + list(bias_vars.values()) + list(range_vars.values()), attrs=attrs):
         with bb.dataflow():
             for old, new in zip(func.params, params):
                 after(old, new)

@@ -13,6 +13,10 @@ strategy (``OpChoice.bias_delta``), so ``realize`` and a replayed
   weights (Nagel et al. 2020; :mod:`hago.correct.adaround`), stored as one
   bit per weight in ``OpChoice.weight_round``; ``adaround_conv`` does every
   integer conv. Run it before ``bias``.
+* ``brecq`` -- block reconstruction (Li et al. 2021; :mod:`hago.correct.brecq`):
+  AdaRound's learned rounding, learned jointly for the layers of each residual
+  or inverted-residual block (:mod:`hago.correct.blocks`) on the block's output,
+  single layers elsewhere; stored like AdaRound's. Run it before ``bias``.
 * ``cle`` -- cross-layer equalization (Nagel et al. 2019, sec. 4.1;
   :mod:`hago.correct.cle`): a *graph* correction that rescales conv/dense
   pairs through ReLU in the FP32 weights before annotate and calibration,
@@ -35,12 +39,14 @@ stored deltas and whose weights sit on their learned grid points; pass it to
 from hago.correct.base import (CORRECTIONS, Correction, CorrectionContext, GraphCorrection, check_corrections,
                                corrected_graph, get_correction, graph_stage, register, run_corrections)
 from hago.correct.adaround import AdaRound, AdaRoundConv
+from hago.correct.brecq import Brecq
 from hago.correct.bias import BiasCorrection, SequentialBiasCorrection
 from hago.correct.bias_data_free import DataFreeBiasCorrection
 from hago.correct.cle import CrossLayerEqualization
 from hago.correct.dfmpc import DataFreeMixedPrecisionCompensation
+from hago.correct.lapq import Lapq
 
-__all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Correction", "CorrectionContext",
+__all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Brecq", "Correction", "CorrectionContext",
            "CrossLayerEqualization", "DataFreeBiasCorrection",
            "DataFreeMixedPrecisionCompensation", "GraphCorrection", "SequentialBiasCorrection",
            "check_corrections", "corrected_graph", "get_correction", "graph_stage", "register", "run_corrections"]

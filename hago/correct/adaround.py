@@ -104,16 +104,7 @@ class AdaRound(Correction):
 
     def _learn(self, torch, gen, node, bits: int, strategy, x_np: np.ndarray) -> tuple[np.ndarray, float]:
         """(rounding bits, hard-rounded output MSE / nearest's) for one layer."""
-        F = torch.nn.functional
-        attrs = node.call.attrs
-        top, left, bottom, right = (int(p) for p in attrs.padding)
-        stride = tuple(int(s) for s in attrs.strides)
-        dilation = tuple(int(d) for d in attrs.dilation)
-        groups = int(attrs.groups)
-
-        def conv(x, w):
-            return F.conv2d(F.pad(x, (left, right, top, bottom)), w, stride=stride, dilation=dilation, groups=groups)
-
+        conv = torch_layer(torch, node)
         ws_np, s_np, qp = rounding.grid(node.weight, node.kind, bits)
         x = torch.from_numpy(x_np)
         xq = _fake_quant(torch, x, strategy.resolved(node.inputs[0]).qparams)
@@ -160,16 +151,38 @@ def _fake_quant(torch, x, qp):
     return ((torch.round(x / scale) + zp).clamp(qp.qmin, qp.qmax) - zp) * scale
 
 
+def torch_layer(torch, node):
+    """``f(x, w)``: ``node``'s conv (NCHW/OIHW, its padding, strides, dilation, groups) or dense in PyTorch, no bias."""
+    if node.kind == "dense":
+        return torch.matmul  # hago's dense is ``matmul(x, W)`` with ``W`` stored ``[K, N]``
+    F = torch.nn.functional
+    attrs = node.call.attrs
+    top, left, bottom, right = (int(p) for p in attrs.padding)
+    stride = tuple(int(s) for s in attrs.strides)
+    dilation = tuple(int(d) for d in attrs.dilation)
+    groups = int(attrs.groups)
+
+    def conv(x, w):
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), w, stride=stride, dilation=dilation, groups=groups)
+
+    return conv
+
+
 def _fp32_inputs(ctx: CorrectionContext, nodes, max_samples: int) -> dict[str, np.ndarray]:
     """The FP32 input tensor of each node over the first ``max_samples`` calibration samples.
 
     All inputs are held at once (one probe pass): memory is ``max_samples`` x the sum of the
     selected layers' input sizes x 4 bytes (EfficientNet-Lite0, every conv, 32 samples: ~0.8 GB).
     """
-    edges = sorted({n.inputs[0] for n in nodes})
+    return fp32_edges(ctx, sorted({n.inputs[0] for n in nodes}), max_samples)
+
+
+def fp32_edges(ctx: CorrectionContext, edges: list[str], max_samples: int,
+               label: str = "adaround probe") -> dict[str, np.ndarray]:
+    """The FP32 tensor of each named edge over the first ``max_samples`` calibration samples (one probe pass)."""
     bs = max(1, min(ctx.batch_size, 8, len(ctx.samples)))
     mod = build_mod.static_batch(probe_module(ctx.fp32, ctx.graph, edges), bs)
-    vm = relax.VirtualMachine(build_mod.build(mod, ctx.target, "adaround probe"), tvm.cpu())
+    vm = relax.VirtualMachine(build_mod.build(mod, ctx.target, label), tvm.cpu())
     names = [p.name for p in ctx.graph.params]
     got: dict[str, list] = {e: [] for e in edges}
     taken = 0

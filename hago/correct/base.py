@@ -2,7 +2,12 @@
 
 A correction is one class registered under a CLI name (``@register("bias")``)
 with ``run(ctx)``; it may only write ``strategy.ops[node].bias_delta``, ``.weight_round`` and
-``.weight_scale_in``. Keeping
+``.weight_scale_in``, and (``lapq`` alone, :mod:`hago.correct.lapq`) the ``range`` and
+``qparams`` of static activation edges that own their parameters (no alias, not
+dynamic), keeping their bits, dtype and symmetry: realize reads those edge
+parameters as it reads calibrated ones, so a replayed strategy bakes the same
+clips. A correction that changes ranges runs before those that measure errors
+under them (``lapq,bias``). Keeping
 its output in the strategy (not in a modified model) leaves the FP32 graph and
 its hash untouched, so the FP32 baseline and strategy replay stay exact.
 

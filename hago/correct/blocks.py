@@ -1,0 +1,179 @@
+"""Blocks for block-wise reconstruction (:mod:`hago.correct.brecq`): which layers learn together.
+
+BRECQ (Li et al. 2021) reconstructs a network one *block* at a time: the
+layers between a residual fork and its add interact (the second conv sees the
+first one's rounding error), and a block is small enough that matching its
+output needs no cross-block information. The rule, on hago's :class:`Graph`:
+
+1. **Residual block.** For every ``add`` of two tensors, its *fork* is the
+   latest edge (in topological order) that both operands depend on. The block
+   is every node on a path from the fork to the add (both branches: the
+   conv-relu-conv body and an identity or projection shortcut). It is kept only when it is *closed*: each of its
+   nodes reads only the fork or other block nodes, and only its output leaves
+   it. Adds are taken in topological order and a block overlapping an earlier
+   one is dropped (an inner residual wins over one around it).
+2. **Inverted-residual block without a shortcut** (MobileNetV2's stride-2 or
+   channel-changing blocks; those with a shortcut are case 1): a depthwise
+   conv, the ``conv2d`` before it (the expansion; optional) and the ``conv2d``
+   after it (the projection; required), joined through ``relu``/``clip`` only
+   and each intermediate tensor read by the next node alone.
+3. **Single layer.** Every other integer conv or dense is a block of its own
+   (that is AdaRound with BRECQ's loss).
+
+Every block also takes the one ``relu``/``clip`` its output alone feeds
+(ResNet's post-add ReLU, a conv's activation): realize quantizes the output
+edge with that activation's range, so the block's FP32 target is taken after it.
+
+A block (cases 1, 2) is only used when every node in it is a kind the
+reconstruction can run (:data:`RUNNABLE`), every edge in it has static
+(calibrated) quantization, and at least one of its weighted layers is integer;
+otherwise its integer layers fall back to case 3. Transformer layers are not
+recognised (their softmax and batched matmuls are not runnable here); their
+dense layers get case 3 where their input is static.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hago.graph import Graph
+from hago.strategy import Strategy
+
+#: node kinds :mod:`hago.correct.brecq` can run in PyTorch inside a block
+RUNNABLE = ("conv2d", "depthwise_conv2d", "dense", "relu", "clip", "add")
+_ACT = ("relu", "clip")
+
+
+@dataclass(frozen=True)
+class Block:
+    """Nodes that learn their rounding together: ``nodes`` in topological order read ``input`` and give ``output``."""
+
+    kind: str  # residual | inverted_residual | layer
+    input: str  # the edge the block reads
+    nodes: tuple[str, ...]
+    output: str  # the edge (node name) the block's result leaves on
+
+
+def find_blocks(graph: Graph, strategy: Strategy) -> list[Block]:
+    """The blocks of ``graph`` (module docstring's rule), in topological order of their outputs."""
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    taken: set[str] = set()
+    blocks: list[Block] = []
+    for cand in _residual_blocks(graph, order) + _inverted_residual_blocks(graph):
+        if taken.isdisjoint(cand.nodes) and _usable(graph, strategy, cand):
+            blocks.append(cand)
+            taken.update(cand.nodes)
+    for node in graph.nodes:
+        if node.name not in taken and _learnable(graph, strategy, node.name) \
+                and _static(strategy, node.inputs[0]):
+            blocks.append(_with_activation(graph, Block("layer", node.inputs[0], (node.name,), node.name)))
+    return sorted(blocks, key=lambda b: order[b.output])
+
+
+def _learnable(graph: Graph, strategy: Strategy, name: str) -> bool:
+    """An integer weighted layer (NCHW/OIHW convs and dense only are weighted in :mod:`hago.graph`)."""
+    node = graph.node(name)
+    op = strategy.ops.get(name)
+    return node.weighted and op is not None and op.mode == "integer" and op.weight_scale_in is None \
+        and len(node.inputs) == 1
+
+
+def _static(strategy: Strategy, edge: str) -> bool:
+    e = strategy.edges.get(edge)
+    return e is None or not strategy.resolved(edge).dynamic
+
+
+def _usable(graph: Graph, strategy: Strategy, block: Block) -> bool:
+    nodes = [graph.node(n) for n in block.nodes]
+    return (all(n.kind in RUNNABLE for n in nodes)
+            and all(_static(strategy, e) for e in (block.input, *block.nodes))
+            and all(len(n.inputs) == 1 for n in nodes if n.weighted)
+            and any(_learnable(graph, strategy, n.name) for n in nodes))
+
+
+def _ancestors(graph: Graph) -> dict[str, set[str]]:
+    """Every edge each edge depends on, itself included."""
+    anc: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        s = {node.name}
+        for e in node.inputs:
+            s |= anc.get(e, {e})
+        anc[node.name] = s
+    return anc
+
+
+def _residual_blocks(graph: Graph, order: dict[str, int]) -> list[Block]:
+    anc = _ancestors(graph)
+    out = []
+    for add in graph.nodes:
+        if add.kind != "add" or len(add.inputs) != 2:
+            continue
+        common = anc.get(add.inputs[0], {add.inputs[0]}) & anc.get(add.inputs[1], {add.inputs[1]})
+        if not common:
+            continue
+        fork = max(common, key=lambda e: order.get(e, -1))
+        body = [n.name for n in graph.nodes
+                if order.get(fork, -1) < order[n.name] <= order[add.name]
+                and n.name in anc[add.name] and fork in anc[n.name]]
+        if _closed(graph, fork, body, add.name):
+            out.append(_with_activation(graph, Block("residual", fork, tuple(body), add.name)))
+    return out
+
+
+def _with_activation(graph: Graph, block: Block) -> Block:
+    """``block`` ending after the ``relu``/``clip`` its output alone feeds, if there is one.
+
+    Its output edge is quantized with that activation's range (annotate moves a
+    ReLU's range onto its producer), so the FP32 target must be taken after it.
+    """
+    act = _sole_consumer(graph, block.output)
+    if act is None or act.kind not in _ACT:
+        return block
+    return Block(block.kind, block.input, (*block.nodes, act.name), act.name)
+
+
+def _closed(graph: Graph, fork: str, body: list[str], output: str) -> bool:
+    inside = set(body)
+    for name in body:
+        if any(e != fork and e not in inside for e in graph.node(name).inputs):
+            return False
+        if name != output and (name in graph.outputs or not set(graph.consumers.get(name, [])) <= inside):
+            return False
+    return True
+
+
+def _sole_consumer(graph: Graph, edge: str):
+    users = graph.consumers.get(edge, [])
+    return graph.node(users[0]) if len(users) == 1 and edge not in graph.outputs else None
+
+
+def _inverted_residual_blocks(graph: Graph) -> list[Block]:
+    out = []
+    for dw in graph.nodes:
+        if dw.kind != "depthwise_conv2d":
+            continue
+        chain = [dw.name]
+        # back to the expansion conv through activations, each tensor read by the next node alone
+        start, prev = dw, dw
+        while (src := graph.producer(prev.inputs[0]) if len(prev.inputs) == 1 else None) is not None \
+                and _sole_consumer(graph, src.name) is prev and src.kind in _ACT + ("conv2d",):
+            chain.insert(0, src.name)
+            prev = src
+            if src.kind == "conv2d":
+                start = src
+                break
+        if start is dw:  # no expansion: the block starts at the depthwise conv
+            chain = [dw.name]
+        nxt, proj = dw, None
+        tail = []
+        while (user := _sole_consumer(graph, nxt.name)) is not None and user.kind in _ACT + ("conv2d",):
+            tail.append(user.name)
+            nxt = user
+            if user.kind == "conv2d":
+                proj = user
+                break
+        if proj is None:
+            continue
+        out.append(_with_activation(graph, Block("inverted_residual", start.inputs[0], tuple(chain + tail),
+                                                 proj.name)))
+    return out
