@@ -35,14 +35,13 @@ gives the seconds the whole correction took.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
 import numpy as np
 
 from hago.correct import rounding
-from hago.correct.adaround import GAMMA, ZETA, _fake_quant, fp32_edges, torch_layer
+from hago.correct.adaround import GAMMA, ZETA, _fake_quant, fp32_edges, torch_layer, torch_threads
 from hago.correct.base import Correction, CorrectionContext, register
 from hago.correct.blocks import Block, find_blocks
 from hago.errors import QuantizeError
@@ -131,17 +130,6 @@ class Brecq(Correction):
             learned = _rec(run(x, {name: s.hard(ups[name]) for name, s in soft.items()}), target)
             near = _rec(run(x, {name: s.hard(s.nearest) for name, s in soft.items()}), target)
         return ups, float(learned) / max(float(near), 1e-30)
-
-
-@contextlib.contextmanager
-def torch_threads(torch, n: int | None):
-    """PyTorch's intra-op threads set to ``n`` (None: unchanged) inside the ``with``, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def block_input(torch, strategy, block: Block, x_np: np.ndarray):
