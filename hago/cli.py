@@ -237,6 +237,22 @@ def _precision_config(precision: str, spec, option: str = "--precision"):
     return AnnotateConfig(all_bf16=True)
 
 
+def _embedding_config(bits, spec, config):
+    """``--embedding-bits 4``: embedding tables (``take`` on a constant table) stored 4-bit row-wise, where the
+    spec's ``weights.rowwise_4bit`` lists ``take`` (:mod:`hago.embedding4`)."""
+    if bits is None:
+        return config
+    if bits != 4:
+        raise UsageError(f"--embedding-bits {bits}: valid: 4 (row-wise 4-bit tables; leave it out for float32)")
+    if "take" not in spec.weights.rowwise_4bit:
+        raise UsageError(f"--embedding-bits 4: {spec.name} stores no 4-bit row-wise tables (weights.rowwise_4bit)")
+    import dataclasses
+
+    from .annotate import AnnotateConfig
+
+    return dataclasses.replace(config or AnnotateConfig(), embedding_bits=4)
+
+
 def _cmd_compile(args) -> int:
     from .strategy import Strategy
 
@@ -245,7 +261,7 @@ def _cmd_compile(args) -> int:
     _check_int(args.batch, "--batch", 1)
     strategy = Strategy.load(args.strategy) if args.strategy else None
     corrections = _corrections(args.corrections)
-    annotate_config = _precision_config(args.precision, spec)
+    annotate_config = _embedding_config(args.embedding_bits, spec, _precision_config(args.precision, spec))
     _heavy_checks(spec, args.device, corrections)
 
     from rich.console import Console
@@ -399,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="int8",
                    help="int8 (default: integer where the spec allows) or bf16 (bf16 where the spec allows, fp32 "
                         "elsewhere; x86-avx512-bf16)")
+    c.add_argument("--embedding-bits", type=int, default=None,
+                   help="4: store embedding tables 4-bit row-wise (fp16 scale and bias per row; the lookup "
+                        "dequantizes only the rows it reads), where the spec allows it; default: float32")
     c.add_argument("--batch", type=int, default=None,
                    help="batch size the library is built for; default: the model file's own batch (1 if symbolic)")
     c.add_argument("--no-measure", action="store_true", help="skip latency measurement")

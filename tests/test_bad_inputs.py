@@ -201,6 +201,9 @@ CASES = [
     ("precision-unknown", GOOD + " --precision fp16", "--precision 'fp16': valid: int8, bf16"),
     ("precision-bf16-on-cascadelake", GOOD + " --precision bf16",
      "--precision bf16: x86-avx512-vnni declares no bf16 (it has: int4, int8, fp32)"),
+    ("embedding-bits-8", GOOD + " --embedding-bits 8", "--embedding-bits 8: valid: 4"),
+    ("embedding-bits-on-avx2", GOOD.replace(DEV, "x86-avx2") + " --embedding-bits 4",
+     "--embedding-bits 4: x86-avx2 stores no 4-bit row-wise tables"),
     ("bench-bf16-on-cascadelake", SEARCH.replace("search", "bench", 1).replace(" --max-trials 2", "")
      + " --strategies fp32,bf16", "--strategies bf16: x86-avx512-vnni declares no bf16"),
     ("time-budget-negative", SEARCH + " -o {d}/s --time-budget=-5", "--time-budget"),
