@@ -60,6 +60,7 @@ HAGO_FP32 = "hago FP32 (untuned)"
 HAGO_INT8 = "hago INT8 (untuned, default VNNI schedules)"
 HAGO_BF16 = f"hago bf16 (untuned, {BF16_DEVICE})"
 HAGO_INT8_AMX = f"hago INT8 (untuned, {AMX_DEVICE}: AMX where it pays, else VNNI)"
+HAGO_INT8_AMX_EMB4 = f"hago INT8 ({AMX_DEVICE}) + 4-bit row-wise word embeddings"
 TUNE_TRIALS = 0  # per task, FP32, INT8 and bf16 alike (set by --tune-trials)
 TUNE_CACHE = WORK / "tuning"  # MetaSchedule records, reused by every later run
 ORT_FP32 = "ONNX Runtime FP32"
@@ -611,6 +612,19 @@ def bench_minilm(args) -> tuple[dict, str]:
     feeds1 = {k: v[:1] for k, v in models.tokenize(docs[:1]).items()}
     ov_peers = _openvino_fp32_peers(onnx_fp32)
     rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers, bf16, amx, nncf)
+    emb4 = None
+    if amx is not None:  # the same INT8 build with the word table stored 4-bit row-wise (hago.embedding4)
+        from hago.annotate import AnnotateConfig
+
+        print(f"minilm: hago compile for {AMX_DEVICE}, 4-bit row-wise embeddings", flush=True)
+        emb4, _ = _hago_build(model, example, calib, None, batch_size=8, device=AMX_DEVICE,
+                              annotate_config=AnnotateConfig(embedding_bits=4))
+        vm4 = _vm(emb4.int_executable)
+        import tvm
+
+        args4 = [tvm.runtime.tensor(v) for v in feeds1.values()]
+        rows[HAGO_INT8_AMX_EMB4] = {"ms": _median_ms(lambda: vm4["main"](*args4))}
+        print(f"  {HAGO_INT8_AMX_EMB4}: {rows[HAGO_INT8_AMX_EMB4]['ms']:.2f} ms", flush=True)
     onnx_dyn = _ort_dynamic_int8(onnx_fp32, wd / "minilm_ort_dyn_int8.onnx")
     sess = _ort_session(onnx_dyn)
     rows[ORT_DYN] = {"ms": _median_ms(lambda: sess.run(None, feeds1))}
@@ -626,6 +640,8 @@ def bench_minilm(args) -> tuple[dict, str]:
         cands[HAGO_BF16] = embedder(_tvm_fn(bf16.int_executable), 1)
     if amx is not None:
         cands[HAGO_INT8_AMX] = embedder(_tvm_fn(amx.int_executable), 1)
+    if emb4 is not None:
+        cands[HAGO_INT8_AMX_EMB4] = embedder(_tvm_fn(emb4.int_executable), 1)
     if nncf is not None:
         cands[OV_NNCF] = embedder(_ov_fn(nncf), 32)
     cands.update({ov_name: embedder(_ov_fn(compiled), 32) for ov_name, compiled in ov_peers.items()})
@@ -659,9 +675,20 @@ def bench_minilm(args) -> tuple[dict, str]:
             f"length 256: Lee 0.6564, WordSim353 0.7289, SimLex-999 0.4462). Texts are truncated/padded to 128 "
             f"tokens. Calibration: {n_calib} sentences of gensim's Lee *background* corpus and polarity set "
             f"(disjoint from the evaluation sets).\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n"
-            f"{_bf16_note(bf16)}\n{_amx_note(amx)}\n\n"
+            f"{_bf16_note(bf16)}\n{_amx_note(amx)}\n{_weight_bytes_note(res, emb4)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
+
+
+def _weight_bytes_note(res, emb4) -> str:
+    """Weight bytes of the builds (``hago compile``'s count: every constant with two axes longer than 1)."""
+    from hago.weight_bytes import format_bytes
+
+    parts = [f"FP32 {format_bytes(res.report['fp32'].get('weight_bytes'))}",
+             f"INT8 {format_bytes(res.report['quantized'].get('weight_bytes'))}"]
+    if emb4 is not None:
+        parts.append(f"INT8 with the word table 4-bit row-wise {format_bytes(emb4.report['quantized'].get('weight_bytes'))}")
+    return "Weights: " + ", ".join(parts) + "."
 
 
 # ---- output ------------------------------------------------------------------------
