@@ -61,6 +61,9 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "dense_int4",
+    "pack_int4_conv",
+    "unpack_int4_conv",
+    "conv2d_int4",
     "add_int_fixed",
     "add_int_exact",
     "relu_int",
@@ -360,6 +363,47 @@ def unpack_int4(packed, K, N):
 def dense_int4(x_q, packed, K, N, x_zp):
     """int32 acc of x [M, K] times the packed int4 weight: unpack, then dense_int."""
     return dense_int(x_q, unpack_int4(packed, K, N), x_zp)
+
+
+# Conv weights w [O, C, KH, KW] (int4) as uint8 P[ceil(O/16), Cp/B, KH, KW, B/8, 16, 4]
+# with Cp = C rounded up to 8 (or a given padded count), B = 16 if 16 divides Cp
+# else 8: for o = 16*ob + l and c = B*cb + 8*g + 4*h + s, w[o, c, y, x] is
+# nibble h of P[ob, cb, y, x, g, l, s] (two's complement); padding weights are 0.
+def _conv4_geometry(O, C, in_channels):
+    Cp = -(-C // 8) * 8 if in_channels is None else int(in_channels)
+    B = 16 if Cp % 16 == 0 else 8
+    return Cp, B
+
+
+def pack_int4_conv(w_q, in_channels=None):
+    """int4 w [O, C, KH, KW] (values in [-8, 7]) -> uint8 P (layout above)."""
+    w = _check_int(w_q, "w_q").astype(np.int64)
+    if w.ndim != 4 or w.size and (w.min() < -8 or w.max() > 7):
+        raise ValueError("pack_int4_conv needs a 4-d weight with values in [-8, 7]")
+    O, C, KH, KW = w.shape
+    Cp, B = _conv4_geometry(O, C, in_channels)
+    P = np.zeros((-(-O // 16), Cp // B, KH, KW, B // 8, 16, 4), np.int64)
+    o, c, y, x = np.meshgrid(*map(np.arange, w.shape), indexing="ij")
+    np.add.at(P, (o // 16, c // B, y, x, (c % B) // 8, o % 16, c % 4), np.mod(w, 16) << (4 * ((c % 8) // 4)))
+    return P.astype(np.uint8)
+
+
+def unpack_int4_conv(packed, O, C, KH, KW, in_channels=None):
+    """uint8 P (layout above) -> int8 w [O, C, KH, KW]."""
+    P = np.asarray(packed)
+    Cp, B = _conv4_geometry(O, C, in_channels)
+    if P.dtype != np.uint8 or P.shape != (-(-O // 16), Cp // B, KH, KW, B // 8, 16, 4):
+        raise ValueError(f"packed {P.dtype} {P.shape} is not a [{O}, {C}, {KH}, {KW}] int4 conv weight")
+    o, c, y, x = np.meshgrid(np.arange(O), np.arange(C), np.arange(KH), np.arange(KW), indexing="ij")
+    nib = (P[o // 16, c // B, y, x, (c % B) // 8, o % 16, c % 4].astype(np.int64) >> (4 * ((c % 8) // 4))) & 15
+    return np.where(nib >= 8, nib - 16, nib).astype(np.int8)
+
+
+def conv2d_int4(x_q, packed, w_shape, x_zp, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
+                in_channels=None):
+    """int32 conv of x NCHW with the packed int4 weight of OIHW ``w_shape``: unpack, then conv2d_int."""
+    return conv2d_int(x_q, unpack_int4_conv(packed, *w_shape, in_channels=in_channels), x_zp, stride, padding,
+                      dilation)
 
 
 # --------------------------------------------------------------------------

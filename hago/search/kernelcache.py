@@ -1,9 +1,10 @@
 """Per-kernel latencies, cached per (device, kernel workload), and estimates built from them.
 
 Most candidates share most kernels: a conv that is integer in two strategies
-runs the same kernel in both, and 4-bit conv weights ride in the same int8
-containers as 8-bit ones (a 4-bit dense on x86 VNNI runs its own packed
-kernel, :mod:`hago.backends.x86.vnni_int4`). Each device measurement
+runs the same kernel in both, and 4-bit weights ride in the same int8
+containers as 8-bit ones, except where a backend has a packed 4-bit kernel
+(x86 VNNI: a dense, :mod:`hago.backends.x86.vnni_int4`, and a conv with more
+than 4 input channels, :mod:`hago.backends.x86.vnni_conv_int4`). Each device measurement
 therefore also records how long every kernel call took (the VM's instrument
 hook, in the measuring process), keyed by the kernel's name and its argument
 shapes and dtypes, which pins the workload, dtype and layout. A candidate

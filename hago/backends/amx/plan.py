@@ -46,8 +46,8 @@ class _AmxConv(base.ConvKernel):
 
     requantizes = True
 
-    def __init__(self):
-        self.vnni = _VnniConv()
+    def __init__(self, vnni: _VnniConv | None = None):
+        self.vnni = vnni or _VnniConv()  # the x86 plan's choice: a 4-bit conv's packed kernel off the tiles
 
     def emit(self, bb, x, w_q, conv, requant, native_in, native_out):
         from . import conv_int8 as amx
@@ -72,7 +72,7 @@ class AMXPlan(X86Plan):
 
     def conv_kernel(self, node, choice, x_qparams, x_shape, w_shape):
         kernel = super().conv_kernel(node, choice, x_qparams, x_shape, w_shape)
-        return _AmxConv() if isinstance(kernel, _VnniConv) else kernel
+        return _AmxConv(kernel) if isinstance(kernel, _VnniConv) else kernel
 
     def dense_kernel(self, choice, x_dtype, x_shape, w_shape):
         rows = _rows(x_shape)

@@ -2,8 +2,8 @@
 
 - :mod:`.plan`: which integer layer gets a hand-scheduled kernel, and where
   activations stay blocked (what realize reads);
-- :mod:`.kernels`: the emitters (:mod:`.vnni`, :mod:`.vnni_int4` with the
-  packed 4-bit weights of :mod:`.int4`, :mod:`.depthwise`,
+- :mod:`.kernels`: the emitters (:mod:`.vnni`, :mod:`.vnni_int4` and
+  :mod:`.vnni_conv_int4` with the packed 4-bit weights of :mod:`.int4`, :mod:`.depthwise`,
   :mod:`.depthwise_blocked`), the requantize epilogue (:mod:`.epilogue`) and
   the intrinsics (:mod:`.vnni_intrin`);
 - :mod:`.schedules`: the registry of the kernels' default schedules and

@@ -2,7 +2,7 @@
 
 The x86 plan (:mod:`.plan`) calls an ``emit_*`` function where the hardware
 spec names such a layout (VNNI, ``weight_layout: NK16n4k`` /
-``OIHW4i16o4i``, a 4-bit dense with packed weights, and the NCHW depthwise
+``OIHW4i16o4i``, a 4-bit dense or conv with packed weights, and the NCHW depthwise
 kernel on the same specs); the
 emitted PrimFuncs carry a ``hago.kernel`` block annotation, and
 ``schedule_vnni`` gives them their default schedules (``schedules.SCHEDULES``)
@@ -24,6 +24,7 @@ from .schedules import (
 )
 from .vnni_intrin import HAGO_VNNI_INTRIN, fix_shipped_vnni_intrin, vnni_intrin
 from .vnni_int4 import emit_dense_vnni_int4, int4_applicable
+from .vnni_conv_int4 import conv_int4_applicable, emit_conv2d_vnni_int4
 from .depthwise import depthwise_applicable, emit_conv2d_depthwise
 from .depthwise_blocked import emit_conv2d_depthwise_blocked
 from .vnni import (
@@ -48,6 +49,8 @@ __all__ = [
     "emit_conv2d_depthwise",
     "emit_conv2d_depthwise_blocked",
     "emit_conv2d_vnni",
+    "emit_conv2d_vnni_int4",
+    "conv_int4_applicable",
     "emit_dense_vnni",
     "emit_dense_vnni_int4",
     "emit_from_blocked",

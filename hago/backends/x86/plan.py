@@ -3,8 +3,8 @@
 Realize asks it per layer (:class:`hago.backends.Plan`). Where the spec's
 descriptor names them, hago's hand-scheduled kernels (:mod:`.kernels`) stand
 in for the plain ops: VNNI conv/dense (``weight_layout: OIHW4i16o4i`` /
-``NK16n4k``, uint8 activations; a 4-bit dense with packed weights,
-:mod:`.vnni_int4`), and the depthwise kernel (the depthwise
+``NK16n4k``, uint8 activations; a 4-bit dense or conv with packed weights,
+:mod:`.vnni_int4`, :mod:`.vnni_conv_int4`), and the depthwise kernel (the depthwise
 descriptor ``layout: NCHW`` with ``inputs: [uint8, int8]``), which pads and
 requantizes inside its own loop nest.
 
@@ -107,18 +107,26 @@ class _VnniConv(base.ConvKernel):
     """:func:`.vnni.emit_conv2d_vnni`; the NCHW -> NCHW16c conversion pads: no padded NCHW copy."""
 
     requantizes = True
+    #: the conv emitter's name in :mod:`.kernels` (looked up per call)
+    emitter = "emit_conv2d_vnni"
 
     def emit(self, bb, x, w_q, conv, requant, native_in, native_out):
         blocked = requant is not None and conv.groups == 1 and native_out()
         layout = BLOCKED if blocked else "NCHW"
         # a float output read blocked again: the int32 accumulator's way back to NCHW is one the build cancels
         relax_back = requant is None and conv.float_out_layout == BLOCKED
-        acc = kernels.emit_conv2d_vnni(bb, x, w_q, conv.strides, conv.dilation, conv.groups, padding=conv.padding,
-                                       pad_value=conv.pad_value, requant=requant, out_layout=layout,
-                                       relax_back=relax_back)
+        emit = getattr(kernels, self.emitter)
+        acc = emit(bb, x, w_q, conv.strides, conv.dilation, conv.groups, padding=conv.padding,
+                   pad_value=conv.pad_value, requant=requant, out_layout=layout, relax_back=relax_back)
         if blocked:
             return base.Emitted(acc, base.NATIVE)
         return base.Emitted(acc, base.REQUANTIZED if requant is not None else base.INT32)
+
+
+class _VnniConvInt4(_VnniConv):
+    """:func:`.vnni_conv_int4.emit_conv2d_vnni_int4`: the same conv, its 4-bit weights packed two per byte."""
+
+    emitter = "emit_conv2d_vnni_int4"
 
 
 class X86Plan(base.Plan):
@@ -214,10 +222,18 @@ class X86Plan(base.Plan):
         return BLOCKED if self._consumed_blocked(edge) else None
 
     def conv_kernel(self, node, choice, x_qparams, x_shape, w_shape):
+        """Depthwise: the depthwise kernel, int8 weights at any bit width (a broadcast weight per tap and
+        channel, no ``vpdpbusd`` block to feed nibbles). VNNI: a 4-bit conv stores its weights packed
+        (:mod:`.vnni_conv_int4`) where its 16 x accumulator fits int32 and packing saves bytes, else the int8
+        kernel runs its 4-bit values (at most 4 input channels, an RGB stem: padded to 8 for the nibble pairs,
+        the packed weight takes the int8 one's bytes, padded to 4, for twice the multiply-adds)."""
         groups = int(node.call.attrs.groups)
         if depthwise_kernel(choice, x_qparams) and kernels.depthwise_applicable(x_shape, w_shape, groups):
             return _Depthwise()
         if packed_layout(choice, x_qparams) and kernels.vnni_applicable("conv2d", x_shape, w_shape, groups):
+            if (choice.weight_bits == 4 and int(w_shape[1]) > 4
+                    and kernels.conv_int4_applicable(x_shape, w_shape, groups)):
+                return _VnniConvInt4()
             return _VnniConv()
         return None
 

@@ -28,9 +28,10 @@ from .depthwise import DEPTHWISE, deinterleave_intrin, schedule_depthwise
 from .depthwise_blocked import DEPTHWISE_NCHWC, schedule_depthwise_blocked
 from .vnni_intrin import vnni_int4_intrin, vnni_intrin
 from .vnni import CONV, DENSE, FROM_NCHWC, PAD_NCHWC, TO_NCHWC
+from .vnni_conv_int4 import CONV_INT4
 from .vnni_int4 import DENSE_INT4
-from .vnni_schedule import (schedule_conv, schedule_dense, schedule_dense_int4, schedule_from_nchwc,
-                            schedule_pad_nchwc, schedule_to_nchwc)
+from .vnni_schedule import (schedule_conv, schedule_conv_int4, schedule_dense, schedule_dense_int4,
+                            schedule_from_nchwc, schedule_pad_nchwc, schedule_to_nchwc)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ SCHEDULES: dict[str, Callable] = {
     DENSE: schedule_dense,
     DENSE_INT4: schedule_dense_int4,
     CONV: schedule_conv,
+    CONV_INT4: schedule_conv_int4,
     TO_NCHWC: schedule_to_nchwc,
     FROM_NCHWC: schedule_from_nchwc,
     PAD_NCHWC: schedule_pad_nchwc,
@@ -52,7 +54,7 @@ SCHEDULES: dict[str, Callable] = {
     FROM_NCHWC_F32: schedule_from_nchwc_f32,
 }
 #: kinds whose schedules need ``avx512vnni`` (``vpdpbusd``); the others are plain vector code for any LLVM CPU
-NEEDS_VNNI = frozenset({DENSE, DENSE_INT4, CONV, TO_NCHWC, FROM_NCHWC, PAD_NCHWC})
+NEEDS_VNNI = frozenset({DENSE, DENSE_INT4, CONV, CONV_INT4, TO_NCHWC, FROM_NCHWC, PAD_NCHWC})
 #: kinds whose schedules need ``avx512bf16`` (``vdpbf16ps``); their layout conversions run anywhere
 NEEDS_BF16 = frozenset({DENSE_BF16, CONV_BF16})
 

@@ -25,6 +25,9 @@ schedule; ``schedule_vnni`` (in ``schedules``) finds them by it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 from tvm import relax, te, tirx
 from tvm.relax import op as O
@@ -298,10 +301,38 @@ def emit_packed_dense(bb: relax.BlockBuilder, x_u8: relax.Expr, xs: list[int], w
     return acc
 
 
+@dataclass(frozen=True)
+class ConvWeights:
+    """How a VNNI conv stores its weights and which TE computes with them: the int8 kernel's
+    (:data:`INT8_CONV`) or the packed 4-bit one's (:mod:`.vnni_conv_int4`).
+
+    ``pack(w, groups, in_channels)`` packs the OIHW numpy weight (``in_channels``:
+    a blocked input's padded channel count, or None); ``in_block(wp)`` is the
+    NCHW{b}c input block ``b`` the packed weight reads; ``red`` the input
+    channels per group must be a multiple of (grouped convs); ``conv`` and
+    ``conv_requant`` are the int32 and the requantized-blocked TE kernels
+    (arguments of :func:`_conv_te` / :func:`_conv_requant_te`).
+    """
+
+    pack: Callable
+    in_block: Callable
+    dtype: str
+    red: int
+    conv: Callable
+    conv_requant: Callable
+    name: str
+
+
+INT8_CONV = ConvWeights(
+    pack=lambda w, groups, in_channels: pack_conv_weight(w, groups, in_channels=in_channels),
+    in_block=lambda wp: int(wp.shape[4]) * RED, dtype="int8", red=RED, conv=_conv_te,
+    conv_requant=_conv_requant_te, name="hago_conv2d_nchwc_vnni")
+
+
 def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_oihw_int8: np.ndarray,
                      strides=(1, 1), dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0),
                      pad_value: int = 0, requant: Requant | None = None, out_layout: str = "NCHW",
-                     relax_back: bool = False) -> relax.Expr:
+                     relax_back: bool = False, weights: ConvWeights = INT8_CONV) -> relax.Expr:
     """int32 NCHW ``conv2d(x, w)`` for uint8 ``x`` through VNNI (8-bit with ``requant``).
 
     ``padding`` (top, left, bottom, right) is filled with ``pad_value`` (the
@@ -329,7 +360,7 @@ def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_oihw_int8: np.n
     w = _int8(w_oihw_int8, "conv2d")
     groups = int(groups)
     logical = [xs[0], w.shape[1] * groups, xs[2], xs[3]] if blocked_in else xs
-    if not vnni_applicable("conv2d", logical, w.shape, groups):
+    if not vnni_applicable("conv2d", logical, w.shape, groups, red=weights.red):
         raise QuantizeError(f"conv2d {xs} x {list(w.shape)} groups={groups} has no VNNI layout; "
                             "check vnni_applicable first")
     if (blocked_in or out_layout != "NCHW") and (groups != 1 or (blocked_in and xs[4] != LANES)):
@@ -339,24 +370,24 @@ def emit_conv2d_vnni(bb: relax.BlockBuilder, x_u8: relax.Expr, w_oihw_int8: np.n
     o = int(w.shape[0])
     padding = tuple(int(p) for p in padding)
     if blocked_in:
-        wp = pack_conv_weight(w, 1, in_channels=xs[1] * LANES)
+        wp = weights.pack(w, 1, xs[1] * LANES)
         data = x_u8
         if any(padding):
             data = bb.emit_te(_pad_nchwc_te, x_u8, padding, int(pad_value), primfunc_name_hint="hago_pad_nchwc")
     else:
-        wp = pack_conv_weight(w, groups)
-        b = int(wp.shape[4]) * RED
+        wp = weights.pack(w, groups, None)
+        b = weights.in_block(wp)
         cp = int(wp.shape[1]) * b * groups
         data = bb.emit_te(_to_nchwc_te, x_u8, cp, b, padding, int(pad_value), primfunc_name_hint="hago_nchw_to_nchwc")
-    kernel = relax.const(wp, "int8")
+    kernel = relax.const(wp, weights.dtype)
     if out_layout == BLOCKED:
         def fused(d, k, bias, mult, half, shift):  # emit_te takes tensors and numbers, not a Requant
-            return _conv_requant_te(d, k, bias, mult, half, shift, _pair(strides), _pair(dilation), 1, requant)
+            return weights.conv_requant(d, k, bias, mult, half, shift, _pair(strides), _pair(dilation), 1, requant)
 
         return bb.emit_te(fused, data, kernel, *requant.constants(int(wp.shape[0]) * LANES),
-                          primfunc_name_hint="hago_conv2d_nchwc_vnni")
-    acc = bb.emit_te(_conv_te, data, kernel, _pair(strides), _pair(dilation), groups,
-                     primfunc_name_hint="hago_conv2d_nchwc_vnni")
+                          primfunc_name_hint=weights.name)
+    acc = bb.emit_te(weights.conv, data, kernel, _pair(strides), _pair(dilation), groups,
+                     primfunc_name_hint=weights.name)
     if relax_back and requant is None and groups == 1 and int(wp.shape[0]) * LANES == o:
         return bb.emit(O.layout_transform(acc, lambda n, c, h, w, lane: (n, c * LANES + lane, h, w)))
     if requant is not None:  # requantize in the NCHW16c -> NCHW write-back: no int32 NCHW pass

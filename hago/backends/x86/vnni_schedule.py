@@ -28,10 +28,11 @@ from tvm.s_tir import Schedule, ScheduleError
 
 from .vnni_intrin import vnni_int4_intrin, vnni_intrin
 from .vnni import CONV_EPILOGUE, LANES, RED
+from .vnni_conv_int4 import CONV_INT4_SHIFT
 from .vnni_int4 import DENSE_INT4_SHIFT
 
 #: blocks that are their kernel's write-back, computed on the register tile
-_EPILOGUES = (CONV_EPILOGUE, DENSE_INT4_SHIFT)
+_EPILOGUES = (CONV_EPILOGUE, DENSE_INT4_SHIFT, CONV_INT4_SHIFT)
 
 MAX_ACC = 24  # of the 32 zmm registers: accumulators; the rest hold weights and a broadcast
 MAX_BLOCKS = 4  # 16-lane weight vectors live at once
@@ -134,6 +135,20 @@ def schedule_conv(sch: Schedule, blk) -> None:
     owo, owi = sch.split(ow, [None, rw])
     sch.reorder(n, oco, oh, owo, ic, kh, kw, f, owi, oci, ob, s)
     _finish(sch, blk, ic, ob, [owi, oci], [n, oco, oh, owo])
+
+
+def schedule_conv_int4(sch: Schedule, blk) -> None:
+    """The packed 4-bit conv (:mod:`.vnni_conv_int4`): ``schedule_conv``'s loops, 8 input channels (one
+    packed load per 16 output channels) per step, the packed dense's register tile (:func:`int4_register_tile`).
+
+    The ``>> 4`` (its own block, or inside the requantize) runs on the tile as its write-back.
+    """
+    n, oc, oh, ow, ob, ic, kh, kw, g, half, s = sch.get_loops(blk)
+    rw, rc = int4_register_tile(_extent(sch, ow), _extent(sch, oc))
+    oco, oci = sch.split(oc, [None, rc])
+    owo, owi = sch.split(ow, [None, rw])
+    sch.reorder(n, oco, oh, owo, ic, kh, kw, g, owi, oci, ob, half, s)
+    _finish(sch, blk, ic, ob, [owi, oci], [n, oco, oh, owo], vnni_int4_intrin())
 
 
 def schedule_to_nchwc(sch: Schedule, blk) -> None:
