@@ -174,7 +174,8 @@ def annotate(graph: Graph, spec: HardwareSpec, graph_hash: str, config: Annotate
     forced = {c for e, b in cfg.edge_bits.items() if b == 0 for c in graph.consumers.get(e, [])}
     if forced:
         cfg = replace(cfg, float_ops=frozenset(cfg.float_ops | forced))
-    strategy = Strategy(graph_hash=graph_hash, device=spec.name)
+    strategy = Strategy(graph_hash=graph_hash, device=spec.name,
+                        sparq=spec.sparq.model_dump() if getattr(spec, "sparq", None) else None)
     act_bits = cfg.activation_bits or max(spec.bits.activation)
     backend = backend_of(spec)  # it may refuse integer for a node its kernels do not handle
     integer_edges: set[str] = set()

@@ -7,6 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .hwspec import HardwareSpec
+
 
 def bench(model, device, calib, eval_data, strategies: list[str], out_dir=None, engine_options=None,
           algorithm: str = "evolve", console: Console | None = None) -> list[dict]:
@@ -40,8 +42,10 @@ def bench(model, device, calib, eval_data, strategies: list[str], out_dir=None, 
         if res.best is not None:
             rows.append({"strategy": f"search ({res.best.label})", "latency_ms": res.best.latency_ms,
                          "accuracy": res.best.accuracy})
-    t = Table(title=f"hago bench: {device}")
-    for col in ("strategy", "latency ms", "accuracy", "vs fp32"):
+    spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
+    t = Table(title=f"hago bench: {device if isinstance(device, str) else spec.name}")
+    for col in ("strategy", "latency ms" + (" (modelled)" if spec.latency == "modelled" else ""), "accuracy",
+                "vs fp32"):
         t.add_column(col)
     base = next((r["latency_ms"] for r in rows if r["strategy"] == "fp32"), None)
     for r in rows:

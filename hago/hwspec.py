@@ -131,6 +131,20 @@ class RpcSpec(_Frozen):
         return v
 
 
+class SparqSpec(_Frozen):
+    """SPARQ (:mod:`hago.sparq`): the activation datapath keeps a 4-bit window of each uint8 code.
+
+    ``mode``: bsparq (every code trimmed) or vsparq (a code whose channel
+    pair partner is 0 keeps 8 bits); ``options``: how many window positions
+    the hardware offers (5, 3 or 2); ``rounding``: round (the next lower bit,
+    clamped) or raw (truncate).
+    """
+
+    mode: Literal["bsparq", "vsparq"]
+    options: Literal[5, 3, 2] = 5
+    rounding: Literal["round", "raw"] = "round"
+
+
 def _op_tag(v: Any) -> str:
     return "literal[float32]" if isinstance(v, str) else "list[descriptor]"
 
@@ -160,6 +174,11 @@ class HardwareSpec(_Frozen):
     rounding: Literal["half_away_from_zero", "half_to_even"] = "half_away_from_zero"
     #: a registered backend (``hago.backends``); None: derived from the target kind and ``intrinsics``
     backend: str | None = None
+    #: SPARQ activation trimming (:mod:`hago.sparq`) on every integer conv/dense input; None: plain 8-bit
+    sparq: SparqSpec | None = None
+    #: how hago's latency numbers relate to this device: ``measured`` on it, or ``modelled`` (a device
+    #: simulated on another machine, e.g. a SPARQ accelerator built for the host: every latency is labelled so)
+    latency: Literal["measured", "modelled"] = "measured"
 
     @field_validator("target", "host")
     @classmethod
@@ -203,6 +222,22 @@ class HardwareSpec(_Frozen):
         if self.activations.rowwise_4bit:
             raise _Problem("activations have no constant table: only weights can be stored row-wise",
                            "activations", "rowwise_4bit")
+        return self
+
+    @model_validator(mode="after")
+    def _sparq_needs_unsigned_8bit(self) -> HardwareSpec:
+        """SPARQ trims unsigned 8-bit codes (the reference refuses signed ones), computed per tensor."""
+        if self.sparq is None:
+            return self
+        if self.bits.activation != [8]:
+            raise _Problem("SPARQ trims 8-bit activations: bits.activation must be [8]", "sparq")
+        if self.activations.dynamic:
+            raise _Problem("SPARQ needs calibrated activation codes: activations.dynamic must be empty", "sparq")
+        for op in ("conv2d", "depthwise_conv2d", "dense"):
+            for desc in self.descriptors(op):
+                if desc.inputs[0] != "uint8":
+                    raise _Problem(f"SPARQ trims unsigned activations: ops.{op} must take uint8, "
+                                   f"got {desc.inputs[0]}", "sparq")
         return self
 
     @model_validator(mode="after")
@@ -489,7 +524,7 @@ def _message(err: dict, path: tuple) -> str:
 
 
 def _model_at(path: tuple) -> type[BaseModel] | None:
-    sub = {"rpc": RpcSpec, "bits": Bits, "weights": QuantScheme, "activations": QuantScheme}
+    sub = {"rpc": RpcSpec, "bits": Bits, "weights": QuantScheme, "activations": QuantScheme, "sparq": SparqSpec}
     if path[:1] == ("ops",):
         return OpDescriptor if len(path) == 3 else None
     return HardwareSpec if not path else sub.get(path[0]) if len(path) == 1 else None

@@ -21,7 +21,7 @@ def summary_table(report: dict) -> Table:
     stayed in float."""
     t = Table(title=f"hago: {report['device']}  (calibrator {report.get('calibrator')})")
     t.add_column("build")
-    t.add_column(f"latency ms (batch {report.get('batch', 1)})", justify="right")
+    t.add_column(f"latency ms (batch {report.get('batch', 1)}{latency_label(report, ', ')})", justify="right")
     t.add_column("top-1", justify="right")
     t.add_column("weights", justify="right")
     bf16 = report["ops"].get("bf16", 0)
@@ -40,8 +40,16 @@ def summary_table(report: dict) -> Table:
     return t
 
 
+def latency_label(report: dict, sep: str = " ") -> str:
+    """``sep + "modelled"`` for a spec whose latency is modelled (a simulated device), else ''."""
+    return f"{sep}modelled" if report.get("latency") == "modelled" else ""
+
+
 def slower_than_fp32(report: dict) -> bool:
-    """Whether the quantized build measured slower than the FP32 build beside it."""
+    """Whether the quantized build measured slower than the FP32 build beside it (never for modelled latency:
+    a simulated device's times are this machine's, so they do not rank the builds)."""
+    if report.get("latency") == "modelled":
+        return False
     f, q = report["fp32"].get("latency_ms"), report["quantized"].get("latency_ms")
     return bool(f and q and q > f)
 
@@ -51,12 +59,15 @@ def print_report(report: dict, console: Console | None = None) -> None:
     console.print(summary_table(report))
     if report.get("speedup"):
         threads = f" ({report['threads']} threads)" if report.get("threads") else ""
-        console.print(f"speed-up over FP32 (hago's FP32 build, blocked float kernels): "
+        console.print(f"speed-up over FP32 (hago's FP32 build, blocked float kernels{latency_label(report, ', ')}): "
                       f"{report['speedup']:.2f}x{threads}")
     if report.get("agreement") is not None:
         console.print(f"top-1 agreement with FP32: {report['agreement']:.2%} on {report.get('eval_samples')} samples")
     for op in report.get("float_ops", []):
         console.print(f"[yellow]float[/]: {op['name']} ({op['kind']}): {op['reason']}")
+    if latency_label(report):
+        console.print(f"[bold yellow]note[/]: {report['device']}'s latency is modelled: the device is simulated "
+                      f"on this machine, so these times are this machine's, not the device's")
     for note in report.get("notes", []):
         console.print(f"[bold yellow]note[/]: {note}")
     if slower_than_fp32(report):  # the last line a user reads: never let a slower build pass quietly

@@ -21,6 +21,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as O
 
+from . import sparq
 from .dynamic import fake_quantize_rows
 from .errors import QuantizeError
 from .graph import Graph
@@ -151,6 +152,7 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
                     if fake and mode == "integer":
                         handler = handler_for(strategy, node)  # its constants as realize quantizes them
                         value = handler.simulated_call(node, value, strategy) if handler else value
+                        value = sparq.simulated_call(bb, node, value, strategy, subst)  # SPARQ specs only
                     elif fake and mode == "bf16":  # emitted here: the rounding needs the substituted input
                         value = bf16.simulated(bb, node, subst(value.args[0]))
                     if local and node is not None and node.name in tap_set:

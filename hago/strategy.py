@@ -89,6 +89,9 @@ class Strategy:
     ops: dict[str, OpChoice] = field(default_factory=dict)
     edges: dict[str, EdgeChoice] = field(default_factory=dict)
     corrections: list[str] = field(default_factory=list)  # hago.correct plug-ins that ran, in order
+    # the spec's SPARQ activation trimming ({mode, options, rounding}, hago.sparq) that simulate and
+    # realize both apply; None (the default, left out of the JSON): plain 8-bit activations
+    sparq: dict | None = None
 
     def integer_ops(self) -> list[str]:
         return [n for n, c in self.ops.items() if c.mode == "integer"]
@@ -120,6 +123,7 @@ class Strategy:
             "corrections": list(self.corrections),
             "ops": {k: v.to_json() for k, v in self.ops.items()},
             "edges": {k: v.to_json() for k, v in self.edges.items()},
+            **({"sparq": dict(self.sparq)} if self.sparq is not None else {}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -144,6 +148,7 @@ class Strategy:
             corrections=list(d.get("corrections", [])),
             ops={k: OpChoice(**v) for k, v in d["ops"].items()},
             edges={k: EdgeChoice.from_json(v) for k, v in d["edges"].items()},
+            sparq=dict(d["sparq"]) if d.get("sparq") is not None else None,
         )
 
     @classmethod
@@ -207,6 +212,14 @@ def _validate(d: dict) -> None:
     for key in ("ops", "edges"):
         if not isinstance(d.get(key), dict):
             _fail(key, f"must be an object keyed by node name, got {type(d.get(key)).__name__}")
+    if d.get("sparq") is not None:
+        from .hwspec import SparqSpec  # pure pydantic: the spec's own rules for the SPARQ block
+
+        try:
+            SparqSpec.model_validate(d["sparq"])
+        except Exception as e:  # pydantic's ValidationError, one line here
+            errs = getattr(e, "errors", None)
+            _fail("sparq", errs()[0]["msg"] if callable(errs) else str(e))
     for name, op in d["ops"].items():
         _validate_op(f"ops[{name!r}]", op)
     for name, edge in d["edges"].items():

@@ -9,7 +9,8 @@ from hago.errors import SpecError
 from hago.hwspec import (HardwareSpec, OpDescriptor, check_spec_file, device_table,
                          list_devices, spec_dir)
 
-DEVICES = {"x86-avx512-vnni", "x86-avx512-bf16", "x86-amx", "x86-avx2", "rpi4", "rpi5", "cuda-t4", "cuda-h100"}
+DEVICES = {"x86-avx512-vnni", "x86-avx512-bf16", "x86-amx", "x86-avx2", "rpi4", "rpi5", "cuda-t4", "cuda-h100",
+           "example-sparq-accel"}
 BASE = (spec_dir() / "x86-avx512-vnni.yaml").read_text()
 RELU = "  relu:\n    - {inputs: [uint8], output: uint8}\n"
 

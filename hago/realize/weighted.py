@@ -21,6 +21,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax import op as O
 
+from hago import sparq
 from hago.backends import INT32, NATIVE, REQUANTIZED, ConvArgs, Requant
 from hago.errors import QuantizeError
 from hago.qparams import container_dtype, fixed_point_multiplier
@@ -39,6 +40,8 @@ class Weighted(OpHandler):
     kinds = ("conv2d", "depthwise_conv2d", "dense")
 
     def takes_native(self, r, node, edge) -> bool:
+        if r.s.sparq is not None:  # SPARQ trims the plain codes (vSPARQ pairs along the plain channel axis)
+            return False
         return r.plan.takes_native(node, r.s.ops[node.name], edge)
 
     def simulated_call(self, node, call, strategy):
@@ -55,6 +58,8 @@ class Weighted(OpHandler):
         if conv and not native_in and r.takes_native(node.name, src):
             native_in = r.native_from_float(src)  # a blocked float producer: quantized in its layout
         xq, qx = (r.native[src], r.qparams(src)) if native_in else r.get_quant(src)
+        if not native_in:
+            xq = sparq.realized_input(r.bb, node, r.s, xq, qx)  # the spec's SPARQ trimming, if any
         xs = r.edge_shape(src) if native_in else shape(xq)
         sx, zx = float(qx.scale), int(qx.zero_point)
         wq, wqp = quantize_layer_weight(node, choice.weight_bits, sx)

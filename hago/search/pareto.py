@@ -18,10 +18,12 @@ def front(cands: list) -> list:
     return out
 
 
-def table(cands: list, chosen, threshold: float, metric: str) -> Table:
+def table(cands: list, chosen, threshold: float, metric: str, latency: str = "measured") -> Table:
+    """``latency``: the spec's, ``modelled`` for a simulated device (the column says so)."""
     t = Table(title=f"Pareto front ({metric}; target >= {threshold:.4f})")
-    for col in ("", "latency ms", metric, "meets", "strategy"):
-        t.add_column(col, justify="right" if col in ("latency ms", metric) else "left")
+    lat_col = "latency ms" if latency != "modelled" else "latency ms (modelled)"
+    for col in ("", lat_col, metric, "meets", "strategy"):
+        t.add_column(col, justify="right" if col in (lat_col, metric) else "left")
     for c in cands:
         mark = "*" if chosen is not None and c.key == chosen.key else ""
         t.add_row(mark, f"{c.latency_ms:.3f}", f"{c.accuracy:.4f}", "yes" if c.accuracy >= threshold else "no",
@@ -29,7 +31,8 @@ def table(cands: list, chosen, threshold: float, metric: str) -> Table:
     return t
 
 
-def plot(cands: list, pareto: list, chosen, threshold: float, path: Path, metric: str, fp32=None) -> Path:
+def plot(cands: list, pareto: list, chosen, threshold: float, path: Path, metric: str, fp32=None,
+         latency: str = "measured") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +40,7 @@ def plot(cands: list, pareto: list, chosen, threshold: float, path: Path, metric
 
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = [c for c in cands if c.latency_ms is not None]
-    ax.scatter([c.latency_ms for c in pts], [c.accuracy for c in pts], s=14, c="0.6", label="measured")
+    ax.scatter([c.latency_ms for c in pts], [c.accuracy for c in pts], s=14, c="0.6", label=latency)
     ax.plot([c.latency_ms for c in pareto], [c.accuracy for c in pareto], "-o", ms=4, label="Pareto front")
     ax.axhline(threshold, ls="--", c="r", lw=1, label="accuracy target")
     if fp32 is not None and fp32.latency_ms is not None:
@@ -45,7 +48,7 @@ def plot(cands: list, pareto: list, chosen, threshold: float, path: Path, metric
     if chosen is not None and chosen.latency_ms is not None:
         ax.scatter([chosen.latency_ms], [chosen.accuracy], marker="*", s=180, c="gold", edgecolors="k",
                    label="chosen", zorder=5)
-    ax.set_xlabel("latency (ms, batch 1)")
+    ax.set_xlabel("latency (ms, batch 1, modelled)" if latency == "modelled" else "latency (ms, batch 1)")
     ax.set_ylabel(metric)
     ax.legend(fontsize=7)
     fig.tight_layout()

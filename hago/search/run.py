@@ -138,7 +138,7 @@ def write_search_outputs(engine: SearchEngine, result: SearchResult, out: Path) 
             for c in result.candidates]
     (out / "pareto.json").write_text(json.dumps({"front": [c.label for c in pareto], "candidates": rows}, indent=1))
     plot(result.candidates, pareto, result.best, result.threshold, out / "pareto.png", engine.metric_name,
-         result.fp32)
+         result.fp32, latency=engine.spec.latency)
 
 
 def _scores_into_report(report: dict, engine: SearchEngine, result: SearchResult) -> None:
@@ -153,7 +153,8 @@ def _scores_into_report(report: dict, engine: SearchEngine, result: SearchResult
 def print_search(result: SearchResult, console: Console | None = None) -> None:
     console = console or Console()
     engine = result.extras["engine"]
-    console.print(table(front(result.candidates), result.best, result.threshold, engine.metric_name))
+    console.print(table(front(result.candidates), result.best, result.threshold, engine.metric_name,
+                        latency=engine.spec.latency))
     style = "green" if result.met_target else "bold red"
     console.print(f"[{style}]{result.message}[/]")
     console.print(f"{result.trials} device measurements this run, {result.reused} reused from the log, "
