@@ -61,6 +61,7 @@ HAGO_INT8 = "hago INT8 (untuned, default VNNI schedules)"
 HAGO_BF16 = f"hago bf16 (untuned, {BF16_DEVICE})"
 HAGO_INT8_AMX = f"hago INT8 (untuned, {AMX_DEVICE}: AMX where it pays, else VNNI)"
 HAGO_INT8_AMX_EMB4 = f"hago INT8 ({AMX_DEVICE}) + 4-bit row-wise word embeddings"
+HAGO_W4A8 = f"hago W4A8 (untuned, {DEVICE}: every conv/dense weight 4-bit, packed)"
 TUNE_TRIALS = 0  # per task, FP32, INT8 and bf16 alike (set by --tune-trials)
 TUNE_CACHE = WORK / "tuning"  # MetaSchedule records, reused by every later run
 ORT_FP32 = "ONNX Runtime FP32"
@@ -484,6 +485,24 @@ def _run_batched(fn, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
     return np.concatenate([fn({k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)])
 
 
+def _w4a8_row(rows: dict, model, example, calib, feeds1: dict, batch_size: int):
+    """The INT8 compile with every conv/dense weight at 4 bits (packed two per byte where the VNNI kernels
+    take them): its batch-1 latency next to W8A8's, for speed and size (issue 17). No learned rounding: the
+    accuracy columns show round to nearest."""
+    import tvm
+
+    from hago.annotate import AnnotateConfig
+
+    print(f"  hago compile for {DEVICE}, 4-bit weights", flush=True)
+    w4, _ = _hago_build(model, example, calib, None, batch_size=batch_size,
+                        annotate_config=AnnotateConfig(weight_bits=4))
+    vm = _vm(w4.int_executable)
+    args1 = [tvm.runtime.tensor(v) for v in feeds1.values()]
+    rows[HAGO_W4A8] = {"ms": _median_ms(lambda: vm["main"](*args1))}
+    print(f"  {HAGO_W4A8}: {rows[HAGO_W4A8]['ms']:.2f} ms", flush=True)
+    return w4
+
+
 def _tvm_fn(executable):
     import tvm
 
@@ -530,6 +549,7 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
     feeds1 = {inp: calib[inp][:1]}
     ov_peers = _openvino_fp32_peers(onnx_fp32)
     rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers, bf16, amx, nncf)
+    w4 = _w4a8_row(rows, model, example, calib, feeds1, batch_size=8)
     cols = []
     acc_note = "Random weights: latency only (accuracy claims are made on the pretrained models)."
     if pretrained:
@@ -551,6 +571,7 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
             outs[OV_NNCF] = _run_batched(_ov_fn(nncf), x, 50)
         if bf16 is not None:
             outs[HAGO_BF16] = _run_batched(_tvm_fn(bf16.int_executable), x, 1)
+        outs[HAGO_W4A8] = _run_batched(_tvm_fn(w4.int_executable), x, 1)
         print(f"{name}: hago compile without bias correction", flush=True)
         import tvm
 
@@ -575,7 +596,7 @@ def bench_cnn(name: str, args) -> tuple[dict, str]:
             f"Command: {_command(name)} ({_stamp()}).\n"
             f"Machine: {_machine()}.\n{acc_note}\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n"
             f"{_amx_note(amx)}\n"
-            f"{_bf16_note(bf16)}\n\n"
+            f"{_bf16_note(bf16)}\n{_weight_bytes_note(res, w4=w4)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
 
@@ -612,6 +633,7 @@ def bench_minilm(args) -> tuple[dict, str]:
     feeds1 = {k: v[:1] for k, v in models.tokenize(docs[:1]).items()}
     ov_peers = _openvino_fp32_peers(onnx_fp32)
     rows = _latency_rows(feeds1, res, onnx_fp32, onnx_int8, ov_peers, bf16, amx, nncf)
+    w4 = _w4a8_row(rows, model, example, calib, feeds1, batch_size=8)
     emb4 = None
     if amx is not None:  # the same INT8 build with the word table stored 4-bit row-wise (hago.embedding4)
         from hago.annotate import AnnotateConfig
@@ -642,6 +664,7 @@ def bench_minilm(args) -> tuple[dict, str]:
         cands[HAGO_INT8_AMX] = embedder(_tvm_fn(amx.int_executable), 1)
     if emb4 is not None:
         cands[HAGO_INT8_AMX_EMB4] = embedder(_tvm_fn(emb4.int_executable), 1)
+    cands[HAGO_W4A8] = embedder(_tvm_fn(w4.int_executable), 1)
     if nncf is not None:
         cands[OV_NNCF] = embedder(_ov_fn(nncf), 32)
     cands.update({ov_name: embedder(_ov_fn(compiled), 32) for ov_name, compiled in ov_peers.items()})
@@ -675,19 +698,22 @@ def bench_minilm(args) -> tuple[dict, str]:
             f"length 256: Lee 0.6564, WordSim353 0.7289, SimLex-999 0.4462). Texts are truncated/padded to 128 "
             f"tokens. Calibration: {n_calib} sentences of gensim's Lee *background* corpus and polarity set "
             f"(disjoint from the evaluation sets).\n{_ops_note(res)} hago compile took {t_compile:.0f} s.\n"
-            f"{_bf16_note(bf16)}\n{_amx_note(amx)}\n{_weight_bytes_note(res, emb4)}\n\n"
+            f"{_bf16_note(bf16)}\n{_amx_note(amx)}\n{_weight_bytes_note(res, emb4, w4)}\n\n"
             f"{table}\n{_notes()}")
     return rows, body
 
 
-def _weight_bytes_note(res, emb4) -> str:
+def _weight_bytes_note(res, emb4=None, w4=None) -> str:
     """Weight bytes of the builds (``hago compile``'s count: every constant with two axes longer than 1)."""
     from hago.weight_bytes import format_bytes
 
     parts = [f"FP32 {format_bytes(res.report['fp32'].get('weight_bytes'))}",
              f"INT8 {format_bytes(res.report['quantized'].get('weight_bytes'))}"]
+    if w4 is not None:
+        parts.append(f"W4A8 {format_bytes(w4.report['quantized'].get('weight_bytes'))}")
     if emb4 is not None:
-        parts.append(f"INT8 with the word table 4-bit row-wise {format_bytes(emb4.report['quantized'].get('weight_bytes'))}")
+        emb_bytes = format_bytes(emb4.report["quantized"].get("weight_bytes"))
+        parts.append(f"INT8 with the word table 4-bit row-wise {emb_bytes}")
     return "Weights: " + ", ".join(parts) + "."
 
 
