@@ -42,7 +42,7 @@ def block_case(run_tvm):
     mod = load_model(net, example_inputs=(torch.from_numpy(calib[:2]),))
     cfg = AnnotateConfig(weight_bits=4)
     q = {c: quantize(mod, DEVICE, calib, annotate_config=cfg, corrections=c, batch_size=32)
-         for c in ((), ("bias",), ("adaround",), ("adaround", "bias"), ("adaround_conv",))}
+         for c in ((), ("bias",), ("adaround", "bias"), ("adaround_conv",))}
     with torch.no_grad():
         ref = net(torch.from_numpy(test)).numpy()
     out = {c: run_tvm(v.realized.mod, test) for c, v in q.items()}
@@ -67,7 +67,8 @@ def test_learned_rounding_lowers_the_integer_programs_error(block_case):
 
 def test_adaround_learns_the_depthwise_layers_and_adaround_conv_all(block_case):
     _, _, _, q, _ = block_case
-    for corr, kinds in ((("adaround",), {"depthwise_conv2d"}), (("adaround_conv",), {"depthwise_conv2d", "conv2d"})):
+    for corr, kinds in ((("adaround", "bias"), {"depthwise_conv2d"}),
+                        (("adaround_conv",), {"depthwise_conv2d", "conv2d"})):
         ops = q[corr].strategy.ops
         learned = {c.kind for c in ops.values() if c.weight_round is not None}
         assert learned == kinds, (corr, learned)
@@ -75,7 +76,7 @@ def test_adaround_learns_the_depthwise_layers_and_adaround_conv_all(block_case):
 
 def test_weights_move_at_most_one_step_and_realize_bakes_the_learned_integers(block_case):
     _, _, _, q, _ = block_case
-    s = q[("adaround",)]
+    s = q[("adaround", "bias")]
     g = corrected_graph(s.graph, s.strategy)
     moved = 0
     for node in s.graph.nodes:
@@ -95,12 +96,12 @@ def test_weights_move_at_most_one_step_and_realize_bakes_the_learned_integers(bl
 
 def test_strategy_replays_the_learned_rounding_bit_for_bit(block_case, tmp_path, run_tvm):
     net, test, _, q, out = block_case
-    s = q[("adaround",)]
+    s = q[("adaround", "bias")]
     path = tmp_path / "strategy.json"
     s.strategy.save(path)
     replay = quantize(load_model(net, example_inputs=(torch.from_numpy(test[:2]),)), DEVICE,
                       strategy=Strategy.load(path))
-    np.testing.assert_array_equal(run_tvm(replay.realized.mod, test), out[("adaround",)])
+    np.testing.assert_array_equal(run_tvm(replay.realized.mod, test), out[("adaround", "bias")])
 
 
 def test_rounding_bits_round_trip_and_reject_garbage():

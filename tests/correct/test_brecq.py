@@ -70,14 +70,14 @@ def _int_constants(mod) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def case(run_tvm, cpu_target):
-    """Round-to-nearest and BRECQ (200 steps a block) at 4-bit weights, realized, with their error vs FP32."""
+    """Round-to-nearest and BRECQ (100 steps a block) at 4-bit weights, realized, with their error vs FP32."""
     torch.manual_seed(0)
     net = ResNetlet().eval()
     calib, test = smooth_images(64, 1, noise=0.2), smooth_images(64, 2, noise=0.2)
     mod = load_model(net, example_inputs=(torch.from_numpy(calib[:2]),))
     rtn = quantize(mod, DEVICE, calib, annotate_config=AnnotateConfig(weight_bits=4), corrections=())
     ctx = CorrectionContext(rtn.fp32, rtn.graph, copy.deepcopy(rtn.strategy), rtn.prepared.calib, cpu_target, 32)
-    report = Brecq(iters=200).run(ctx)
+    report = Brecq(iters=100).run(ctx)
     ctx.strategy.corrections.append("brecq")
     q = {"rtn": rtn, "brecq": quantize(rtn.prepared, DEVICE, strategy=ctx.strategy)}
     with torch.no_grad():

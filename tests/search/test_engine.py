@@ -125,7 +125,7 @@ def test_hung_and_crashed_measurements_are_logged_and_skipped(mnist_onnx_path, d
     fake = tmp_path / "fake_worker.py"
     fake.write_text(FAKE_WORKER)
     # the hung kernel costs the whole time-out; a real measurement here takes well under a second
-    m = LocalMeasurer(timeout_s=4, repeat=3, min_repeat_ms=30, command=[sys.executable, str(fake)])
+    m = LocalMeasurer(timeout_s=3, repeat=3, min_repeat_ms=30, command=[sys.executable, str(fake)])
     e = _engine(mnist_onnx_path, data, tmp_path / "h.jsonl", measurer=m, accuracy_drop="1%", max_trials=4)
     t0 = time.time()
     r = e.run(ALGORITHMS["greedy"])
@@ -139,7 +139,7 @@ def test_hung_and_crashed_measurements_are_logged_and_skipped(mnist_onnx_path, d
 def test_killed_search_resumes_without_measuring_twice(mnist_onnx_path, npz, tmp_path):
     log = tmp_path / "k.jsonl"
     cmd = [sys.executable, "-m", "hago", "search", str(mnist_onnx_path), "--device", "x86-avx512-vnni",
-           "--calib", str(npz[0]), "--eval", str(npz[1]), "--algorithm", "greedy", "--max-trials", "4",
+           "--calib", str(npz[0]), "--eval", str(npz[1]), "--algorithm", "greedy", "--max-trials", "3",
            "--accuracy-drop", "1%"]
     proc = subprocess.Popen([*cmd, "--log", str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
