@@ -104,22 +104,10 @@ def _edge_chain(graph, edge: str) -> list[str]:
 
 
 def run(mod, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
-    """Build ``mod`` for this machine at a static batch and run it over ``x`` (the last batch zero-padded)."""
-    import tvm
-    from tvm import relax
+    """Build ``mod`` for this machine at a static batch and run it over ``x`` (correction.py's runner)."""
+    from correction import _run
 
-    from hago import build as build_mod
-
-    ex = build_mod.build(build_mod.static_batch(mod, batch), build_mod.host_target(), "host")
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    outs = []
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
-        n = len(xb)
-        if n < batch:
-            xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
-        outs.append(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(xb))).numpy()[:n])
-    return np.concatenate(outs)
+    return _run(mod, x, batch)
 
 
 def fp32_logits(net, x: np.ndarray, batch: int = 500) -> np.ndarray:

@@ -134,26 +134,24 @@ def _int4_intrin_funcs():
 
 def vnni_int4_intrin() -> str:
     """Register (once) and return the name of the packed 4-bit intrinsic (16 lanes x 8 nibbles, two ``vpdpbusd``)."""
-    with _lock:
-        if HAGO_VNNI_INT4_INTRIN not in _registered:
-            from tvm.s_tir import TensorIntrin
-
-            desc, impl = _int4_intrin_funcs()
-            TensorIntrin.register(HAGO_VNNI_INT4_INTRIN, desc, impl, override=True)
-            _registered.add(HAGO_VNNI_INT4_INTRIN)
-    return HAGO_VNNI_INT4_INTRIN
+    return _register_once(HAGO_VNNI_INT4_INTRIN, _int4_intrin_funcs)
 
 
 def vnni_intrin() -> str:
     """Register (once) and return the name of hago's fixed 16x4 VNNI intrinsic."""
+    return _register_once(HAGO_VNNI_INTRIN, _intrin_funcs)
+
+
+def _register_once(name: str, funcs) -> str:
+    """Register the tensor intrinsic ``funcs() -> (desc, impl)`` under ``name`` the first time it is asked for."""
     with _lock:
-        if HAGO_VNNI_INTRIN not in _registered:
+        if name not in _registered:
             from tvm.s_tir import TensorIntrin
 
-            desc, impl = _intrin_funcs()
-            TensorIntrin.register(HAGO_VNNI_INTRIN, desc, impl, override=True)
-            _registered.add(HAGO_VNNI_INTRIN)
-    return HAGO_VNNI_INTRIN
+            desc, impl = funcs()
+            TensorIntrin.register(name, desc, impl, override=True)
+            _registered.add(name)
+    return name
 
 
 def fix_shipped_vnni_intrin() -> str:
