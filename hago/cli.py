@@ -198,6 +198,14 @@ def _heavy_checks(spec, device: str, corrections) -> None:
 def _cmd_devices(args) -> int:
     from rich.console import Console
 
+    if args.rpc:  # what a tracker holds, per key
+        m = _HOST_PORT.match(args.rpc)
+        if not (m and 0 < int(m.group(1)) < 65536):
+            raise UsageError(f"--rpc must be the tracker's host:port (e.g. 192.168.1.5:9190), got {args.rpc!r}")
+        from .measure.farm import tracker_table
+
+        Console().print(tracker_table(args.rpc))
+        return 0
     from .hwspec import device_table, list_devices
 
     Console().print(device_table(list_devices()))
@@ -301,6 +309,7 @@ def _search_checks(args):
     """compile's checks plus the search's own options, before TVM is imported (except the last); the spec."""
     spec = _common_checks(args, calib_required=True)
     _check_int(args.max_trials, "--max-trials", 1)
+    _check_int(args.max_devices, "--max-devices", 1)
     _check_seconds(args.time_budget, "--time-budget")
     corrections = _corrections(args.corrections)
     _heavy_checks(spec, args.device, corrections)
@@ -310,13 +319,23 @@ def _search_checks(args):
     return spec
 
 
+def _farm_measurer(args):
+    """The search's boards: every free one under --key on the --rpc tracker, up to --max-devices at once."""
+    from .hwspec import HardwareSpec
+    from .measure.farm import FarmMeasurer
+
+    _check_rpc(args)
+    return FarmMeasurer(args.rpc, args.key, HardwareSpec.load(args.device), timeout_s=args.measure_timeout,
+                        max_devices=args.max_devices)
+
+
 def _engine_options(args) -> dict:
     opts = dict(accuracy_drop=args.accuracy_drop, max_trials=args.max_trials, time_budget=args.time_budget,
                 calibrator=args.calibrator)
     if args.corrections is not None:
         opts["corrections"] = _corrections(args.corrections)
     if args.rpc:
-        opts["measurer"] = _rpc_measurer(args)
+        opts["measurer"] = _farm_measurer(args)
     else:
         from .hwspec import HardwareSpec
         from .measure import LocalMeasurer
@@ -373,8 +392,10 @@ def _search_options(p) -> None:
                         "calibration), bias_data_free (bias correction from batch-norm statistics, no data), "
                         "lapq (loss-aware activation clipping; hago compile only: its clips depend on every "
                         "layer's choice, so the search refuses it) or none (per-layer ones only)")
-    p.add_argument("--rpc", help="tracker host:port; measure on the board registered under --key")
+    p.add_argument("--rpc", help="tracker host:port; measure on the boards registered under --key, in parallel")
     p.add_argument("--key", help="RPC device key")
+    p.add_argument("--max-devices", type=int, default=None,
+                   help="boards measuring at once at most (default: every free board under --key)")
     p.add_argument("--measure-timeout", type=float, default=60.0, help="seconds before a measurement is failed")
     p.add_argument("-o", "--output", help="output folder")
 
@@ -384,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("devices", help="list the hardware specs").set_defaults(func=_cmd_devices)
+    d = sub.add_parser("devices", help="list the hardware specs, or with --rpc what a tracker holds")
+    d.add_argument("--rpc", help="tracker host:port: list its keys and boards instead of the specs")
+    d.set_defaults(func=_cmd_devices)
 
     spec = sub.add_parser("spec", help="hardware spec tools").add_subparsers(dest="spec_command", required=True)
     check = spec.add_parser("check", help="validate spec YAML files")
@@ -409,8 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics), dfmpc (data-free compensation: a low-bit layer's error absorbed by the "
                         "next higher-bit layer's input-channel scales, from batch-norm statistics), lapq "
                         "(loss-aware post-training quantization: Lp-norm activation clips, then a joint Powell "
-                        "search of all clips on the network loss; put it before bias) or none; "
-                        "default: bias")
+                        "search of all clips on the network loss; put it before bias), multipoint (multipoint "
+                        "quantization: extra low-bit points for the output channels with the largest output "
+                        "error, run as extra output channels of the same kernel, 10%% of a layer's channels; "
+                        "dense and conv2d; after adaround/brecq, before bias) or none; default: bias")
     c.add_argument("-o", "--output", help="output folder for model.so, strategy.json, report.json")
     c.add_argument("--precision", default="int8",
                    help="int8 (default: integer where the spec allows) or bf16 (bf16 where the spec allows, fp32 "

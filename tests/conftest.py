@@ -77,32 +77,41 @@ def run_tvm(cpu_target):
 
 
 @contextlib.contextmanager
-def local_rpc(key: str, port: int = 9500):
-    """``"127.0.0.1:PORT"`` of a tracker with one RPC server (this CPU) registered as ``key``.
+def local_rpc(key: str, port: int = 9500, boards=None):
+    """``"127.0.0.1:PORT"`` of a tracker with RPC servers (this CPU) registered with it.
 
-    Both bind to 127.0.0.1 only and are terminated on exit.
+    ``boards``: ``[(key, init_callback or None), ...]``, one server each (TVM's
+    ``server_init_callback`` registers functions in it); default one plain
+    server under ``key``. Everything binds to 127.0.0.1 only and is
+    terminated on exit.
     """
     import time
+    from collections import Counter
 
     from tvm import rpc
     from tvm.rpc.tracker import Tracker
 
+    boards = boards or [(key, None)]
     trk = Tracker(host="127.0.0.1", port=port, port_end=port + 100, silent=True)
-    server = rpc.Server(host="127.0.0.1", port=port + 200, port_end=port + 300, key=key,
-                        tracker_addr=("127.0.0.1", trk.port), silent=True)
+    servers = []
     try:
-        deadline = time.monotonic() + 60  # the server imports TVM before it registers
+        for board_key, init in boards:
+            servers.append(rpc.Server(host="127.0.0.1", port=port + 200, port_end=port + 300, key=board_key,
+                                      tracker_addr=("127.0.0.1", trk.port), silent=True, server_init_callback=init))
+        deadline = time.monotonic() + 90  # each server imports TVM before it registers
+        want = Counter(k for k, _ in boards)
         while True:
             tc = rpc.connect_tracker("127.0.0.1", trk.port)
-            free = tc.summary()["queue_info"].get(key, {}).get("free", 0)
+            queue = tc.summary()["queue_info"]
             tc.close()
-            if free:
+            if all(queue.get(k, {}).get("free", 0) >= n for k, n in want.items()):
                 break
-            assert time.monotonic() < deadline, "the local RPC server never registered with the tracker"
+            assert time.monotonic() < deadline, "the local RPC servers never registered with the tracker"
             time.sleep(0.3)
         yield f"127.0.0.1:{trk.port}"
     finally:
-        server.terminate()
+        for server in servers:
+            server.terminate()
         trk.terminate()
 
 

@@ -261,6 +261,12 @@ class Backend:
         """Why a build for local spec ``spec`` cannot run on this machine (missing CPU features); None if it can."""
         return None
 
+    def board_problem(self, spec: HardwareSpec, facts: dict) -> str | None:
+        """Why a farm board that reports ``facts`` (:func:`hago.measure.board.board_facts`) cannot run builds
+        for ``spec``, so its timings must not enter the search; None if it can. The base class knows nothing
+        about the device, so it accepts any board."""
+        return None
+
     def host_specs(self) -> tuple[str, ...]:
         """Spec names, best first, this backend would pick for ``--device host`` (the first this machine runs)."""
         return ()

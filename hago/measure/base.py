@@ -10,6 +10,7 @@ the end of it (MetaSchedule's ``RunnerResult.error_msg`` does the same).
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,8 @@ class Measurement:
     repeats: int = 0
     error: str | None = None
     kernels: tuple = ()  # (signature, ms) per kernel call, when the measurer profiles
+    board: str | None = None  # which board measured it (a farm board's address), when the measurer knows
+    attempts: tuple = ()  # (board, error) of failed attempts before this result (a farm retries once elsewhere)
 
     @property
     def ok(self) -> bool:
@@ -41,6 +44,17 @@ class Measurer(Protocol):
     name: str
 
     def measure(self, lib_path: Path, inputs: InputSpec) -> Measurement: ...
+
+
+class ParallelMeasurer(Measurer, Protocol):
+    """A measurer with several boards (:class:`~hago.measure.farm.FarmMeasurer`): ``submit`` returns at once
+    with a future, so the search builds and scores the next candidates while the boards measure."""
+
+    def submit(self, lib_path: Path, inputs: InputSpec) -> Future: ...
+
+    def status(self) -> dict: ...
+
+    def close(self) -> None: ...
 
 
 def check_timeout(timeout_s) -> float:

@@ -55,19 +55,16 @@ def _resolve(spec, tracker: str | None, key: str | None) -> tuple[str, int, str]
     return (*parse_tracker(tracker), key)
 
 
-def check_tracker(tracker: str, key: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> dict:
-    """The tracker's queue summary (``{key: {"free": n, "pending": m}}``); a one-line :class:`MeasureError`
-    if it is unreachable, is not an RPC tracker, or (with ``key``) has no server registered as ``key``.
+def _tracker_call(host: str, port: int, request: list, timeout: float, waiting: str | None = None):
+    """One request to the tracker on a fresh socket with ``timeout`` on every operation; its answer.
 
-    Speaks the tracker protocol itself (magic, then ``SUMMARY``) on a socket
-    with ``timeout`` on every operation: TVM's ``connect_tracker`` retries a
-    refused port for 60 s and would wait forever on a port that never answers.
+    ``waiting`` names what a request that may wait is waiting for, so running
+    out of time is said as that, not as a tracker that does not answer.
     """
     import struct
 
     from tvm.rpc import base
 
-    host, port = parse_tracker(tracker)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
@@ -79,18 +76,86 @@ def check_tracker(tracker: str, key: str | None = None, timeout: float = CONNECT
             sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
             if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
                 raise ValueError("wrong magic")
-            base.sendjson(sock, [base.TrackerCode.SUMMARY])
+            base.sendjson(sock, request)
             value = base.recvjson(sock)
-        servers = value[1].get("queue_info", {}) if value[0] == base.TrackerCode.SUCCESS else None
-        if not isinstance(servers, dict):
-            raise ValueError(f"unexpected summary {str(value)[:80]}")
+        if not isinstance(value, list) or not value or value[0] != base.TrackerCode.SUCCESS:
+            raise ValueError(f"unexpected answer {str(value)[:80]}")
+        return value
+    except TimeoutError:
+        if waiting is None:
+            raise MeasureError(f"{host}:{port} does not answer as an RPC tracker (no answer in {timeout:g}s): "
+                               "is `python -m tvm.exec.rpc_tracker` running there?") from None
+        raise MeasureError(f"no {waiting} on tracker {host}:{port} in {timeout:g}s") from None
     except (OSError, ValueError, RuntimeError, struct.error, TypeError, IndexError, AttributeError) as e:
         raise MeasureError(f"{host}:{port} does not answer as an RPC tracker ({error_line(e)}): "
                            "is `python -m tvm.exec.rpc_tracker` running there?") from None
+
+
+def tracker_summary(tracker: str, timeout: float = CONNECT_TIMEOUT_S) -> dict:
+    """The tracker's ``SUMMARY``: ``{"queue_info": {key: {"free", "pending"}}, "server_info": [{"key", "addr"}]}``.
+
+    Speaks the tracker protocol itself on a socket with ``timeout`` on every
+    operation: TVM's ``connect_tracker`` retries a refused port for 60 s and
+    would wait forever on a port that never answers.
+    """
+    from tvm.rpc import base
+
+    host, port = parse_tracker(tracker)
+    summary = _tracker_call(host, port, [base.TrackerCode.SUMMARY], timeout)[1]
+    if not isinstance(summary, dict) or not isinstance(summary.get("queue_info"), dict):
+        raise MeasureError(f"{host}:{port} does not answer as an RPC tracker (unexpected summary "
+                           f"{str(summary)[:80]})")
+    return summary
+
+
+def check_tracker(tracker: str, key: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> dict:
+    """The tracker's queue summary (``{key: {"free": n, "pending": m}}``); a one-line :class:`MeasureError`
+    if it is unreachable, is not an RPC tracker, or (with ``key``) has no server registered as ``key``."""
+    servers = tracker_summary(tracker, timeout)["queue_info"]
     if key is not None and key not in servers:
+        host, port = parse_tracker(tracker)
         known = ", ".join(sorted(servers)) or "none"
         raise MeasureError(f"no RPC server registered as {key!r} on tracker {host}:{port} (keys: {known})")
     return servers
+
+
+def request_server(tracker: str, key: str, timeout: float) -> tuple[str, int, str]:
+    """``(address, port, match key)`` of a free server registered as ``key``, waiting at most ``timeout``.
+
+    TVM's ``TrackerSession.request`` connects at once and hides which server
+    it got; a farm needs the address (the board's name in the log) first.
+    The tracker hands each free server to one requester; a server handed out
+    but never connected puts itself back after a few seconds.
+    """
+    from tvm.rpc import base
+
+    host, port = parse_tracker(tracker)
+    value = _tracker_call(host, port, [base.TrackerCode.REQUEST, key, "", 1], timeout,
+                          waiting=f"free board under {key!r}")
+    url, server_port, matchkey = value[1]
+    return str(url), int(server_port), str(matchkey)
+
+
+def time_remote(remote, lib_path: Path, arrays: list[np.ndarray], *, device: str = "cpu", repeat: int = 5,
+                min_repeat_ms: float = 100, timer: str | None = None) -> Measurement:
+    """Upload ``lib_path`` into session ``remote``, load it into a VM and time ``main``; raises on failure.
+
+    ``timer`` names a function registered on the server that times the
+    uploaded library itself (``timer(name) -> ms``) instead of the remote
+    ``time_evaluator``: a deterministic stand-in that keeps the whole RPC
+    transport real, for tests of the farm's scheduling.
+    """
+    import tvm
+
+    if timer is not None:
+        name = f"hago_{uuid.uuid4().hex[:8]}_{lib_path.name}"
+        remote.upload(str(lib_path), target=name)
+        return Measurement(float(remote.get_function(timer)(name)), 0.0, 1)
+    vm, dev = _load_remote(remote, lib_path, device)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in arrays]
+    vm["main"](*args)  # warm-up: lazy initialisation on the board
+    res = vm.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)(*args)
+    return Measurement(float(res.median * 1e3), float(np.std(res.results) * 1e3), repeat)
 
 
 @contextlib.contextmanager
@@ -171,14 +236,8 @@ def measure_rpc(lib_path: str | Path, spec=None, tracker: str | None = None, key
         if not inputs:
             raise MeasureError("measure_rpc needs example inputs, one array per main parameter")
         lib_path = _existing(lib_path)
-        import tvm
-
         with session(f"{host}:{port}", key, timeout) as remote:
-            vm, dev = _load_remote(remote, lib_path, device)
-            args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in inputs]
-            vm["main"](*args)  # warm-up: lazy initialisation on the board
-            res = vm.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)(*args)
-            return Measurement(float(res.median * 1e3), float(np.std(res.results) * 1e3), repeat)
+            return time_remote(remote, lib_path, inputs, device=device, repeat=repeat, min_repeat_ms=min_repeat_ms)
     except MeasureError as e:
         return Measurement(None, error=str(e))
     except Exception as e:  # a failed board or build is a result, not a crash of hago

@@ -37,12 +37,18 @@ def register(name):
     return deco
 
 
-def _fp32_baseline(engine) -> None:
-    """Measure FP32, and the all-bf16 build where the space has bf16: every kernel of both gets a price."""
+def _baseline_points(engine) -> list:
+    """FP32, and the all-bf16 build where the space has bf16: measured first, every kernel of both gets a price."""
+    points = []
     if any(k.kind == "weight" and 0 in k.choices for k in engine.space.knobs):
-        engine.latency(engine.space.all_float())
+        points.append(engine.space.all_float())
     if engine.space.all_bf16() is not None:
-        engine.latency(engine.space.all_bf16())
+        points.append(engine.space.all_bf16())
+    return points
+
+
+def _fp32_baseline(engine) -> None:
+    engine.latencies(_baseline_points(engine))
 
 
 @register("greedy")
@@ -51,9 +57,8 @@ def greedy(engine) -> None:
     engine.latency(tuple(point))
     for i, knob in enumerate(engine.space.knobs):
         best = None
-        for choice in knob.choices:
-            p = tuple(point[:i] + [choice] + point[i + 1:])
-            c = engine.latency(p)
+        # every choice of the knob at once: a farm measures them side by side
+        for c in engine.latencies([tuple(point[:i] + [choice] + point[i + 1:]) for choice in knob.choices]):
             if c.accuracy >= engine.threshold and c.latency_ms is not None:
                 if best is None or c.latency_ms < best.latency_ms:
                     best = c
@@ -100,9 +105,8 @@ def _measured(engine):
 @register("latency")
 def latency_aware(engine) -> None:
     model = LatencyModel(engine.space)
-    _fp32_baseline(engine)
     point = engine.space.narrowest()
-    engine.latency(point)
+    engine.latencies(_baseline_points(engine) + [point])
     current = engine.accuracy(point)
     while current.accuracy < engine.threshold:
         model.fit(*_measured(engine))
@@ -180,8 +184,7 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
     """
     rng = random.Random(seed)
     space, tol = engine.space, engine.tie_tolerance
-    _fp32_baseline(engine)
-    top = engine.latency(space.widest())
+    top = engine.latencies(_baseline_points(engine) + [space.widest()])[-1]
     fp32 = engine.candidate(space.all_float())
     narrow = space.narrowest()
     allowed = [k.choices for k in space.knobs]
@@ -283,6 +286,5 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
         if not good:
             continue
         pred = predict([c.point for c in good])  # built now: exact where every kernel is known
-        for lat, c in sorted(zip(pred, good), key=lambda g: (g[0], g[1].point))[:per_round]:
-            if lat < bound:
-                engine.latency(c.point)
+        engine.latencies([c.point for lat, c in sorted(zip(pred, good), key=lambda g: (g[0], g[1].point))[:per_round]
+                          if lat < bound])

@@ -37,7 +37,9 @@ import os
 from collections import OrderedDict
 import tempfile
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,7 @@ from ..evaluate import predict
 from ..pipeline import CALIB_BATCH, apply_graph_corrections, prepare_model
 from ..graph import analyze
 from ..hwspec import HardwareSpec
-from ..measure import LocalMeasurer, Measurer, device_threads
+from ..measure import LocalMeasurer, Measurement, Measurer, device_threads
 from ..observe import apply_ranges, observe
 from ..correct import CORRECTIONS, CorrectionContext, check_corrections, corrected_graph, run_corrections
 from ..realize import realize
@@ -175,6 +177,10 @@ class SearchEngine:
         if measurer is None and not self.spec.is_local:
             raise SearchError(f"{self.spec.name} is not this machine: pass --rpc TRACKER --key KEY to measure on it")
         self.measurer = measurer or LocalMeasurer(threads=self.spec.cores)
+        #: what the log names as the board of a measurement whose measurer names none (this machine)
+        self.board = getattr(self.measurer, "name", "local")
+        #: called with each measured candidate as it arrives (from a board's thread, for a farm)
+        self.on_measured: list = []
         self.host = build_mod.host_target() if not self.spec.is_local else build_mod.target_of(self.spec)
         self.device_target = build_mod.target_of(self.spec)
         self.names = self.prepared.input_names
@@ -373,34 +379,89 @@ class SearchEngine:
         return c
 
     def latency(self, point: Point) -> Candidate:
-        c = self.accuracy(point)
-        if c.latency_ms is not None or c.error is not None:
-            self.reused += 1
-            return c
-        if self.max_trials is not None and self.trials >= self.max_trials:
-            raise BudgetExhausted(f"{self.max_trials} trials")
-        self._check_time()
-        lib = self._tmp / f"cand_{self.trials}.so"
+        """The candidate with its device latency, measured unless the log has it (see :meth:`latencies`)."""
+        return self.latencies([point])[0]
+
+    def latencies(self, points) -> list[Candidate]:
+        """Each point's candidate with its device latency; what the log has is reused, the rest measured.
+
+        With a farm (a measurer with ``submit``) the host builds and scores
+        the next point while boards measure the ones before; the batch returns
+        when every measurement is back. With one device the points are
+        measured in turn, each right after its build, so a local measurement
+        never shares the cores with a build. Every result goes to the log as
+        it arrives, with the board that measured it and any failed attempts.
+        Raises :class:`BudgetExhausted` when the trials or the time run out,
+        after the measurements already sent have come back and been logged.
+        """
+        points = list(dict.fromkeys(tuple(p) for p in points))
+        done: dict[Point, Candidate] = {}
+        sent: list[tuple[Point, Candidate, Future]] = []
+        failures: list[BaseException] = []
         try:
-            build_mod.export(self.executable(point), self.spec, lib)
-            m = self.measurer.measure(lib, self._input_spec())
-            c.latency_ms, c.error = m.latency_ms, m.error
-            if m.kernels:
-                self.kernels.add(list(m.kernels), m.latency_ms)
-        except Exception as e:  # a build that fails is a failed candidate, not a failed search
-            c.error = error_line(e, with_type=True)
-        self.trials += 1
-        self.log.add({"key": f"latency|{c.key}", "point": list(point), "latency_ms": c.latency_ms, "error": c.error})
-        if c.error:
-            log.warning("candidate %s failed: %s", c.label, c.error)
+            for point in points:
+                c = self.accuracy(point)
+                if c.latency_ms is not None or c.error is not None:
+                    self.reused += 1
+                    done[point] = c
+                    continue
+                if self.max_trials is not None and self.trials >= self.max_trials:
+                    raise BudgetExhausted(f"{self.max_trials} trials")
+                self._check_time()
+                lib = self._tmp / f"cand_{self.trials}.so"
+                self.trials += 1
+                try:
+                    build_mod.export(self.executable(point), self.spec, lib)
+                    future = self._submit(lib)
+                except Exception as e:  # a build that fails is a failed candidate, not a failed search
+                    future = Future()
+                    future.set_result(Measurement(None, error=error_line(e, with_type=True), board=self.board))
+                future.add_done_callback(partial(self._record, c, failures))
+                sent.append((point, c, future))
+        finally:
+            for point, c, future in sent:  # logged by _record as each arrived
+                future.exception()
+                done[point] = c
+        if failures:
+            raise failures[0]
+        if any(c.error for _, c, _ in sent):
             failed = self._unmeasurable()
             if failed is not None and len(failed) >= GIVE_UP_AFTER:
                 raise self._unmeasurable_error(failed)
-        return c
+        return [done[p] for p in points]
+
+    def _submit(self, lib: Path) -> Future:
+        """The measurement of ``lib``: sent to a farm's next free board, or taken now on the one device."""
+        if hasattr(self.measurer, "submit"):
+            return self.measurer.submit(lib, self._input_spec())
+        future = Future()
+        try:
+            future.set_result(self.measurer.measure(lib, self._input_spec()))
+        except Exception as e:  # a measurer that raises is a failed measurement too
+            future.set_result(Measurement(None, error=error_line(e, with_type=True), board=self.board))
+        return future
+
+    def _record(self, c: Candidate, failures: list, future: Future) -> None:
+        """Log one measurement as it arrives (a board's thread, for a farm); errors are kept for the caller."""
+        try:
+            m = future.result()
+            for n, (board, error) in enumerate(m.attempts):
+                self.log.add({"key": f"attempt|{c.key}|{n}", "board": board, "error": error})
+            c.latency_ms, c.error = m.latency_ms, m.error
+            if m.kernels:
+                self.kernels.add(list(m.kernels), m.latency_ms)
+            self.log.add({"key": f"latency|{c.key}", "point": list(c.point), "latency_ms": c.latency_ms,
+                          "error": c.error, "board": m.board or self.board})
+            if c.error:
+                log.warning("candidate %s failed: %s", c.label, c.error)
+            for hook in self.on_measured:
+                hook(c)
+        except BaseException as e:  # e.g. the log's disk is full: the search must stop, not lose it quietly
+            failures.append(e)
 
     def _unmeasurable(self) -> list[dict] | None:
         """The failed latency records in log order, when no latency was ever measured; else None."""
-        lat = [r for k, r in self.log.records.items() if k.startswith("latency|")]
+        lat = [r for k, r in self.log.snapshot() if k.startswith("latency|")]
         if lat and all(r.get("latency_ms") is None for r in lat):
             return lat
         return None
@@ -460,7 +521,7 @@ class SearchEngine:
 
     # -- results ---------------------------------------------------------------
     def all_candidates(self) -> list[Candidate]:
-        points = {tuple(r["point"]) for k, r in self.log.records.items() if "point" in r}
+        points = {tuple(r["point"]) for k, r in self.log.snapshot() if "point" in r}
         return [self.candidate(p) for p in sorted(points)]
 
     def choose(self) -> tuple[Candidate | None, bool, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def _record_problem(rec) -> str | None:
     if kind == "latency" and not ((rec.get("latency_ms") is None or _is_number(rec["latency_ms"]))
                                   and (rec.get("error") is None or isinstance(rec["error"], str))):
         return f"record {key!r} has a malformed latency or error"
+    if kind in ("latency", "attempt") and not (rec.get("board") is None or isinstance(rec["board"], str)):
+        return f"record {key!r} has a malformed board"
     if kind == "kernels" and not (isinstance(rec.get("signatures"), list)
                                   and all(isinstance(s, str) for s in rec["signatures"])):
         return f"record {key!r} has malformed kernel signatures"
@@ -120,6 +123,7 @@ class SearchLog:
         self.path = Path(path)
         self.header = {"log_version": LOG_VERSION, **header}
         self.records: dict[str, dict] = {}
+        self._lock = threading.Lock()  # a farm's boards report from their own threads
         if resume:
             check_resumable(self.path)
         if self.path.exists() and self.path.stat().st_size and self._mend():
@@ -164,11 +168,17 @@ class SearchLog:
             f.flush()
             os.fsync(f.fileno())
 
+    def snapshot(self) -> list[tuple[str, dict]]:
+        """The records as they are now (a copy: boards may add while the caller iterates)."""
+        with self._lock:
+            return list(self.records.items())
+
     def get(self, key: str) -> dict | None:
         return self.records.get(key)
 
     def add(self, record: dict) -> dict:
         record = {**record, "time": time.time()}
-        self.records[record["key"]] = record
-        self._append(record)
+        with self._lock:
+            self.records[record["key"]] = record
+            self._append(record)
         return record

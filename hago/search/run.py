@@ -22,17 +22,17 @@ from .target import SearchError
 
 
 def _progress_hook(engine: SearchEngine, progress: Progress, task) -> None:
-    """Advance the bar on every new latency measurement (the budget's unit)."""
-    original = engine.latency
+    """Advance the bar on every new latency measurement (the budget's unit); a farm's boards beside it."""
+    status = getattr(engine.measurer, "status", None)
 
-    def latency(point):
-        before = engine.trials
-        c = original(point)
-        if engine.trials != before:
-            progress.update(task, advance=1, description=f"measured {c.label}")
-        return c
+    def measured(c) -> None:
+        text = f"measured {c.label}"
+        if status is not None:
+            s = status()
+            text += f" | boards: {s['busy']} busy, {s['idle']} idle, {s['lost']} lost"
+        progress.update(task, advance=1, description=text)
 
-    engine.latency = latency
+    engine.on_measured.append(measured)
 
 
 def search(model, device, calib, eval_data, *, out_dir=None, algorithm="evolve", log_path=None,

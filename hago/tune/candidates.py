@@ -116,25 +116,35 @@ def local_runner(timeout_sec: float = 30.0):
     return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=ms.runner.EvaluatorConfig(**EVALUATOR))
 
 
-def rpc_runner(tracker: str, key: str, *, session_timeout_sec: int = 60, check: bool = True):
-    """Time candidates on the device registered as ``key`` with the tracker at ``"host:port"``.
+def rpc_runner(tracker: str, key: str, *, session_timeout_sec: int = 60, check: bool = True,
+               max_workers: int | None = None):
+    """Time candidates on the boards registered as ``key`` with the tracker at ``"host:port"``.
 
-    One worker: a board runs one candidate at a time, and each gets a fresh
-    session of at most ``session_timeout_sec``. With ``check`` the tracker and
-    key are probed first, so a dead tracker or an absent board is one
-    :class:`~hago.errors.MeasureError` instead of a failed session per trial.
+    One worker per free board (``max_workers`` caps it): MetaSchedule's
+    runner then keeps that many sessions busy, each board timing one
+    candidate at a time (the tracker hands a board to one session), so a farm
+    tunes in parallel; the tuning database stays the one per device. Each
+    candidate gets a fresh session of at most ``session_timeout_sec``. With
+    ``check`` the tracker and key are probed first, so a dead tracker or an
+    absent board is one :class:`~hago.errors.MeasureError` instead of a failed
+    session per trial.
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from ..measure.rpc import parse_tracker, session
+    from ..measure.rpc import check_tracker, parse_tracker, session
 
     host, port = parse_tracker(tracker)
-    if check:
+    workers = 1
+    if check:  # count the free boards before the probe session takes one
+        workers = max(1, int(check_tracker(tracker, key)[key].get("free", 1)))
         with session(tracker, key, timeout=min(session_timeout_sec, 30)):
             pass
+    if max_workers is not None:
+        workers = min(workers, max_workers) if check else max_workers
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                  session_timeout_sec=session_timeout_sec)
-    return ms.runner.RPCRunner(config, evaluator_config=ms.runner.EvaluatorConfig(**EVALUATOR), max_workers=1)
+    return ms.runner.RPCRunner(config, evaluator_config=ms.runner.EvaluatorConfig(**EVALUATOR),
+                               max_workers=workers)
 
 
 def progress_callback(on_batch):

@@ -6,8 +6,6 @@ import functools
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,14 +29,6 @@ def data(mnist_test):
     xv, _ = zoo.mnist_data("valid")
     x, y = mnist_test
     return {"input": xv[:128]}, {"input": x[:N_EVAL], "label": y[:N_EVAL]}
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory, data):
-    d = tmp_path_factory.mktemp("search_data")
-    np.savez(d / "calib.npz", **data[0])
-    np.savez(d / "eval.npz", **data[1])
-    return d / "calib.npz", d / "eval.npz"
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +70,6 @@ def test_latency_aware_search_starts_fast_and_stops_at_the_target(mnist_onnx_pat
     assert r.best.point == e.space.narrowest()
 
 
-def test_search_over_rpc_matches_local(mnist_onnx_path, data, tmp_path, rpc_tracker):
-    from hago.measure import RPCMeasurer
-
-    tracker, key = rpc_tracker
-    results = {}
-    for name, measurer in (("local", None), ("rpc", RPCMeasurer(tracker, key, timeout_s=60, repeat=3))):
-        kw = {"measurer": measurer} if measurer else {}
-        e = _engine(mnist_onnx_path, data, tmp_path / f"{name}.jsonl", accuracy_drop="2%", max_trials=3, **kw)
-        r = e.run(ALGORITHMS["latency"])
-        assert r.met_target and all(c.error is None for c in r.candidates), r.message
-        results[name] = r
-    assert results["rpc"].best.point == results["local"].best.point
-    assert results["rpc"].best.accuracy == results["local"].best.accuracy
-    assert results["rpc"].best.latency_ms > 0
-
-
 def test_impossible_target_returns_best_with_message(mnist_onnx_path, data, tmp_path):
     e = _engine(mnist_onnx_path, (data[0], {"input": data[1]["input"]}), tmp_path / "i.jsonl",
                 accuracy_drop="0%", allow_float=False, weight_bits=[4], max_trials=3)
@@ -134,32 +108,6 @@ def test_hung_and_crashed_measurements_are_logged_and_skipped(mnist_onnx_path, d
     assert any("died" in err for err in errors)
     assert r.best is not None and r.best.error is None and r.met_target
     assert r.trials == 4 and time.time() - t0 < 120
-
-
-def test_killed_search_resumes_without_measuring_twice(mnist_onnx_path, npz, tmp_path):
-    log = tmp_path / "k.jsonl"
-    cmd = [sys.executable, "-m", "hago", "search", str(mnist_onnx_path), "--device", "x86-avx512-vnni",
-           "--calib", str(npz[0]), "--eval", str(npz[1]), "--algorithm", "greedy", "--max-trials", "3",
-           "--accuracy-drop", "1%"]
-    proc = subprocess.Popen([*cmd, "--log", str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and (not log.exists() or len(_latency_lines(log)) < 2):
-        time.sleep(0.5)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = _latency_lines(log)
-    assert len(before) >= 2
-    done = subprocess.run([*cmd, "--resume", str(log), "-o", str(tmp_path / "out")], capture_output=True,
-                          text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-2000:]
-    after = _latency_lines(log)
-    assert len(after) == len(set(after)), "a candidate was measured twice"
-    assert after[:len(before)] == before
-    assert "reused from the log" in done.stdout
-    for name in ("model.so", "strategy.json", "report.json", "pareto.json", "pareto.png"):
-        assert (tmp_path / "out" / name).is_file()
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["search"]["met_target"] is True
 
 
 def test_kernel_cache_estimates_a_candidate_from_shared_kernels(mnist_onnx_path, data, reference, tmp_path):

@@ -28,6 +28,9 @@ class ArmBackend(CPUBackend):
     #: ``NK4n4k`` ([N/4, K/4, 4, 4]) is the tile order the swap packs dense weights in
     weight_layouts = frozenset({None, "OIHW", "NK4n4k"})
 
+    #: LLVM features -> the aarch64 /proc/cpuinfo "Features" names (a Pi 4 has asimd, a Pi 5 asimddp too)
+    mattr_flags = {"+neon": "asimd", "+dotprod": "asimddp", "+i8mm": "i8mm", "+fullfp16": "fphp"}
+
     def rewrite(self, mod, spec, target):
         """The int8 ``matmul``/``conv2d`` with constant weights as tensorized kernels (spec's intrinsic)."""
         from .schedule import apply_arm_schedules

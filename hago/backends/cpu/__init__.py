@@ -29,6 +29,30 @@ class CPUBackend(Backend):
     device = "cpu"
     tunable = True
 
+    #: ``platform.machine()`` names of each LLVM triple architecture (a board reports the former)
+    MACHINES = {"x86_64": ("x86_64", "amd64"), "aarch64": ("aarch64", "arm64"), "arm": ("armv7l", "armv6l", "arm")}
+    #: LLVM ``mattr`` features -> the /proc/cpuinfo flag that has them (x86 and ARM name them differently)
+    mattr_flags: dict[str, str] = {}
+
+    def board_arch(self, spec) -> str:
+        """The architecture a build for ``spec`` runs on: its triple's, else this machine's (a local spec)."""
+        import platform
+
+        return str(spec.target.get("mtriple") or platform.machine()).split("-")[0].lower()
+
+    def board_flags(self, spec) -> tuple[str, ...]:
+        """The /proc/cpuinfo flags a build for ``spec`` executes (from its ``mattr``)."""
+        return tuple(self.mattr_flags[a] for a in (spec.target.get("mattr") or []) if a in self.mattr_flags)
+
+    def board_problem(self, spec, facts):
+        """Another architecture, or a CPU without a flag the build executes (it would die with SIGILL)."""
+        arch, machine = self.board_arch(spec), str(facts.get("machine", "")).lower()
+        if machine not in self.MACHINES.get(arch, (arch,)):
+            return f"is {machine or 'an unknown machine'}, the spec's builds are {arch}"
+        have = set(facts.get("cpu_flags") or ())
+        missing = [f for f in self.board_flags(spec) if f not in have]
+        return f"lacks CPU flags {', '.join(missing)}" if missing and have else None
+
     def build(self, mod, target, *, what: str = "target", tune=None):
         """``hago.lower``'s CPU pipeline, with this backend's kernel schedules first; ``tune``: MetaSchedule records."""
         if tune is not None:

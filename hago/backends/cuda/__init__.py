@@ -39,6 +39,18 @@ class CudaBackend(Backend):
     layouts = frozenset({None, "NCHW"}) | STATED_ONLY
     weight_layouts = frozenset({None, "OIHW"}) | STATED_ONLY
 
+    def board_problem(self, spec, facts):
+        """A GPU host without a GPU of the spec's architecture (``arch: sm_75`` needs compute capability 7.5)."""
+        arch = str(spec.target.get("arch", ""))
+        want = f"{arch[3:-1]}.{arch[-1]}" if arch.startswith("sm_") and arch[3:].isdigit() else None
+        gpus = facts.get("gpus") or []
+        if not gpus:
+            return "has no CUDA GPU"
+        if want and not any(g.get("compute_version") == want for g in gpus):
+            found = ", ".join(f"{g.get('name')} ({g.get('compute_version')})" for g in gpus)
+            return f"has {found}, the spec's builds are {arch} (compute capability {want})"
+        return None
+
     def integer_problem(self, node) -> str | None:
         """Grouped integer convs (1 < groups < channels) have no kernel here.
 

@@ -57,6 +57,12 @@ class X86Backend(CPUBackend):
         """32 zmm registers with AVX-512, 16 ymm/xmm otherwise."""
         return 32 if self.vector_lanes(target) == 16 else 16
 
+    def board_flags(self, spec):
+        """The flags the spec's CPU name and ``mattr`` need (:func:`.host.required_flags`)."""
+        from .host import required_flags
+
+        return required_flags(spec.target)
+
     def host_problem(self, spec):
         """The CPU flags the spec's target CPU needs, against this machine's (:mod:`.host`)."""
         from .host import host_problem
