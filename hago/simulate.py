@@ -27,7 +27,8 @@ from .errors import QuantizeError
 from .graph import Graph
 from .qparams import container_dtype
 from .realize import bf16, handler_for
-from .realize.quant import bias_shape, dequantize, fake_quantized_weight, quantize, substitute
+from .realize.multipoint import simulated_weight
+from .realize.quant import bias_shape, dequantize, quantize, substitute
 from .strategy import Strategy
 
 
@@ -201,5 +202,5 @@ def _local_twin(bb: relax.BlockBuilder, node, strategy: Strategy, call: relax.Ca
     else:
         xq = x
     sx = float(choice.qparams.scale) if choice.qparams is not None else None
-    w = relax.const(fake_quantized_weight(node, strategy.ops[node.name].weight_bits, sx), "float32")
+    w = relax.const(simulated_weight(node, strategy.ops[node.name], sx), "float32")  # multipoint points too
     return with_bias(node, bb.emit(relax.Call(call.op, [xq, w], call.attrs, call.ty_args)))

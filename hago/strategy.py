@@ -47,11 +47,16 @@ class OpChoice:
     # per-input-channel factor on the layer's float weights before they are quantized
     # (hago.correct.dfmpc); None (the default, left out of the JSON) scales nothing
     weight_scale_in: list[float] | None = None
+    # multipoint quantization's extra points (hago.multipoint.ExtraPoints.to_json: source channels,
+    # coefficients, packed codes): extra output channels of the layer's kernel; None (the default, left
+    # out of the JSON) gives the layer none
+    multipoint: dict | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
-        if d["weight_scale_in"] is None:  # optional: strategies without it keep their exact JSON
-            del d["weight_scale_in"]
+        for key in ("weight_scale_in", "multipoint"):  # optional: strategies without them keep their exact JSON
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -252,8 +257,23 @@ def _validate_op(where: str, op) -> None:
     ws = op.get("weight_scale_in")
     if ws is not None and not (isinstance(ws, list) and _numbers(ws) is not None and min(ws) > 0):
         _fail(f"{where}.weight_scale_in", "must be a non-empty list of finite positive numbers or null")
+    if op.get("multipoint") is not None:
+        _validate_multipoint(f"{where}.multipoint", op["multipoint"])
     if not isinstance(op.get("reason", ""), str) or not isinstance(op.get("weight_round") or "", str):
         _fail(where, "reason and weight_round must be strings")
+
+
+def _validate_multipoint(where: str, m) -> None:
+    """The JSON form of :class:`hago.multipoint.ExtraPoints`; its fit to the layer is checked by realize."""
+    if not isinstance(m, dict) or set(m) != {"channels", "scales", "codes"}:
+        _fail(where, "must be an object with channels, scales and codes")
+    ch, sc = m["channels"], m["scales"]
+    if not (isinstance(ch, list) and all(_is_int(c) and c >= 0 for c in ch)):
+        _fail(f"{where}.channels", "must be a list of non-negative channel indices")
+    if not (isinstance(sc, list) and len(sc) == len(ch) and (not sc or _numbers(sc) is not None and min(sc) > 0)):
+        _fail(f"{where}.scales", "must be one finite positive number per channel entry")
+    if not isinstance(m["codes"], str):
+        _fail(f"{where}.codes", "must be a string (packed codes)")
 
 
 def _validate_edge(where: str, e, edges: dict) -> None:

@@ -31,6 +31,12 @@ strategy (``OpChoice.bias_delta``), so ``realize`` and a replayed
   (``OpChoice.weight_scale_in``) and a bias shift, in closed form from the
   batch-norm statistics.
 
+* ``multipoint`` -- multipoint quantization (Liu et al. 2020, arXiv 2002.09049;
+  :mod:`hago.correct.multipoint`, :mod:`hago.multipoint`): the output channels with
+  the largest output error get extra low-bit points (``OpChoice.multipoint``),
+  realized as extra output channels of the layer's kernel plus a weighted sum
+  before the requantize. Run it before ``bias``.
+
 ``corrected_graph(graph, strategy)`` is the graph whose biases include the
 stored deltas and whose weights sit on their learned grid points; pass it to
 ``realize``/``simulate`` instead of the plain graph.
@@ -45,8 +51,9 @@ from hago.correct.bias_data_free import DataFreeBiasCorrection
 from hago.correct.cle import CrossLayerEqualization
 from hago.correct.dfmpc import DataFreeMixedPrecisionCompensation
 from hago.correct.lapq import Lapq
+from hago.correct.multipoint import Multipoint
 
 __all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Brecq", "Correction", "CorrectionContext",
            "CrossLayerEqualization", "DataFreeBiasCorrection",
-           "DataFreeMixedPrecisionCompensation", "GraphCorrection", "SequentialBiasCorrection",
+           "DataFreeMixedPrecisionCompensation", "GraphCorrection", "Multipoint", "SequentialBiasCorrection",
            "check_corrections", "corrected_graph", "get_correction", "graph_stage", "register", "run_corrections"]

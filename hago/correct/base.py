@@ -1,8 +1,8 @@
 """The correction interface, its registry, and the graph with corrected biases.
 
 A correction is one class registered under a CLI name (``@register("bias")``)
-with ``run(ctx)``; it may only write ``strategy.ops[node].bias_delta``, ``.weight_round`` and
-``.weight_scale_in``, and (``lapq`` alone, :mod:`hago.correct.lapq`) the ``range`` and
+with ``run(ctx)``; it may only write ``strategy.ops[node].bias_delta``, ``.weight_round``,
+``.weight_scale_in`` and ``.multipoint`` (extra points, read by realize/simulate themselves), and (``lapq`` alone, :mod:`hago.correct.lapq`) the ``range`` and
 ``qparams`` of static activation edges that own their parameters (no alias, not
 dynamic), keeping their bits, dtype and symmetry: realize reads those edge
 parameters as it reads calibrated ones, so a replayed strategy bakes the same

@@ -3,7 +3,9 @@
 Its float input is quantized per row at run time (:mod:`hago.dynamic`), the
 int8 weights are quantized once, and the output is float: no calibrated
 range on either side. The backend's plan may still give the int32 matmul a
-kernel (x86: VNNI on the uint8 rows).
+kernel (x86: VNNI on the uint8 rows). A multipoint layer (:mod:`.multipoint`)
+runs its extra points as extra columns of that matmul, each rescaled with its
+own coefficient, and adds them to their source columns in float before the bias.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from tvm.relax import op as O
 from hago import dynamic
 from hago.qparams import quantize_weight, weight_qparams
 
+from . import multipoint
 from .quant import const, shape
 from .realizer import LayerConstants
 from .weighted import Weighted
@@ -50,6 +53,10 @@ class DynamicDense(Weighted):
     def realize(self, r, node, choice) -> None:
         wqp = weight_qparams(node.weight, 1, choice.weight_bits)
         wq = quantize_weight(node.weight, wqp)
+        points = multipoint.layer_points(node, choice)  # extra output channels (hago.multipoint), or None
+        # the kernel's weight and each column's scale: a multipoint layer's extra points after its channels
+        wk = multipoint.widened(node, wq, points) if points is not None else wq
+        scale_k = np.concatenate([wqp.scale, points.scales]) if points is not None else wqp.scale
 
         def matmul(bb, q, w):
             typed = bb.normalize(q)
@@ -64,6 +71,11 @@ class DynamicDense(Weighted):
         if key not in r.rows:  # quantized once, however many dense layers read these rows
             kernel = r.plan.row_quantize_kernel(shape(r.bb.normalize(x)))
             r.rows[key] = kernel(r.bb, x) if kernel is not None else dynamic.emit_row_quantize(r.bb, x)
-        r.fval[node.name] = dynamic.emit_dense(r.bb, x, wq, wqp.scale, node.bias, matmul, rows=r.rows[key])
+        if points is None:
+            r.fval[node.name] = dynamic.emit_dense(r.bb, x, wq, wqp.scale, node.bias, matmul, rows=r.rows[key])
+        else:  # the float weighted sum, then the bias
+            y = dynamic.emit_dense(r.bb, x, wk, scale_k, None, matmul, rows=r.rows[key])
+            y = multipoint.emit_float_sum(r.bb, y, node, points, wq.shape[1])
+            r.fval[node.name] = r.bb.emit(O.add(y, const(node.bias, "float32"))) if node.bias is not None else y
         r.layers[node.name] = LayerConstants(wq, wqp.scale, np.zeros(wq.shape[1], np.int32))
 

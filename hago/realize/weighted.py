@@ -26,8 +26,9 @@ from hago.backends import INT32, NATIVE, REQUANTIZED, ConvArgs, Requant
 from hago.errors import QuantizeError
 from hago.qparams import container_dtype, fixed_point_multiplier
 
+from . import multipoint
 from .passthrough import activation_bounds
-from .quant import const, fake_quantized_weight, quantize_layer_weight, shape
+from .quant import const, quantize_layer_weight, shape
 from .realizer import LayerConstants
 from .registry import OpHandler
 
@@ -48,7 +49,7 @@ class Weighted(OpHandler):
         """The op with its weight rounded to the strategy's bits (the scale floored as realize floors it)."""
         qx = strategy.resolved(node.inputs[0]).qparams
         sx = float(qx.scale) if qx is not None else None
-        w = relax.const(fake_quantized_weight(node, strategy.ops[node.name].weight_bits, sx), "float32")
+        w = relax.const(multipoint.simulated_weight(node, strategy.ops[node.name], sx), "float32")
         return relax.Call(call.op, [call.args[0], w], call.attrs, call.ty_args)
 
     def realize(self, r, node, choice) -> None:
@@ -63,12 +64,15 @@ class Weighted(OpHandler):
         xs = r.edge_shape(src) if native_in else shape(xq)
         sx, zx = float(qx.scale), int(qx.zero_point)
         wq, wqp = quantize_layer_weight(node, choice.weight_bits, sx)
+        points = multipoint.layer_points(node, choice)  # extra output channels (hago.multipoint), or None
+        wk = multipoint.widened(node, wq, points) if points is not None else wq  # what the kernel multiplies by
         acc_scale = sx * wqp.scale.astype(np.float64)
         bias = node.bias if node.bias is not None else np.zeros_like(acc_scale)
         bias_q = np.round(bias.astype(np.float64) / acc_scale)
-        wsum = wq.astype(np.int64).reshape(wq.shape[0], -1).sum(axis=1) if conv else wq.astype(np.int64).sum(axis=0)
-        # sum((x - zx) * w) = sum(x * w) - zx * sum(w): fold the zero-point term into the bias
-        folded = bias_q - zx * wsum
+        wsum = wk.astype(np.int64).reshape(wk.shape[0], -1).sum(axis=1) if conv else wk.astype(np.int64).sum(axis=0)
+        # sum((x - zx) * w) = sum(x * w) - zx * sum(w): fold the zero-point term into the bias (an extra
+        # channel gets its own zero-point term and no bias)
+        folded = np.concatenate([bias_q, np.zeros(len(wsum) - len(bias_q))]) - zx * wsum
         if np.abs(folded).max(initial=0) >= 2**31:
             raise QuantizeError(f"{node.name}: int32 bias overflows; the input scale is too small")
         consts = LayerConstants(wq, wqp.scale, bias_q.astype(np.int32))
@@ -79,31 +83,38 @@ class Weighted(OpHandler):
         if out.bits and r.style != "float":
             consts.multiplier, consts.shift = fixed_point_multiplier(real, r.style)
         if conv:
-            acc = self.conv(r, node, choice, xq, qx, xs, wq, folded, consts, qy, native_in)
+            # a multipoint conv's kernel stops at the int32 accumulator: the weighted sum comes before requantize
+            acc = self.conv(r, node, choice, xq, qx, xs, wk, folded, consts, qy, native_in, epilogue=points is None)
             if acc is None:  # the kernel wrote the integer output itself
                 return
             bshape = (1, -1, 1, 1)
         else:
-            kernel = r.plan.dense_kernel(choice, container_dtype(qx.dtype), xs, wq.shape)
-            acc = kernel(r.bb, xq, wq) if kernel is not None else O.matmul(xq, const(wq, "int8"), out_dtype="int32")
+            kernel = r.plan.dense_kernel(choice, container_dtype(qx.dtype), xs, wk.shape)
+            acc = kernel(r.bb, xq, wk) if kernel is not None else O.matmul(xq, const(wk, "int8"), out_dtype="int32")
             bshape = (-1,)
         if not isinstance(acc, relax.Var):  # (re-binding a kernel's output var would block its fusion)
             acc = r.bb.emit(acc)
         acc = r.bb.emit(O.add(acc, const(folded.astype(np.int32).reshape(bshape), "int32")))
+        if points is not None:  # the fused weighted sum: each extra channel into its source channel
+            acc = multipoint.emit_weighted_sum(r.bb, acc, node, points, wqp.scale, len(bias_q))
         if out.bits:
             r.qval[node.name] = r.bb.emit(r.requant(acc, real, qy, bshape))
         else:
             f = O.multiply(O.astype(acc, "float32"), const(acc_scale.reshape(bshape), "float32"))
             r.fval[node.name] = r.bb.emit(f)
 
-    def conv(self, r, node, choice, xq, qx, xs, wq, folded, consts, qy, native_in):
-        """The conv's int32 accumulator, or None when a kernel wrote the integer output (plain or native)."""
+    def conv(self, r, node, choice, xq, qx, xs, wq, folded, consts, qy, native_in, epilogue: bool = True):
+        """The conv's int32 accumulator, or None when a kernel wrote the integer output (plain or native).
+
+        ``epilogue=False`` (a multipoint layer, whose weighted sum comes first): the plain NCHW int32
+        accumulator whatever the output, no requantizing write-back, no blocked hand-over to float readers.
+        """
         a = node.call.attrs
         pad = [int(p) for p in a.padding]  # (top, left, bottom, right)
         groups = int(a.groups)
         kernel = r.plan.conv_kernel(node, choice, qx, xs, wq.shape)
         rq = None  # a kernel requantizes in its own write-back when the output is integer
-        if qy is not None and kernel is not None and kernel.requantizes and (
+        if epilogue and qy is not None and kernel is not None and kernel.requantizes and (
                 consts.multiplier is not None or r.style == "float"):
             scale = None
             if r.style == "float":  # what realize's float requantize multiplies by, rounded to float32 as there
@@ -113,7 +124,7 @@ class Weighted(OpHandler):
                          int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype), scale=scale)
             rq = absorb_activation(r, node.name, rq)
         if kernel is not None:
-            float_out = r.plan.float_layout_consumed(node.name) if qy is None else None
+            float_out = r.plan.float_layout_consumed(node.name) if epilogue and qy is None else None
             args = ConvArgs(_ints(a.strides), pad, _ints(a.dilation), groups, int(qx.zero_point), float_out)
             emitted = kernel.emit(r.bb, xq, wq, args, rq, native_in, lambda: r.native_output(node.name))
             if emitted.form == NATIVE:
