@@ -40,8 +40,12 @@ QUANT_TOL = 0.1
 CASES = [(name, static) for static in (False, True) for name in corpus.CORPUS]
 IMPORTED = [c for c in CASES if "refused" not in corpus.CORPUS[c[0]].expect]
 REFUSED = [c for c in CASES if "refused" in corpus.CORPUS[c[0]].expect]
-#: rpi4 cross builds: every dynamic export, and the static ones the issue names (ResNet- and BERT-style)
-ARM_CASES = [c for c in IMPORTED if not c[1] or c[0] in ("resnet_small", "bert_layer")]
+#: rpi4 cross builds: the static exports the issue names (ResNet- and BERT-style), and one dynamic export of each
+#: other op family the ARM swap meets (depthwise, 1-D and grouped convs, an embedding gather); the rest (ViT's
+#: attention: BERT's ops; the UNet decoder's resize and transpose: float on every CPU) are built for x86 above,
+#: and their aarch64 builds added ~45 s to the suite's 15-minute budget for no op the swap treats differently
+ARM_CASES = [c for c in IMPORTED if (c[1] and c[0] in ("resnet_small", "bert_layer"))
+             or (not c[1] and c[0] in ("mobilenetv3_block", "audio_cnn", "grouped_conv_prelu", "embedding_classifier"))]
 
 
 def _ids(cases):
@@ -133,7 +137,9 @@ def test_cross_compiles_for_rpi4(name, static, tmp_path, exported):
         assert {c.mode for c in result.strategy.ops.values() if c.kind == kind} == {"integer"}, kind
 
 
-CUDA_CASES = [c for c in IMPORTED if not c[1]]
+#: cuda-t4 builds: the dynamic exports of every op family dp4a and dlight meet (ViT's ops are BERT's; the UNet
+#: decoder's are float there)
+CUDA_CASES = [c for c in IMPORTED if not c[1] and c[0] not in ("vit_block", "unet_decoder")]
 
 
 @pytest.mark.parametrize("name,static", CUDA_CASES, ids=_ids(CUDA_CASES))

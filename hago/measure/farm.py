@@ -91,6 +91,7 @@ class FarmMeasurer:
         self.refused: dict[str, str] = {}  # board -> why
         self.busy: set[str] = set()
         self.peak_busy = 0  # the most boards measuring at once so far
+        self.board_seconds = 0.0  # time boards spent in hago's sessions (upload, load, timing), all boards
         self.lost: dict[str, str] = {}  # board -> the error that lost it, until it serves again
         check_tracker(tracker, key)
         self._discover(self._registered())
@@ -212,6 +213,7 @@ class FarmMeasurer:
             with self._lock:
                 self.busy.add(board)
                 self.peak_busy = max(self.peak_busy, len(self.busy))
+            t0 = time.perf_counter()
             try:
                 m = time_remote(remote, lib_path, arrays, device=self.device, repeat=self.repeat,
                                 min_repeat_ms=self.min_repeat_ms, timer=self.timer)
@@ -228,6 +230,7 @@ class FarmMeasurer:
             finally:
                 with self._lock:
                     self.busy.discard(board)
+                    self.board_seconds += time.perf_counter() - t0
                 del remote
         board, err = attempts[-1]
         return Measurement(None, error=err, board=board, attempts=tuple(attempts[:-1]))

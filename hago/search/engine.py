@@ -181,6 +181,9 @@ class SearchEngine:
         self.board = getattr(self.measurer, "name", "local")
         #: called with each measured candidate as it arrives (from a board's thread, for a farm)
         self.on_measured: list = []
+        #: where the search's wall time went on the host: building candidates, scoring their accuracy, and
+        #: waiting for measurements (a farm's device time is hidden behind the first two where it overlaps)
+        self.seconds = {"build": 0.0, "accuracy": 0.0, "measure wait": 0.0}
         self.host = build_mod.host_target() if not self.spec.is_local else build_mod.target_of(self.spec)
         self.device_target = build_mod.target_of(self.spec)
         self.names = self.prepared.input_names
@@ -354,10 +357,12 @@ class SearchEngine:
         if point in self._executables:
             self._executables.move_to_end(point)
             return self._executables[point]
+        t0 = time.perf_counter()
         strat = self.strategy(point)
         realized = realize(corrected_graph(self.device_graph, strat), strat, self.spec.requantize,
                            backend_of(self.spec))
         ex = build_mod.build_for(realized.mod, self.spec)  # the backend's kernel swap, then its build
+        self.seconds["build"] += time.perf_counter() - t0
         self._remember(point, ex)
         return ex
 
@@ -373,7 +378,9 @@ class SearchEngine:
             realized = realize(corrected_graph(self.eval_graph, strat), strat, self.spec.requantize,
                                backend_of(self.spec))
             ex = build_mod.build(realized.mod, self.host, "host")
+        t0 = time.perf_counter()
         out = predict(ex, self.eval_samples, self.names, self.eval_batch, static=True)
+        self.seconds["accuracy"] += time.perf_counter() - t0
         c.accuracy = float(self.score(out))
         self.log.add({"key": f"accuracy|{c.key}", "point": list(point), "accuracy": c.accuracy})
         return c
@@ -419,9 +426,11 @@ class SearchEngine:
                 future.add_done_callback(partial(self._record, c, failures))
                 sent.append((point, c, future))
         finally:
+            t0 = time.perf_counter()
             for point, c, future in sent:  # logged by _record as each arrived
                 future.exception()
                 done[point] = c
+            self.seconds["measure wait"] += time.perf_counter() - t0
         if failures:
             raise failures[0]
         if any(c.error for _, c, _ in sent):
