@@ -23,6 +23,7 @@ import contextlib
 import logging
 import socket
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -284,5 +285,6 @@ class RPCMeasurer:
     def measure(self, lib_path: Path, inputs: InputSpec) -> Measurement:
         rng = np.random.default_rng(0)
         arrays = [rng.standard_normal(shape).astype(dtype) for shape, dtype in inputs]
-        return measure_rpc(lib_path, tracker=self.tracker, key=self.key, inputs=arrays, timeout=self.timeout_s,
-                           repeat=self.repeat, min_repeat_ms=self.min_repeat_ms, device=self.device)
+        m = measure_rpc(lib_path, tracker=self.tracker, key=self.key, inputs=arrays, timeout=self.timeout_s,
+                        repeat=self.repeat, min_repeat_ms=self.min_repeat_ms, device=self.device)
+        return replace(m, board=f"{self.key}@{self.tracker}")  # whichever board the tracker gave: one session

@@ -34,6 +34,8 @@ from tvm.script import tirx as T
 
 from hago.tvm_consts import IS_SCHEDULED, OPAQUE
 
+from .tir_kernel import as_call_tir_kernel
+
 #: the largest row the kernel takes: its two row buffers stay within hago's stack allocations (16 KiB)
 MAX_ROW = 2048
 
@@ -153,9 +155,8 @@ def softmax_func(rows: int, n: int, lanes: int, scale: float | None = None, mask
             T.func_attr(attrs)
             body(x, None, out)
 
-    from .row_quantize import _in_root_block
 
-    return _in_root_block(kernel.without_attr("global_symbol"))
+    return as_call_tir_kernel(kernel)
 
 
 def layer_norm_func(rows: int, n: int, lanes: int, epsilon: float):
@@ -189,9 +190,8 @@ def layer_norm_func(rows: int, n: int, lanes: int, epsilon: float):
             for j in T.vectorized(n):
                 out[r, j] = buf[j] * red[0] * gamma[j] + beta[j]
 
-    from .row_quantize import _in_root_block
 
-    return _in_root_block(kernel.without_attr("global_symbol"))
+    return as_call_tir_kernel(kernel)
 
 
 # ---- the Relax rewrite --------------------------------------------------------

@@ -24,6 +24,8 @@ from tvm.script import tirx as T
 
 from hago.tvm_consts import IS_SCHEDULED, OPAQUE
 
+from .tir_kernel import as_call_tir_kernel
+
 QMAX = 255.0
 CHAINS = 4  # independent min/max accumulators per lane (vminps latency 4, two ports)
 
@@ -89,21 +91,7 @@ def row_quantize_func(rows: int, k: int, lanes: int):
                     q[r, t * vec + j] = T.Cast("uint8", T.max(T.min(
                         T.round(x[r, t * vec + j] * s[2]) + s[1], top), zero))
 
-    return _in_root_block(kernel.without_attr("global_symbol"))
-
-
-def _in_root_block(func):
-    """``func`` with its body inside an (empty) root block, as TE-made functions have.
-
-    Relax's ``RewriteDataflowReshape`` asks every one-input ``call_tir``
-    callee whether it is a reshape, and that analysis fails on a body that
-    is not a block; TVMScript's ``tirx`` parser does not take blocks, so
-    the block is added here.
-    """
-    from tvm.s_tir import SBlock, SBlockRealize
-
-    root = SBlock([], [], [], "root", func.body)
-    return func.with_body(SBlockRealize([], True, root))
+    return as_call_tir_kernel(kernel)
 
 
 def emit_row_quantize(bb: relax.BlockBuilder, x: relax.Expr, lanes: int):
