@@ -73,11 +73,21 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, what: str = "target", tu
     return backend.build(mod, target, what=what, tune=tune)
 
 
-def build_for(mod: tvm.IRModule, spec: HardwareSpec, what: str | None = None, tune=None):
-    """The device build of ``mod`` for ``spec``: its backend's kernel swap, then its build for the spec's target."""
+def device_module(mod: tvm.IRModule, spec: HardwareSpec) -> tvm.IRModule:
+    """``mod`` with its backend's kernel swap (ARM's sdot kernels, CUDA's dp4a ones): what the device build
+    compiles, and where the weights have the form they ship in (4-bit ones packed two per byte)."""
+    return backends.backend_of(spec).rewrite(mod, spec, target_of(spec))
+
+
+def build_for(mod: tvm.IRModule, spec: HardwareSpec, what: str | None = None, tune=None, *,
+              rewritten: bool = False):
+    """The device build of ``mod`` for ``spec``: its backend's kernel swap (unless ``rewritten``: ``mod`` is
+    :func:`device_module`'s already), then its build for the spec's target."""
     backend = backends.backend_of(spec)
     target = target_of(spec)
-    return backend.build(backend.rewrite(mod, spec, target), target, what=what or spec.name, tune=tune)
+    if not rewritten:
+        mod = backend.rewrite(mod, spec, target)
+    return backend.build(mod, target, what=what or spec.name, tune=tune)
 
 
 def export(executable, spec: HardwareSpec, path: str | Path) -> Path:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..nibbles import INT4_MAX, INT4_MIN, fits_int4  # noqa: F401  (fits_int4: the kernels import it from here)
+
 LANES, RED = 16, 4  # vpdpbusd: 16 int32 lanes x 4 bytes
 K_BLOCK = 2 * RED  # k values per packed byte group: 4 in the low nibbles, 4 in the high
-INT4_MIN, INT4_MAX = -8, 7
 
 
 def _up(v: int, m: int) -> int:
@@ -35,12 +36,6 @@ def _up(v: int, m: int) -> int:
 def packed_shape(k: int, n: int) -> tuple[int, int, int, int]:
     """The packed weight's shape for a ``[k, n]`` dense weight."""
     return _up(n, LANES) // LANES, _up(k, K_BLOCK) // K_BLOCK, LANES, RED
-
-
-def fits_int4(w: np.ndarray) -> bool:
-    """Whether every value of integer ``w`` is a signed 4-bit one."""
-    w = np.asarray(w)
-    return w.size == 0 or (int(w.min()) >= INT4_MIN and int(w.max()) <= INT4_MAX)
 
 
 def pack_int4_dense(w_kn: np.ndarray) -> np.ndarray:

@@ -215,24 +215,26 @@ def _int8_layers_module() -> tuple[tvm.IRModule, tuple]:
     return bb.get(), (w1, w2, wd, wk)
 
 
+def _conv_reference(a, w, stride, pad, depthwise=False):
+    """Integer NCHW conv in int64 numpy."""
+    a = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    w = w.astype(np.int64)
+    o, _, r, s = w.shape
+    oh, ow = (a.shape[2] - r) // stride + 1, (a.shape[3] - s) // stride + 1
+    out = np.zeros((a.shape[0], o, oh, ow), np.int64)
+    for i in range(r):
+        for j in range(s):
+            patch = a[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+            out += patch * w[None, :, 0, i, j, None, None] if depthwise else \
+                np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+    return out
+
+
 def _numpy_reference(x: np.ndarray, d: np.ndarray, weights) -> list[np.ndarray]:
     w1, w2, wd, wk = (w.astype(np.int64) for w in weights)
-
-    def conv(a, w, stride, pad, depthwise=False):
-        a = np.pad(a.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-        o, _, r, s = w.shape
-        oh, ow = (a.shape[2] - r) // stride + 1, (a.shape[3] - s) // stride + 1
-        out = np.zeros((a.shape[0], o, oh, ow), np.int64)
-        for i in range(r):
-            for j in range(s):
-                patch = a[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
-                out += patch * w[None, :, 0, i, j, None, None] if depthwise else \
-                    np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
-        return out
-
-    c1 = conv(x, w1, 2, 1)
+    c1 = _conv_reference(x, w1, 2, 1)
     flat = np.clip(c1, -128, 127).reshape(len(x), -1)
-    return [c1, conv(x, w2, 1, 0, depthwise=True), flat @ wd, d.astype(np.int64) @ wk]
+    return [c1, _conv_reference(x, w2, 1, 0, depthwise=True), flat @ wd, d.astype(np.int64) @ wk]
 
 
 @needs_arm
@@ -258,3 +260,92 @@ def test_kernels_with_padding_strides_and_odd_sizes_match_numpy(device, tmp_path
     assert [g.shape for g in got] == [w.shape for w in want]
     for g, w in zip(got, want):
         assert g.dtype == np.int32 and np.array_equal(g, w)
+
+
+def _int4_layers_module() -> tuple[tvm.IRModule, tuple]:
+    """4-bit weights (values in [-8, 7]): conv (stride 2, pad 1, K=27 -> 32, O=6) -> dense (K=96, N=10) packed two
+    per byte; a K=12 dense (not a multiple of 8) keeps the int8 kernel."""
+    rng = np.random.default_rng(4)
+    w1 = rng.integers(-8, 8, (6, 3, 3, 3), dtype=np.int8)
+    wd = rng.integers(-8, 8, (96, 10), dtype=np.int8)
+    w12 = rng.integers(-8, 8, (12, 5), dtype=np.int8)
+    w1[0, 0, 0, 0], wd[0, 0] = -8, 7  # both ends of the range
+    bb = relax.BlockBuilder()
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, 3, 7, 7), "int8"))
+    d = relax.Var("d", relax.TensorType((2, 12), "int8"))
+    with bb.function("main", [x, d]):
+        with bb.dataflow():
+            c1 = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), strides=2, padding=1, out_dtype="int32"))
+            flat = bb.emit(relax.op.reshape(relax.op.astype(relax.op.clip(c1, -128, 127), "int8"),
+                                            relax.ShapeExpr([n, 96])))
+            m1 = bb.emit(relax.op.matmul(flat, relax.const(wd), out_dtype="int32"))
+            m2 = bb.emit(relax.op.matmul(d, relax.const(w12), out_dtype="int32"))
+            gv = bb.emit_output(relax.Tuple([c1, m1, m2]))
+        bb.emit_func_output(gv)
+    return bb.get(), (w1, wd, w12)
+
+
+@needs_arm
+@pytest.mark.parametrize("device", ["rpi4", "rpi5"])
+def test_packed_4bit_kernels_match_numpy(device, tmp_path):
+    """A 4-bit layer's weights are stored two per byte and unpacked inside the sdot/smull kernel, bit-exact."""
+    from tvm.support import cc
+
+    from hago.backends.arm.schedule import apply_arm_schedules
+    from hago.build import target_of
+
+    spec = HardwareSpec.load(device)
+    mod, (w1, wd, w12) = _int4_layers_module()
+    tensorized = apply_arm_schedules(mod, spec)
+    kernels = sorted(gv.name_hint for gv in tensorized.get_global_vars() if gv.name_hint.startswith("hago_arm_"))
+    assert [k.split("_")[2] for k in kernels] == ["conv2d", "dense", "dense"]
+    assert [k.endswith("_int4") for k in kernels] == [True, False, True]  # the K=12 dense stays int8
+    weights = {}
+    for block in tensorized["main"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir":
+                weights[v.args[0].name_hint] = v.args[1].fields[1].value.numpy()
+    # half the bytes: 6x27 conv weights padded to 8x32 -> 128, 96x10 dense padded to 96x12 -> 576
+    assert sorted((w.dtype.name, w.size) for k, w in weights.items() if k.endswith("_int4")) == [("uint8", 128),
+                                                                                                ("uint8", 576)]
+    lib = tmp_path / "int4.so"
+    tvm.compile(tensorized, target=target_of(spec)).export_library(str(lib), fcompile=cc.cross_compiler(CROSS_CXX))
+    rng = np.random.default_rng(5)
+    x = rng.integers(-128, 128, (2, 3, 7, 7), dtype=np.int8)
+    d = rng.integers(-128, 128, (2, 12), dtype=np.int8)
+    got = qemu.run_under_qemu(lib, [x, d], cpu=spec.target["mcpu"], timeout=120)
+    c1 = _conv_reference(x, w1, 2, 1)
+    flat = np.clip(c1, -128, 127).reshape(len(x), -1)
+    want = [c1, flat @ wd.astype(np.int64), d.astype(np.int64) @ w12.astype(np.int64)]
+    for g, w in zip(got, want):
+        assert g.dtype == np.int32 and np.array_equal(g, w)
+
+
+@needs_arm
+def test_4bit_build_runs_packed_under_qemu_bit_identical_to_host(calib, mnist_model, cpu_target, tmp_path):
+    """W4A8 on the Pi 5: every weighted layer's weights ship two per byte, and the board computes what the host
+    build of the same integer program computes (the Pi 4's NEON kernel: ``test_packed_4bit_kernels_match_numpy``)."""
+    import torch
+
+    from hago.annotate import AnnotateConfig
+    from hago.backends.arm.schedule import apply_arm_schedules
+    from hago.compiler import compile as hago_compile
+    from hago.weight_bytes import weight_bytes
+
+    spec = HardwareSpec.load("rpi5")
+    res = hago_compile(mnist_model, spec, calib, example_inputs=(torch.zeros(1, 1, 28, 28),),
+                       out_dir=tmp_path, calibrator="mse", batch=BATCH, corrections=(),
+                       annotate_config=AnnotateConfig(weight_bits=4))
+    assert {op.weight_bits for op in res.strategy.ops.values() if op.mode == "integer" and op.weight_bits} == {4}
+    kernels = [gv.name_hint for gv in apply_arm_schedules(res.realized.mod, spec).get_global_vars()
+               if gv.name_hint.startswith("hago_arm_")]
+    assert kernels and all(k.endswith("_int4") for k in kernels), kernels
+    # the report counts the weights as they ship: half the bytes of the same values in int8, plus padding
+    assert res.report["quantized"]["weight_bytes"] <= 0.55 * weight_bytes(res.realized.mod)
+    x = zoo.mnist_data("test")[0][:BATCH]
+    host = relax.VirtualMachine(tvm.compile(res.realized.mod, target=cpu_target), tvm.cpu())
+    ref = host["main"](tvm.runtime.tensor(x)).numpy()
+    out = qemu.run_under_qemu(tmp_path / "model.so", [x], cpu=spec.target["mcpu"], timeout=300)[0]
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
