@@ -27,6 +27,17 @@ conflicts) and each 4-wide slice is one ``__dp4a``. Out-of-range rows, columns
 and k are zero-filled on load (zeros add nothing) and masked on store, so any
 batch is safe. Weights are constants, packed and zero-padded once in numpy.
 Integer sums are exact: results equal the naive kernel's bit for bit.
+
+**4-bit weights** (every value in [-8, 7]: a layer quantized to 4 bits, which
+``cuda-t4`` declares) ship two per byte, ``[rows, K/2]`` uint8 with each 8 k
+values of a row in 4 bytes (low nibbles k 8g..8g+3, high nibbles 8g+4..8g+7,
+:func:`pack_rows_int4`). The shared-memory stage that already pads and gathers
+the weights unpacks them on the way in: ``p << 4`` and ``p & 0xF0`` read as
+signed bytes are 16x the low and high weight (no nibble is sign-extended,
+:mod:`hago.backends.nibbles`), so global memory is read at half the bytes, the
+same ``__dp4a`` multiplies, and the output stage shifts the int32 sum right by
+4, exactly. (T4's int4 tensor-core MMA would take 4-bit activations too: W4A4
+stays simulated, as on every CPU.)
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from tvm.relax.expr_functor import mutator
 from hago.tvm_consts import IS_SCHEDULED, OPAQUE
 
 from ..int8_swap import Int8KernelSwap, swap_kernels
+from ..nibbles import fits_int4
 from . import intrin
 
 log = logging.getLogger(__name__)
@@ -131,15 +143,43 @@ def _gemm_stages(lhs, rhs, ni, nj, kk: int, bi: int, bj: int, batch=None):
     return c
 
 
-def dense_kernel(k: int, n: int, name: str, schedule: bool = True, rows: int | None = None) -> tirx.PrimFunc:
-    """``x[m, K] int8 x w[N, K] int8 -> [m, N] int32`` for any ``m``; ``rows``, a static m, only sizes tiles."""
+def pack_rows_int4(w_rows: np.ndarray) -> np.ndarray:
+    """int8 ``[R, K]`` in [-8, 7] -> uint8 ``[R, ceil(K/8)*4]``: per row, k values 8g..8g+3 in the low nibbles
+    of bytes 4g..4g+3 and 8g+4..8g+7 in their high nibbles (zero padded)."""
+    w = np.pad(w_rows, ((0, 0), (0, -w_rows.shape[1] % 8)))
+    nib = (w.astype(np.int8).view(np.uint8) & 0x0F).reshape(w.shape[0], -1, 2, 4)
+    return np.ascontiguousarray((nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(w.shape[0], -1))
+
+
+def _weight(k: int, rows, int4: bool):
+    """The weight placeholder ``[rows, K]`` int8 (or packed ``[rows, K/2]`` uint8) and its ``(row, k)`` reader,
+    which gives 16x the weight for a packed one (``>> 4`` on the sum undoes it)."""
+    if not int4:
+        w = te.placeholder((rows, k), "int8", name="w")
+        return w, lambda r, q: w[r, q]
+    w = te.placeholder((rows, tirx.const(-(-int(k) // 8) * 4, "int64")), "uint8", name="w")
+
+    def read(r, q):
+        byte = w[r, q // 8 * 4 + q % 4]
+        shift = (tirx.const(1, "int64") - q // 4 % 2) * 4  # 4: a low nibble, 0: a high one
+        return tirx.reinterpret("int8", (byte << shift.astype("uint8")) & tirx.const(0xF0, "uint8"))
+
+    return w, read
+
+
+def dense_kernel(k: int, n: int, name: str, schedule: bool = True, rows: int | None = None,
+                 int4: bool = False) -> tirx.PrimFunc:
+    """``x[m, K] int8 x w[N, K] int8 -> [m, N] int32`` for any ``m``; ``rows``, a static m, only sizes tiles.
+
+    With ``int4`` the weight is :func:`pack_rows_int4` of ``w[N, K]``.
+    """
     m = tirx.Var("m", "int64")
     bi, bj = _tile(rows), _tile(n)
-    k, n = tirx.const(k, "int64"), tirx.const(n, "int64")  # one index type with the int64 batch
-    x = te.placeholder((m, k), "int8", name="x")
-    w = te.placeholder((n, k), "int8", name="w")
-    c = _gemm_stages(lambda i, q: x[i, q], lambda j, q: w[j, q], m, n, k, bi, bj)
-    out = te.compute((m, n), lambda i, j: c[i, j], name="out")
+    kc, n = tirx.const(k, "int64"), tirx.const(n, "int64")  # one index type with the int64 batch
+    x = te.placeholder((m, kc), "int8", name="x")
+    w, read = _weight(kc, n, int4)
+    c = _gemm_stages(lambda i, q: x[i, q], read, m, n, kc, bi, bj)
+    out = te.compute((m, n), lambda i, j: c[i, j] >> 4 if int4 else c[i, j], name="out")
     sch = s_tir.Schedule(te.create_prim_func([x, w, out]))
     if schedule:
         _schedule_gemm(sch, bi, bj, batched=False)
@@ -147,8 +187,11 @@ def dense_kernel(k: int, n: int, name: str, schedule: bool = True, rows: int | N
 
 
 def conv2d_kernel(shape: tuple, wshape: tuple, strides, padding, dilation, name: str,
-                  schedule: bool = True) -> tirx.PrimFunc:
-    """NCHW int8 conv as an implicit-im2col GEMM: ``data[n, C, H, W]``, ``w[O, C*R*S]`` -> ``[n, O, OH*OW]``."""
+                  schedule: bool = True, int4: bool = False) -> tirx.PrimFunc:
+    """NCHW int8 conv as an implicit-im2col GEMM: ``data[n, C, H, W]``, ``w[O, C*R*S]`` -> ``[n, O, OH*OW]``.
+
+    With ``int4`` the weight is :func:`pack_rows_int4` of ``w[O, C*R*S]``.
+    """
     _, c, h, wd = shape
     o, _, kr, ks = wshape
     (sh, sw), (dh, dw), (pt, pl) = strides, dilation, padding[:2]
@@ -156,7 +199,7 @@ def conv2d_kernel(shape: tuple, wshape: tuple, strides, padding, dilation, name:
     kk, npix = c * kr * ks, oh * ow
     nb = tirx.Var("n", "int64") if shape[0] is None else shape[0]
     data = te.placeholder((nb, c, h, wd), "int8", name="data")
-    w = te.placeholder((o, kk), "int8", name="w")
+    w, read = _weight(kk, o, int4)
 
     def im2col(b, p, q):
         ci, rr, ss = q // (kr * ks), q % (kr * ks) // ks, q % ks
@@ -166,8 +209,8 @@ def conv2d_kernel(shape: tuple, wshape: tuple, strides, padding, dilation, name:
 
     bi = _tile(o)
     bj = _tile(npix, cap=max(64, 4096 // bi))  # few output channels: wider pixel tiles, 256 threads
-    acc = _gemm_stages(lambda i, q: w[i, q], im2col, o, npix, kk, bi, bj, batch=nb)
-    out = te.compute((nb, o, npix), lambda b, i, j: acc[b, i, j], name="out")
+    acc = _gemm_stages(read, im2col, o, npix, kk, bi, bj, batch=nb)
+    out = te.compute((nb, o, npix), lambda b, i, j: acc[b, i, j] >> 4 if int4 else acc[b, i, j], name="out")
     sch = s_tir.Schedule(te.create_prim_func([data, w, out]))
     if schedule:
         _schedule_gemm(sch, bi, bj, batched=True)
@@ -196,19 +239,24 @@ class _Dp4a(Int8KernelSwap):
         if x[1] != w.shape[0]:
             return None
         k, n = w.shape
-        key = ("dense", k, n) if x[0] is None else ("dense", k, n, "m", x[0])
-        gv = self.kernel(key, lambda name: dense_kernel(k, n, name, self.schedule, rows=x[0]))
-        return relax.call_tir(gv, [call.args[0], relax.const(np.ascontiguousarray(w.T))], call.ty)
+        int4 = fits_int4(w)  # a 4-bit layer: packed, half the weight bytes
+        key = (("dense", k, n) if x[0] is None else ("dense", k, n, "m", x[0])) + (("int4",) if int4 else ())
+        gv = self.kernel(key, lambda name: dense_kernel(k, n, name, self.schedule, rows=x[0], int4=int4))
+        wt = np.ascontiguousarray(w.T)
+        return relax.call_tir(gv, [call.args[0], relax.const(pack_rows_int4(wt) if int4 else wt)], call.ty)
 
     def conv2d(self, call: relax.Call, x: tuple, w: np.ndarray, strides: list, padding: list,
                dilation: list) -> relax.Expr | None:
-        key = ("conv2d", *x[1:], *w.shape, *strides, *padding, *dilation)
+        int4 = fits_int4(w)
+        key = ("conv2d", *x[1:], *w.shape, *strides, *padding, *dilation) + (("int4",) if int4 else ())
         gv = self.kernel(key, lambda name: conv2d_kernel(
-            (None, *x[1:]), w.shape, strides, padding, dilation, name, self.schedule))
+            (None, *x[1:]), w.shape, strides, padding, dilation, name, self.schedule, int4))
         oh, ow = conv2d_out_hw(x, w.shape, strides, padding, dilation)
         nb = call.ty.shape.values[0]
         flat = relax.TensorType([nb, w.shape[0], oh * ow], "int32")
-        y = self.builder_.emit(relax.call_tir(gv, [call.args[0], relax.const(w.reshape(w.shape[0], -1))], flat))
+        rows = w.reshape(w.shape[0], -1)
+        y = self.builder_.emit(relax.call_tir(gv, [call.args[0], relax.const(pack_rows_int4(rows) if int4 else rows)],
+                                              flat))
         return relax.op.reshape(y, call.ty.shape)
 
 

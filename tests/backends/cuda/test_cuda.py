@@ -269,3 +269,64 @@ def test_nvcc_compiles_fp32_build(builds, model, spec):
     kernels = kernel_sources(src)
     assert any("conv2d" in k for k in kernels) and not any("__dp4a(" in body for body in kernels.values())
     nvcc_check(src, SPECS[spec])
+
+
+INT4_CASES = [((2, 5, 9, 7), (6, 5, 3, 3), (2, 1), (1, 0, 1, 2), (1, 1)), ((1, 16, 8, 8), (32, 16, 1, 1), (1, 1),
+                                                                           (0, 0, 0, 0), (1, 1))]
+
+
+def test_packed_4bit_kernels_arithmetic():
+    """4-bit weights ship two per byte and are unpacked into 16x the weights on the way to shared memory; the int32
+    sums, shifted back, equal the int8 reference exactly (unscheduled kernels, run on this CPU)."""
+    from hago.backends.cuda.dp4a import pack_rows_int4
+
+    rng = np.random.default_rng(7)
+    for i, (xs, ws, strides, padding, dilation) in enumerate(INT4_CASES):
+        x = rng.integers(-128, 128, xs, dtype=np.int8)
+        w = rng.integers(-8, 8, ws, dtype=np.int8)
+        w.flat[:2] = (-8, 7)
+        packed = pack_rows_int4(w.reshape(ws[0], -1))
+        assert packed.dtype == np.uint8 and packed.shape == (ws[0], -(-int(np.prod(ws[1:])) // 8) * 4)
+        f = conv2d_kernel((None, *xs[1:]), ws, strides, padding, dilation, f"conv{i}", schedule=False, int4=True)
+        ref = _np_conv2d(x, w, strides, padding, dilation)
+        out = np.zeros((xs[0], ws[0], ref.shape[2] * ref.shape[3]), np.int32)
+        _run_prim(f, x, packed, out)
+        np.testing.assert_array_equal(out.reshape(ref.shape), ref)
+    m, k, n = 3, 100, 10
+    x, w = rng.integers(-128, 128, (m, k), dtype=np.int8), rng.integers(-8, 8, (k, n), dtype=np.int8)
+    out = np.zeros((m, n), np.int32)
+    _run_prim(dense_kernel(k, n, "dense", schedule=False, int4=True), x, pack_rows_int4(np.ascontiguousarray(w.T)),
+              out)
+    np.testing.assert_array_equal(out, (x.astype(np.int64) @ w.astype(np.int64)).astype(np.int32))
+
+
+def test_packed_4bit_kernels_compile_for_t4_with_dp4a_on_half_the_bytes():
+    """Scheduled for sm_75: the weight is read as bytes (two weights each), unpacked with a shift and a mask,
+    multiplied by ``__dp4a`` and shifted back by 4."""
+    funcs = {f"conv{i}": conv2d_kernel((None, *c[0][1:]), *c[1:], f"conv{i}", int4=True)
+             for i, c in enumerate(INT4_CASES)}
+    funcs["dense"] = dense_kernel(100, 10, "dense", int4=True)
+    lib = tvm.tirx.build(tvm.IRModule(funcs), target=target_of(HardwareSpec.load("cuda-t4")))
+    kernels = kernel_sources(lib.imports[0].inspect_source("cuda"))
+    assert sorted(kernels) == sorted(f"{name}_kernel" for name in funcs)
+    for body in kernels.values():
+        assert "__dp4a(" in body and "uchar* __restrict__ w_ptr" in body and ">> 4" in body, body[:400]
+    if shutil.which("nvcc"):  # the generated source compiles for the T4
+        nvcc_check(lib.imports[0].inspect_source("cuda"), SPECS["cuda-t4"])
+
+
+def test_4bit_mnist_rewrite_is_packed_and_bit_exact_on_cpu(mnist_model):
+    """W4A8 for cuda-t4: every integer conv/dense gets a packed 4-bit dp4a kernel, exact against the program."""
+    import torch
+
+    from hago.annotate import AnnotateConfig
+    from hago.weight_bytes import weight_bytes
+
+    x = zoo.mnist_data("train")[0][:64]
+    q = quantize(mnist_model, "cuda-t4", {"input": x}, calibrator="mse", example_inputs=(torch.from_numpy(x[:1]),),
+                 annotate_config=AnnotateConfig(weight_bits=4))
+    rewritten = apply_dp4a(q.realized.mod, schedule=False)
+    names = [gv.name_hint for gv in rewritten.get_global_vars() if gv.name_hint.startswith(KERNEL_PREFIX)]
+    assert names and all(n.endswith("_int4") for n in names) and not _integer_ops(rewritten)
+    assert weight_bytes(rewritten) <= 0.55 * weight_bytes(q.realized.mod)
+    np.testing.assert_array_equal(_run_cpu(rewritten, x[:3]), _run_cpu(q.realized.mod, x[:3]))
