@@ -28,7 +28,7 @@ from .graph import Graph
 from .qparams import container_dtype
 from .realize import bf16, handler_for
 from .realize.multipoint import simulated_weight
-from .realize.quant import bias_shape, dequantize, quantize, substitute
+from .realize.quant import bias_shape, dequantize, fake_quantized_weight, quantize, substitute
 from .strategy import Strategy
 
 
@@ -202,5 +202,9 @@ def _local_twin(bb: relax.BlockBuilder, node, strategy: Strategy, call: relax.Ca
     else:
         xq = x
     sx = float(choice.qparams.scale) if choice.qparams is not None else None
-    w = relax.const(simulated_weight(node, strategy.ops[node.name], sx), "float32")  # multipoint points too
+    op = strategy.ops[node.name]
+    if op.weight_scale is not None:  # trained integer weights on their own grid (hago.qat)
+        w = relax.const(fake_quantized_weight(node, op.weight_bits, sx, op.weight_scale), "float32")
+    else:
+        w = relax.const(simulated_weight(node, op, sx), "float32")  # multipoint points too
     return with_bias(node, bb.emit(relax.Call(call.op, [xq, w], call.attrs, call.ty_args)))

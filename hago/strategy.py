@@ -51,10 +51,16 @@ class OpChoice:
     # coefficients, packed codes): extra output channels of the layer's kernel; None (the default, left
     # out of the JSON) gives the layer none
     multipoint: dict | None = None
+    # the per-output-channel scale of the layer's integer weights, given rather than derived
+    # (hago.qat: the step sizes a quantization-aware training learned, so realize rounds the exported
+    # weights back to exactly the trained integers); None (the default, left out of the JSON): the
+    # max-abs scale of hago.qparams.weight_qparams
+    weight_scale: list[float] | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
-        for key in ("weight_scale_in", "multipoint"):  # optional: strategies without them keep their exact JSON
+        # optional: strategies without them keep their exact JSON
+        for key in ("weight_scale_in", "multipoint", "weight_scale"):
             if d[key] is None:
                 del d[key]
         return d
@@ -257,6 +263,12 @@ def _validate_op(where: str, op) -> None:
     ws = op.get("weight_scale_in")
     if ws is not None and not (isinstance(ws, list) and _numbers(ws) is not None and min(ws) > 0):
         _fail(f"{where}.weight_scale_in", "must be a non-empty list of finite positive numbers or null")
+    wsc = op.get("weight_scale")
+    if wsc is not None and not (isinstance(wsc, list) and _numbers(wsc) is not None and min(wsc) > 0):
+        _fail(f"{where}.weight_scale", "must be a non-empty list of finite positive numbers or null")
+    clash = [k for k in ("multipoint", "weight_round", "weight_scale_in") if op.get(k) is not None]
+    if wsc is not None and clash:  # each of them moves the weights or fits its own grid
+        _fail(f"{where}.weight_scale", f"does not compose with {clash[0]} (trained weights are already integers)")
     if op.get("multipoint") is not None:
         _validate_multipoint(f"{where}.multipoint", op["multipoint"])
     if not isinstance(op.get("reason", ""), str) or not isinstance(op.get("weight_round") or "", str):

@@ -66,7 +66,8 @@ def test_devices_show_each_specs_precisions():
     row = dict(zip(names, precisions))
     assert row["x86-avx512-bf16"] == "int4 int8 bf16 fp32"
     assert row["x86-avx512-vnni"] == "int4 int8 fp32"  # Cascade Lake: no bf16
-    assert row["rpi4"] == "int8 fp32"
+    assert row["rpi4"] == "int4 int8 fp32"  # 4-bit weights packed in the sdot/smull kernels
+    assert row["x86-avx2"] == "int8 fp32"
 
 
 def test_spec_check(capsys, tmp_path):

@@ -16,8 +16,10 @@ import tvm
 from tvm import relax
 from tvm.relax import op as O
 
+from hago.errors import QuantizeError
 from hago.graph import Node
-from hago.qparams import QParams, bias_scale_floor, container_dtype, quantize_weight, weight_qparams
+from hago.qparams import (QParams, bias_scale_floor, container_dtype, integer_range, quantize_weight,
+                           weight_qparams)
 
 
 def const(value, dtype: str) -> relax.Constant:
@@ -72,20 +74,40 @@ def bias_shape(node: Node) -> tuple[int, ...]:
     return (1, -1, 1, 1) if node.kind != "dense" else (-1,)
 
 
-def quantize_layer_weight(node: Node, bits: int, input_scale: float | None) -> tuple[np.ndarray, QParams]:
+def quantize_layer_weight(node: Node, bits: int, input_scale: float | None,
+                          scale: list[float] | None = None) -> tuple[np.ndarray, QParams]:
     """``(w_q, qparams)``: the node's weight per output channel at ``bits``.
 
     With the input scale known, the weight scale is floored so that
     ``bias / (s_x * s_w)`` fits an int32 (:func:`~hago.qparams.bias_scale_floor`).
+    A given per-channel ``scale`` (``OpChoice.weight_scale``, the steps
+    :mod:`hago.qat` trained) is used as it is, with no floor: its weights
+    were trained on that grid, and a realize that moved it would change the
+    integers the training settled on (an int32 overflow still fails in realize).
     """
-    floor = bias_scale_floor(node.bias, input_scale) if input_scale else None
-    qp = weight_qparams(node.weight, weight_axis(node), bits, min_scale=floor)
+    if scale is not None:
+        qp = given_weight_qparams(node, bits, scale)
+    else:
+        floor = bias_scale_floor(node.bias, input_scale) if input_scale else None
+        qp = weight_qparams(node.weight, weight_axis(node), bits, min_scale=floor)
     return quantize_weight(node.weight, qp), qp
 
 
-def fake_quantized_weight(node: Node, bits: int, input_scale: float | None) -> np.ndarray:
+def given_weight_qparams(node: Node, bits: int, scale: list[float]) -> QParams:
+    """Symmetric narrow-range ``bits``-bit weight parameters with the strategy's own per-channel ``scale``."""
+    s = np.asarray(scale, np.float32)
+    channels = node.weight.shape[weight_axis(node)]
+    if s.shape != (channels,):
+        raise QuantizeError(f"strategy's weight_scale for {node.name} has {s.size} values for {channels} output "
+                            "channels; re-export the trained model (hago qat)")
+    qmin, qmax = integer_range("int8", bits, narrow=True)
+    return QParams(s, np.zeros_like(s, dtype=np.int32), "int8", qmin, qmax, weight_axis(node))
+
+
+def fake_quantized_weight(node: Node, bits: int, input_scale: float | None,
+                          scale: list[float] | None = None) -> np.ndarray:
     """The float32 weight realize's integer weight stands for (simulate's weight)."""
-    w_q, qp = quantize_layer_weight(node, bits, input_scale)
+    w_q, qp = quantize_layer_weight(node, bits, input_scale, scale)
     scale_shape = [1] * node.weight.ndim
     scale_shape[weight_axis(node)] = -1
     return (w_q.astype(np.float32) * qp.scale.reshape(scale_shape)).astype(np.float32)

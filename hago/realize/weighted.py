@@ -28,7 +28,7 @@ from hago.qparams import container_dtype, fixed_point_multiplier
 
 from . import multipoint
 from .passthrough import activation_bounds
-from .quant import const, quantize_layer_weight, shape
+from .quant import const, fake_quantized_weight, quantize_layer_weight, shape
 from .realizer import LayerConstants
 from .registry import OpHandler
 
@@ -49,7 +49,11 @@ class Weighted(OpHandler):
         """The op with its weight rounded to the strategy's bits (the scale floored as realize floors it)."""
         qx = strategy.resolved(node.inputs[0]).qparams
         sx = float(qx.scale) if qx is not None else None
-        w = relax.const(multipoint.simulated_weight(node, strategy.ops[node.name], sx), "float32")
+        choice = strategy.ops[node.name]
+        if choice.weight_scale is not None:  # trained integer weights on their own grid (hago.qat)
+            w = relax.const(fake_quantized_weight(node, choice.weight_bits, sx, choice.weight_scale), "float32")
+        else:
+            w = relax.const(multipoint.simulated_weight(node, choice, sx), "float32")
         return relax.Call(call.op, [call.args[0], w], call.attrs, call.ty_args)
 
     def realize(self, r, node, choice) -> None:
@@ -63,7 +67,7 @@ class Weighted(OpHandler):
             xq = sparq.realized_input(r.bb, node, r.s, xq, qx)  # the spec's SPARQ trimming, if any
         xs = r.edge_shape(src) if native_in else shape(xq)
         sx, zx = float(qx.scale), int(qx.zero_point)
-        wq, wqp = quantize_layer_weight(node, choice.weight_bits, sx)
+        wq, wqp = quantize_layer_weight(node, choice.weight_bits, sx, choice.weight_scale)
         points = multipoint.layer_points(node, choice)  # extra output channels (hago.multipoint), or None
         wk = multipoint.widened(node, wq, points) if points is not None else wq  # what the kernel multiplies by
         acc_scale = sx * wqp.scale.astype(np.float64)
