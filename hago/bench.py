@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .hwspec import HardwareSpec
+from .weight_bytes import format_bytes
 
 
 def bench(model, device, calib, eval_data, strategies: list[str], out_dir=None, engine_options=None,
@@ -41,17 +42,19 @@ def bench(model, device, calib, eval_data, strategies: list[str], out_dir=None, 
                      **(engine_options or {}))
         if res.best is not None:
             rows.append({"strategy": f"search ({res.best.label})", "latency_ms": res.best.latency_ms,
-                         "accuracy": res.best.accuracy})
+                         "accuracy": res.best.accuracy, "weight_bytes": res.best.weight_bytes})
+        else:  # e.g. nothing fits --max-weight-bytes: say why the row is missing
+            console.print(f"search: {res.message}")
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
     t = Table(title=f"hago bench: {device if isinstance(device, str) else spec.name}")
     for col in ("strategy", "latency ms" + (" (modelled)" if spec.latency == "modelled" else ""), "accuracy",
-                "vs fp32"):
+                "weights", "vs fp32"):
         t.add_column(col)
     base = next((r["latency_ms"] for r in rows if r["strategy"] == "fp32"), None)
     for r in rows:
         lat = r.get("latency_ms")
         t.add_row(r["strategy"], "-" if lat is None else f"{lat:.3f}",
-                  "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}",
+                  "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}", format_bytes(r.get("weight_bytes")),
                   f"{base / lat:.2f}x" if base and lat else "-")
     console.print(t)
     return rows

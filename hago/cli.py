@@ -311,6 +311,13 @@ def _search_checks(args):
     _check_int(args.max_trials, "--max-trials", 1)
     _check_int(args.max_devices, "--max-devices", 1)
     _check_seconds(args.time_budget, "--time-budget")
+    if args.max_weight_bytes is not None:
+        from .weight_bytes import parse_bytes  # no TVM
+
+        try:
+            parse_bytes(args.max_weight_bytes)
+        except ValueError as e:
+            raise UsageError(f"--max-weight-bytes: {e}") from None
     corrections = _corrections(args.corrections)
     _heavy_checks(spec, args.device, corrections)
     from .search.target import AccuracyTarget  # imports TVM (through hago.evaluate)
@@ -334,6 +341,10 @@ def _engine_options(args) -> dict:
                 calibrator=args.calibrator)
     if args.corrections is not None:
         opts["corrections"] = _corrections(args.corrections)
+    if args.max_weight_bytes is not None:
+        from .weight_bytes import parse_bytes
+
+        opts["max_weight_bytes"] = parse_bytes(args.max_weight_bytes)
     if args.rpc:
         opts["measurer"] = _farm_measurer(args)
     else:
@@ -384,6 +395,9 @@ def _search_options(p) -> None:
     p.add_argument("--algorithm", default="evolve", help="evolve | latency | greedy (HAGO's baseline)")
     p.add_argument("--max-trials", type=int, default=16, help="device measurements at most")
     p.add_argument("--time-budget", type=float, default=None, help="seconds at most")
+    p.add_argument("--max-weight-bytes", default=None, metavar="SIZE",
+                   help="weight-size budget: a build whose realized weights take more is never chosen, and the "
+                        "search steers towards builds within it; bytes or with a unit: 2MB, 500kB, 1.5MiB")
     p.add_argument("--calibrator", default="mse")
     p.add_argument("--corrections", default=None,
                    help="corrections every candidate gets, comma separated: bias (default), adaround,bias, "
@@ -468,6 +482,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strategies", default="fp32,int8,search", help="any of fp32, int8, bf16, search")
     _search_options(b)
     b.set_defaults(func=_cmd_bench)
+
+    # hago qat: quantization-aware training (hago.qat); its outputs replay with hago compile --strategy
+    q = sub.add_parser("qat", help="train a torch model with fake quantization, --method saq (sharpness-aware, "
+                                   "SAQ) or qat, and write model.onnx + strategy.json for hago compile --strategy")
+    q.add_argument("--model", default="hago.zoo:mnist_cnn", help="MODULE:FUNCTION returning the torch model")
+    q.add_argument("--weights", help=".npz state dict of FP32 weights (arrays keyed by parameter name)")
+    q.add_argument("--data", required=True, help=".npz training data with 'input' and 'label'")
+    q.add_argument("--eval", help=".npz with 'input' and 'label': report the fake-quant accuracy")
+    q.add_argument("--device", required=True, help="the spec the strategy is for (hago devices)")
+    q.add_argument("--method", choices=("saq", "qat"), default="saq",
+                   help="saq: SAM perturbation on the quantized weights (Liu et al. 2021); qat: plain QAT")
+    q.add_argument("--bits", type=int, choices=(4, 8), default=4, help="weight and activation bits (input: 8)")
+    q.add_argument("--grid", choices=("zero", "odd"), default="zero",
+                   help="4-bit weight grid: zero (-7..7, packed 4-bit) or odd (SAQ's, realized as 5-bit codes)")
+    q.add_argument("--steps", type=int, default=500)
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--lr", type=float, default=0.01)
+    q.add_argument("--rho", type=float, default=0.05,
+                   help="SAQ's perturbation radius (the paper's 0.3 is for standardized weights)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("-o", "--output", required=True, help="output folder for model.onnx, strategy.json, qat.json")
+    q.set_defaults(func=lambda args: __import__("hago.qat.command", fromlist=["run"]).run(args))
     return p
 
 

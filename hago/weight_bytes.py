@@ -43,3 +43,33 @@ def format_bytes(n: int | None) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+#: unit -> bytes, lower case: decimal (kB, MB, GB, as model sizes are quoted) and binary (KiB, MiB, GiB)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text) -> int:
+    """``"2MB"`` -> 2000000, ``"1.5MiB"`` -> 1572864, ``"300000"`` or ``300000`` -> 300000: a size budget.
+
+    Units are case-insensitive (``kB``/``KB``/``k`` are 1000 bytes, ``KiB`` 1024); the result is rounded
+    down to whole bytes and must be at least 1. ValueError, with the accepted forms, for anything else.
+    """
+    import math
+    import re
+
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a size")
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{text!r} is not a size: give bytes (300000) or a number with a unit "
+                             "(2MB, 500kB, 1.5MiB; kB/MB/GB are 1000-based, KiB/MiB/GiB 1024-based)")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    n = value * _UNITS[unit] if math.isfinite(value) else math.nan
+    if not n >= 1 or not math.isfinite(n):
+        raise ValueError(f"{text!r} is not a usable size: give at least 1 byte")
+    return int(n)

@@ -2,7 +2,8 @@
 
 Modules, one job each: ``space`` (knobs from the spec), ``target`` (the
 accuracy target and metric), ``log`` (append-only JSONL, resumable),
-``costmodel`` (xgboost on measured candidates), ``algorithms`` (greedy HAGO,
+``costmodel`` (xgboost on measured candidates), ``sizes`` (weight bytes of a
+point predicted from per-layer realized counts, for a size budget), ``algorithms`` (greedy HAGO,
 latency-aware, cost-model-guided evolution), ``engine`` (evaluates candidates
 and keeps the front), ``pareto`` (front, table and plot). Latency on the
 device comes through a :class:`hago.measure.Measurer` (a child process with

@@ -15,6 +15,18 @@
 
 FP32 (every layer float) is always measured, so the answer is never slower
 than FP32 without the report saying so.
+
+With a weight budget (``engine.max_weight_bytes``) each algorithm steers by
+size, not only the final choice: ``latency`` starts from the narrowest build
+anyway and ``evolve`` starts there when the widest does not fit; both restore
+precision only with steps that keep the point within the budget while such a
+step exists, and ``evolve`` neither drops the narrower widths (they save bytes
+even where they save no time) nor mutates towards points predicted over the
+budget. ``greedy`` keeps, per knob, the fastest choice that still lets the
+budget be met with every later knob at its smallest (else the one least over
+it). Sizes of points not yet realized are predicted
+(:meth:`~hago.search.engine.SearchEngine.point_bytes`); the engine's choice
+uses the realized count.
 """
 
 from __future__ import annotations
@@ -51,16 +63,48 @@ def _fp32_baseline(engine) -> None:
     engine.latencies(_baseline_points(engine))
 
 
+def _budgeted(engine) -> bool:
+    return getattr(engine, "max_weight_bytes", None) is not None
+
+
+def _fits(engine, point) -> bool:
+    """Whether ``point`` is predicted within the weight budget; True without one."""
+    return not _budgeted(engine) or engine.fits(point)
+
+
+def _keep_within_budget(engine, points: list) -> list:
+    """The points predicted within the weight budget; all of them when none is (or there is no budget)."""
+    if not _budgeted(engine):
+        return points
+    return [p for p in points if engine.fits(p)] or points
+
+
+def _excess(engine, point, fixed: int) -> int:
+    """Bytes over the weight budget that ``point`` cannot avoid once its first ``fixed`` knobs are set: the
+    size with every later knob at its smallest choice (predicted; the realized count when nothing is left).
+    0 within the budget or without one."""
+    if not _budgeted(engine):
+        return 0
+    if fixed >= len(point):
+        return max(0, engine.weight_bytes(point) - engine.max_weight_bytes)
+    model = engine.size_model()
+    floor = tuple(point[:fixed]) + tuple(min(model.deltas[j], key=lambda c: (model.deltas[j][c], c))
+                                         for j in range(fixed, len(point)))
+    return max(0, engine.point_bytes(floor) - engine.max_weight_bytes)
+
+
 @register("greedy")
 def greedy(engine) -> None:
     point = list(engine.space.widest())
     engine.latency(tuple(point))
     for i, knob in enumerate(engine.space.knobs):
         best = None
-        # every choice of the knob at once: a farm measures them side by side
+        # every choice of the knob at once: a farm measures them side by side; with a weight budget, the
+        # choice that keeps the budget reachable (later knobs at their smallest) wins, the fastest among those
         for c in engine.latencies([tuple(point[:i] + [choice] + point[i + 1:]) for choice in knob.choices]):
             if c.accuracy >= engine.threshold and c.latency_ms is not None:
-                if best is None or c.latency_ms < best.latency_ms:
+                if best is None or ((_excess(engine, c.point, i + 1), c.latency_ms)
+                                    < (_excess(engine, best.point, i + 1), best.latency_ms)):
                     best = c
         if best is not None:
             point[i] = best.point[i]
@@ -77,15 +121,19 @@ def _predict(engine, model: LatencyModel, points: list) -> np.ndarray:
     return np.asarray(out, np.float64)
 
 
-def _cheapest_raises(space, point, predict, allowed=None) -> list:
+def _cheapest_raises(space, point, predict, allowed=None, engine=None) -> list:
     """Per knob, the more precise choice predicted fastest (bf16 or fp32 for an int8 layer): one candidate each.
 
     Scoring every more precise choice would double the accuracy runs of a
     bf16 spec; the predictor (kernel cache, measured all-bf16 and FP32
     builds) already knows which of them is cheaper on this device, and the
-    accuracy they restore is close (bf16 keeps 8 mantissa bits).
+    accuracy they restore is close (bf16 keeps 8 mantissa bits). With
+    ``engine`` under a weight budget, raises predicted over it are dropped
+    while any raise stays within it.
     """
     ups = [p for p in space.raises(point) if allowed is None or all(b in a for b, a in zip(p, allowed))]
+    if engine is not None:
+        ups = _keep_within_budget(engine, ups)
     if not ups:
         return []
     best = {}
@@ -110,7 +158,7 @@ def latency_aware(engine) -> None:
     current = engine.accuracy(point)
     while current.accuracy < engine.threshold:
         model.fit(*_measured(engine))
-        ups = _cheapest_raises(engine.space, current.point, lambda pts: _predict(engine, model, pts))
+        ups = _cheapest_raises(engine.space, current.point, lambda pts: _predict(engine, model, pts), engine=engine)
         if not ups:
             break
         base = _predict(engine, model, [current.point])[0]
@@ -193,7 +241,8 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
         est_top, est_narrow = engine.estimate(top.point), engine.estimate(narrow)
         if est_top is not None and est_narrow is not None:
             narrow_ms = top.latency_ms * est_narrow / est_top if top.latency_ms and est_top > 0 else None
-            if est_narrow >= est_top * (1 - tol):  # the same kernels: narrower weights only cost accuracy
+            # the same kernels: narrower weights only cost accuracy (unless a weight budget needs their bytes)
+            if est_narrow >= est_top * (1 - tol) and not _budgeted(engine):
                 allowed = [tuple(c for c in k.choices if c in (0, BF16, w)) if k.kind == "weight"
                            else k.choices for k, w in zip(space.knobs, top.point)]
     top_ms = top.latency_ms if top.latency_ms is not None else (fp32.latency_ms or 1.0)
@@ -206,6 +255,9 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
     if narrow_ms is not None and narrow_ms < top_ms * (1 - tol):
         start = narrow  # narrower kernels are faster here: restore precision from the narrowest build
         pool[narrow] = engine.accuracy(narrow)
+    elif _budgeted(engine) and not engine.fits(top.point) and narrow != top.point:
+        start = narrow  # the widest build is over the weight budget: restore precision from the smallest
+        pool[narrow] = engine.accuracy(narrow)
 
     # 2. restoration: accuracy only. Every single-knob step up is scored once (sensitivity); if none
     #    meets the target alone, the steps are stacked in order of accuracy gained per predicted
@@ -213,7 +265,7 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
     current = pool[start]
     while not _meets(engine, current):
         predict.refit()
-        ups = _cheapest_raises(space, current.point, predict, allowed)
+        ups = _cheapest_raises(space, current.point, predict, allowed, engine)
         if not ups:
             break
         base, pred = predict([current.point])[0], predict(ups)
@@ -221,16 +273,20 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
         pool.update((c.point, c) for c in cands)
         good = [(lat, c) for lat, c in zip(pred, cands) if _meets(engine, c)]
         if good:
-            current = min(good, key=lambda g: (g[0], g[1].point))[1]
+            current = min(good, key=lambda g: (not _fits(engine, g[1].point), g[0], g[1].point))[1]
             break
         order = sorted(zip(pred, cands), key=lambda g: (-(g[1].accuracy - current.accuracy) / max(g[0] - base, 1e-3 * base),
                                                         g[1].point))
 
         def stacked(n, _from=current.point, _order=order):
             p = list(_from)
+            keep_within = _budgeted(engine) and engine.fits(_from)
             for _, c in _order[:n]:
                 i = next(j for j, (x, y) in enumerate(zip(_from, c.point)) if x != y)
-                p[i] = c.point[i]
+                step = p[:i] + [c.point[i]] + p[i + 1:]
+                if keep_within and not engine.fits(tuple(step)):
+                    continue  # a step that would leave the weight budget is skipped, the next one tried
+                p = step
             c = engine.accuracy(tuple(p))
             pool[c.point] = c
             return c
@@ -244,6 +300,8 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
         if hit is None:
             c = stacked(len(order))
             if not _meets(engine, c):
+                if c.point == current.point:
+                    break  # every step would leave the weight budget: nothing more fits
                 current = c
                 continue  # every step taken and still short: climb again from there
             hit = (n // 2, len(order), c)
@@ -261,11 +319,13 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
     # 3. evolution around the fastest answers, measuring only predicted improvements
     for _ in range(rounds):
         predict.refit()
-        measured_good = [c for c in engine.all_candidates() if c.latency_ms is not None and _meets(engine, c)]
+        measured_good = [c for c in engine.all_candidates()
+                         if c.latency_ms is not None and _meets(engine, c) and _fits(engine, c.point)]
         best = min((c.latency_ms for c in measured_good), default=float("inf"))
         bound = best * (1 - tol)
         good = sorted((c for c in pool.values() if _meets(engine, c) and c.error is None),
-                      key=lambda c: (c.latency_ms if c.latency_ms is not None else float("inf"), c.point))
+                      key=lambda c: (not _fits(engine, c.point),
+                                     c.latency_ms if c.latency_ms is not None else float("inf"), c.point))
         parents = [c.point for c in good[:3]] or [current.point]
         children = set()
         for parent in parents:
@@ -276,6 +336,8 @@ def evolve(engine, population: int = 8, rounds: int = 4, per_round: int = 2, see
                     child[i] = rng.choice(allowed[i])
                 children.add(tuple(child))
         children = sorted(children - set(pool))
+        if _budgeted(engine):  # only children predicted within the weight budget can win
+            children = [p for p in children if engine.fits(p)]
         pred = predict(children)
         promising = [p for lat, p in sorted(zip(pred, children)) if lat < bound][:population]
         if not promising:

@@ -14,6 +14,15 @@ so timer noise does not pick between builds that run the same kernels.
 When nothing measured meets the target, the most accurate measured candidate
 is returned with a message saying so.
 
+Size: every evaluated candidate's weight bytes are counted on its realized
+program (:func:`hago.weight_bytes.weight_bytes`, what ``hago compile``
+reports; no device) and logged as a ``bytes|KEY`` record, so a resumed search
+reads them back. With ``max_weight_bytes`` a candidate over that budget never
+wins: choosing looks only at candidates that fit, and when none does the
+result is no build, with a message naming the smallest. The algorithms steer
+by it through :meth:`SearchEngine.point_bytes` (:mod:`.sizes`: a prediction
+for points not realized yet).
+
 When the device is this machine, a candidate is built once, at the device's
 batch: that build scores its accuracy (one sample per call), lists its kernel
 calls for :meth:`SearchEngine.estimate` and is the library measured. The FP32
@@ -58,9 +67,11 @@ from ..measure import LocalMeasurer, Measurement, Measurer, device_threads
 from ..observe import apply_ranges, observe
 from ..correct import CORRECTIONS, CorrectionContext, check_corrections, corrected_graph, run_corrections
 from ..realize import realize
+from ..weight_bytes import format_bytes, parse_bytes, weight_bytes
 from . import refcache
 from .kernelcache import KernelCache, profile_calls
 from .log import SearchLog, check_resumable
+from .sizes import SizeModel
 from .space import BF16, Point, SearchSpace
 from .target import AccuracyTarget, SearchError, make_metric
 
@@ -118,6 +129,16 @@ def _check_budget(max_trials, time_budget) -> tuple[int | None, float | None]:
     return max_trials, time_budget
 
 
+def _check_weight_budget(max_weight_bytes) -> int | None:
+    """``max_weight_bytes`` as whole bytes (an int, or text such as ``"2MB"``, ``"1.5MiB"``); None for no budget."""
+    if max_weight_bytes is None:
+        return None
+    try:
+        return parse_bytes(max_weight_bytes)
+    except ValueError as e:
+        raise SearchError(f"max weight bytes: {e}") from None
+
+
 GIVE_UP_AFTER = 3  # failed measurements, none ever successful, after which the device is deemed unmeasurable
 
 
@@ -133,6 +154,7 @@ class Candidate:
     accuracy: float | None = None
     latency_ms: float | None = None
     error: str | None = None
+    weight_bytes: int | None = None  # of the realized program (hago.weight_bytes), None until counted
 
 
 @dataclass
@@ -155,11 +177,14 @@ class SearchEngine:
                  metric=None, measurer: Measurer | None = None, calibrator: str = "mse", example_inputs=None,
                  max_trials: int | None = None, time_budget: float | None = None, allow_float: bool = True,
                  weight_bits: list[int] | None = None, tie_tolerance: float = 0.03, eval_batch: int = 250,
-                 cache_dir: str | Path | None = None, corrections=("bias",), resume: bool = False):
+                 cache_dir: str | Path | None = None, corrections=("bias",), resume: bool = False,
+                 max_weight_bytes: int | str | None = None):
         self.t0 = time.perf_counter()
         # options first: a bad one is a one-line error before minutes of set-up
         self.target = accuracy_drop if isinstance(accuracy_drop, AccuracyTarget) else AccuracyTarget.parse(accuracy_drop)
         self.max_trials, self.time_budget = _check_budget(max_trials, time_budget)
+        #: the weight-size budget in bytes (None: size is reported, never a constraint)
+        self.max_weight_bytes = _check_weight_budget(max_weight_bytes)
         if resume:
             check_resumable(log_path)
         self.spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
@@ -212,6 +237,8 @@ class SearchEngine:
         self.log = SearchLog(log_path, header, resume=resume)
         self.kernels = KernelCache(cache_dir / "kernels" / f"{self.spec.name}.json", self.spec.name)
         self._signatures: dict[Point, list[str]] = {}
+        self._bytes: dict[Point, int] = {}  # realized weight bytes counted by this run (the log has them too)
+        self._size_model: SizeModel | None = None
         self.trials = 0
         self.reused = 0
         self._tmp = Path(tempfile.mkdtemp(prefix="hago_search_"))
@@ -344,6 +371,7 @@ class SearchEngine:
             c.accuracy = rec["accuracy"]
         if (rec := self.log.get(f"latency|{key}")) is not None:
             c.latency_ms, c.error = rec.get("latency_ms"), rec.get("error")
+        c.weight_bytes = self.known_bytes(point)
         return c
 
     def _remember(self, point: Point, ex) -> None:
@@ -358,13 +386,71 @@ class SearchEngine:
             self._executables.move_to_end(point)
             return self._executables[point]
         t0 = time.perf_counter()
-        strat = self.strategy(point)
-        realized = realize(corrected_graph(self.device_graph, strat), strat, self.spec.requantize,
-                           backend_of(self.spec))
-        ex = build_mod.build_for(realized.mod, self.spec)  # the backend's kernel swap, then its build
+        ex = build_mod.build_for(self._device_program(point), self.spec, rewritten=True)
         self.seconds["build"] += time.perf_counter() - t0
         self._remember(point, ex)
         return ex
+
+    def _realize(self, graph, point: Point):
+        """``point`` realized on ``graph``."""
+        strat = self.strategy(point)
+        return realize(corrected_graph(graph, strat), strat, self.spec.requantize, backend_of(self.spec))
+
+    def _device_program(self, point: Point):
+        """``point``'s program as the device build compiles it (realized, then the backend's kernel swap, which
+        packs ARM's and CUDA's 4-bit weights); its weight bytes are counted on the way."""
+        mod = build_mod.device_module(self._realize(self.device_graph, point).mod, self.spec)
+        self._count_bytes(point, mod)
+        return mod
+
+    def _count_bytes(self, point: Point, mod) -> int:
+        """The weight bytes of ``point``'s realized device program ``mod``, logged once (``bytes|KEY``)."""
+        known = self.known_bytes(point)
+        if known is not None:
+            return known
+        n = self._bytes[point] = int(weight_bytes(mod))
+        self.log.add({"key": f"bytes|{self.space.key(point)}", "weight_bytes": n})
+        return n
+
+    def known_bytes(self, point: Point) -> int | None:
+        """``point``'s realized weight bytes if this run or the log has them; never realizes."""
+        point = tuple(point)
+        if point in self._bytes:
+            return self._bytes[point]
+        rec = self.log.get(f"bytes|{self.space.key(point)}")
+        if rec is not None:
+            self._bytes[point] = rec["weight_bytes"]
+            return rec["weight_bytes"]
+        return None
+
+    def weight_bytes(self, point: Point) -> int:
+        """``point``'s weight bytes as ``hago compile`` reports them: :func:`hago.weight_bytes.weight_bytes`
+        of its realized device program (batch as built for the device). From the log when it has them, else
+        realized here (no build, no device) and logged."""
+        point = tuple(point)
+        known = self.known_bytes(point)
+        if known is not None:
+            return known
+        t0 = time.perf_counter()
+        n = self._count_bytes(point, self._device_program(point))
+        self.seconds["build"] += time.perf_counter() - t0
+        return n
+
+    def size_model(self) -> SizeModel:
+        """The per-knob weight-bytes predictor (:mod:`.sizes`), measured on first use: one realize per
+        weight-knob choice, each logged, so a resumed search measures none of them again."""
+        if self._size_model is None:
+            self._size_model = SizeModel.measure(self.space, self.weight_bytes)
+        return self._size_model
+
+    def point_bytes(self, point: Point) -> int:
+        """``point``'s weight bytes: the realized count where known, else :meth:`size_model`'s prediction."""
+        known = self.known_bytes(point)
+        return known if known is not None else self.size_model()(tuple(point))
+
+    def fits(self, point: Point) -> bool:
+        """Whether ``point`` is within the weight budget (:meth:`point_bytes`); always True without one."""
+        return self.max_weight_bytes is None or self.point_bytes(point) <= self.max_weight_bytes
 
     def accuracy(self, point: Point) -> Candidate:
         c = self.candidate(point)
@@ -374,10 +460,9 @@ class SearchEngine:
         if self.shared_build:
             ex = self.executable(point)
         else:
-            strat = self.strategy(point)
-            realized = realize(corrected_graph(self.eval_graph, strat), strat, self.spec.requantize,
-                               backend_of(self.spec))
+            realized = self._realize(self.eval_graph, point)
             ex = build_mod.build(realized.mod, self.host, "host")
+        c.weight_bytes = self.weight_bytes(point)  # logged before the accuracy: a logged candidate has both
         t0 = time.perf_counter()
         out = predict(ex, self.eval_samples, self.names, self.eval_batch, static=True)
         self.seconds["accuracy"] += time.perf_counter() - t0
@@ -533,19 +618,40 @@ class SearchEngine:
         points = {tuple(r["point"]) for k, r in self.log.snapshot() if "point" in r}
         return [self.candidate(p) for p in sorted(points)]
 
+    def budget_text(self) -> str:
+        """The weight budget for messages: ``"1.20 MB (1200000 bytes)"``."""
+        return f"{format_bytes(self.max_weight_bytes)} ({self.max_weight_bytes} bytes)"
+
     def choose(self) -> tuple[Candidate | None, bool, str]:
-        measured = [c for c in self.all_candidates() if c.latency_ms is not None and c.accuracy is not None]
+        cands = self.all_candidates()
+        within = ""
+        if self.max_weight_bytes is not None:  # over the budget never wins; sizes of old logs counted now
+            for c in cands:
+                if c.accuracy is not None and c.weight_bytes is None:
+                    c.weight_bytes = self.weight_bytes(c.point)
+            sized = [c for c in cands if c.accuracy is not None and c.error is None]
+            cands = [c for c in cands if c.weight_bytes is not None and c.weight_bytes <= self.max_weight_bytes]
+            if sized and not any(c.accuracy is not None and c.error is None for c in cands):
+                small = min(sized, key=lambda c: (c.weight_bytes, -c.accuracy, c.key))
+                return None, False, (f"no candidate fits the weight budget of {self.budget_text()}: the smallest "
+                                     f"evaluated, {small.label}, takes {format_bytes(small.weight_bytes)} "
+                                     f"({small.weight_bytes} bytes); raise --max-weight-bytes or allow "
+                                     "narrower weights")
+            within = f" within the weight budget of {self.budget_text()}"
+        measured = [c for c in cands if c.latency_ms is not None and c.accuracy is not None]
         good = [c for c in measured if c.accuracy >= self.threshold]
         if good:
             fastest = min(c.latency_ms for c in good)
             close = [c for c in good if c.latency_ms <= fastest * (1 + self.tie_tolerance)]
             best = max(close, key=lambda c: (c.accuracy, -c.latency_ms))
-            return best, True, f"{best.label} meets the target ({self.metric_name} {best.accuracy:.4f} >= {self.threshold:.4f})"
-        evaluated = [c for c in self.all_candidates() if c.accuracy is not None and c.error is None]
+            size = f", weights {format_bytes(best.weight_bytes)}" if within else ""
+            return best, True, (f"{best.label} meets the target ({self.metric_name} {best.accuracy:.4f} >= "
+                                f"{self.threshold:.4f}{size}){within}")
+        evaluated = [c for c in cands if c.accuracy is not None and c.error is None]
         if not evaluated:
             return None, False, "no candidate could be evaluated; see the log for errors"
         best = max(evaluated, key=lambda c: (c.accuracy, -(c.latency_ms or float("inf"))))
-        return best, False, (f"no candidate met the target {self.metric_name} >= {self.threshold:.4f} "
+        return best, False, (f"no candidate{within} met the target {self.metric_name} >= {self.threshold:.4f} "
                              f"(FP32 {self.fp32_score:.4f}, drop {self.target}); returning the most accurate: "
                              f"{best.label} at {best.accuracy:.4f}")
 

@@ -1,5 +1,9 @@
 """The search log: append-only JSONL, one line per measured candidate, flushed as it goes.
 
+Records are keyed ``KIND|POINT``: ``accuracy``, ``latency`` (and each
+failed ``attempt``), ``kernels`` (the candidate's kernel calls) and ``bytes``
+(its realized weight bytes, counted once: a resumed search reads them back).
+
 A search killed at any moment (``kill -9`` included) leaves every finished
 measurement on disk; ``hago search --resume LOG`` reads them back and never
 measures a candidate twice. The first line is a header that pins the graph,
@@ -106,6 +110,9 @@ def _record_problem(rec) -> str | None:
         return f"record {key!r} has a malformed latency or error"
     if kind in ("latency", "attempt") and not (rec.get("board") is None or isinstance(rec["board"], str)):
         return f"record {key!r} has a malformed board"
+    if kind == "bytes" and not (isinstance(rec.get("weight_bytes"), int) and not isinstance(rec["weight_bytes"], bool)
+                                and rec["weight_bytes"] >= 0):
+        return f"record {key!r} has malformed weight bytes"
     if kind == "kernels" and not (isinstance(rec.get("signatures"), list)
                                   and all(isinstance(s, str) for s in rec["signatures"])):
         return f"record {key!r} has malformed kernel signatures"

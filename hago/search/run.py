@@ -75,12 +75,14 @@ def search(model, device, calib, eval_data, *, out_dir=None, algorithm="evolve",
         ``time_budget`` (seconds), ``measurer`` (default: this machine, in a
         child with a time-out; an ``RPCMeasurer`` for a board), ``calibrator``,
         ``corrections``, ``example_inputs``, ``metric``, ``weight_bits``,
-        ``allow_float``, ``cache_dir``.
+        ``allow_float``, ``cache_dir``, ``max_weight_bytes`` (a size budget:
+        bytes, or text such as ``"2MB"``; a build whose realized weights take
+        more is never chosen, and the algorithms steer towards builds within it).
 
     Returns
     -------
     SearchResult
-        ``best`` (None if nothing could be measured), ``met_target``,
+        ``best`` (None if nothing could be measured, or nothing fits ``max_weight_bytes``), ``met_target``,
         ``message``, ``strategy``, ``fp32`` and every ``candidates`` scored.
 
     Raises
@@ -120,7 +122,7 @@ def write_search_outputs(engine: SearchEngine, result: SearchResult, out: Path) 
     out.mkdir(parents=True, exist_ok=True)
     built = hago_compile(engine.prepared, engine.spec, strategy=result.strategy, out_dir=out, measure=False)
     _scores_into_report(built.report, engine, result)
-    pareto = front(result.candidates)
+    pareto = front(result.candidates, engine.max_weight_bytes)
     report = built.report
     report["quantized"]["latency_ms"] = result.best.latency_ms
     if result.fp32 is not None:
@@ -132,11 +134,13 @@ def write_search_outputs(engine: SearchEngine, result: SearchResult, out: Path) 
         "metric": engine.metric_name, "fp32_score": engine.fp32_score, "chosen": result.best.label,
         "chosen_score": result.best.accuracy, "trials": result.trials, "reused": result.reused,
         "seconds": round(result.seconds, 1), "log": str(engine.log.path),
+        "max_weight_bytes": engine.max_weight_bytes, "weight_bytes": result.best.weight_bytes,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    rows = [{"strategy": c.label, "latency_ms": c.latency_ms, "score": c.accuracy, "error": c.error}
-            for c in result.candidates]
-    (out / "pareto.json").write_text(json.dumps({"front": [c.label for c in pareto], "candidates": rows}, indent=1))
+    rows = [{"strategy": c.label, "latency_ms": c.latency_ms, "score": c.accuracy, "weight_bytes": c.weight_bytes,
+             "error": c.error} for c in result.candidates]
+    (out / "pareto.json").write_text(json.dumps({"front": [c.label for c in pareto], "max_weight_bytes":
+                                                 engine.max_weight_bytes, "candidates": rows}, indent=1))
     plot(result.candidates, pareto, result.best, result.threshold, out / "pareto.png", engine.metric_name,
          result.fp32, latency=engine.spec.latency)
 
@@ -153,8 +157,8 @@ def _scores_into_report(report: dict, engine: SearchEngine, result: SearchResult
 def print_search(result: SearchResult, console: Console | None = None) -> None:
     console = console or Console()
     engine = result.extras["engine"]
-    console.print(table(front(result.candidates), result.best, result.threshold, engine.metric_name,
-                        latency=engine.spec.latency))
+    console.print(table(front(result.candidates, engine.max_weight_bytes), result.best, result.threshold,
+                        engine.metric_name, latency=engine.spec.latency, max_weight_bytes=engine.max_weight_bytes))
     style = "green" if result.met_target else "bold red"
     console.print(f"[{style}]{result.message}[/]")
     console.print(f"{result.trials} device measurements this run, {result.reused} reused from the log, "

@@ -71,6 +71,9 @@ class _Engine:
         c.latency_ms = self.measured[tuple(p)] = self._ms(p)
         return c
 
+    def latencies(self, points):
+        return [self.latency(p) for p in points]
+
     def estimate(self, p):
         return self._ms(p) if self.measured else None
 
