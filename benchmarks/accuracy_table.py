@@ -64,8 +64,14 @@ def load(name: str, n_calib: int, n_eval: int):
 
         net, (xt, _), (x, y) = fashion.fashion_cnn(), fashion_mnist("train"), fashion_mnist("test")
         tag = fashion.config_hash()
+    elif name == "efficientnet_lite0":  # the pretrained ImageNet net on photo views: no labels, so KL/agreement
+        import models
+
+        net = models.build(name)
+        views, _ = models.photo_views()
+        return net, models.photo_crops(n_calib, seed=1), np.ascontiguousarray(views), None, "photos"
     else:
-        raise SystemExit(f"unknown model {name}: mnist or fashion")
+        raise SystemExit(f"unknown model {name}: mnist, fashion or efficientnet_lite0")
     calib = xt[np.random.default_rng(0).permutation(len(xt))[:n_calib]]
     if n_eval < len(x):  # a seeded, class-blind subsample of the test set
         keep = np.sort(np.random.default_rng(1).permutation(len(x))[:n_eval])
@@ -133,13 +139,15 @@ def row(prepared, setting: str, corr: str, x: np.ndarray, y: np.ndarray, ref: np
     else:
         out = run(static_pair(q, HardwareSpec.load(DEVICE), BATCH)[1], x)
     bits = sorted({c.weight_bits for c in q.strategy.ops.values() if c.mode == "integer" and c.weight_bits})
-    return {"top1": float((out.argmax(1) == y).mean()), "agree": accuracy.top1_agreement(out, ref),
+    return {"top1": None if y is None else float((out.argmax(1) == y).mean()), "agree": accuracy.top1_agreement(out, ref),
             "kl": accuracy.mean_kl(out, ref), "quantize_s": round(t_q, 1),
             "weight_bits": bits, "float_ops": len(q.strategy.float_ops())}
 
 
-def table(model: str, fp32: float, rows: dict, settings, corrections, n_eval: int) -> str:
-    lines = [f"**{model}** (FP32 top-1 {100 * fp32:.2f}%, {n_eval} test images): top-1 % / top-1 agreement "
+def table(model: str, fp32: float | None, rows: dict, settings, corrections, n_eval: int, cmd: str = "") -> str:
+    what = (f"FP32 top-1 {100 * fp32:.2f}%, {n_eval} test images" if fp32 is not None
+            else f"{n_eval} unlabelled photo views: no top-1, agreement and KL against FP32")
+    lines = [f"**{model}** ({what}; `{cmd}`): top-1 % / top-1 agreement "
              "with FP32 % / mean KL(FP32 || quantized) / quantize seconds"
              + "".join(f"; {n} ops in float (no integer form in hago, e.g. the global average pool's mean)"
                        for n in sorted({r["float_ops"] for r in rows.values()}) if n), "",
@@ -149,15 +157,34 @@ def table(model: str, fp32: float, rows: dict, settings, corrections, n_eval: in
         cells = []
         for s in settings:
             r = rows.get(f"{s}|{c}")
-            cells.append("—" if r is None else f"{100 * r['top1']:.2f} / {100 * r['agree']:.1f} / "
+            top1 = "—" if r is None or r["top1"] is None else f"{100 * r['top1']:.2f}"
+            cells.append("—" if r is None else f"{top1} / {100 * r['agree']:.1f} / "
                          f"{r['kl']:.1e} / {r['quantize_s']:.0f} s")
         lines.append(f"| {'round to nearest' if c == 'none' else c} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    """Replace (or append) the section under HEADING in RESULTS.md, up to the next ``## `` heading."""
+def _merge(old_section: str, header: str, tables: dict[str, str]) -> str:
+    """The section text: ``header``, then each model's table, the ones run now replacing their old ones (a
+    model's table starts with ``**model**``), the others kept as they were."""
+    blocks = {}
+    for part in old_section.split("\n\n**")[1:]:
+        name = part.split("**", 1)[0]
+        blocks[name] = "**" + part.strip()
+    blocks.update(tables)
+    return header + "\n\n" + "\n\n".join(blocks.values())
+
+
+def write_results(header: str, tables: dict[str, str]) -> None:
+    """Replace (or append) the section under HEADING in RESULTS.md, up to the next ``## `` heading; models not
+    run now keep their tables."""
     old = RESULTS.read_text() if RESULTS.exists() else ""
+    old_section = ""
+    if HEADING in old:
+        rest = old.split(HEADING, 1)[1]
+        nxt = rest.find("\n## ")
+        old_section = rest if nxt < 0 else rest[:nxt]
+    text = _merge(old_section, header, tables)
     section = f"{HEADING}\n\n{text}\n"
     if HEADING in old:
         head, rest = old.split(HEADING, 1)
@@ -181,23 +208,27 @@ def main() -> int:
     p.add_argument("--n-eval", type=int, default=10000, help="test images (a seeded subsample below 10000)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    p.add_argument("--cached-only", action="store_true", help="compute no row: tabulate what rows.json holds")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     settings, corrections = args.settings.split(","), args.corrections.split(",")
     WORK.mkdir(parents=True, exist_ok=True)
     cache_path = WORK / "rows.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    out = []
+    out = {}
+    cmd = "python benchmarks/accuracy_table.py " + " ".join(a for a in sys.argv[1:] if a != "--cached-only")
     for model in args.models.split(","):
         net, calib, x, y, tag = load(model, args.n_calib, args.n_eval)
         ref = fp32_logits(net, x)
-        fp32 = float((ref.argmax(1) == y).mean())
+        fp32 = None if y is None else float((ref.argmax(1) == y).mean())
         prepared = prepare_model(net, calib, example_inputs=(torch.from_numpy(calib[:2]),))
         key = f"v2|{model}|{tag}|{DEVICE}|calib{args.n_calib}|eval{len(x)}|threads{args.threads}"
         rows = cache.setdefault(key, {})
-        print(f"{model}: FP32 top-1 {fp32:.4f} on {len(x)} test images", flush=True)
+        print(f"{model}: FP32 top-1 {fp32} on {len(x)} test images", flush=True)
         for s in settings:
             for c in corrections:
+                if f"{s}|{c}" not in rows and args.cached_only:
+                    continue
                 if f"{s}|{c}" not in rows:
                     try:
                         rows[f"{s}|{c}"] = row(prepared, s, c, x, y, ref)
@@ -206,15 +237,13 @@ def main() -> int:
                         continue
                     cache_path.write_text(json.dumps(cache, indent=1))
                 print(f"  {s} {c}: {json.dumps(rows[f'{s}|{c}'])}", flush=True)
-        out.append(table(model, fp32, rows, settings, corrections, len(x)))
-    text = "\n\n".join(out)
-    cmd = "python benchmarks/accuracy_table.py " + " ".join(sys.argv[1:])
-    text = (f"`{cmd}` ({DEVICE}; {args.threads} thread(s); calibration: {args.n_calib} training images; "
-            "first and last weighted layers at 8-bit weights (and 8-bit inputs at W4A4); W8A8 and W4A8 run the "
-            "realized integer program, W4A4 the fake-quant twin)\n\n" + text)
-    print("\n" + text)
+        out[model] = table(model, fp32, rows, settings, corrections, len(x), cmd)
+    header = (f"{DEVICE}; {args.threads} thread(s); calibration: {args.n_calib} training images (photo crops for "
+              "EfficientNet-Lite0); first and last weighted layers at 8-bit weights (and 8-bit inputs at W4A4); "
+              "W8A8 and W4A8 run the realized integer program, W4A4 the fake-quant twin")
+    print("\n" + header + "\n\n" + "\n\n".join(out.values()))
     if args.write:
-        write_results(text)
+        write_results(header, out)
     return 0
 
 
