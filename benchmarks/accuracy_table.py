@@ -179,18 +179,14 @@ def write_results(header: str, tables: dict[str, str]) -> None:
     """Replace (or append) the section under HEADING in RESULTS.md, up to the next ``## `` heading; models not
     run now keep their tables."""
     old = RESULTS.read_text() if RESULTS.exists() else ""
-    old_section = ""
-    if HEADING in old:
-        rest = old.split(HEADING, 1)[1]
-        nxt = rest.find("\n## ")
-        old_section = rest if nxt < 0 else rest[:nxt]
-    text = _merge(old_section, header, tables)
-    section = f"{HEADING}\n\n{text}\n"
     if HEADING in old:
         head, rest = old.split(HEADING, 1)
-        nxt = rest.find("\n## ")
+        ends = [i for i in (rest.find("\n## "), rest.find("\n<!-- BEGIN")) if i >= 0]  # where the next section starts
+        nxt = min(ends) if ends else -1
+        section = f"{HEADING}\n\n{_merge(rest if nxt < 0 else rest[:nxt], header, tables)}\n"
         new = head + section + ("" if nxt < 0 else "\n" + rest[nxt + 1:])
     else:
+        section = f"{HEADING}\n\n{_merge('', header, tables)}\n"
         new = old.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(new)
 
