@@ -87,6 +87,7 @@ def local_rpc(key: str, port: int = 9500, boards=None):
     """
     import time
     from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
 
     from tvm import rpc
     from tvm.rpc.tracker import Tracker
@@ -95,9 +96,13 @@ def local_rpc(key: str, port: int = 9500, boards=None):
     trk = Tracker(host="127.0.0.1", port=port, port_end=port + 100, silent=True)
     servers = []
     try:
-        for board_key, init in boards:
-            servers.append(rpc.Server(host="127.0.0.1", port=port + 200, port_end=port + 300, key=board_key,
-                                      tracker_addr=("127.0.0.1", trk.port), silent=True, server_init_callback=init))
+        def start(board):  # each server process imports TVM first: start them side by side
+            board_key, init = board
+            return rpc.Server(host="127.0.0.1", port=port + 200, port_end=port + 300, key=board_key,
+                              tracker_addr=("127.0.0.1", trk.port), silent=True, server_init_callback=init)
+
+        with ThreadPoolExecutor(max_workers=len(boards)) as pool:
+            servers.extend(pool.map(start, boards))
         deadline = time.monotonic() + 90  # each server imports TVM before it registers
         want = Counter(k for k, _ in boards)
         while True:
