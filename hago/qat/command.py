@@ -62,7 +62,8 @@ def run(args) -> int:
     losses = train(model, x, y, TrainConfig(method=args.method, steps=args.steps, batch=args.batch_size,
                                             lr=args.lr, rho=args.rho, seed=args.seed))
     out = Path(args.output)
-    onnx_path, strategy_path = export(model, torch.from_numpy(x[:1]), out, args.device, method=args.method)
+    onnx_path, strategy_path = export(model, torch.from_numpy(x[:1]), out, args.device, method=args.method,
+                                      calib=x[:256])  # for edges no trained layer reads (residual adds)
     summary = {"method": args.method, "bits": args.bits, "grid": args.grid, "steps": args.steps,
                "final_loss": float(np.mean(losses[-20:]))}
     if args.eval:

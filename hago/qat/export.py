@@ -104,16 +104,23 @@ def _weight_in_hago_layout(node, w: np.ndarray) -> np.ndarray:
 
 
 def build_strategy(model: nn.Module, onnx_path: str | Path, device: str | HardwareSpec,
-                   method: str = "saq") -> Strategy:
+                   method: str = "saq", calib: np.ndarray | None = None) -> Strategy:
     """The pre-quantized strategy that realizes ``model`` (exported to ``onnx_path``) on ``device``.
 
     The hago graph's weighted nodes are matched to the model's quantized
     layers in order, and each match is checked (shape and float weights
     equal), so a model whose ONNX graph reorders or folds its layers is
     refused with one line rather than given the wrong parameters.
+
+    Edges no trained layer reads (a residual add's inputs and output, which
+    the training left in float) are calibrated like post-training quantization
+    on ``calib`` (the exported model's inputs; hago's ``mse`` calibrator), so
+    a ResNet exports too; without ``calib`` such a model is refused. Those
+    edges are the one place the integer program departs from the training's
+    fake-quant forward.
     """
     spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
-    prepared = prepare_model(str(onnx_path))
+    prepared = prepare_model(str(onnx_path), None if calib is None else {"input": np.asarray(calib, np.float32)})
     graph = prepared.graph
     layers = quant_layers(model)
     nodes = [n for n in graph.nodes if n.weighted]
@@ -143,6 +150,8 @@ def build_strategy(model: nn.Module, onnx_path: str | Path, device: str | Hardwa
                  ((_owner(first, n.inputs[0]), m) for n, m in zip(nodes, layers))}
     strategy = annotate(graph, spec, prepared.graph_hash,
                         AnnotateConfig(node_weight_bits=bits, edge_bits=edge_bits, dynamic=False))
+    if calib is not None:  # every edge gets a calibrated range first; the trained ones are overwritten below
+        _calibrate(prepared, strategy)
     strategy.calibrator = method
     for name, qp in edge_qp.items():
         edge = strategy.edges[name]
@@ -154,7 +163,7 @@ def build_strategy(model: nn.Module, onnx_path: str | Path, device: str | Hardwa
     missing = [e for e, c in strategy.edges.items() if c.bits and c.alias_of is None and c.qparams is None]
     if missing:
         raise QuantizeError(f"edge {missing[0]} is quantized on {spec.name} but no trained layer reads it (a "
-                            "residual add?); hago qat exports chains of conv/linear layers")
+                            "residual add?): pass calibration inputs to calibrate such edges")
     for node, layer in zip(nodes, layers):
         op = strategy.ops[node.name]
         if op.mode != "integer":
@@ -166,11 +175,24 @@ def build_strategy(model: nn.Module, onnx_path: str | Path, device: str | Hardwa
     return strategy
 
 
+def _calibrate(prepared, strategy: Strategy) -> None:
+    """Ranges for every quantized edge of ``strategy`` from ``prepared``'s calibration samples (PTQ's ``mse``)."""
+    from hago.build import host_target
+    from hago.calibrate import get_calibrator
+    from hago.observe import apply_ranges, observe
+    from hago.pipeline import CALIB_BATCH
+
+    calibrator = get_calibrator("mse")
+    observe(prepared.fp32, prepared.graph, prepared.calib, calibrator, host_target(), prepared.batch_for(CALIB_BATCH))
+    apply_ranges(strategy, calibrator)
+
+
 def export(model: nn.Module, example: torch.Tensor, out_dir: str | Path, device: str | HardwareSpec,
-           method: str = "saq") -> tuple[Path, Path]:
-    """Write ``model.onnx`` and ``strategy.json`` for ``device`` under ``out_dir``; their paths."""
+           method: str = "saq", calib: np.ndarray | None = None) -> tuple[Path, Path]:
+    """Write ``model.onnx`` and ``strategy.json`` for ``device`` under ``out_dir``; their paths. ``calib``:
+    inputs that calibrate the edges no trained layer reads (:func:`build_strategy`)."""
     out = Path(out_dir)
     onnx_path = export_onnx(model, example, out / "model.onnx")
-    strategy = build_strategy(model, onnx_path, device, method)
+    strategy = build_strategy(model, onnx_path, device, method, calib)
     strategy.save(out / "strategy.json")
     return onnx_path, out / "strategy.json"
