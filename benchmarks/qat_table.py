@@ -126,7 +126,7 @@ def export_problem(net, calib: np.ndarray, config) -> str | None:
     model = quantize_model(trainable(net), torch.from_numpy(calib), config)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            export(model, torch.from_numpy(calib[:1]), tmp, DEVICE, method="qat")
+            export(model, torch.from_numpy(calib[:1]), tmp, DEVICE, method="qat", calib=calib)
         except HagoError as exc:
             return f"{type(exc).__name__}: {exc}"
     return None
@@ -147,7 +147,8 @@ def qat_row(net, method: str, calib, xt, yt, x, y, ref, args, out_dir: Path) -> 
                                                 rho=args.rho, seed=args.seed))
     train_s = time.perf_counter() - t
     fake = logits_of(model, x)
-    onnx_path, strategy_path = export(model, torch.from_numpy(calib[:1]), out_dir / method, DEVICE, method=method)
+    onnx_path, strategy_path = export(model, torch.from_numpy(calib[:1]), out_dir / method, DEVICE, method=method,
+                                      calib=calib)  # calibrates the edges no trained layer reads (residual adds)
     result = hago.compile(str(onnx_path), DEVICE, strategy=str(strategy_path), measure=False,
                           eval_data={"input": x, "label": y})
     out = result.extras["eval_outputs"]["quantized"]

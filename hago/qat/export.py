@@ -36,6 +36,7 @@ logit by orders of magnitude more, so no activation code differed.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from pathlib import Path
 
@@ -52,6 +53,8 @@ from hago.strategy import Strategy
 
 from .layers import QuantLayer, quant_layers
 from .quantizers import export_bits
+
+log = logging.getLogger(__name__)
 
 
 def float_model(model: nn.Module) -> nn.Module:
@@ -144,7 +147,12 @@ def build_strategy(model: nn.Module, onnx_path: str | Path, device: str | Hardwa
         owner = _owner(first, node.inputs[0])
         qp = activation_qparams_of(layer)
         if owner in edge_qp and edge_qp[owner] != qp:
-            raise QuantizeError(f"edge {owner} feeds two trained layers with different input ranges")
+            # hago quantizes an edge once; two layers (a block's conv and its shortcut) learned two ranges for
+            # it: the wider one keeps both layers' inputs unclipped, the other layer sees a coarser grid
+            widest = max(edge_qp[owner], qp, key=lambda q: float(q.scale) * (q.qmax - int(q.zero_point)))
+            log.warning("edge %s feeds two trained layers with different input ranges: the wider one is used",
+                        owner)
+            qp = widest
         edge_qp[owner] = qp
     edge_bits = {e: layer.input_q.bits for e, layer in
                  ((_owner(first, n.inputs[0]), m) for n, m in zip(nodes, layers))}
