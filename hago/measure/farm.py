@@ -136,8 +136,8 @@ class FarmMeasurer:
         if board in self.refused:
             return board, None
         remote = rpc.connect(url, port, matchkey, session_timeout=max(1, int(self.timeout_s)))
-        if board not in self.accepted and self._probe(board, remote) is not None:
-            return board, remote  # held by discovery until it ends, so it is not handed out again meanwhile
+        if board not in self.accepted:
+            self._probe(board, remote)  # a refused board's session is still returned: discovery holds it till the end
         return board, remote
 
     def _connect(self, wait_s: float):
@@ -174,7 +174,7 @@ class FarmMeasurer:
                 self.refused[board] = problem
                 log.warning("board %s under %r refused: it %s (spec %s)", board, self.key, problem,
                             getattr(self.spec, "name", "?"))
-        return None if problem is None else problem
+        return problem
 
     def _acquire(self, avoid: set[str]):
         """A session on a board, another than those in ``avoid`` while another one is alive."""
