@@ -19,21 +19,11 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+from hago.evaluate import log_softmax, mean_kl  # noqa: F401  (one KL for benchmarks and search)
 
 
 def top1_agreement(logits: np.ndarray, ref: np.ndarray) -> float:
     return float((np.argmax(logits, -1) == np.argmax(ref, -1)).mean())
-
-
-def mean_kl(logits: np.ndarray, ref: np.ndarray) -> float:
-    """Mean over samples of KL(softmax(ref) || softmax(logits)), in nats."""
-    lp, lq = _log_softmax(ref), _log_softmax(logits)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def top5_overlap(logits: np.ndarray, ref: np.ndarray) -> float:
@@ -93,7 +83,7 @@ MARGINS = (0.05, 0.1, 0.2, 0.3)
 
 def top1_margin(ref: np.ndarray) -> np.ndarray:
     """FP32's softmax probability of its top-1 class minus that of its top-2, per sample."""
-    p = np.exp(_log_softmax(ref))
+    p = np.exp(log_softmax(ref))
     top2 = np.sort(p, -1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
 

@@ -320,10 +320,20 @@ def _search_checks(args):
             raise UsageError(f"--max-weight-bytes: {e}") from None
     corrections = _corrections(args.corrections)
     _heavy_checks(spec, args.device, corrections)
-    from .search.target import AccuracyTarget  # imports TVM (through hago.evaluate)
-
-    AccuracyTarget.parse(args.accuracy_drop)
+    _search_target(args)
     return spec
+
+
+def _search_target(args):
+    """``(accuracy target, metric)``: ``--accuracy-drop`` on the data's metric, or ``--max-kl`` (not both)."""
+    from .search.target import AccuracyTarget, kl_target  # imports TVM (through hago.evaluate)
+
+    if args.max_kl is None:
+        return AccuracyTarget.parse(args.accuracy_drop or "1%"), None
+    if args.accuracy_drop is not None:
+        raise UsageError("give --accuracy-drop or --max-kl, not both: --max-kl X is the target "
+                         "'mean KL divergence from FP32 at most X'")
+    return kl_target(args.max_kl), "kl"
 
 
 def _farm_measurer(args):
@@ -337,8 +347,13 @@ def _farm_measurer(args):
 
 
 def _engine_options(args) -> dict:
-    opts = dict(accuracy_drop=args.accuracy_drop, max_trials=args.max_trials, time_budget=args.time_budget,
+    target, metric = _search_target(args)
+    opts = dict(accuracy_drop=target, max_trials=args.max_trials, time_budget=args.time_budget,
                 calibrator=args.calibrator)
+    if metric is not None:
+        opts["metric"] = metric
+    if args.multipoint:
+        opts["multipoint"] = True
     if args.corrections is not None:
         opts["corrections"] = _corrections(args.corrections)
     if args.max_weight_bytes is not None:
@@ -391,13 +406,22 @@ def _cmd_bench(args) -> int:
 def _search_options(p) -> None:
     p.add_argument("--calib", required=True, help=".npz of calibration arrays keyed by input name")
     p.add_argument("--eval", required=True, help=".npz evaluation set; with 'label' the metric is top-1")
-    p.add_argument("--accuracy-drop", default="1%", help="'1%%' relative or '0.5pt' absolute, against FP32")
+    p.add_argument("--accuracy-drop", default=None,
+                   help="'1%%' relative or '0.5pt' absolute, against FP32 (default 1%%)")
+    p.add_argument("--max-kl", type=float, default=None, metavar="NATS",
+                   help="instead of --accuracy-drop: mean KL divergence of the softmax outputs from FP32's on "
+                        "--eval at most NATS (e.g. 0.0023); steadier than top-1 agreement where inputs "
+                        "nearly tie")
     p.add_argument("--algorithm", default="evolve", help="evolve | latency | greedy (HAGO's baseline)")
     p.add_argument("--max-trials", type=int, default=16, help="device measurements at most")
     p.add_argument("--time-budget", type=float, default=None, help="seconds at most")
     p.add_argument("--max-weight-bytes", default=None, metavar="SIZE",
                    help="weight-size budget: a build whose realized weights take more is never chosen, and the "
                         "search steers towards builds within it; bytes or with a unit: 2MB, 500kB, 1.5MiB")
+    p.add_argument("--multipoint", action="store_true",
+                   help="also offer each dense and conv2d layer its narrow weights plus multipoint extra points "
+                        "(extra low-bit output channels, a tenth of the layer's, for the channels that lose most): "
+                        "a choice between 4 and 8 bits, priced by measured latency and realized bytes")
     p.add_argument("--calibrator", default="mse")
     p.add_argument("--corrections", default=None,
                    help="corrections every candidate gets, comma separated: bias (default), adaround,bias, "

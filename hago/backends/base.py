@@ -239,6 +239,9 @@ class Backend:
     #: descriptor ``layout`` / ``weight_layout`` values a spec may name (None: unstated)
     layouts: frozenset = frozenset({None, "NCHW"})
     weight_layouts: frozenset = frozenset({None, "OIHW"})
+    #: the integer kernels pad a layer's output channels to a multiple of this: extra output channels up to the
+    #: next multiple cost neither bytes nor time (multipoint's extra points fill them, :mod:`hago.search.points`)
+    output_channel_block: int = 1
 
     def descriptor_problem(self, op: str, desc: OpDescriptor) -> tuple[str, str] | None:
         """``(key, problem)`` when this backend cannot realize descriptor ``desc`` of ``op``; None when it can."""

@@ -56,10 +56,20 @@ class Multipoint(Correction):
     extra ones, and the extra channels as a fraction of all.
     """
 
-    def __init__(self, budget: float = 0.1, max_points: int = 4, max_samples: int = 32):
+    def __init__(self, budget: float = 0.1, max_points: int = 4, max_samples: int = 32, channel_block: int = 1):
         if not 0 <= budget <= 1:
             raise ValueError(f"multipoint budget {budget}: a fraction of the output channels in [0, 1]")
         self.budget, self.max_points, self.max_samples = budget, max_points, max_samples
+        #: the kernel pads output channels to a multiple of this (``Backend.output_channel_block``): a layer's
+        #: extra channels are rounded up to fill the last block, whose lanes are paid for anyway
+        self.channel_block = channel_block
+
+    def extra_count(self, out_channels: int) -> int:
+        """Extra channels for a layer of ``out_channels``: the budget's, rounded up to fill the kernel's block."""
+        extra = mp.extra_count(out_channels, self.budget)
+        if extra and self.channel_block > 1:
+            extra = -(-(out_channels + extra) // self.channel_block) * self.channel_block - out_channels
+        return extra
 
     def selected(self, ctx: CorrectionContext) -> list:
         out = []
@@ -110,7 +120,7 @@ class Multipoint(Correction):
         kind = target_node.kind
         q1, w = mp.to_rows(wq, kind), mp.to_rows(target_node.weight, kind)
         g = None if x is None else input_gram(target_node, x)
-        return mp.build_points(w, q1, wqp.scale, g, bits, mp.extra_count(len(w), self.budget), self.max_points)
+        return mp.build_points(w, q1, wqp.scale, g, bits, self.extra_count(len(w)), self.max_points)
 
 
 def input_gram(node, x: np.ndarray) -> np.ndarray:

@@ -72,7 +72,8 @@ from . import refcache
 from .kernelcache import KernelCache, profile_calls
 from .log import SearchLog, check_resumable
 from .sizes import SizeModel
-from .space import BF16, Point, SearchSpace
+from .points import SearchPoints
+from .space import BF16, Point, SearchSpace, choice_bits, choice_label
 from .target import AccuracyTarget, SearchError, make_metric
 
 log = logging.getLogger(__name__)
@@ -178,10 +179,13 @@ class SearchEngine:
                  max_trials: int | None = None, time_budget: float | None = None, allow_float: bool = True,
                  weight_bits: list[int] | None = None, tie_tolerance: float = 0.03, eval_batch: int = 250,
                  cache_dir: str | Path | None = None, corrections=("bias",), resume: bool = False,
-                 max_weight_bytes: int | str | None = None):
+                 max_weight_bytes: int | str | None = None, multipoint: bool = False):
         self.t0 = time.perf_counter()
         # options first: a bad one is a one-line error before minutes of set-up
         self.target = accuracy_drop if isinstance(accuracy_drop, AccuracyTarget) else AccuracyTarget.parse(accuracy_drop)
+        if metric == "kl" and self.target.relative:
+            raise SearchError(f"a KL target is an absolute bound, not {self.target} of FP32's 0: give "
+                              "accuracy_drop=kl_target(X) (hago search --max-kl X)")
         self.max_trials, self.time_budget = _check_budget(max_trials, time_budget)
         #: the weight-size budget in bytes (None: size is reported, never a constraint)
         self.max_weight_bytes = _check_weight_budget(max_weight_bytes)
@@ -197,7 +201,7 @@ class SearchEngine:
             (corrections,) if isinstance(corrections, str) else tuple(corrections or ()))
         self.fp32, self.graph, self.ghash = self.prepared.fp32, self.prepared.graph, self.prepared.graph_hash
         self.infos, self.fixed_batch = self.prepared.inputs, self.prepared.fixed_batch
-        self.space = self._space(allow_float, weight_bits)
+        self.space = self._space(allow_float, weight_bits, multipoint)
         self.tie_tolerance = tie_tolerance
         if measurer is None and not self.spec.is_local:
             raise SearchError(f"{self.spec.name} is not this machine: pass --rpc TRACKER --key KEY to measure on it")
@@ -225,6 +229,8 @@ class SearchEngine:
         self._executables: OrderedDict = OrderedDict()
         self._calibrate(calibrator, cache_dir)
         self._correct(corrections, cache_dir)
+        #: the fitted extra points of the layers with a ``4+`` choice (:mod:`.points`; none without one)
+        self.points = SearchPoints.fit(self, cache_dir)
         self.eval_samples = load_samples(eval_data, self.infos, name="evaluation")
         fp32_out = self._fp32_outputs(cache_dir)
         if self.eval_samples.labels is not None:
@@ -244,14 +250,14 @@ class SearchEngine:
         self._tmp = Path(tempfile.mkdtemp(prefix="hago_search_"))
 
     # -- set-up ----------------------------------------------------------------
-    def _space(self, allow_float: bool, weight_bits) -> SearchSpace:
-        space = SearchSpace.from_graph(self.graph, self.spec)
+    def _space(self, allow_float: bool, weight_bits, multipoint: bool = False) -> SearchSpace:
+        space = SearchSpace.from_graph(self.graph, self.spec, multipoint)
         knobs = []
         for k in space.knobs:
             ch = k.choices
             if k.kind == "weight":
                 ch = tuple(c for c in ch if (c or allow_float)
-                           and (weight_bits is None or c in (0, BF16) or c in weight_bits))
+                           and (weight_bits is None or c in (0, BF16) or choice_bits(c) in weight_bits))
                 if not ch:
                     raise SearchError(f"no weight bits left for {k.name}: the spec allows {k.choices[1:]}")
             knobs.append(type(k)(k.name, k.kind, ch))
@@ -357,12 +363,13 @@ class SearchEngine:
                 if op.mode == "integer" and key is not None and self._layer_key(strat, name) == key:
                     op.bias_delta, op.weight_round = delta, rounding
             strat.corrections = list(self.corrections)
+        self.points.apply(strat, self.space, point, self._layer_key)
         return strat
 
     def label(self, point: Point) -> str:
         if point == self.space.all_float() and all(k.kind == "weight" for k in self.space.knobs):
             return "FP32"
-        return " ".join("F" if b == 0 else "B" if b == BF16 else str(b) for b in point)
+        return " ".join(choice_label(b) for b in point)
 
     def candidate(self, point: Point) -> Candidate:
         key = self.space.key(point)

@@ -165,7 +165,8 @@ class SearchLog:
 
     def _load(self) -> None:
         first, self.records = _parse(self.path, self.path.read_bytes())
-        for key in ("log_version", "graph_hash", "device", "space"):
+        # the metric too: an accuracy record is a score on it (agreement, top-1, minus KL), not a pass/fail
+        for key in ("log_version", "graph_hash", "device", "space", "metric"):
             if first.get(key) != self.header.get(key):
                 raise SearchError(f"{self.path} was written for another {key} ({first.get(key)!r}); start a new log")
 

@@ -18,7 +18,7 @@ from .algorithms import ALGORITHMS
 from .engine import SearchEngine, SearchResult
 from .log import check_resumable
 from .pareto import front, plot, table
-from .target import SearchError
+from .target import KL_METRIC, SearchError
 
 
 def _progress_hook(engine: SearchEngine, progress: Progress, task) -> None:
@@ -152,6 +152,8 @@ def _scores_into_report(report: dict, engine: SearchEngine, result: SearchResult
         report["fp32"]["accuracy"], report["quantized"]["accuracy"] = engine.fp32_score, result.best.accuracy
     elif engine.metric_name == "top-1 agreement with FP32":
         report["agreement"] = result.best.accuracy
+    elif engine.metric_name == KL_METRIC:
+        report["mean_kl"] = -result.best.accuracy
 
 
 def print_search(result: SearchResult, console: Console | None = None) -> None:

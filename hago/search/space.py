@@ -10,6 +10,16 @@ int4 < int8 < bf16 < fp32, so a search that restores accuracy step by step
 tries bf16 before fp32. Activation knobs exist only where the spec lists more than one
 activation width (the T4's int4/int8, say); on a device with one width the
 edge simply follows its consumer.
+
+With ``multipoint=True`` a dense or one-group conv2d layer also gets, for each
+integer width below its widest, the choice "that width plus extra points"
+(:data:`MULTIPOINT` + bits; :mod:`hago.multipoint`): the same integer kernel
+with about a tenth more output channels, which buys back accuracy for less
+weight than the next width. It sits between its width and the next
+(4 < 4+points < 8), so a search restoring accuracy weighs it against raising
+the layer's bits, each priced by measured latency and realized bytes. Only on
+specs with one activation width: the points are fitted to the layer's
+calibrated input scale.
 """
 
 from __future__ import annotations
@@ -23,10 +33,38 @@ from ..hwspec import HardwareSpec
 Point = tuple[int, ...]
 #: the weight-knob choice that puts a layer in bf16 (bf16 weights and activations, float32 accumulation)
 BF16 = 16
+#: a weight-knob choice ``MULTIPOINT + b``: ``b``-bit weights with multipoint extra points (104: 4-bit + points)
+MULTIPOINT = 100
+
+
+def is_multipoint(choice: int) -> bool:
+    return choice > MULTIPOINT
+
+
+def choice_bits(choice: int) -> int:
+    """The integer weight width of a weight-knob choice (0 for fp32, 16 for bf16)."""
+    return choice - MULTIPOINT if is_multipoint(choice) else choice
+
+
+def choice_label(choice: int) -> str:
+    """How a point's label shows a choice: ``F`` fp32, ``B`` bf16, ``4+`` 4-bit with extra points, else bits."""
+    return "F" if choice == 0 else "B" if choice == BF16 else f"{choice_bits(choice)}+" if is_multipoint(choice) \
+        else str(choice)
 
 
 def _integer(choices) -> tuple[int, ...]:
-    return tuple(c for c in choices if c and c != BF16)
+    """The plain integer widths (no bf16, no multipoint)."""
+    return tuple(c for c in choices if c and c != BF16 and not is_multipoint(c))
+
+
+def takes_points(node) -> bool:
+    """Whether multipoint extra points fit ``node``: a dense or a one-group NCHW conv2d."""
+    if node.kind == "dense":
+        return True
+    if node.kind != "conv2d":
+        return False
+    a = node.call.attrs
+    return int(a.groups) == 1 and str(a.data_layout) == "NCHW" and str(a.kernel_layout) == "OIHW"
 
 
 @dataclass(frozen=True)
@@ -41,7 +79,7 @@ class SearchSpace:
     knobs: tuple[Knob, ...]
 
     @classmethod
-    def from_graph(cls, graph: Graph, spec: HardwareSpec) -> "SearchSpace":
+    def from_graph(cls, graph: Graph, spec: HardwareSpec, multipoint: bool = False) -> "SearchSpace":
         from ..backends import backend_of
 
         backend = backend_of(spec)
@@ -53,8 +91,10 @@ class SearchSpace:
             ints = wbits if spec.descriptors(node.kind) else ()
             bf16 = (BF16,) if (spec.bf16_descriptor(node.kind) is not None
                                and backend.bf16_node_problem(node) is None) else ()
+            points = (tuple(MULTIPOINT + b for b in ints[:-1]) if multipoint and takes_points(node)
+                      and len(spec.bits.activation) == 1 else ())
             if ints or bf16:
-                knobs.append(Knob(node.name, "weight", (0, *ints, *bf16)))
+                knobs.append(Knob(node.name, "weight", (0, *ints, *bf16, *points)))
         if len(spec.bits.activation) > 1:
             for node in graph.nodes:
                 if node.weighted and spec.descriptors(node.kind):
@@ -97,6 +137,10 @@ class SearchSpace:
             return None
         return tuple(BF16 if BF16 in k.choices else w for k, w in zip(self.knobs, self.widest()))
 
+    def multipoint_layers(self, point: Point) -> list[str]:
+        """The layers ``point`` gives extra points (their weight bits are in :meth:`config`)."""
+        return [k.name for k, b in zip(self.knobs, point) if k.kind == "weight" and is_multipoint(b)]
+
     def config(self, point: Point) -> AnnotateConfig:
         weight, floats, bf16, edges = {}, set(), set(), {}
         for k, b in zip(self.knobs, point):
@@ -106,7 +150,7 @@ class SearchSpace:
                 elif b == BF16:
                     bf16.add(k.name)
                 else:
-                    weight[k.name] = b
+                    weight[k.name] = choice_bits(b)
             else:
                 edges[k.name] = b
         return AnnotateConfig(node_weight_bits=weight, float_ops=frozenset(floats), bf16_ops=frozenset(bf16),
@@ -130,10 +174,11 @@ class SearchSpace:
 
     @staticmethod
     def _order(k: Knob) -> list[int]:
-        """``k``'s choices from least to most precise: 4 < 8 < bf16 < fp32 for a weight knob."""
+        """``k``'s choices from least to most precise: 4 < 4+points < 8 < bf16 < fp32 for a weight knob."""
         if k.kind != "weight":
             return list(k.choices)
-        return sorted(_integer(k.choices)) + [c for c in k.choices if c == BF16] + [0]
+        ints = sorted((c for c in k.choices if c and c != BF16), key=lambda c: (choice_bits(c), is_multipoint(c)))
+        return ints + [c for c in k.choices if c == BF16] + [0]
 
     def neighbours(self, point: Point, direction: int) -> list[Point]:
         """Points one step more (+1) or less (-1) precise on a single knob; float is the top step."""

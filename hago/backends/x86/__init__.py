@@ -39,6 +39,7 @@ class X86Backend(CPUBackend):
     layouts = frozenset({None, "NCHW", "NCHW16c"})
     weight_layouts = frozenset({None, "OIHW", *VNNI_WEIGHT_LAYOUTS})
     shipped_intrinsics = frozenset({"dot_16x4_vnni"})
+    output_channel_block = 16  # NCHW16c convs, NK16n4k dense (VNNI and AMX)
 
     def claims(self, target) -> bool:
         """An LLVM target for an x86 triple (no triple: this machine's)."""
