@@ -56,10 +56,13 @@ class Multipoint(Correction):
     extra ones, and the extra channels as a fraction of all.
     """
 
-    def __init__(self, budget: float = 0.1, max_points: int = 4, max_samples: int = 32, channel_block: int = 1):
+    def __init__(self, budget: float = 0.1, max_points: int = 4, max_samples: int = 32, channel_block: int = 1,
+                 layers=None):
         if not 0 <= budget <= 1:
             raise ValueError(f"multipoint budget {budget}: a fraction of the output channels in [0, 1]")
         self.budget, self.max_points, self.max_samples = budget, max_points, max_samples
+        #: only these layer names (None: every layer that takes points); the search fits its ``4+`` layers only
+        self.layers = None if layers is None else frozenset(layers)
         #: the kernel pads output channels to a multiple of this (``Backend.output_channel_block``): a layer's
         #: extra channels are rounded up to fill the last block, whose lanes are paid for anyway
         self.channel_block = channel_block
@@ -76,6 +79,8 @@ class Multipoint(Correction):
         for node in ctx.graph.nodes:
             op = ctx.strategy.ops.get(node.name)
             if op is None or op.mode != "integer" or node.kind not in ("dense", "conv2d"):
+                continue
+            if self.layers is not None and node.name not in self.layers:
                 continue
             if node.kind == "conv2d":
                 a = node.call.attrs

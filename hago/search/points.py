@@ -29,7 +29,7 @@ from ..correct import CorrectionContext
 from ..correct.multipoint import Multipoint
 from ..pipeline import CALIB_BATCH
 from . import refcache
-from .space import Point, SearchSpace, choice_bits, is_multipoint
+from .space import Point, SearchSpace, is_multipoint
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class SearchPoints:
         digest = engine._digest("multipoint", engine.calib_samples, engine.calibrator.name, engine.spec.name, block)
         path = Path(cache_dir) / "reference" / f"multipoint-{digest}.json"
         key = {"digest": digest, "graph_hash": engine.ghash, "calibrator": engine.calibrator.name,
-               "spec": engine.spec.name, "channel_block": block, "budget": BUDGET, "max_points": MAX_POINTS, "max_samples": MAX_SAMPLES}
+               "spec": engine.spec.name, "channel_block": block, "budget": BUDGET, "max_points": MAX_POINTS,
+               "max_samples": MAX_SAMPLES}
         data = refcache.load_json(path, "multipoint", key)
         if data is not None:
             try:
@@ -81,28 +82,26 @@ class SearchPoints:
             except ValueError as e:  # well-formed JSON that is not ours: fit again
                 log.warning("ignoring cached multipoint points %s (%s): fitting them again", path, e)
         strat = engine._strategy(fitting_point(engine.space, engine.space.widest()))
-        plugin = Multipoint(BUDGET, MAX_POINTS, MAX_SAMPLES, block)
-        wanted, every = set(names), plugin.selected
-        plugin.selected = lambda ctx: [n for n in every(ctx) if n.name in wanted]  # not the 8-bit layers
+        plugin = Multipoint(BUDGET, MAX_POINTS, MAX_SAMPLES, block, layers=names)  # not the 8-bit ones
         ctx = CorrectionContext(engine.fp32, engine.graph, strat, engine.calib_samples, engine.host,
                                 engine.prepared.batch_for(CALIB_BATCH))
         report = plugin.run(ctx)
         log.info("multipoint points for the search: %s", report)
         layers = {name: (engine._layer_key(strat, name), op.multipoint)
-                  for name, op in strat.ops.items() if name in wanted and op.multipoint is not None}
+                  for name, op in strat.ops.items() if op.multipoint is not None}
         refcache.save_json(path, "multipoint", key,
                            {"layers": {n: {"key": list(k), "points": p} for n, (k, p) in layers.items()}})
         return cls(layers)
 
     def apply(self, strat, space: SearchSpace, point: Point, layer_key) -> None:
         """Give ``strat`` (``point``'s strategy) the points of each layer ``point`` puts at ``4+``, where the
-        layer is quantized as the points were fitted; a layer whose fitting gave no point stays plain."""
+        layer is quantized as the points were fitted (its key holds the weight bits and the input's
+        quantization); a layer whose fitting gave no point stays plain."""
         for k, c in zip(space.knobs, point):
             if k.kind != "weight" or not is_multipoint(c) or k.name not in self.layers:
                 continue
             op = strat.ops[k.name]
             fitted_key, points = self.layers[k.name]
-            if (op.mode == "integer" and op.weight_bits == choice_bits(c)
-                    and tuple(layer_key(strat, k.name)) == fitted_key):
+            if op.mode == "integer" and tuple(layer_key(strat, k.name)) == fitted_key:
                 op.multipoint = points
 

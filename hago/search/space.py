@@ -48,8 +48,11 @@ def choice_bits(choice: int) -> int:
 
 def choice_label(choice: int) -> str:
     """How a point's label shows a choice: ``F`` fp32, ``B`` bf16, ``4+`` 4-bit with extra points, else bits."""
-    return "F" if choice == 0 else "B" if choice == BF16 else f"{choice_bits(choice)}+" if is_multipoint(choice) \
-        else str(choice)
+    if choice == 0:
+        return "F"
+    if choice == BF16:
+        return "B"
+    return f"{choice_bits(choice)}+" if is_multipoint(choice) else str(choice)
 
 
 def _integer(choices) -> tuple[int, ...]:
