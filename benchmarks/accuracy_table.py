@@ -47,7 +47,7 @@ RESULTS = HERE / "RESULTS.md"
 HEADING = "## Accuracy at 8 and 4 bits (issue 17)"
 DEVICE = "x86-avx512-vnni"
 SETTINGS = ("w8a8", "w4a8", "w4a4", "w4a8all")
-CORRECTIONS = ("none", "bias", "adaround_conv+bias", "brecq+bias", "lapq+bias", "cle+bias_data_free")
+CORRECTIONS = ("none", "bias", "gptq+bias", "adaround_conv+bias", "brecq+bias", "lapq+bias", "cle+bias_data_free")
 BATCH = 250
 LABELS = {"w8a8": "W8A8", "w4a8": "W4A8", "w4a4": "W4A4 (simulated)", "w4a8all": "W4A8, first/last 4-bit too"}
 
@@ -191,6 +191,15 @@ def write_results(header: str, tables: dict[str, str]) -> None:
     RESULTS.write_text(new)
 
 
+def _save_row(path: Path, key: str, name: str, row: dict) -> None:
+    """Add one row to ``rows.json`` as it is on disk now: two runs side by side keep each other's rows."""
+    disk = json.loads(path.read_text()) if path.exists() else {}
+    disk.setdefault(key, {})[name] = row
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(disk, indent=1))
+    tmp.replace(path)
+
+
 def main() -> int:
     import torch
 
@@ -231,7 +240,7 @@ def main() -> int:
                     except Exception as exc:  # one failing plug-in must not lose the others' rows
                         print(f"  {s} {c}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                         continue
-                    cache_path.write_text(json.dumps(cache, indent=1))
+                    _save_row(cache_path, key, f"{s}|{c}", rows[f"{s}|{c}"])
                 print(f"  {s} {c}: {json.dumps(rows[f'{s}|{c}'])}", flush=True)
         out[model] = table(model, fp32, rows, settings, corrections, len(x), cmd)
     header = (f"{DEVICE}; {args.threads} thread(s); calibration: {args.n_calib} training images (photo crops for "

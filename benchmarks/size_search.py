@@ -10,7 +10,11 @@ Spec: ``x86-avx512-vnni`` (every integer layer on VNNI, 4-bit weights packed).
 The front, the per-layer bits and the chosen build's size, KL, agreement and
 latency go into RESULTS.md; ``pareto.png`` beside the log.
 
-    python benchmarks/size_search.py [--max-kl 0.03] [--budget-at 0.5] [--multipoint] [--max-trials 8] [--no-write]
+Corrections (``--corrections``, default ``gptq,bias``) run once per weight width, so each 4-bit layer
+carries GPTQ's codes and each 8-bit layer its own.
+
+    python benchmarks/size_search.py [--max-kl 0.03] [--budget-at 0.5] [--multipoint] [--max-trials 8]
+                                     [--corrections gptq,bias] [--no-write]
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def main() -> int:
     p.add_argument("--multipoint", action="store_true")
     p.add_argument("--max-trials", type=int, default=8)
     p.add_argument("--n-calib", type=int, default=64)
+    p.add_argument("--corrections", default="gptq,bias",
+                   help="local corrections, run once per weight width (4-bit layers get GPTQ's codes)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
 
@@ -58,10 +64,11 @@ def main() -> int:
     model = models.build("efficientnet_lite0")
     inp = models.input_names(model)[0]
     views, _ = models.photo_views()
-    work = WORK / ("multipoint" if args.multipoint else "plain")
+    corrections = tuple(c for c in args.corrections.split(",") if c)
+    work = WORK / (("multipoint" if args.multipoint else "plain") + "-" + ("+".join(corrections) or "none"))
     calib = {inp: models.photo_crops(args.n_calib, seed=1)}
     common = dict(example_inputs=models.example_inputs("efficientnet_lite0", 1), metric="kl",
-                  multipoint=args.multipoint, cache_dir=WORK / "cache")
+                  multipoint=args.multipoint, cache_dir=WORK / "cache", corrections=corrections)
     from hago.search.target import kl_target
 
     t0 = time.perf_counter()
@@ -109,7 +116,8 @@ def main() -> int:
     body = (f"## EfficientNet-Lite0: hago search under a weight budget{', with multipoint' if args.multipoint else ''}"
             f", {DEVICE}\n\n"
             f"Command: `python benchmarks/size_search.py --max-kl {args.max_kl:g} --budget-at {args.budget_at:g}"
-            f"{' --multipoint' if args.multipoint else ''} --max-trials {args.max_trials}` ({bench._stamp()}).\n"
+            f"{' --multipoint' if args.multipoint else ''} --max-trials {args.max_trials} "
+            f"--corrections {args.corrections}` ({bench._stamp()}).\n"
             f"Machine: {bench._machine()}.\n"
             f"Target: mean KL from FP32 <= {args.max_kl:g} on the {len(views)} photo views; budget "
             f"{format_bytes(budget)} of weights ({args.budget_at:.0%} of the way from all-4-bit to all-8-bit); "

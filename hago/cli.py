@@ -424,8 +424,9 @@ def _search_options(p) -> None:
                         "a choice between 4 and 8 bits, priced by measured latency and realized bytes")
     p.add_argument("--calibrator", default="mse")
     p.add_argument("--corrections", default=None,
-                   help="corrections every candidate gets, comma separated: bias (default), adaround,bias, "
-                        "adaround_conv,bias, brecq,bias (adaround learned block by block, residual blocks jointly), "
+                   help="corrections every candidate gets, comma separated: bias (default), gptq,bias (GPTQ "
+                        "codes per layer; run once at the widest and once at the lowest weight width), "
+                        "weight_clip (least-Lp-error weight steps), adaround,bias, adaround_conv,bias, brecq,bias (adaround learned block by block, residual blocks jointly), "
                         "cle (cross-layer equalization of the FP32 weights, before "
                         "calibration), bias_data_free (bias correction from batch-norm statistics, no data), "
                         "lapq (loss-aware activation clipping; hago compile only: its clips depend on every "
@@ -462,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--corrections", default=None,
                    help="accuracy plug-ins after calibration, comma separated, in order: bias (empirical bias "
                         "correction, each layer on its FP32 input), bias_sequential (layer by layer, slow), "
+                        "gptq (each layer's integer weights rounded column by column with the error fed "
+                        "forward, on an output-aware step; put it before bias), gptq_sequential (gptq, then "
+                        "each layer in turn refit on the input the quantized network gives it), weight_clip "
+                        "(least-Lp-error weight steps; put it before adaround), "
                         "adaround / adaround_conv (learned rounding of depthwise / all conv weights; put it "
                         "before bias), brecq (block reconstruction: adaround's rounding learned jointly per "
                         "residual / inverted-residual block on the block's output; put it before bias), "

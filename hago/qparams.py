@@ -150,6 +150,13 @@ def weight_qparams(w: np.ndarray, axis: int | None, bits: int, dtype: str = "int
     return QParams(scale, zp, dtype, qmin, qmax, axis)
 
 
+def fixed_weight_qparams(scale: np.ndarray, axis: int, bits: int, dtype: str = "int8") -> QParams:
+    """Symmetric, narrow-range per-channel weight parameters with a given step per channel."""
+    qmin, qmax = integer_range(dtype, bits, narrow=True)
+    s = np.asarray(scale, np.float32)
+    return QParams(s, np.zeros_like(s, dtype=np.int32), dtype, qmin, qmax, axis)
+
+
 #: Headroom the int32 accumulator keeps for the bias: |bias_q| <= 2**30 leaves
 #: 2**30 for the products and the zero-point term.
 BIAS_BITS = 30

@@ -66,7 +66,9 @@ def _fake_quant_param(bb: relax.BlockBuilder, x, qp, param: relax.Var) -> relax.
 
 
 def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs: Sequence[str] = (),
-             taps: Sequence[str] = (), local: bool = False, range_inputs: Sequence[str] = ()) -> tvm.IRModule:
+             taps: Sequence[str] = (), local: bool = False, range_inputs: Sequence[str] = (),
+             twin_graph: Graph | None = None, weight_inputs: Sequence[str] = (),
+             edge_taps: Sequence[str] = ()) -> tvm.IRModule:
     """Return the FP32 ``main`` of ``graph`` with fake quantization per ``strategy``.
 
     Biases are ``node.bias`` (so a graph from :func:`hago.correct.corrected_graph`
@@ -92,6 +94,16 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
       output and the layer's quantized twin on the same FP32 input (input
       fake-quantized with its edge's parameters, weights rounded): the error one
       layer adds by itself, with no error arriving from earlier layers.
+      ``twin_graph`` (a :func:`hago.correct.corrected_graph` of ``graph``) gives
+      the twins their weights and biases while the network itself runs on
+      ``graph``'s: a corrected layer measured on the true FP32 input;
+    * ``weight_inputs``: these integer weighted nodes take their (already
+      quantized) float weight as an extra parameter of ``main`` each, in their
+      own layout (after the range inputs, in this order), so a correction can
+      change weights without rebuilding (:mod:`hago.correct.gptq`'s sequential pass);
+    * ``edge_taps`` (without ``taps``): ``main`` returns these edges' whole tensors
+      as their consumers see them (fake-quantized where the strategy quantizes
+      them), instead of the model output.
     """
     bb = relax.BlockBuilder(graph.support_module())  # the importer's helpers main may call
     func = graph.func
@@ -113,6 +125,10 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
         if choice is None or not choice.bits or choice.alias_of is not None or choice.dynamic or choice.qparams is None:
             raise QuantizeError(f"simulate: range input {edge!r} is not a calibrated static edge of the strategy")
         range_vars[graph.edge_var[edge]] = relax.Var(f"hago_range_{edge}", relax.TensorType([2], "float32"))
+
+    weight_vars = {name: relax.Var(f"hago_weight_{name}", relax.TensorType(list(graph.node(name).weight.shape),
+                                                                          "float32"))
+                   for name in weight_inputs}
 
     def subst(expr):
         return substitute(expr, lambda v: remap.get(v, v))
@@ -139,7 +155,8 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
         return acc
 
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs else None
-    with bb.function("main", params + list(bias_vars.values()) + list(range_vars.values()), attrs=attrs):
+    extra = list(bias_vars.values()) + list(range_vars.values()) + list(weight_vars.values())
+    with bb.function("main", params + extra, attrs=attrs):
         with bb.dataflow():
             for old, new in zip(func.params, params):
                 after(old, new)
@@ -154,10 +171,14 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
                         handler = handler_for(strategy, node)  # its constants as realize quantizes them
                         value = handler.simulated_call(node, value, strategy) if handler else value
                         value = sparq.simulated_call(bb, node, value, strategy, subst)  # SPARQ specs only
+                        if node.name in weight_vars:
+                            value = relax.Call(value.op, [value.args[0], weight_vars[node.name]], value.attrs,
+                                               value.ty_args)
                     elif fake and mode == "bf16":  # emitted here: the rounding needs the substituted input
                         value = bf16.simulated(bb, node, subst(value.args[0]))
                     if local and node is not None and node.name in tap_set:
-                        twins[node.name] = _local_twin(bb, node, strategy, subst(value), with_bias)
+                        twin_node = twin_graph.node(node.name) if twin_graph is not None else node
+                        twins[node.name] = _local_twin(bb, twin_node, strategy, subst(value), with_bias)
                     if node is not None and node.weighted:
                         acc = bb.emit(subst(value))
                         out = with_bias(node, acc)
@@ -174,6 +195,8 @@ def simulate(graph: Graph, strategy: Strategy, *, fake: bool = True, bias_inputs
                     if local:
                         means.append(_channel_mean(bb, n, twins[name]))
                 out = bb.emit_output(relax.Tuple(means))
+            elif edge_taps:
+                out = bb.emit_output(relax.Tuple([remap[graph.edge_var[e]] for e in edge_taps]))
             else:
                 out = bb.emit_output(subst(func.body.body))
         bb.emit_func_output(out)

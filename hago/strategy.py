@@ -53,14 +53,19 @@ class OpChoice:
     multipoint: dict | None = None
     # the per-output-channel scale of the layer's integer weights, given rather than derived
     # (hago.qat: the step sizes a quantization-aware training learned, so realize rounds the exported
-    # weights back to exactly the trained integers); None (the default, left out of the JSON): the
+    # weights back to exactly the trained integers; hago.correct.weight_clip: the least-Lp-error step,
+    # on which a learned weight_round then sits); None (the default, left out of the JSON): the
     # max-abs scale of hago.qparams.weight_qparams
     weight_scale: list[float] | None = None
+    # the layer's integer weights themselves, packed (hago.correct.rounding.encode_codes), on the grid
+    # of weight_scale, which they require (hago.correct.gptq: codes that error feedback moved more than
+    # one step from the weight); None (the default, left out of the JSON): realize rounds the weights
+    weight_codes: str | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
         # optional: strategies without them keep their exact JSON
-        for key in ("weight_scale_in", "multipoint", "weight_scale"):
+        for key in ("weight_scale_in", "multipoint", "weight_scale", "weight_codes"):
             if d[key] is None:
                 del d[key]
         return d
@@ -266,9 +271,17 @@ def _validate_op(where: str, op) -> None:
     wsc = op.get("weight_scale")
     if wsc is not None and not (isinstance(wsc, list) and _numbers(wsc) is not None and min(wsc) > 0):
         _fail(f"{where}.weight_scale", "must be a non-empty list of finite positive numbers or null")
-    clash = [k for k in ("multipoint", "weight_round", "weight_scale_in") if op.get(k) is not None]
+    clash = [k for k in ("multipoint", "weight_scale_in") if op.get(k) is not None]
     if wsc is not None and clash:  # each of them moves the weights or fits its own grid
-        _fail(f"{where}.weight_scale", f"does not compose with {clash[0]} (trained weights are already integers)")
+        _fail(f"{where}.weight_scale", f"does not compose with {clash[0]} (each sets the layer's grid its own way)")
+    codes = op.get("weight_codes")
+    if codes is not None:
+        if not isinstance(codes, str):
+            _fail(f"{where}.weight_codes", "must be a string (packed codes) or null")
+        if wsc is None:
+            _fail(f"{where}.weight_codes", "needs the weight_scale its codes sit on")
+        if op.get("weight_round") is not None:
+            _fail(f"{where}.weight_codes", "does not compose with weight_round (the codes are already rounded)")
     if op.get("multipoint") is not None:
         _validate_multipoint(f"{where}.multipoint", op["multipoint"])
     if not isinstance(op.get("reason", ""), str) or not isinstance(op.get("weight_round") or "", str):

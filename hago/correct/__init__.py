@@ -9,6 +9,15 @@ strategy (``OpChoice.bias_delta``), so ``realize`` and a replayed
 * ``bias`` / ``bias_sequential`` -- empirical bias correction (Nagel et al. 2019, "Data-Free
   Quantization", sec. 4.2): per-channel mean output error of each quantized
   layer, subtracted from its bias (:mod:`hago.correct.bias`).
+* ``weight_clip`` -- each output channel's weight step chosen by least Lp rounding
+  error (BRECQ's weight-quantizer initialisation; :mod:`hago.correct.weight_clip`),
+  stored in ``OpChoice.weight_scale``. Run it first: the learned roundings sit on its grid.
+* ``gptq`` -- each layer's integer weights rounded one input column at a time, the
+  error fed forward onto the columns left through the inverse of the inputs' second
+  moments (Frantar et al. 2023; :mod:`hago.correct.gptq`), on an output-aware step;
+  stored as ``OpChoice.weight_codes`` and ``.weight_scale``. Run ``bias`` after it.
+  ``gptq_sequential`` refits each layer in turn on the input the quantized network
+  gives it (not local: ``hago compile`` only).
 * ``adaround`` -- learned up/down rounding of the depthwise (or all conv)
   weights (Nagel et al. 2020; :mod:`hago.correct.adaround`), stored as one
   bit per weight in ``OpChoice.weight_round``; ``adaround_conv`` does every
@@ -50,10 +59,12 @@ from hago.correct.bias import BiasCorrection, SequentialBiasCorrection
 from hago.correct.bias_data_free import DataFreeBiasCorrection
 from hago.correct.cle import CrossLayerEqualization
 from hago.correct.dfmpc import DataFreeMixedPrecisionCompensation
+from hago.correct.gptq import Gptq, GptqSequential
 from hago.correct.lapq import Lapq
 from hago.correct.multipoint import Multipoint
+from hago.correct.weight_clip import WeightClip
 
 __all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Brecq", "Correction", "CorrectionContext",
            "CrossLayerEqualization", "DataFreeBiasCorrection",
-           "DataFreeMixedPrecisionCompensation", "GraphCorrection", "Multipoint", "SequentialBiasCorrection",
-           "check_corrections", "corrected_graph", "get_correction", "graph_stage", "register", "run_corrections"]
+           "DataFreeMixedPrecisionCompensation", "GraphCorrection", "Gptq", "GptqSequential", "Lapq", "Multipoint", "SequentialBiasCorrection",
+           "WeightClip", "check_corrections", "corrected_graph", "get_correction", "graph_stage", "register", "run_corrections"]

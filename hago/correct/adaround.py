@@ -87,8 +87,8 @@ class AdaRound(Correction):
         out = []
         for node in ctx.graph.nodes:
             op = ctx.strategy.ops.get(node.name)
-            if op is None or op.mode != "integer" or node.kind not in kinds:
-                continue
+            if op is None or op.mode != "integer" or node.kind not in kinds or op.weight_codes is not None:
+                continue  # (gptq's codes are already this layer's rounding)
             attrs = node.call.attrs
             if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
                 continue
@@ -123,7 +123,8 @@ class AdaRound(Correction):
     def _learn(self, torch, gen, node, bits: int, strategy, x_np: np.ndarray) -> tuple[np.ndarray, float]:
         """(rounding bits, hard-rounded output MSE / nearest's) for one layer."""
         conv = torch_layer(torch, node)
-        ws_np, s_np, qp = rounding.grid(node.weight, node.kind, bits)
+        step = strategy.ops[node.name].weight_scale  # weight_clip's step, if it ran first
+        ws_np, s_np, qp = rounding.grid(node.weight, node.kind, bits, step)
         x = torch.from_numpy(x_np)
         xq = _fake_quant(torch, x, strategy.resolved(node.inputs[0]).qparams)
         w = torch.from_numpy(node.weight.astype(np.float32))
@@ -150,10 +151,10 @@ class AdaRound(Correction):
             opt.step()
         with torch.no_grad():
             up = (v >= 0).numpy()  # h(V) > 0.5
-            learned = _mse(conv(xq, torch.from_numpy(rounding.rounded_weight(node.weight, node.kind, bits, up))),
+            learned = _mse(conv(xq, torch.from_numpy(rounding.rounded_weight(node.weight, node.kind, bits, up, step))),
                            target)
             near = _mse(conv(xq, torch.from_numpy(rounding.rounded_weight(
-                node.weight, node.kind, bits, rounding.nearest_up(node.weight, node.kind, bits)))), target)
+                node.weight, node.kind, bits, rounding.nearest_up(node.weight, node.kind, bits, step), step))), target)
         return up, learned / max(near, 1e-30)
 
 

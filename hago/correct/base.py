@@ -2,6 +2,7 @@
 
 A correction is one class registered under a CLI name (``@register("bias")``)
 with ``run(ctx)``; it may only write ``strategy.ops[node].bias_delta``, ``.weight_round``,
+``.weight_scale`` (:mod:`hago.correct.weight_clip`), ``.weight_codes`` (:mod:`hago.correct.gptq`),
 ``.weight_scale_in`` and ``.multipoint`` (extra points, read by realize/simulate themselves), and (``lapq`` alone, :mod:`hago.correct.lapq`) the ``range`` and
 ``qparams`` of static activation edges that own their parameters (no alias, not
 dynamic), keeping their bits, dtype and symmetry: realize reads those edge
@@ -165,11 +166,13 @@ def corrected_graph(graph: Graph, strategy: Strategy) -> Graph:
     (:func:`scale_input_channels`; not with a ``weight_round`` on the same layer,
     which was learned on the unscaled weights); a stored ``weight_round`` replaces the
     weights by ones already on their grid, rounded the learned way
-    (:mod:`hago.correct.rounding`). ``realize`` and ``simulate`` read
+    (:mod:`hago.correct.rounding`), and stored ``weight_codes`` by the codes times
+    ``weight_scale`` (:mod:`hago.correct.gptq`). ``realize`` and ``simulate`` read
     ``node.bias`` and ``node.weight``, so both see the corrected values.
     """
     ops = {n: c for n, c in strategy.ops.items()
-           if c.bias_delta is not None or c.weight_round is not None or c.weight_scale_in is not None}
+           if c.bias_delta is not None or c.weight_round is not None or c.weight_scale_in is not None
+           or c.weight_codes is not None}
     if not ops:
         return graph
     nodes = []
@@ -188,9 +191,12 @@ def corrected_graph(graph: Graph, strategy: Strategy) -> Graph:
                                 "leaves that layer alone) or only one of them")
         if c.weight_scale_in is not None:  # the scaled weight is what realize quantizes
             changes["weight"] = scale_input_channels(node, node.weight, c.weight_scale_in)
+        if c.weight_codes is not None:  # gptq's integers, on weight_scale's grid
+            changes["weight"] = rounding.coded_weight(node.kind, c.weight_bits, c.weight_codes, c.weight_scale,
+                                                      node.weight.shape)
         if c.weight_round is not None:
             up = rounding.decode(c.weight_round, node.weight.shape)
-            changes["weight"] = rounding.rounded_weight(node.weight, node.kind, c.weight_bits, up)
+            changes["weight"] = rounding.rounded_weight(node.weight, node.kind, c.weight_bits, up, c.weight_scale)
         if c.bias_delta is not None:
             d = np.asarray(c.bias_delta, np.float32)
             if d.shape != (channels(node),):

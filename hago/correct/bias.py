@@ -16,6 +16,10 @@ before its own output quantization. Two ways to measure ``E[y_quant]``:
   the already corrected layers before it. One pass per layer (``max_samples``
   bounds its cost); biases are run-time inputs of one compiled program.
 
+Both measure against the FP32 network's own outputs (``ctx.graph``, its own
+biases: an earlier correction's bias deltas, ``dfmpc``'s, are not part of the
+target), and take each layer's weights and bias from the corrected graph.
+
 Correcting all layers at once from one propagated measurement, and iterating,
 does NOT work: an upstream change moves downstream means with gains >> 1, and
 on EfficientNet-Lite0 the error grew ~3x per iteration (0.08 -> 0.43 -> 1.6 ->
@@ -104,7 +108,10 @@ class BiasCorrection(Correction):
 
     @staticmethod
     def _local(ctx, base, layers):
-        out = _run_means(_probe_vm(simulate(base, ctx.strategy, fake=False, taps=layers, local=True), ctx), ctx)
+        # the network runs on the FP32 graph (the target, and every twin's input); each twin takes its
+        # weights and bias from the corrected graph (an earlier correction's rounding, codes, deltas)
+        out = _run_means(_probe_vm(simulate(ctx.graph, ctx.strategy, fake=False, taps=layers, local=True,
+                                            twin_graph=base), ctx), ctx)
         ref, twin = out[0::2], out[1::2]
         err = [t - r for t, r in zip(twin, ref)]
         return [-e for e in err], {"relative_error_before": _relative(err, ref)}
@@ -114,7 +121,7 @@ class BiasCorrection(Correction):
         if self.max_samples and len(ctx.samples) > self.max_samples:
             arrays = {k: v[: self.max_samples] for k, v in ctx.samples.arrays.items()}
             sub = dataclasses.replace(ctx, samples=Samples(arrays))
-        ref = _run_means(_probe_vm(simulate(base, ctx.strategy, fake=False, taps=layers), sub), sub)
+        ref = _fp32_means(ctx, sub, layers)
         b0 = [base.node(n).bias if base.node(n).bias is not None else np.zeros(channels(base.node(n)), np.float32)
               for n in layers]
         vm = _probe_vm(simulate(base, ctx.strategy, bias_inputs=layers, taps=layers), sub)
@@ -128,6 +135,16 @@ class BiasCorrection(Correction):
                 return delta, {"relative_error_before": before, "relative_error_after": _relative(err, ref)}
             delta[i] = delta[i] - err[i]  # layer i is exact now: everything before it is corrected
             log.debug("sequential bias correction: %s done", layers[i])
+
+
+def _fp32_means(ctx, sub, layers):
+    """Per layer, the FP32 network's per-sample channel means over ``sub``'s samples: the target.
+
+    From ``ctx.graph``, not the corrected graph: ``simulate(fake=False)`` keeps
+    the function's own weight constants either way, but takes each layer's bias
+    from the graph it is given, and an earlier correction's bias delta is not FP32.
+    """
+    return _run_means(_probe_vm(simulate(ctx.graph, ctx.strategy, fake=False, taps=layers), sub), sub)
 
 
 def _relative(err, ref) -> float:

@@ -158,7 +158,7 @@ class DataFreeBiasCorrection(Correction):
             if edge.qparams is not None and np.asarray(edge.qparams.scale).size == 1 and not edge.dynamic:
                 in_scale = float(np.asarray(edge.qparams.scale).ravel()[0])
             w = node.weight.astype(np.float64)
-            dw = fake_quantized_weight(node, op.weight_bits, in_scale).astype(np.float64) - w
+            dw = fake_quantized_weight(node, op.weight_bits, in_scale, op.weight_scale).astype(np.float64) - w
             shift = output_shift(node, dw, ex)
             if shift is None:
                 skipped["shape"] = skipped.get("shape", 0) + 1

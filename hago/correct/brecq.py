@@ -109,7 +109,8 @@ class Brecq(Correction):
                     target_np: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
         """({layer: rounding bits}, hard-rounded block-output MSE / nearest's) for one block."""
         run = BlockRunner(torch, ctx, block)
-        soft = {n: SoftRounding(torch, ctx.graph.node(n), ctx.strategy.ops[n].weight_bits) for n in run.learned}
+        soft = {n: SoftRounding(torch, ctx.graph.node(n), ctx.strategy.ops[n].weight_bits, ctx.strategy.ops[n].weight_scale)
+                for n in run.learned}
         x = block_input(torch, ctx.strategy, block, x_np)
         target = torch.from_numpy(target_np)
         opt = torch.optim.Adam([s.v for s in soft.values()], lr=self.lr)
@@ -154,12 +155,12 @@ def _edge_qparams(strategy, edge: str):
 class SoftRounding:
     """One layer's relaxed rounding: ``V`` per weight, ``h(V)`` AdaRound's rectified sigmoid, on realize's grid."""
 
-    def __init__(self, torch, node, bits: int):
-        self.torch, self.node, self.bits = torch, node, bits
-        ws, s, self.qp = rounding.grid(node.weight, node.kind, bits)
+    def __init__(self, torch, node, bits: int, step=None):
+        self.torch, self.node, self.bits, self.step = torch, node, bits, step  # step: weight_clip's, or None
+        ws, s, self.qp = rounding.grid(node.weight, node.kind, bits, step)
         self.s = torch.from_numpy(s)
         self.floor = torch.from_numpy(np.floor(ws))
-        self.nearest = rounding.nearest_up(node.weight, node.kind, bits)
+        self.nearest = rounding.nearest_up(node.weight, node.kind, bits, step)
         rest = (torch.from_numpy(ws) - self.floor).clamp(0.01, 0.99)
         self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
 
@@ -176,7 +177,7 @@ class SoftRounding:
         return (self.v >= 0).detach().numpy()  # h(V) > 0.5
 
     def hard(self, up: np.ndarray):
-        return self.torch.from_numpy(rounding.rounded_weight(self.node.weight, self.node.kind, self.bits, up))
+        return self.torch.from_numpy(rounding.rounded_weight(self.node.weight, self.node.kind, self.bits, up, self.step))
 
 
 class BlockRunner:
@@ -193,7 +194,8 @@ class BlockRunner:
         graph, strategy = ctx.graph, ctx.strategy
         self.nodes = [graph.node(n) for n in block.nodes]
         self.learned = [n.name for n in self.nodes if n.weighted and strategy.ops[n.name].mode == "integer"
-                        and strategy.ops[n.name].weight_scale_in is None]
+                        and strategy.ops[n.name].weight_scale_in is None
+                        and strategy.ops[n.name].weight_codes is None]
         self.layer = {n.name: torch_layer(torch, n) for n in self.nodes if n.weighted}
         self.fp32_w = {n.name: torch.from_numpy(n.weight.astype(np.float32)) for n in self.nodes if n.weighted}
         self.bias = {n.name: torch.from_numpy(n.bias.reshape(_bias_shape(n))) for n in self.nodes

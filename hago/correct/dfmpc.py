@@ -198,7 +198,7 @@ def find_pairs(graph: Graph, strategy) -> tuple[list[tuple[Node, Node, int]], di
             skip("shape")
         elif first.bn_stats is None:
             skip("no batch norm")
-        elif op2.weight_round is not None or op2.weight_scale_in is not None:
+        elif op2.weight_round is not None or op2.weight_scale_in is not None or op2.weight_scale is not None:
             skip("already corrected")
         else:
             pairs.append((first, second, repeat))
@@ -218,7 +218,7 @@ def layer_model(base: Graph, fp32: Node, strategy) -> dict[str, np.ndarray]:
     node = base.node(fp32.name)  # the corrected L1 (an earlier rounding or bias delta is part of q)
     op = strategy.ops[fp32.name]
     w = fp32.weight.astype(np.float64)
-    wq = fake_quantized_weight(node, op.weight_bits, _input_scale(strategy, node)).astype(np.float64)
+    wq = fake_quantized_weight(node, op.weight_bits, _input_scale(strategy, node), op.weight_scale).astype(np.float64)
     W, Q = _filters(fp32, w), _filters(fp32, wq)
     D = Q - W
     n2 = np.maximum((W * W).sum(axis=1), 1e-30)

@@ -18,7 +18,7 @@ from tvm.relax import op as O
 
 from hago.errors import QuantizeError
 from hago.graph import Node
-from hago.qparams import (QParams, bias_scale_floor, container_dtype, integer_range, quantize_weight,
+from hago.qparams import (QParams, bias_scale_floor, container_dtype, fixed_weight_qparams, quantize_weight,
                            weight_qparams)
 
 
@@ -99,9 +99,8 @@ def given_weight_qparams(node: Node, bits: int, scale: list[float]) -> QParams:
     channels = node.weight.shape[weight_axis(node)]
     if s.shape != (channels,):
         raise QuantizeError(f"strategy's weight_scale for {node.name} has {s.size} values for {channels} output "
-                            "channels; re-export the trained model (hago qat)")
-    qmin, qmax = integer_range("int8", bits, narrow=True)
-    return QParams(s, np.zeros_like(s, dtype=np.int32), "int8", qmin, qmax, weight_axis(node))
+                            "channels; re-run hago compile (or re-export the trained model: hago qat)")
+    return fixed_weight_qparams(s, weight_axis(node), bits)
 
 
 def fake_quantized_weight(node: Node, bits: int, input_scale: float | None,

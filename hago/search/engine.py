@@ -79,15 +79,23 @@ from .target import AccuracyTarget, SearchError, make_metric
 log = logging.getLogger(__name__)
 
 
-def _encode_corrections(corrected: dict[str, tuple]) -> dict:
-    """``{layer: ((weight_bits, input_bits, input_dynamic), bias_delta, weight_round)}`` as JSON data."""
-    return {"layers": {name: {"weight_bits": wb, "input_bits": ib, "input_dynamic": dyn,
-                              "bias_delta": None if delta is None else [float(v) for v in delta],
-                              "weight_round": rounding}
-                       for name, ((wb, ib, dyn), delta, rounding) in corrected.items()}}
+#: what a local correction writes into a layer's OpChoice, and the search copies to each candidate
+CORRECTED_FIELDS = ("bias_delta", "weight_round", "weight_scale", "weight_codes")
+_FLOAT_LISTS = ("bias_delta", "weight_scale")
 
 
-def _decode_corrections(data) -> dict[str, tuple]:
+def _encode_corrections(corrected: dict[str, dict]) -> dict:
+    """``{layer: {(weight_bits, input_bits, input_dynamic): {field: value}}}`` as JSON data."""
+    def plain(k, v):
+        return [float(x) for x in v] if k in _FLOAT_LISTS and v is not None else v
+
+    return {"layers": {name: [{"weight_bits": wb, "input_bits": ib, "input_dynamic": dyn,
+                               **{k: plain(k, fields.get(k)) for k in CORRECTED_FIELDS}}
+                              for (wb, ib, dyn), fields in settings.items()]
+                       for name, settings in corrected.items()}}
+
+
+def _decode_corrections(data) -> dict[str, dict]:
     """The inverse of :func:`_encode_corrections`; ValueError for anything that is not exactly that."""
     def opt(v, *types):  # None or one of types (a bool is not an int here)
         return v is None or (isinstance(v, types) and not isinstance(v, bool))
@@ -95,20 +103,27 @@ def _decode_corrections(data) -> dict[str, tuple]:
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+    def valid(k, v):
+        if k in _FLOAT_LISTS:
+            return v is None or isinstance(v, list) and all(number(x) for x in v)
+        return opt(v, str)
+
     layers = data.get("layers") if isinstance(data, dict) else None
     if not isinstance(layers, dict):
         raise ValueError("no layers")
-    out = {}
-    for name, rec in layers.items():
-        ok = (isinstance(rec, dict) and opt(rec.get("weight_bits"), int) and opt(rec.get("input_bits"), int)
-              and isinstance(rec.get("input_dynamic"), bool) and opt(rec.get("weight_round"), str)
-              and (rec.get("bias_delta") is None
-                   or (isinstance(rec["bias_delta"], list) and all(number(v) for v in rec["bias_delta"]))))
-        if not ok or (rec.get("bias_delta") is None and rec.get("weight_round") is None):
-            raise ValueError(f"malformed record for layer {name!r}")
-        delta = None if rec.get("bias_delta") is None else [float(v) for v in rec["bias_delta"]]
-        out[name] = ((rec.get("weight_bits"), rec.get("input_bits"), rec["input_dynamic"]), delta,
-                     rec.get("weight_round"))
+    out: dict[str, dict] = {}
+    for name, recs in layers.items():
+        if not isinstance(recs, list) or not recs:
+            raise ValueError(f"malformed records for layer {name!r}")
+        for rec in recs:
+            ok = (isinstance(rec, dict) and opt(rec.get("weight_bits"), int) and opt(rec.get("input_bits"), int)
+                  and isinstance(rec.get("input_dynamic"), bool)
+                  and all(valid(k, rec.get(k)) for k in CORRECTED_FIELDS))
+            if not ok or all(rec.get(k) is None for k in CORRECTED_FIELDS):
+                raise ValueError(f"malformed record for layer {name!r}")
+            fields = {k: [float(x) for x in rec[k]] if k in _FLOAT_LISTS and rec.get(k) is not None else rec.get(k)
+                      for k in CORRECTED_FIELDS}
+            out.setdefault(name, {})[(rec.get("weight_bits"), rec.get("input_bits"), rec["input_dynamic"])] = fields
     return out
 
 
@@ -306,43 +321,75 @@ class SearchEngine:
         return out
 
     def _correct(self, corrections, cache_dir: Path) -> None:
-        """Per-layer results of the correction plug-ins (``hago.correct``), computed once, on the widest strategy.
+        """Per-layer results of the correction plug-ins (``hago.correct``), computed once per weight width.
 
         Only *local* corrections are supported here (``Correction.local``:
-        ``bias``, ``adaround``, ``adaround_conv``): each works on a layer's FP32
-        input, so its result (bias delta, learned rounding) depends only on the
-        layer's own weight bits and input quantization, and one run serves every
-        candidate that quantizes the layer the same way (``strategy`` copies it
-        there). Candidates are then scored as ``hago compile`` would build them.
+        ``weight_clip``, ``gptq``, ``bias``, ``adaround``, ``adaround_conv``): each
+        works on a layer's FP32 input, so its result (step, codes, bias delta,
+        learned rounding) depends only on the layer's own weight bits and input
+        quantization. They run on two strategies, the widest (here) and the one with every
+        weight at its lowest width (4-bit layers get a 4-bit result; when a candidate
+        first needs it, :meth:`strategy`), and each
+        result serves every candidate that quantizes the layer the same way
+        (``strategy`` copies it there). Candidates are then scored as ``hago
+        compile`` would build them.
         """
         self.corrections = (corrections,) if isinstance(corrections, str) else tuple(corrections)
-        self._corrected: dict[str, tuple] = {}  # layer -> (layer key, bias_delta, weight_round)
+        self._corrected: dict[str, dict] = {}  # layer -> {layer key: {CORRECTED_FIELDS: value}}
         if not self.corrections:
             return
         check_corrections(self.corrections)
         serial = [n for n in self.corrections if not CORRECTIONS[n].local]
         if serial:
             raise SearchError(f"search cannot use --corrections {','.join(serial)}: its result for a layer depends "
-                              "on every other layer's choice (use bias, adaround or adaround_conv)")
+                              "on every other layer's choice (use weight_clip, gptq, bias, adaround or adaround_conv)")
         names = "+".join(self.corrections)
         digest = self._digest(names, self.calib_samples, self.calibrator.name)
         path = cache_dir / "reference" / f"corrections-{names}-{digest}.json"  # never the old .pkl
         key = {"digest": digest, "graph_hash": self.ghash, "corrections": list(self.corrections),
                "calibrator": self.calibrator.name}
+        self._corrections_file = (path, key)
+        self._corrected_at: set[str] = set()  # which of "widest" / "narrowest" the corrections ran at
         data = refcache.load_json(path, "corrections", key)
         if data is not None:
             try:
                 self._corrected = _decode_corrections(data)
-                return
+                self._corrected_at = set(data.get("settings") or ["widest"])
             except ValueError as e:  # a well-formed file with the wrong content: run the corrections again
                 log.warning("ignoring cached corrections %s (%s): recomputing them", path, e)
-        strat = self._strategy(self.space.widest())
+        if "widest" not in self._corrected_at:
+            self._correct_at("widest", self.space.widest())
+
+    def _correct_at(self, setting: str, point) -> None:
+        """Run the local corrections on ``point``'s strategy, keep each layer's result under its layer key, save."""
+        strat = self._strategy(point)
         run_corrections(self.corrections, CorrectionContext(self.fp32, self.graph, strat, self.calib_samples,
                                                             self.host, self.prepared.batch_for(CALIB_BATCH)))
-        self._corrected = {name: (self._layer_key(strat, name), op.bias_delta, op.weight_round)
-                           for name, op in strat.ops.items()
-                           if op.bias_delta is not None or op.weight_round is not None}
-        refcache.save_json(path, "corrections", key, _encode_corrections(self._corrected))
+        for name, op in strat.ops.items():
+            fields = {k: getattr(op, k) for k in CORRECTED_FIELDS}
+            if op.mode == "integer" and any(v is not None for v in fields.values()):
+                self._corrected.setdefault(name, {})[self._layer_key(strat, name)] = fields
+        self._corrected_at.add(setting)
+        path, key = self._corrections_file
+        refcache.save_json(path, "corrections", key, {**_encode_corrections(self._corrected),
+                                                      "settings": sorted(self._corrected_at)})
+
+    def _needs_narrow_corrections(self, strat) -> bool:
+        """True when ``strat`` has an integer layer below its widest weight width that the corrections have not
+        seen at that width yet (they run at the lowest width on first need: many searches never go there)."""
+        if "narrowest" in self._corrected_at:
+            return False
+        wide = dict(zip((k.name for k in self.space.knobs), self.space.widest()))
+        return any(op.mode == "integer" and name in wide and op.weight_bits is not None
+                   and op.weight_bits < choice_bits(wide[name])
+                   and self._layer_key(strat, name) not in self._corrected.get(name, {})
+                   for name, op in strat.ops.items())
+
+    def _narrowest_weights(self):
+        """The widest point with every weight at its lowest integer width (activations as wide as they go):
+        the second setting local corrections run at, so 4-bit layers get their own 4-bit result."""
+        return tuple(n if k.kind == "weight" else w
+                     for k, w, n in zip(self.space.knobs, self.space.widest(), self.space.narrowest()))
 
     def _layer_key(self, strat, name: str) -> tuple:
         """What a local correction depends on: the layer's weight bits and its input's quantization."""
@@ -357,11 +404,19 @@ class SearchEngine:
     def strategy(self, point: Point):
         """The calibrated strategy of ``point``, with the stored corrections of its integer layers."""
         strat = self._strategy(point)
+        if self.corrections and self._needs_narrow_corrections(strat):
+            self._correct_at("narrowest", self._narrowest_weights())
         if self.corrections:
+            # a layer given multipoint's extra points (`4+`) rounds differently from its plain 4-bit self,
+            # so a correction measured without them (a bias delta above all) is not copied there
+            pointed = set(self.space.multipoint_layers(point))
             for name, op in strat.ops.items():
-                key, delta, rounding = self._corrected.get(name, (None, None, None))
-                if op.mode == "integer" and key is not None and self._layer_key(strat, name) == key:
-                    op.bias_delta, op.weight_round = delta, rounding
+                if name in pointed:
+                    continue
+                fields = self._corrected.get(name, {}).get(self._layer_key(strat, name))
+                if op.mode == "integer" and fields is not None:
+                    for k, v in fields.items():
+                        setattr(op, k, v)
             strat.corrections = list(self.corrections)
         self.points.apply(strat, self.space, point, self._layer_key)
         return strat

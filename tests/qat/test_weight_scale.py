@@ -65,9 +65,16 @@ def test_bad_scales_are_refused_on_load(bad, msg):
 
 
 @pytest.mark.parametrize("key, value", [("multipoint", {"channels": [], "scales": [], "codes": ""}),
-                                        ("weight_round", "eJwDAAAAAAE="), ("weight_scale_in", [1.0, 2.0])])
-def test_it_does_not_compose_with_what_moves_the_weights(key, value):
+                                        ("weight_scale_in", [1.0, 2.0])])
+def test_it_does_not_compose_with_what_sets_its_own_grid(key, value):
     d = _strategy(weight_scale=[0.1]).to_json()
     d["ops"]["n1_dense"][key] = value
     with pytest.raises(QuantizeError, match=f"weight_scale: does not compose with {key}"):
         Strategy.from_json(d)
+
+
+def test_a_learned_rounding_on_the_given_grid_loads():
+    """weight_clip's step with adaround's bits: the bits are relative to that step (hago.correct.rounding)."""
+    d = _strategy(weight_scale=[0.1]).to_json()
+    d["ops"]["n1_dense"]["weight_round"] = "eJwDAAAAAAE="
+    assert Strategy.from_json(d).ops["n1_dense"].weight_round == "eJwDAAAAAAE="
