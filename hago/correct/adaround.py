@@ -202,20 +202,28 @@ def fp32_edges(ctx: CorrectionContext, edges: list[str], max_samples: int,
     bs = max(1, min(ctx.batch_size, 8, len(ctx.samples)))
     mod = build_mod.static_batch(probe_module(ctx.fp32, ctx.graph, edges), bs)
     vm = relax.VirtualMachine(build_mod.build(mod, ctx.target, label), tvm.cpu())
+    outs = vm_outputs(ctx, vm, bs, range(len(edges)), max_samples)
+    return dict(zip(edges, outs))
+
+
+def vm_outputs(ctx: CorrectionContext, vm, bs: int, indices, max_samples: int, extra=()) -> list[np.ndarray]:
+    """Outputs ``indices`` of ``vm``'s main over the first ``max_samples`` calibration samples, in batches of
+    ``bs`` (the last one padded, its real rows kept); ``extra``: arguments after the model inputs."""
     names = [p.name for p in ctx.graph.params]
-    got: dict[str, list] = {e: [] for e in edges}
+    indices = list(indices)
+    got: list[list] = [[] for _ in indices]
     taken = 0
     for batch in ctx.samples.batches(bs):
         k = len(next(iter(batch.values())))
         if k < bs:  # static batch: pad the last one, keep its real rows
             batch = {m: np.concatenate([v, np.zeros((bs - k, *v.shape[1:]), v.dtype)]) for m, v in batch.items()}
-        outs = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(batch[m])) for m in names])
-        for i, e in enumerate(edges):
-            got[e].append(outs[i].numpy()[:k])
+        outs = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(batch[m])) for m in names], *extra)
+        for j, i in enumerate(indices):
+            got[j].append(outs[i].numpy()[:k])
         taken += k
         if taken >= max_samples:
             break
-    return {e: np.ascontiguousarray(np.concatenate(v)[:max_samples], np.float32) for e, v in got.items()}
+    return [np.ascontiguousarray(np.concatenate(v)[:max_samples], np.float32) for v in got]
 
 
 @register("adaround_conv")

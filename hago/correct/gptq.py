@@ -62,7 +62,7 @@ import time
 import numpy as np
 
 from hago.correct import rounding
-from hago.correct.adaround import _fp32_inputs
+from hago.correct.adaround import _fp32_inputs, vm_outputs
 from hago.correct.base import Correction, CorrectionContext, register
 from hago.correct.weight_clip import SHRINKS, floored
 from hago.errors import QuantizeError
@@ -255,7 +255,8 @@ class Gptq(Correction):
         ratios = []
         for node in nodes:  # topological: every layer before this one already refit
             src = node.inputs[0]
-            xq = _edge_over_samples(ctx, vm, bs, [weights[n] for n in names], edges.index(src), self.max_samples)
+            extra = [tvm.runtime.tensor(weights[n]) for n in names]
+            xq = vm_outputs(ctx, vm, bs, [edges.index(src)], self.max_samples, extra)[0]
             x = fp32_inputs[src]
             hx, _ = hessian(torch, node, x)
             hq, rows = hessian(torch, node, xq)
@@ -303,25 +304,6 @@ def _coded(node, op) -> np.ndarray:
 def _target_error(w, wq, hx, hq, cross) -> float:
     """``E||W p - W_q p_q||^2`` summed over rows, from the moments (the sequential pass's objective)."""
     return float(((w @ hx) * w).sum() + ((wq @ hq) * wq).sum() - 2 * ((w @ cross) * wq).sum())
-
-
-def _edge_over_samples(ctx, vm, bs: int, weights: list, index: int, max_samples: int) -> np.ndarray:
-    """Tap ``index`` of the simulated network over the first ``max_samples`` samples, with ``weights``."""
-    import tvm
-
-    names = [p.name for p in ctx.graph.params]
-    extra = [tvm.runtime.tensor(w) for w in weights]
-    got, taken = [], 0
-    for batch in ctx.samples.batches(bs):
-        k = len(next(iter(batch.values())))
-        if k < bs:  # static batch: pad the last one, keep its real rows
-            batch = {m: np.concatenate([v, np.zeros((bs - k, *v.shape[1:]), v.dtype)]) for m, v in batch.items()}
-        outs = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(batch[m])) for m in names], *extra)
-        got.append(outs[index].numpy()[:k])
-        taken += k
-        if taken >= max_samples:
-            break
-    return np.ascontiguousarray(np.concatenate(got)[:max_samples], np.float32)
 
 
 def _nearest(w: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
