@@ -144,9 +144,13 @@ def row(prepared, setting: str, corr: str, x: np.ndarray, y: np.ndarray, ref: np
             "weight_bits": bits, "float_ops": len(q.strategy.float_ops())}
 
 
-def table(model: str, fp32: float | None, rows: dict, settings, corrections, n_eval: int, cmd: str = "") -> str:
+def table(model: str, fp32: float | None, rows: dict, settings, corrections, n_eval: int, cmd: str = "",
+          run_facts: str = "") -> str:
+    """One model's table; its first line says what it was measured on (``run_facts``: its calibration and
+    threads, which differ between models and runs, so they are stated here, not in the shared header)."""
     what = (f"FP32 top-1 {100 * fp32:.2f}%, {n_eval} test images" if fp32 is not None
             else f"{n_eval} unlabelled photo views: no top-1, agreement and KL against FP32")
+    what += f", {run_facts}" if run_facts else ""
     lines = [f"**{model}** ({what}; `{cmd}`): top-1 % / top-1 agreement "
              "with FP32 % / mean KL(FP32 || quantized) / quantize seconds"
              + "".join(f"; {n} ops in float (no integer form in hago, e.g. the global average pool's mean)"
@@ -165,14 +169,16 @@ def table(model: str, fp32: float | None, rows: dict, settings, corrections, n_e
 
 
 def _merge(old_section: str, header: str, tables: dict[str, str]) -> str:
-    """The section text: ``header``, then each model's table, the ones run now replacing their old ones (a
-    model's table starts with ``**model**``), the others kept as they were."""
+    """The section text: its header, then each model's table, the ones run now replacing their old ones (a
+    model's table starts with ``**model**``), the others kept as they were. A section that exists keeps its
+    header (notes added there by hand survive a partial re-run); ``header`` starts a new one."""
+    parts = old_section.split("\n\n**")
     blocks = {}
-    for part in old_section.split("\n\n**")[1:]:
+    for part in parts[1:]:
         name = part.split("**", 1)[0]
         blocks[name] = "**" + part.strip()
     blocks.update(tables)
-    return header + "\n\n" + "\n\n".join(blocks.values())
+    return (parts[0].strip() or header) + "\n\n" + "\n\n".join(blocks.values())
 
 
 def write_results(header: str, tables: dict[str, str]) -> None:
@@ -242,10 +248,12 @@ def main() -> int:
                         continue
                     _save_row(cache_path, key, f"{s}|{c}", rows[f"{s}|{c}"])
                 print(f"  {s} {c}: {json.dumps(rows[f'{s}|{c}'])}", flush=True)
-        out[model] = table(model, fp32, rows, settings, corrections, len(x), cmd)
-    header = (f"{DEVICE}; {args.threads} thread(s); calibration: {args.n_calib} training images (photo crops for "
-              "EfficientNet-Lite0); first and last weighted layers at 8-bit weights (and 8-bit inputs at W4A4); "
-              "W8A8 and W4A8 run the realized integer program, W4A4 the fake-quant twin")
+        facts = (f"calibration {args.n_calib} {'photo crops' if tag == 'photos' else 'training images'}, "
+                 f"{args.threads} thread(s)")
+        out[model] = table(model, fp32, rows, settings, corrections, len(x), cmd, facts)
+    header = (f"{DEVICE}; each table names its calibration and command; first and last weighted layers at 8-bit "
+              "weights (and 8-bit inputs at W4A4); W8A8 and W4A8 run the realized integer program, W4A4 the "
+              "fake-quant twin")
     print("\n" + header + "\n\n" + "\n\n".join(out.values()))
     if args.write:
         write_results(header, out)

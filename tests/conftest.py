@@ -18,6 +18,13 @@ from hago import zoo
 # Tuning records and kernel latencies go to a fresh folder: tests never read a user's ~/.cache.
 os.environ["HAGO_CACHE_DIR"] = tempfile.mkdtemp(prefix="hago_test_cache_")
 
+# ``make test`` runs two workers on the two cores: one thread each. TVM's thread pool spins while it waits for
+# work, so two 2-thread pools (and BLAS's, torch's) on two cores spend much of the suite spinning against each
+# other. Set before anything starts a pool; a test about threads sets its own, and a value the caller set wins.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    for _var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 # Compile for a CPU with avx512 + VNNI: a bare {"kind": "llvm"} turns every AVX feature off.
 CPU_TARGET = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
 # The default (untuned) pipeline is naive, so numeric checks use this many images.

@@ -87,8 +87,9 @@ class AdaRound(Correction):
         out = []
         for node in ctx.graph.nodes:
             op = ctx.strategy.ops.get(node.name)
-            if op is None or op.mode != "integer" or node.kind not in kinds or op.weight_codes is not None:
-                continue  # (gptq's codes are already this layer's rounding)
+            if (op is None or op.mode != "integer" or node.kind not in kinds or op.weight_codes is not None
+                    or op.multipoint is not None):
+                continue  # (gptq's codes, or multipoint's points fitted on its rounding, are already chosen)
             attrs = node.call.attrs
             if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
                 continue

@@ -73,6 +73,9 @@ DAMP = 0.01
 #: calibration samples whose patches go into H at once (memory: EfficientNet-Lite0's first depthwise
 #: layer is 32 channels x 9 taps x 12544 positions x 8 bytes = 29 MB a sample)
 CHUNK = 4
+#: columns rounded before their error is passed on to the rest in one product (the reference's blocksize):
+#: the same codes as one column at a time, 2-3x faster on a 3136-input dense layer
+BLOCK = 128
 
 
 def grouped_weight(node, weight: np.ndarray | None = None) -> np.ndarray:
@@ -152,10 +155,11 @@ def output_steps(w: np.ndarray, h: np.ndarray, qmax: int, shrinks: np.ndarray = 
     amax = np.abs(w).max(axis=2)
     best = np.full(amax.shape, np.inf)
     step = np.where(amax > 0, amax / qmax, 1.0)
+    h32 = h.astype(np.float32)  # only compared between shrinks: float32's products are 2x faster than float64's
     for a in shrinks:
         s = np.where(amax > 0, a * amax / qmax, 1.0)
-        d = w - s[:, :, None] * np.clip(np.round(w / s[:, :, None]), -qmax, qmax)
-        err = _row_errors(d, h)
+        d = (w - s[:, :, None] * np.clip(np.round(w / s[:, :, None]), -qmax, qmax)).astype(np.float32)
+        err = ((d @ h32) * d).sum(axis=2, dtype=np.float64)
         better = err < best
         best = np.where(better, err, best)
         step = np.where(better, s, step)
@@ -174,11 +178,17 @@ def gptq_codes(w: np.ndarray, h: np.ndarray, step: np.ndarray, qmax: int) -> np.
     h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
     u = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)  # upper: H^-1 = U^T U
     codes = np.zeros_like(w)
-    for i in range(d):
-        q = np.clip(np.round(w[:, :, i] / step), -qmax, qmax)
-        codes[:, :, i] = q
-        err = (w[:, :, i] - q * step) / u[:, i, i][:, None]
-        w[:, :, i:] -= err[:, :, None] * u[:, None, i, i:]
+    for b0 in range(0, d, BLOCK):  # the reference's lazy batch: columns past the block get its error at once
+        b1 = min(d, b0 + BLOCK)
+        errs = np.zeros(w.shape[:2] + (b1 - b0,))
+        for i in range(b0, b1):
+            q = np.clip(np.round(w[:, :, i] / step), -qmax, qmax)
+            codes[:, :, i] = q
+            err = (w[:, :, i] - q * step) / u[:, i, i][:, None]
+            w[:, :, i:b1] -= err[:, :, None] * u[:, None, i, i:b1]
+            errs[:, :, i - b0] = err
+        if b1 < d:
+            w[:, :, b1:] -= errs @ u[:, b0:b1, b1:]
     back = np.argsort(order, axis=1)
     return np.take_along_axis(codes, back[:, None, :], axis=2)
 

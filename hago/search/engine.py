@@ -72,7 +72,7 @@ from . import refcache
 from .kernelcache import KernelCache, profile_calls
 from .log import SearchLog, check_resumable
 from .sizes import SizeModel
-from .points import SearchPoints
+from .points import SearchPoints, fitting_point
 from .space import BF16, Point, SearchSpace, choice_bits, choice_label
 from .target import AccuracyTarget, SearchError, make_metric
 
@@ -85,13 +85,13 @@ _FLOAT_LISTS = ("bias_delta", "weight_scale")
 
 
 def _encode_corrections(corrected: dict[str, dict]) -> dict:
-    """``{layer: {(weight_bits, input_bits, input_dynamic): {field: value}}}`` as JSON data."""
+    """``{layer: {(weight_bits, input_bits, input_dynamic, multipoint): {field: value}}}`` as JSON data."""
     def plain(k, v):
         return [float(x) for x in v] if k in _FLOAT_LISTS and v is not None else v
 
-    return {"layers": {name: [{"weight_bits": wb, "input_bits": ib, "input_dynamic": dyn,
+    return {"layers": {name: [{"weight_bits": wb, "input_bits": ib, "input_dynamic": dyn, "multipoint": mp,
                                **{k: plain(k, fields.get(k)) for k in CORRECTED_FIELDS}}
-                              for (wb, ib, dyn), fields in settings.items()]
+                              for (wb, ib, dyn, mp), fields in settings.items()]
                        for name, settings in corrected.items()}}
 
 
@@ -117,13 +117,14 @@ def _decode_corrections(data) -> dict[str, dict]:
             raise ValueError(f"malformed records for layer {name!r}")
         for rec in recs:
             ok = (isinstance(rec, dict) and opt(rec.get("weight_bits"), int) and opt(rec.get("input_bits"), int)
-                  and isinstance(rec.get("input_dynamic"), bool)
+                  and isinstance(rec.get("input_dynamic"), bool) and isinstance(rec.get("multipoint", False), bool)
                   and all(valid(k, rec.get(k)) for k in CORRECTED_FIELDS))
             if not ok or all(rec.get(k) is None for k in CORRECTED_FIELDS):
                 raise ValueError(f"malformed record for layer {name!r}")
             fields = {k: [float(x) for x in rec[k]] if k in _FLOAT_LISTS and rec.get(k) is not None else rec.get(k)
                       for k in CORRECTED_FIELDS}
-            out.setdefault(name, {})[(rec.get("weight_bits"), rec.get("input_bits"), rec["input_dynamic"])] = fields
+            key = (rec.get("weight_bits"), rec.get("input_bits"), rec["input_dynamic"], rec.get("multipoint", False))
+            out.setdefault(name, {})[key] = fields
     return out
 
 
@@ -326,16 +327,20 @@ class SearchEngine:
         Only *local* corrections are supported here (``Correction.local``:
         ``weight_clip``, ``gptq``, ``bias``, ``adaround``, ``adaround_conv``): each
         works on a layer's FP32 input, so its result (step, codes, bias delta,
-        learned rounding) depends only on the layer's own weight bits and input
-        quantization. They run on two strategies, the widest (here) and the one with every
-        weight at its lowest width (4-bit layers get a 4-bit result; when a candidate
-        first needs it, :meth:`strategy`), and each
-        result serves every candidate that quantizes the layer the same way
-        (``strategy`` copies it there). Candidates are then scored as ``hago
-        compile`` would build them.
+        learned rounding) depends only on the layer's own weight bits, input
+        quantization and multipoint points. They run on up to three strategies:
+        the widest (here), the one with every weight at its lowest width (4-bit
+        layers get a 4-bit result) and, with ``4+`` choices, the one that puts
+        every such layer at ``4+`` with its points (a ``4+`` layer rounds
+        differently from its plain 4-bit self, so it gets a bias delta of its
+        own; ``gptq``, ``weight_clip`` and AdaRound leave it to its points). The
+        last two run when a candidate first needs them (:meth:`strategy`).
+        Each result serves every candidate that quantizes the layer the same
+        way (``strategy`` copies it there). Candidates are then scored as
+        ``hago compile`` would build them.
         """
         self.corrections = (corrections,) if isinstance(corrections, str) else tuple(corrections)
-        self._corrected: dict[str, dict] = {}  # layer -> {layer key: {CORRECTED_FIELDS: value}}
+        self._corrected: dict[str, dict] = {}  # layer -> {correction key: {CORRECTED_FIELDS: value}}
         if not self.corrections:
             return
         check_corrections(self.corrections)
@@ -349,7 +354,7 @@ class SearchEngine:
         key = {"digest": digest, "graph_hash": self.ghash, "corrections": list(self.corrections),
                "calibrator": self.calibrator.name}
         self._corrections_file = (path, key)
-        self._corrected_at: set[str] = set()  # which of "widest" / "narrowest" the corrections ran at
+        self._corrected_at: set[str] = set()  # which of "widest" / "narrowest" / "multipoint" they ran at
         data = refcache.load_json(path, "corrections", key)
         if data is not None:
             try:
@@ -358,17 +363,16 @@ class SearchEngine:
             except ValueError as e:  # a well-formed file with the wrong content: run the corrections again
                 log.warning("ignoring cached corrections %s (%s): recomputing them", path, e)
         if "widest" not in self._corrected_at:
-            self._correct_at("widest", self.space.widest())
+            self._correct_at("widest", self._strategy(self.space.widest()))
 
-    def _correct_at(self, setting: str, point) -> None:
-        """Run the local corrections on ``point``'s strategy, keep each layer's result under its layer key, save."""
-        strat = self._strategy(point)
+    def _correct_at(self, setting: str, strat) -> None:
+        """Run the local corrections on ``strat``, keep each layer's result under its correction key, save."""
         run_corrections(self.corrections, CorrectionContext(self.fp32, self.graph, strat, self.calib_samples,
                                                             self.host, self.prepared.batch_for(CALIB_BATCH)))
         for name, op in strat.ops.items():
             fields = {k: getattr(op, k) for k in CORRECTED_FIELDS}
             if op.mode == "integer" and any(v is not None for v in fields.values()):
-                self._corrected.setdefault(name, {})[self._layer_key(strat, name)] = fields
+                self._corrected.setdefault(name, {})[self._correction_key(strat, name)] = fields
         self._corrected_at.add(setting)
         path, key = self._corrections_file
         refcache.save_json(path, "corrections", key, {**_encode_corrections(self._corrected),
@@ -380,10 +384,23 @@ class SearchEngine:
         if "narrowest" in self._corrected_at:
             return False
         wide = dict(zip((k.name for k in self.space.knobs), self.space.widest()))
-        return any(op.mode == "integer" and name in wide and op.weight_bits is not None
+        return any(op.mode == "integer" and name in wide and op.weight_bits is not None and op.multipoint is None
                    and op.weight_bits < choice_bits(wide[name])
-                   and self._layer_key(strat, name) not in self._corrected.get(name, {})
+                   and self._correction_key(strat, name) not in self._corrected.get(name, {})
                    for name, op in strat.ops.items())
+
+    def _needs_multipoint_corrections(self, strat) -> bool:
+        """True when ``strat`` has a layer with multipoint's points and the corrections have not run on them."""
+        return "multipoint" not in self._corrected_at and any(
+            op.mode == "integer" and op.multipoint is not None for op in strat.ops.values())
+
+    def _multipoint_strategy(self):
+        """The widest strategy with every ``4+``-able layer at ``4+``, its points applied: where the corrections
+        see the layers as a ``4+`` choice builds them (the points were fitted on this strategy, :mod:`.points`)."""
+        point = fitting_point(self.space, self.space.widest())
+        strat = self._strategy(point)
+        self.points.apply(strat, self.space, point, self._layer_key)
+        return strat
 
     def _narrowest_weights(self):
         """The widest point with every weight at its lowest integer width (activations as wide as they go):
@@ -392,9 +409,13 @@ class SearchEngine:
                      for k, w, n in zip(self.space.knobs, self.space.widest(), self.space.narrowest()))
 
     def _layer_key(self, strat, name: str) -> tuple:
-        """What a local correction depends on: the layer's weight bits and its input's quantization."""
+        """What multipoint's points depend on: the layer's weight bits and its input's quantization."""
         src = strat.resolved(self.graph.node(name).inputs[0])
         return strat.ops[name].weight_bits, src.bits, src.dynamic
+
+    def _correction_key(self, strat, name: str) -> tuple:
+        """What a local correction depends on: the layer key, and whether the layer carries points."""
+        return (*self._layer_key(strat, name), strat.ops[name].multipoint is not None)
 
     # -- one candidate ---------------------------------------------------------
     def _strategy(self, point: Point):
@@ -404,21 +425,20 @@ class SearchEngine:
     def strategy(self, point: Point):
         """The calibrated strategy of ``point``, with the stored corrections of its integer layers."""
         strat = self._strategy(point)
-        if self.corrections and self._needs_narrow_corrections(strat):
-            self._correct_at("narrowest", self._narrowest_weights())
+        # points first: a layer given multipoint's extra points (`4+`) rounds differently from its plain
+        # 4-bit self, so its correction key (and its bias delta) is its own
+        self.points.apply(strat, self.space, point, self._layer_key)
         if self.corrections:
-            # a layer given multipoint's extra points (`4+`) rounds differently from its plain 4-bit self,
-            # so a correction measured without them (a bias delta above all) is not copied there
-            pointed = set(self.space.multipoint_layers(point))
+            if self._needs_narrow_corrections(strat):
+                self._correct_at("narrowest", self._strategy(self._narrowest_weights()))
+            if self._needs_multipoint_corrections(strat):
+                self._correct_at("multipoint", self._multipoint_strategy())
             for name, op in strat.ops.items():
-                if name in pointed:
-                    continue
-                fields = self._corrected.get(name, {}).get(self._layer_key(strat, name))
+                fields = self._corrected.get(name, {}).get(self._correction_key(strat, name))
                 if op.mode == "integer" and fields is not None:
                     for k, v in fields.items():
                         setattr(op, k, v)
             strat.corrections = list(self.corrections)
-        self.points.apply(strat, self.space, point, self._layer_key)
         return strat
 
     def label(self, point: Point) -> str:

@@ -140,10 +140,6 @@ class SearchSpace:
             return None
         return tuple(BF16 if BF16 in k.choices else w for k, w in zip(self.knobs, self.widest()))
 
-    def multipoint_layers(self, point: Point) -> list[str]:
-        """The layers ``point`` gives extra points (their weight bits are in :meth:`config`)."""
-        return [k.name for k, b in zip(self.knobs, point) if k.kind == "weight" and is_multipoint(b)]
-
     def config(self, point: Point) -> AnnotateConfig:
         weight, floats, bf16, edges = {}, set(), set(), {}
         for k, b in zip(self.knobs, point):

@@ -130,12 +130,13 @@ for line in sys.stdin:
 """
 
 
-def test_hung_and_crashed_measurements_are_logged_and_skipped(mnist_onnx_path, data, tmp_path):
+def test_hung_and_crashed_measurements_are_logged_and_skipped(mnist_onnx_path, data, reference, tmp_path):
     fake = tmp_path / "fake_worker.py"
     fake.write_text(FAKE_WORKER)
     # the hung kernel costs the whole time-out; a real measurement here takes well under a second
     m = LocalMeasurer(timeout_s=3, repeat=3, min_repeat_ms=30, command=[sys.executable, str(fake)])
-    e = _engine(mnist_onnx_path, data, tmp_path / "h.jsonl", measurer=m, accuracy_drop="1%", max_trials=4)
+    e = _engine(mnist_onnx_path, data, tmp_path / "h.jsonl", measurer=m, accuracy_drop="1%", max_trials=4,
+                cache_dir=warm_copy(reference, tmp_path / "cache"))
     t0 = time.time()
     r = e.run(ALGORITHMS["greedy"])
     errors = [c.error for c in r.candidates if c.error]

@@ -155,12 +155,14 @@ def test_tuning_runner_gets_a_worker_per_free_board(farm, monkeypatch):
     assert seen["workers"] == 2
 
 
-def test_kill_9_during_a_parallel_search_then_resume_repeats_nothing(farm, mnist_onnx_path, small_npz, tmp_path):
+def test_kill_9_during_a_parallel_search_then_resume_repeats_nothing(farm, mnist_onnx_path, small_npz, warm_cache,
+                                                                     tmp_path):
     log = tmp_path / "k.jsonl"
+    env = {**os.environ, "HAGO_CACHE_DIR": str(warm_cache)}  # calibration and FP32 outputs: not what is tested
     cmd = [sys.executable, "-m", "hago", "search", str(mnist_onnx_path), "--device", SPEC,
            "--calib", str(small_npz[0]), "--eval", str(small_npz[1]), "--algorithm", "greedy", "--max-trials", "4",
            "--accuracy-drop", "2%", "--corrections", "none", "--rpc", farm, "--key", "farm", "--measure-timeout", "30"]
-    proc = subprocess.Popen([*cmd, "--log", str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, "--log", str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
     def measured():
         return [r["key"] for r in _records(log) if r["key"].startswith("latency|")] if log.exists() else []
@@ -173,7 +175,7 @@ def test_kill_9_during_a_parallel_search_then_resume_repeats_nothing(farm, mnist
     before = measured()
     assert len(before) >= 2
     done = subprocess.run([*cmd, "--resume", str(log), "-o", str(tmp_path / "out")], capture_output=True,
-                          text=True, timeout=400)
+                          text=True, timeout=400, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     after = measured()
     assert len(after) == len(set(after)), "a candidate was measured twice"

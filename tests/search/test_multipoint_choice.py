@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 
 from hago.correct.multipoint import Multipoint
@@ -21,9 +22,7 @@ MP4 = MULTIPOINT + 4
 @pytest.fixture(scope="module")
 def engine(mnist_onnx_path, data, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("mp_choice")
-    # no corrections: a `4+` layer gets none in the search (its rounding differs from the plain 4-bit one a
-    # correction was measured on), while a plain 4-bit layer would get its 4-bit bias delta; uncorrected,
-    # the points are compared with plain rounding on equal terms
+    # no corrections: the points are compared with plain rounding alone (corrected: the test below)
     return _engine(mnist_onnx_path, data, d / "s.jsonl", metric="kl", accuracy_drop=kl_target(0.05),
                    multipoint=True, max_trials=8, cache_dir=d / "cache", corrections=())
 
@@ -61,6 +60,25 @@ def test_points_lower_the_kl_of_the_all_4bit_build(engine):
     all_mp = tuple(MP4 if k.kind == "weight" else b for k, b in zip(engine.space.knobs, narrow))
     kl4, kl4p = -engine.accuracy(narrow).accuracy, -engine.accuracy(all_mp).accuracy
     assert 0 < kl4p < kl4
+
+
+def test_a_4plus_layer_gets_a_bias_delta_of_its_own_that_lowers_the_kl(engine, mnist_onnx_path, data,  # noqa: F811
+                                                                         tmp_path):
+    """The search's bias correction runs once more with the points applied: a ``4+`` layer rounds differently
+    from its plain 4-bit self, so it gets its own delta, and the corrected all-``4+`` build beats the
+    uncorrected one (the module's engine)."""
+    e = _engine(mnist_onnx_path, data, tmp_path / "bias.jsonl", metric="kl", accuracy_drop=kl_target(0.05),
+                multipoint=True, max_trials=8, cache_dir=engine.log.path.parent / "cache", corrections=("bias",))
+    narrow = e.space.narrowest()
+    all_mp = tuple(MP4 if k.kind == "weight" else b for k, b in zip(e.space.knobs, narrow))
+    plain, pointed = e.strategy(narrow), e.strategy(all_mp)
+    assert "multipoint" in e._corrected_at
+    names = [n for n, op in pointed.ops.items() if op.multipoint is not None]
+    assert names
+    for name in names:
+        assert plain.ops[name].bias_delta is not None and pointed.ops[name].bias_delta is not None
+        assert not np.allclose(plain.ops[name].bias_delta, pointed.ops[name].bias_delta)
+    assert -e.accuracy(all_mp).accuracy < -engine.accuracy(all_mp).accuracy
 
 
 def test_points_are_fitted_once_and_cached_as_data(engine, mnist_onnx_path, data, tmp_path, monkeypatch):  # noqa: F811

@@ -61,6 +61,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
+from hago import tvmscript  # noqa: F401  (T.macro calls without reading source files)
 from hago.errors import QuantizeError
 from hago.tvm_consts import IS_SCHEDULED, KERNEL_ATTR, OPAQUE
 

@@ -27,11 +27,14 @@ full copy of the probabilities.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
+from hago import tvmscript  # noqa: F401  (T.macro calls without reading source files)
 from hago.tvm_consts import IS_SCHEDULED, OPAQUE
 
 from .tir_kernel import as_call_tir_kernel
@@ -109,6 +112,7 @@ def _add(a, b):
     return a + b
 
 
+@functools.lru_cache(maxsize=256)  # parsing the TVMScript costs ~0.5 s; a BERT repeats one shape per layer
 def softmax_func(rows: int, n: int, lanes: int, scale: float | None = None, mask_rows: int | None = None):
     """``softmax(x * scale + mask)`` over the last axis of ``x [rows, n]``; ``mask [mask_rows, n]`` (row
     ``r`` reads mask row ``r // (rows // mask_rows)``: a per-batch key mask broadcast over heads and queries).
@@ -159,6 +163,7 @@ def softmax_func(rows: int, n: int, lanes: int, scale: float | None = None, mask
     return as_call_tir_kernel(kernel)
 
 
+@functools.lru_cache(maxsize=256)  # (as softmax_func: PrimFuncs are immutable, so one serves every build)
 def layer_norm_func(rows: int, n: int, lanes: int, epsilon: float):
     """``layer_norm`` over the last axis of ``x [rows, n]`` with ``gamma [n]``, ``beta [n]``: one pass per row.
 

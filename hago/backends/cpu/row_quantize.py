@@ -18,10 +18,13 @@ simulated twin.
 
 from __future__ import annotations
 
+import functools
+
 from tvm import relax
 from tvm.relax import op as O
 from tvm.script import tirx as T
 
+from hago import tvmscript  # noqa: F401  (T.macro calls without reading source files)
 from hago.tvm_consts import IS_SCHEDULED, OPAQUE
 
 from .tir_kernel import as_call_tir_kernel
@@ -30,6 +33,7 @@ QMAX = 255.0
 CHAINS = 4  # independent min/max accumulators per lane (vminps latency 4, two ports)
 
 
+@functools.lru_cache(maxsize=256)  # one TVMScript parse per shape (PrimFuncs are immutable): ~0.2 s each
 def row_quantize_func(rows: int, k: int, lanes: int):
     """``(x [rows, k] f32) -> q [rows, k] u8, scale [rows, 1] f32, zp [rows, 1] i32``.
 
