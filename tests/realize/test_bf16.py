@@ -125,3 +125,40 @@ def test_bf16_where_the_kernels_cannot_take_a_layer_is_fp32_with_the_reason():
 
     choice = _bf16_choice(Node(), HardwareSpec.load(BF16_SPEC), get_backend("x86"))
     assert choice.mode == "float" and "pairs" in choice.reason
+
+
+@needs_bf16
+def test_bf16_convs_around_a_float_depthwise_stay_blocked_and_match_their_twin():
+    """bf16 1x1 -> relu6 -> fp32 depthwise -> relu6 -> bf16 1x1 (EfficientNet's block on a CPU without a bf16
+    depthwise kernel): the bf16 convs read and write NCHW16c next to the blocked depthwise, so the build runs
+    no layout pass between them; the result matches the simulated twin as the NCHW route did."""
+    import tvm
+    from tvm import relax
+    from torch import nn
+
+    from hago.backends.registry import get_backend
+    from hago.build import static_batch, target_of
+    from hago.compiler import static_pair
+    from hago.search.kernelcache import profile_calls
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 64, 1), nn.ReLU6(), nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.ReLU6(),
+                        nn.Conv2d(64, 32, 1)).eval()
+    x = np.random.default_rng(0).normal(size=(8, 16, 14, 14)).astype(np.float32)
+    q = quantize(net, BF16_SPEC, x, example_inputs=(torch.from_numpy(x[:1]),),
+                 annotate_config=AnnotateConfig(all_bf16=True), corrections=())
+    assert [c.mode for n, c in sorted(q.strategy.ops.items()) if n.endswith("conv2d")] == ["bf16", "float", "bf16"]
+    spec = HardwareSpec.load(BF16_SPEC)
+    target, backend = target_of(spec), get_backend("x86")
+    _, realized = static_pair(q, spec, 1)
+    vm = relax.VirtualMachine(backend.build(realized, target), tvm.cpu())
+    names = [sig.split("(")[0] for sig, _ in profile_calls(vm, [tvm.runtime.tensor(x[:1])], runs=1)]
+    assert not [n for n in names if "layout_transform" in n], names
+    assert sum("nchwc_to_nchw" in n for n in names) == 1 and sum("nchw_to_nchwc" in n for n in names) == 1, names
+    twin = relax.VirtualMachine(backend.build(static_batch(simulate(q.graph, q.strategy), 1), target), tvm.cpu())
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    for i in range(len(x)):
+        real, sim = (m["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for m in (vm, twin))
+        np.testing.assert_allclose(real, sim, rtol=0, atol=1e-4 * np.abs(sim).max())
+        assert np.abs(real - ref[i:i + 1]).max() < 0.05 * np.abs(ref).max()  # bf16 rounding, not a wrong layout
