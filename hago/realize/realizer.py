@@ -156,6 +156,9 @@ class Realizer:
 
     # ---- nodes -------------------------------------------------------------
     def float_node(self, node: Node) -> None:
+        if node.name in self.absorbed:  # a relu/clip its bf16 producer's kernel applied in its write-back
+            self.fval[node.name] = self.fval[node.inputs[0]]
+            return
         v = self.bb.emit(self.subst(node.call))
         if node.bias is not None:
             v = self.bb.emit(O.add(v, const(node.bias.reshape(bias_shape(node)), "float32")))
@@ -168,14 +171,34 @@ class Realizer:
         plain Relax op on bfloat16 operands.
         """
         x = self.subst(node.call.args[0])
-        kernel = self.plan.bf16_kernel(node, self.edge_shape(node.inputs[0]))
+        shape = self.edge_shape(node.inputs[0])
+        act, clip = self._float_activation(node.name)
+        kernel = self.plan.bf16_kernel(node, shape, clip) if clip is not None else None
+        if kernel is None:
+            act, kernel = None, self.plan.bf16_kernel(node, shape)
         if kernel is not None:
             self.fval[node.name] = kernel(self.bb, x)
+            if act is not None:
+                self.absorbed.add(act)
             return
         v = self.bb.emit(bf16_call(node, x))
         if node.bias is not None:
             v = self.bb.emit(O.add(v, const(node.bias.reshape(bias_shape(node)), "float32")))
         self.fval[node.name] = v
+
+    def _float_activation(self, name: str) -> tuple[str | None, tuple | None]:
+        """``(relu/clip node, (lo, hi))`` when a float relu or clip alone reads ``name`` (a bf16 kernel may apply
+        it in its write-back: one pass fewer), else ``(None, None)``."""
+        users = self.g.consumers.get(name, [])
+        if len(users) != 1 or name in self.g.outputs:
+            return None, None
+        act = self.g.node(users[0])
+        if act.kind not in ("relu", "clip") or self.s.ops[act.name].mode != "float":
+            return None, None
+        if act.kind == "relu":
+            return act.name, (0.0, None)
+        lo, hi = (float(v.value) for v in act.call.args[1:3])
+        return act.name, (lo, hi)
 
     def run(self) -> Realized:
         g = self.g

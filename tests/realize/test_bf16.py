@@ -131,7 +131,8 @@ def test_bf16_where_the_kernels_cannot_take_a_layer_is_fp32_with_the_reason():
 def test_bf16_convs_around_a_float_depthwise_stay_blocked_and_match_their_twin():
     """bf16 1x1 -> relu6 -> fp32 depthwise -> relu6 -> bf16 1x1 (EfficientNet's block on a CPU without a bf16
     depthwise kernel): the bf16 convs read and write NCHW16c next to the blocked depthwise, so the build runs
-    no layout pass between them; the result matches the simulated twin as the NCHW route did."""
+    no layout pass between them, and the first relu6 runs in the conv's write-back; the result matches the
+    simulated twin as the NCHW route did."""
     import tvm
     from tvm import relax
     from torch import nn
@@ -155,6 +156,8 @@ def test_bf16_convs_around_a_float_depthwise_stay_blocked_and_match_their_twin()
     names = [sig.split("(")[0] for sig, _ in profile_calls(vm, [tvm.runtime.tensor(x[:1])], runs=1)]
     assert not [n for n in names if "layout_transform" in n], names
     assert sum("nchwc_to_nchw" in n for n in names) == 1 and sum("nchw_to_nchwc" in n for n in names) == 1, names
+    # the relu6 after the first conv is applied in its write-back, the one after the depthwise fused into it
+    assert all("conv2d" in n for n in names if "maximum" in n or "minimum" in n or "clip" in n), names
     twin = relax.VirtualMachine(backend.build(static_batch(simulate(q.graph, q.strategy), 1), target), tvm.cpu())
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()

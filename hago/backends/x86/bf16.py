@@ -203,19 +203,30 @@ def _conv_te(data, kernel, strides, dilation, groups):
     return te.compute((n, occ, oh, ow, ob), body, name=CONV_BF16, attrs={KERNEL_ATTR: CONV_BF16})
 
 
-def _conv_bias_te(data, kernel, bias, strides, dilation):
-    """The conv with its bias add as a second block of the same PrimFunc, computed on each register tile."""
+def _clipped(v, clip):
+    """``v`` kept within ``clip`` = ``(lo, hi)`` (either None: no bound), the relu/clip a write-back absorbs."""
+    if clip is None:
+        return v
+    lo, hi = clip
+    v = v if lo is None else te.max(v, tirx.const(lo, "float32"))
+    return v if hi is None else te.min(v, tirx.const(hi, "float32"))
+
+
+def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None):
+    """The conv with its bias add (and ``clip``) as a second block of the same PrimFunc, computed on each
+    register tile."""
     acc = _conv_te(data, kernel, strides, dilation, 1)
-    return te.compute(acc.shape, lambda i, c, y, x, l: acc[i, c, y, x, l] + bias[c * LANES + l], name=BIAS_EPILOGUE)
+    return te.compute(acc.shape, lambda i, c, y, x, l: _clipped(acc[i, c, y, x, l] + bias[c * LANES + l], clip),
+                      name=BIAS_EPILOGUE)
 
 
-def _from_nchwc_te(acc, o, bias=None):
-    """fp32 NCHW16c -> NCHW with ``o`` channels, ``+ bias[c]``."""
+def _from_nchwc_te(acc, o, bias=None, clip=None):
+    """fp32 NCHW16c -> NCHW with ``o`` channels, ``+ bias[c]``, within ``clip``."""
     n, _, h, w, ob = (int(s) for s in acc.shape)
 
     def body(i, c, y, z):
         v = acc[i, c // ob, y, z, c % ob]
-        return v if bias is None else v + bias[c]
+        return _clipped(v if bias is None else v + bias[c], clip)
 
     return te.compute((n, o, h, w), body, name=FROM_NCHWC_F32, attrs={KERNEL_ATTR: FROM_NCHWC_F32})
 
@@ -279,7 +290,7 @@ def emit_dense_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_kn: np.ndarray, bia
 
 def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, strides=(1, 1),
                      dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0), bias=None,
-                     out_layout: str = "NCHW") -> relax.Expr:
+                     out_layout: str = "NCHW", clip=None) -> relax.Expr:
     """fp32 NCHW ``conv2d(x, w) (+ bias)`` in bf16 through ``vdpbf16ps``.
 
     ``x`` is fp32 (or bf16) NCHW, ``w`` numpy OIHW (rounded to bf16 here),
@@ -292,6 +303,9 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     Blocked layouts (one group only, see the module docstring): a 5-D ``x``
     is taken as NCHW16c, and ``out_layout="NCHW16c"`` returns the blocked fp32
     result, the bias added on the kernel's register tiles.
+
+    ``clip`` ``(lo, hi)`` (either None: unbounded): a relu / clip applied in
+    the same write-back as the bias (a relu6 after the conv costs no pass).
     """
     blocked_in = len(bb.normalize(x).ty.shape.values) == 5
     xs = _float_shape(bb, x, "conv2d")
@@ -321,11 +335,9 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     op = int(wp.shape[0]) * LANES
     if out_layout == BLOCKED:
         bias_p = _bias_const(np.zeros(o) if bias is None else bias, o, op, "conv2d")
-        return bb.emit_te(_conv_bias_te, data, kernel, bias_p, _pair(strides), _pair(dilation),
+        return bb.emit_te(_conv_bias_te, data, kernel, bias_p, _pair(strides), _pair(dilation), clip,
                           primfunc_name_hint="hago_conv2d_nchwc_bf16")
     acc = bb.emit_te(_conv_te, data, kernel, _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_bf16")
-    if bias is None:
-        return bb.emit_te(_from_nchwc_te, acc, o, primfunc_name_hint="hago_nchwc_to_nchw_f32")
-    return bb.emit_te(_from_nchwc_te, acc, o, _bias_const(bias, o, o, "conv2d"),
-                      primfunc_name_hint="hago_nchwc_to_nchw_f32")
+    bias_c = None if bias is None else _bias_const(bias, o, o, "conv2d")
+    return bb.emit_te(_from_nchwc_te, acc, o, bias_c, clip, primfunc_name_hint="hago_nchwc_to_nchw_f32")

@@ -237,7 +237,7 @@ class X86Plan(base.Plan):
             return _VnniConv()
         return None
 
-    def bf16_kernel(self, node, x_shape):
+    def bf16_kernel(self, node, x_shape, clip=None):
         """The ``vdpbf16ps`` kernels (:mod:`.bf16`): fp32 in and out, conversions inside.
 
         A single-group conv whose channels fill 16-channel blocks reads and writes NCHW16c where its float
@@ -245,6 +245,7 @@ class X86Plan(base.Plan):
         bf16 1x1 convs): a Relax layout transform on each such side, cancelled against ConvertLayout's
         inverse by the build (:mod:`..cpu.layout_pairs`), as between int8 and float layers. Elsewhere NCHW,
         whose conversion passes also pad and round (one pass, where a blocked input would take two).
+        A conv applies ``clip`` in its write-back; dense does not take one.
         """
         from . import bf16
 
@@ -254,7 +255,7 @@ class X86Plan(base.Plan):
                                     groups):
             return None
         if node.kind == "dense":
-            return lambda bb, x: bf16.emit_dense_bf16(bb, x, node.weight, bias=node.bias)
+            return None if clip is not None else lambda bb, x: bf16.emit_dense_bf16(bb, x, node.weight, bias=node.bias)
         pad = tuple(int(p) for p in a.padding)
         blocks = groups == 1 and len(x_shape) == 4 and isinstance(x_shape[1], int)
         blocked_in = (blocks and x_shape[1] % LANES == 0
@@ -266,7 +267,7 @@ class X86Plan(base.Plan):
                 x = bb.emit(O.layout_transform(x, lambda n, c, h, w: (n, c // LANES, h, w, c % LANES)))
             y = bf16.emit_conv2d_bf16(bb, x, node.weight, tuple(int(s) for s in a.strides),
                                       tuple(int(d) for d in a.dilation), groups, pad, bias=node.bias,
-                                      out_layout=BLOCKED if blocked_out else "NCHW")
+                                      out_layout=BLOCKED if blocked_out else "NCHW", clip=clip)
             if blocked_out:
                 y = bb.emit(O.layout_transform(y, lambda n, c, h, w, lane: (n, c * LANES + lane, h, w)))
             return y

@@ -1,0 +1,74 @@
+"""What the bf16 conv's write-back clip saves: one all-bf16 build with and without it, timed interleaved.
+
+    python benchmarks/ab_bf16_epilogue.py [--model efficientnet_lite0] [--device x86-avx512-bf16] [--rounds 30]
+
+On ``x86-avx512-bf16`` a float relu / relu6 that alone reads a bf16 conv runs in the conv kernel's
+write-back (``Realizer._float_activation``); without it the activation is a pass of its own. The two builds
+differ only in that (the "without" build asks the realizer for no activation), are timed in alternation in one
+process (this machine's speed drifts by up to 1.8x over minutes: only side-by-side ratios mean anything), and
+their outputs are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="efficientnet_lite0", choices=["efficientnet_lite0", "mobilenetv2", "resnet18"])
+    p.add_argument("--device", default="x86-avx512-bf16")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # before TVM's thread pool starts
+
+    import torch
+    import tvm
+    from tvm import relax
+
+    import models
+    from hago.annotate import AnnotateConfig
+    from hago.compiler import compile as hago_compile
+    from hago.realize.realizer import Realizer
+
+    net, calib = models.build(args.model), models.photo_crops(8, seed=1)
+
+    def build(fused: bool):
+        own = Realizer._float_activation
+        if not fused:
+            Realizer._float_activation = lambda self, name: (None, None)
+        try:
+            res = hago_compile(net, args.device, calib, example_inputs=(torch.from_numpy(calib[:1]),), measure=False,
+                               annotate_config=AnnotateConfig(all_bf16=True), corrections=())
+        finally:
+            Realizer._float_activation = own
+        return relax.VirtualMachine(res.int_executable, tvm.cpu())
+
+    vms = {"activation in the write-back": build(True), "activation as its own pass": build(False)}
+    image = tvm.runtime.tensor(calib[:1].astype("float32"))
+    outs = [vm["main"](image).numpy() for vm in vms.values()]
+    same = np.array_equal(*outs)
+    times = {k: [] for k in vms}
+    for _ in range(args.rounds):
+        for name, vm in vms.items():
+            times[name].append(vm.time_evaluator("main", tvm.cpu(), number=10, repeat=1)(image).mean * 1e3)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"{args.model}, all-bf16 on {args.device}, {args.threads} threads, {args.rounds} interleaved rounds; "
+          f"outputs {'bit-identical' if same else 'DIFFER'}")
+    for name, ms in med.items():
+        print(f"  {name}: {ms:.3f} ms")
+    fused, plain = med.values()
+    print(f"  speed-up: {plain / fused:.3f}x")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
