@@ -1,0 +1,67 @@
+"""hago bf16 against the FP32 and bf16 peers, timed in interleaved rounds on a drifting machine.
+
+    python benchmarks/bf16_interleaved.py [--model efficientnet_lite0] [--rounds 8]
+
+``run.py`` times its rows one after another; on a shared machine whose speed drifts by up to 1.8x over
+minutes (session 13's EPYC) a row measured in a slow phase looks slow. Here every build is timed once per
+round, in turn (``run.py``'s ``_median_ms``, 1 s a build), for ``--rounds`` rounds, and each build's median
+over the rounds is reported with its ratio to hago bf16, so every ratio comes from the same minutes.
+Builds: hago FP32 and hago bf16 (``run.py``'s bf16 spec for this CPU), ONNX Runtime FP32, OpenVINO FP32
+and bf16 on the FP32 ONNX file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="efficientnet_lite0", choices=["efficientnet_lite0", "mobilenetv2", "resnet18"])
+    p.add_argument("--rounds", type=int, default=8)
+    args = p.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", "2")  # run.py's THREADS, before TVM's thread pool starts
+
+    import torch
+
+    import models
+    import run
+
+    torch.set_num_threads(run.THREADS)
+    model, example = models.build(args.model), models.example_inputs(args.model)
+    inp = models.input_names(model)[0]
+    calib = {inp: models.photo_crops(32, seed=1)}
+    wd = run.WORK / f"{args.model}_bf16_interleaved"
+    res, _ = run._hago_build(model, example, calib, wd / "build", batch_size=8, corrections=())
+    bf16 = run._hago_bf16_build(model, example, calib, wd / "build_bf16", batch_size=8)
+    if bf16 is None:
+        print(f"no hago bf16 build on this CPU ({run.BF16_DEVICE} cannot run here)")
+        return 1
+    onnx_fp32 = run._export_onnx(model, example, [inp], wd / f"{args.model}.onnx")
+    feeds = {inp: calib[inp][:1]}
+    fns = {"hago FP32": run._tvm_fn(res.fp32_executable), run.HAGO_BF16: run._tvm_fn(bf16.int_executable),
+           run.ORT_FP32: run._ort_fn(onnx_fp32)}
+    fns.update({name: run._ov_fn(c) for name, c in run._openvino_fp32_peers(onnx_fp32).items()})
+    times = {name: [] for name in fns}
+    for r in range(args.rounds):
+        for name, fn in fns.items():
+            times[name].append(run._median_ms(lambda: fn(feeds)))
+        print(f"round {r + 1}: " + ", ".join(f"{n.split(' (')[0]} {t[-1]:.2f}" for n, t in times.items()), flush=True)
+    base = np.asarray(times[run.HAGO_BF16])
+    print(f"\n{args.model}, batch 1, {run.THREADS} threads, {args.rounds} interleaved rounds ({run._machine()})\n")
+    print("| build | median ms | its time / hago bf16's, per round: median (min-max) |\n|---|---:|---:|")
+    for name, t in times.items():
+        ratio = np.asarray(t) / base  # each round's pair measured within seconds of each other
+        print(f"| {name} | {np.median(t):.3f} | {np.median(ratio):.2f}x ({ratio.min():.2f}-{ratio.max():.2f}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
