@@ -62,7 +62,7 @@ import time
 import numpy as np
 
 from hago.correct import rounding
-from hago.correct.adaround import _fp32_inputs, vm_outputs
+from hago.correct.adaround import _fake_quant, _fp32_inputs, vm_outputs
 from hago.correct.base import Correction, CorrectionContext, register
 from hago.correct.weight_clip import SHRINKS, floored
 from hago.errors import QuantizeError
@@ -237,7 +237,7 @@ class Gptq(Correction):
         gains = []
         for node in nodes:
             qp = ctx.strategy.resolved(node.inputs[0]).qparams
-            x = _fake_quant(inputs[node.inputs[0]], qp)
+            x = _fake_quant(torch, torch.from_numpy(inputs[node.inputs[0]]), qp).numpy()
             h, rows = hessian(torch, node, x)
             gains.append(_store(ctx.strategy.ops[node.name], node, grouped_weight(node), shrunk(h, rows), qp))
         report = {"layers": len(nodes), "output_error_vs_nearest": round(float(np.mean(gains)), 4)}
@@ -330,10 +330,6 @@ def _error(w: np.ndarray, h: np.ndarray, codes: np.ndarray, step: np.ndarray) ->
     return float(_row_errors(w - codes * step[:, :, None], h).sum())
 
 
-def _fake_quant(x: np.ndarray, qp) -> np.ndarray:
-    """``dequantize(quantize(x))`` per tensor, as realize quantizes the layer's input."""
-    scale, zp = float(qp.scale), float(qp.zero_point)
-    return ((np.clip(np.round(x / scale) + zp, qp.qmin, qp.qmax) - zp) * scale).astype(np.float32)
 
 
 

@@ -186,14 +186,20 @@ class Realizer:
             v = self.bb.emit(O.add(v, const(node.bias.reshape(bias_shape(node)), "float32")))
         self.fval[node.name] = v
 
+    def sole_activation(self, name: str, mode: str) -> Node | None:
+        """The relu / clip node of ``mode`` that alone reads ``name`` (not a network output), else None: what a
+        kernel may apply in its own write-back (``Realizer.absorbed``), saving a pass over the tensor."""
+        users = self.g.consumers.get(name, [])
+        if len(users) != 1 or name in self.g.outputs:
+            return None
+        act = self.g.node(users[0])
+        return act if act.kind in ("relu", "clip") and self.s.ops[act.name].mode == mode else None
+
     def _float_activation(self, name: str) -> tuple[str | None, tuple | None]:
         """``(relu/clip node, (lo, hi))`` when a float relu or clip alone reads ``name`` (a bf16 kernel may apply
         it in its write-back: one pass fewer), else ``(None, None)``."""
-        users = self.g.consumers.get(name, [])
-        if len(users) != 1 or name in self.g.outputs:
-            return None, None
-        act = self.g.node(users[0])
-        if act.kind not in ("relu", "clip") or self.s.ops[act.name].mode != "float":
+        act = self.sole_activation(name, "float")
+        if act is None:
             return None, None
         if act.kind == "relu":
             return act.name, (0.0, None)

@@ -154,11 +154,8 @@ def absorb_activation(r, name: str, rq: Requant) -> Requant:
     the requantize is the same arithmetic. Only where the activation's
     output keeps the conv's scale and zero point (it always should).
     """
-    users = r.g.consumers.get(name, [])
-    if len(users) != 1 or name in r.g.outputs:
-        return rq
-    act = r.g.node(users[0])
-    if act.kind not in ("relu", "clip") or r.s.ops[act.name].mode != "integer" or not r.s.resolved(act.name).bits:
+    act = r.sole_activation(name, "integer")
+    if act is None or not r.s.resolved(act.name).bits:
         return rq
     qp, qa = r.qparams(name), r.qparams(act.name)
     if (float(qp.scale), int(qp.zero_point), qp.dtype) != (float(qa.scale), int(qa.zero_point), qa.dtype):

@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from hago.annotate import AnnotateConfig
 from hago.compiler import quantize
 from hago.correct import CORRECTIONS, corrected_graph, rounding
 from hago.errors import QuantizeError
 from hago.frontend import load_model
 from hago.qparams import quantize_weight, weight_qparams
 from hago.strategy import Strategy
-from images import smooth_images
+
+from . import blocks
 
 pytestmark = pytest.mark.llvm
 DEVICE = "x86-avx512-vnni"
@@ -37,16 +37,7 @@ def _block() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def block_case(run_tvm):
-    net = _block()
-    calib, test = smooth_images(128, 1, noise=0.2), smooth_images(128, 2, noise=0.2)
-    mod = load_model(net, example_inputs=(torch.from_numpy(calib[:2]),))
-    cfg = AnnotateConfig(weight_bits=4)
-    q = {c: quantize(mod, DEVICE, calib, annotate_config=cfg, corrections=c, batch_size=32)
-         for c in ((), ("bias",), ("adaround", "bias"), ("adaround_conv",))}
-    with torch.no_grad():
-        ref = net(torch.from_numpy(test)).numpy()
-    out = {c: run_tvm(v.realized.mod, test) for c, v in q.items()}
-    return net, test, ref, q, out
+    return blocks.block_case(_block(), 128, ((), ("bias",), ("adaround", "bias"), ("adaround_conv",)), run_tvm)
 
 
 def test_registered():

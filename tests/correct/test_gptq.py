@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-from hago.annotate import AnnotateConfig
 from hago.compiler import quantize
 from hago.correct import CORRECTIONS, corrected_graph, rounding
 from hago.correct.gptq import gptq_codes, grouped_weight, hessian, output_steps, shrunk
@@ -24,7 +23,8 @@ from hago.errors import QuantizeError
 from hago.frontend import load_model
 from hago.qparams import fixed_weight_qparams, quantize_weight
 from hago.strategy import Strategy
-from images import smooth_images
+
+from . import blocks
 
 DEVICE = "x86-avx512-vnni"
 
@@ -164,16 +164,8 @@ def _block() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def block_case(run_tvm):
-    net = _block()
-    calib, test = smooth_images(96, 1, noise=0.2), smooth_images(96, 2, noise=0.2)
-    mod = load_model(net, example_inputs=(torch.from_numpy(calib[:2]),))
-    cfg = AnnotateConfig(weight_bits=4)
-    q = {c: quantize(mod, DEVICE, calib, annotate_config=cfg, corrections=c, batch_size=32)
-         for c in (("bias",), ("gptq", "bias"), ("weight_clip", "adaround"), ("gptq",), ("gptq_sequential",))}
-    with torch.no_grad():
-        ref = net(torch.from_numpy(test)).numpy()
-    out = {c: run_tvm(v.realized.mod, test) for c, v in q.items()}
-    return net, test, ref, q, out
+    return blocks.block_case(_block(), 96, (("bias",), ("gptq", "bias"), ("weight_clip", "adaround"), ("gptq",),
+                                            ("gptq_sequential",)), run_tvm)
 
 
 @pytest.mark.llvm
