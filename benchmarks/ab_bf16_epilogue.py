@@ -1,12 +1,12 @@
-"""What the bf16 conv's write-back clip saves: one all-bf16 build with and without it, timed interleaved.
+"""What the bf16 conv's write-back epilogue saves: one all-bf16 build with and without it, timed interleaved.
 
     python benchmarks/ab_bf16_epilogue.py [--model efficientnet_lite0] [--device x86-avx512-bf16] [--rounds 30]
 
-On ``x86-avx512-bf16`` a float relu / relu6 that alone reads a bf16 conv runs in the conv kernel's
-write-back (``Realizer._float_activation``); without it the activation is a pass of its own. The two builds
-differ only in that (the "without" build asks the realizer for no activation), are timed in alternation in one
-process (this machine's speed drifts by up to 1.8x over minutes: only side-by-side ratios mean anything), and
-their outputs are compared bit for bit.
+The build puts a bf16 conv's bias, relu / relu6 and the bf16 cast for the next bf16 layer into the conv
+kernel's write-back (``hago.backends.cpu.bf16_epilogue.fuse_bf16_epilogues``); without it they are passes of
+their own. The two builds differ only in that (the "without" build skips the rewrite), are timed in alternation
+in one process (this machine's speed drifts by up to 1.8x over minutes: only side-by-side ratios mean
+anything), and their outputs are compared bit for bit.
 """
 
 from __future__ import annotations
@@ -37,22 +37,22 @@ def main() -> int:
     import models
     from hago.annotate import AnnotateConfig
     from hago.compiler import compile as hago_compile
-    from hago.realize.realizer import Realizer
+    from hago.backends.cpu import bf16_epilogue
 
     net, calib = models.build(args.model), models.photo_crops(8, seed=1)
 
     def build(fused: bool):
-        own = Realizer._float_activation
+        own = bf16_epilogue.fuse_bf16_epilogues
         if not fused:
-            Realizer._float_activation = lambda self, name: (None, None)
+            bf16_epilogue.fuse_bf16_epilogues = lambda mod, *a, **k: mod
         try:
             res = hago_compile(net, args.device, calib, example_inputs=(torch.from_numpy(calib[:1]),), measure=False,
                                annotate_config=AnnotateConfig(all_bf16=True), corrections=())
         finally:
-            Realizer._float_activation = own
+            bf16_epilogue.fuse_bf16_epilogues = own
         return relax.VirtualMachine(res.int_executable, tvm.cpu())
 
-    vms = {"activation in the write-back": build(True), "activation as its own pass": build(False)}
+    vms = {"epilogue in the write-back": build(True), "epilogue as passes of their own": build(False)}
     image = tvm.runtime.tensor(calib[:1].astype("float32"))
     outs = [vm["main"](image).numpy() for vm in vms.values()]
     same = np.array_equal(*outs)

@@ -205,12 +205,9 @@ class Plan:
         """``emit(bb, x, w_q [K, N]) -> int32 [..., N]`` for an integer dense; None: a plain int32 matmul."""
         return None
 
-    def bf16_kernel(self, node: Node, x_shape: list, clip: tuple | None = None) -> Callable | None:
-        """``emit(bb, x) -> float32`` (bias included) for a bf16 conv2d / dense on float ``x``; None: plain ops.
-
-        ``clip`` ``(lo, hi)`` (either None: unbounded): the relu / clip that alone reads the layer, for the
-        kernel to apply in its write-back; a plan whose kernel cannot returns None (realize asks again
-        without it)."""
+    def bf16_kernel(self, node: Node, x_shape: list) -> Callable | None:
+        """``emit(bb, x) -> float32`` (bias included) for a bf16 conv2d / dense on float ``x``; None: the plain
+        Relax op on bfloat16 operands, for the build to lower (a conv, with its neighbours' layout)."""
         return None
 
     def row_quantize_kernel(self, x_shape: list) -> Callable | None:

@@ -156,9 +156,6 @@ class Realizer:
 
     # ---- nodes -------------------------------------------------------------
     def float_node(self, node: Node) -> None:
-        if node.name in self.absorbed:  # a relu/clip its bf16 producer's kernel applied in its write-back
-            self.fval[node.name] = self.fval[node.inputs[0]]
-            return
         v = self.bb.emit(self.subst(node.call))
         if node.bias is not None:
             v = self.bb.emit(O.add(v, const(node.bias.reshape(bias_shape(node)), "float32")))
@@ -167,19 +164,15 @@ class Realizer:
     def bf16_node(self, node: Node) -> None:
         """A bf16 layer (:mod:`.bf16`) on the float value of its input, its bias added in float32.
 
-        The plan's bf16 kernel where it has one (x86: ``vdpbf16ps``), else the
-        plain Relax op on bfloat16 operands.
+        The plan's bf16 kernel where it has one (a dense), else the plain Relax
+        op on bfloat16 operands, which the build blocks with its float
+        neighbours and puts on the backend's kernel, the relu/relu6 after it
+        in that kernel's write-back (``backends.cpu.bf16_epilogue``).
         """
         x = self.subst(node.call.args[0])
-        shape = self.edge_shape(node.inputs[0])
-        act, clip = self._float_activation(node.name)
-        kernel = self.plan.bf16_kernel(node, shape, clip) if clip is not None else None
-        if kernel is None:
-            act, kernel = None, self.plan.bf16_kernel(node, shape)
+        kernel = self.plan.bf16_kernel(node, self.edge_shape(node.inputs[0]))
         if kernel is not None:
             self.fval[node.name] = kernel(self.bb, x)
-            if act is not None:
-                self.absorbed.add(act)
             return
         v = self.bb.emit(bf16_call(node, x))
         if node.bias is not None:
@@ -194,17 +187,6 @@ class Realizer:
             return None
         act = self.g.node(users[0])
         return act if act.kind in ("relu", "clip") and self.s.ops[act.name].mode == mode else None
-
-    def _float_activation(self, name: str) -> tuple[str | None, tuple | None]:
-        """``(relu/clip node, (lo, hi))`` when a float relu or clip alone reads ``name`` (a bf16 kernel may apply
-        it in its write-back: one pass fewer), else ``(None, None)``."""
-        act = self.sole_activation(name, "float")
-        if act is None:
-            return None, None
-        if act.kind == "relu":
-            return act.name, (0.0, None)
-        lo, hi = (float(v.value) for v in act.call.args[1:3])
-        return act.name, (lo, hi)
 
     def run(self) -> Realized:
         g = self.g

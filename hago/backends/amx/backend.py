@@ -24,6 +24,15 @@ from __future__ import annotations
 
 from ..x86 import X86Backend
 
+def block_convs(mod, lanes: int):
+    """Float and bf16 convs in blocked layouts, a narrow bf16 stem as one block of all its channels (the AMX
+    stem kernel's layout, :mod:`.stem_bf16`)."""
+    from ..cpu.float_layout import block_float_convs
+    from .stem_bf16 import blocks_as_stem
+
+    return block_float_convs(mod, lanes, bf16=True, bf16_stem=blocks_as_stem)
+
+
 class AMXBackend(X86Backend):
     """x86 with AMX tiles (Sapphire Rapids, Emerald Rapids, Granite Rapids)."""
 
@@ -68,12 +77,11 @@ class AMXBackend(X86Backend):
         """Float convs blocked as on x86, and bf16 convs too (the AMX conv reads the same 16-channel blocks);
         a bf16 conv's bias, relu/relu6 and bf16 cast then go onto its tiles (:mod:`.bf16_epilogue`);
         attention's softmax as one kernel, as on every CPU."""
-        from ..cpu.float_layout import block_float_convs
         from ..cpu.row_kernels import fuse_row_kernels
         from .bf16_epilogue import fuse_bf16_epilogues
 
         lanes = self.vector_lanes(target)
-        return fuse_row_kernels(fuse_bf16_epilogues(block_float_convs(mod, lanes, bf16=True)), lanes)
+        return fuse_row_kernels(fuse_bf16_epilogues(block_convs(mod, lanes)), lanes)
 
     def legalizations(self, target) -> dict:
         """bf16 convs in blocked layouts onto the AMX conv; everything else as on x86."""

@@ -65,6 +65,8 @@ from hago import tvmscript  # noqa: F401  (T.macro calls without reading source 
 from hago.errors import QuantizeError
 from hago.tvm_consts import IS_SCHEDULED, KERNEL_ATTR, OPAQUE
 
+from ..cpu.bf16_epilogue import fp32_source as _fp32_source
+from ..cpu.float_kernels import blocked_weight_to_oihw  # noqa: F401  (re-exported: this module's callers)
 from ..x86.epilogue import requant_expr
 from .amx_ir import IMPORT_PRAGMA, RELEASE_FN, REQUEST_FN
 from .conv_ir import (ELEMENT, K_BLOCKS, K_CHANNELS, b_step_bytes, conv_config_fn, conv_ir, conv_kernel_name,
@@ -254,12 +256,6 @@ def geometry(data_shape, weight_shape, strides, padding) -> ConvGeometry:
 
 
 # ---- operands -------------------------------------------------------------------------
-def blocked_weight_to_oihw(w: np.ndarray) -> np.ndarray:
-    """Relax ``OIHW{ib}i{ob}o`` ``[O/ob, C/ib, KH, KW, ib, ob]`` -> ``[O, C, KH, KW]``."""
-    ocb, icb, kh, kw, ib, ob = w.shape
-    return w.transpose(0, 5, 1, 4, 2, 3).reshape(ocb * ob, icb * ib, kh, kw)
-
-
 def pack_conv_weight(w_oihw: np.ndarray, kb: int = K_CHANNELS["bf16"], dtype: str = "bf16") -> np.ndarray:
     """``[O, C, KH, KW]`` -> ``[O16, C/kb, KH, KW, kb/v, 16, v]`` (zero-padded): bf16 (``v = 2``), int8 (``v = 4``).
 
@@ -637,18 +633,6 @@ def emit_conv2d_amx_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarr
 
 def _ints(v) -> tuple[int, ...]:
     return tuple(int(x) for x in v)
-
-
-def _fp32_source(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
-    """``x``'s fp32 input when ``x`` is bound to ``astype(fp32 value, bf16)``: the pack then rounds it itself."""
-    try:
-        value = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
-    except Exception:  # not bound in this builder
-        return x
-    if (isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.astype"
-            and str(value.args[0].ty.dtype) == "float32" and len(value.args[0].ty.shape) == 5):
-        return value.args[0]
-    return x
 
 
 @dataclass(frozen=True)

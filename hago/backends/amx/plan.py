@@ -82,10 +82,10 @@ class AMXPlan(X86Plan):
             return lambda bb, x, w_q: emit_dense_amx(bb, x, w_q, "int8")
         return super().dense_kernel(choice, x_dtype, x_shape, w_shape)
 
-    def bf16_kernel(self, node, x_shape, clip=None):
+    def bf16_kernel(self, node, x_shape):
         """bf16 dense: the AMX kernel now; bf16 conv: None, the plain Relax op the build legalizes onto AMX
         (whose relu/relu6 the build fuses onto the tiles: ``bf16_epilogue``)."""
-        if node.kind == "dense" and _rows(x_shape) is not None and clip is None:
+        if node.kind == "dense" and _rows(x_shape) is not None:
             from .dense import emit_dense_amx
 
             return lambda bb, x: emit_dense_amx(bb, x, node.weight, "bf16", bias=node.bias)

@@ -50,6 +50,13 @@ def bf16_taps_applicable(data_shape, weight_shape, strides, dilation, groups) ->
     return ws[1] < 16 and ws[1] * ws[3] <= K_STEP and min(ds + ws + strides) >= 1
 
 
+def blocks_as_stem(call) -> bool:
+    """Whether the float layout pass gives bf16 conv ``call`` (fewer channels than a block) one block of all its
+    channels: the layout :func:`blocked_stem` takes (``float_layout.conv_layouts``' ``bf16_stem``)."""
+    a = call.attrs
+    return bf16_taps_applicable(call.args[0].ty.shape, call.args[1].ty.shape, a.strides, a.dilation, a.groups)
+
+
 def taps_geometry(data_shape, weight_shape, strides, padding) -> ConvGeometry:
     """The ``KH x 1`` conv over pixel-packed rows that computes the narrow ``KH x KW`` one."""
     n, c, h, w = (int(s) for s in data_shape)

@@ -38,6 +38,13 @@ def blocked_layouts(attrs) -> tuple[int, int, int] | None:
     return int(d.group(1)), int(k.group(2)), int(o.group(1))
 
 
+def blocked_weight_to_oihw(w: np.ndarray) -> np.ndarray:
+    """Relax ``OIHW{ib}i{ob}o`` ``[O/ob, C/ib, KH, KW, ib, ob]`` -> ``[O, C, KH, KW]`` (a blocked conv's weight
+    back in the order a backend's own packing starts from)."""
+    ocb, icb, kh, kw, ib, ob = w.shape
+    return w.transpose(0, 5, 1, 4, 2, 3).reshape(ocb * ob, icb * ib, kh, kw)
+
+
 def _padded_window(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation):
     """``(padded data, OH, OW, KH, KW)``: the spatial zero padding as a block of its own, and the output size."""
     h, w = (int(s) for s in data.shape[2:4])

@@ -25,6 +25,7 @@ layers without an NCHW pass between them.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import tvm
 from tvm import relax
@@ -48,18 +49,15 @@ def channel_block(channels: int, lanes: int) -> int | None:
     return None
 
 
-def _bf16_stem(w, bf16: bool) -> bool:
-    """Whether a bf16 conv with fewer channels than a block is a stem the AMX bf16 kernel folds (its
-    ``C * KW`` values fit one 32-value K step: ``hago.backends.amx.stem_bf16``)."""
-    return bf16 and int(w.shape[1]) * int(w.shape[3]) <= 32
-
-
-def conv_layouts(call, lanes: int, bf16: bool = False) -> list[str] | None:
+def conv_layouts(call, lanes: int, bf16: bool = False, bf16_stem: Callable | None = None) -> list[str] | None:
     """``[data, kernel, out]`` layouts for a float NCHW/OIHW ``relax.nn.conv2d`` call; None: keep it plain.
 
     ``bf16``: the backend also has a blocked kernel for convs on bfloat16
-    operands (AMX): those get blocks too, single-group ones and depthwise
-    (whose blocked float kernel reads bf16 storage).
+    operands (AMX, AVX-512 BF16): those get blocks too, single-group ones and
+    depthwise (whose blocked float kernel reads bf16 storage).
+    ``bf16_stem(call)``: whether a bf16 conv with fewer input channels than a
+    block takes them all as one (a backend with a kernel for such a stem, AMX's
+    ``stem_bf16``); without it such a conv stays plain.
     """
     a = call.attrs
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
@@ -68,7 +66,9 @@ def conv_layouts(call, lanes: int, bf16: bool = False) -> list[str] | None:
     dtypes = {str(x.dtype), str(w.dtype)}
     groups = int(a.groups)
     depthwise = groups > 1 and int(w.shape[1]) == 1 and int(w.shape[0]) == groups
-    if dtypes != {"float32"} and not (bf16 and dtypes == {"bfloat16"} and (groups == 1 or depthwise)):
+    stored = str(x.dtype) == "bfloat16" and str(w.dtype) == "float32"  # a bf16 depthwise: bf16 storage only
+    if dtypes != {"float32"} and not (bf16 and ((dtypes == {"bfloat16"} and groups == 1) or (depthwise and (
+            dtypes == {"bfloat16"} or stored)))):
         return None
     try:
         c, o, i = int(x.shape[1]), int(w.shape[0]), int(w.shape[1])
@@ -79,7 +79,7 @@ def conv_layouts(call, lanes: int, bf16: bool = False) -> list[str] | None:
         b = channel_block(c, lanes)
         return None if b is None else [f"NCHW{b}c", f"OIHW1i{b}o", f"NCHW{b}c"]
     ob = channel_block(o // groups, lanes)
-    narrow = groups == 1 and i < MIN_BLOCK and ("float32" in dtypes or _bf16_stem(w, bf16))
+    narrow = groups == 1 and i < MIN_BLOCK and ("float32" in dtypes or (bf16_stem is not None and bf16_stem(call)))
     ib = channel_block(i, lanes) or (i if narrow else None)
     if ob is None or ib is None:
         return None
@@ -165,20 +165,21 @@ def _calls(mod: tvm.IRModule, op_name: str) -> list:
     return found
 
 
-def block_float_convs(mod: tvm.IRModule, lanes: int, bf16: bool = False) -> tvm.IRModule:
+def block_float_convs(mod: tvm.IRModule, lanes: int, bf16: bool = False,
+                      bf16_stem: Callable | None = None) -> tvm.IRModule:
     """``mod`` with its float convs in blocked layouts (weights re-laid out as constants); ``mod`` on failure.
 
-    ``bf16``: bf16 convs too (a backend with a blocked bf16 conv kernel).
+    ``bf16``, ``bf16_stem``: bf16 convs too (a backend with a blocked bf16 conv kernel; see :func:`conv_layouts`).
     """
     conv2d = "relax.nn.conv2d"
 
     def layout_cb(call):
         if getattr(call.op, "name", "") != conv2d:
             return {}
-        layouts = conv_layouts(call, lanes, bf16)
+        layouts = conv_layouts(call, lanes, bf16, bf16_stem)
         return {conv2d: layouts} if layouts else {}
 
-    if not any(conv_layouts(call, lanes, bf16) for call in _calls(mod, conv2d)):
+    if not any(conv_layouts(call, lanes, bf16, bf16_stem) for call in _calls(mod, conv2d)):
         return mod  # nothing to block (an all-integer program): leave it exactly as it is
     try:
         converted = relax.transform.ConvertLayout({}, layout_cb)(_legalize_blocked_pools(_clip_to_minmax(mod)))

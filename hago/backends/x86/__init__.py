@@ -23,9 +23,16 @@ from ..cpu import CPUBackend
 #: weight layouts (spec descriptor ``weight_layout``) served by the VNNI kernels
 VNNI_WEIGHT_LAYOUTS = ("OIHW4i16o4i", "NK16n4k")
 _X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686")
-#: ops with a bf16 kernel (depthwise stays fp32: two bf16 per lane buy nothing on one channel per group)
-BF16_OPS = ("conv2d", "dense")
+#: ops with a bf16 kernel (depthwise: bf16 storage, fp32 arithmetic; one channel per group has no bf16 pairs)
+BF16_OPS = ("conv2d", "dense", "depthwise_conv2d")
 BF16_LANES = 16  # fp32 accumulators per vdpbf16ps
+
+
+def tvm_prim_func():
+    """``tvm.tirx.PrimFunc`` (imported when a build needs it: importing this package imports no TVM)."""
+    import tvm
+
+    return tvm.tirx.PrimFunc
 
 
 class X86Backend(CPUBackend):
@@ -88,15 +95,55 @@ class X86Backend(CPUBackend):
         return target_problem(target, "avx512_bf16", "bf16")
 
     def bf16_node_problem(self, node):
-        """The bf16 kernels pad any dense or single-group conv; a grouped conv needs pairs in, 16s out per group."""
+        """The bf16 kernels pad any dense and single-group conv; a grouped conv needs pairs in, 16s out per group;
+        a depthwise conv (bf16 storage) needs channels in 4s, a blocked layout."""
         w = node.weight
         if w is None:
             return "bf16 needs a constant weight"
         groups = 1 if node.kind == "dense" else int(node.call.attrs.groups)
+        if groups > 1 and groups == w.shape[0] and w.shape[1] == 1:
+            if w.shape[0] % 4:
+                return f"bf16 depthwise convs need channels in 4s ({w.shape[0]}): runs in fp32"
+            return None
         if groups > 1 and (w.shape[1] % 2 or (w.shape[0] // groups) % BF16_LANES):
             return (f"bf16 grouped convs need input channels in pairs and output channels in 16s per group "
                     f"({w.shape[1]} -> {w.shape[0] // groups}): runs in fp32")
         return None
+
+    def prepare_fusion(self, mod, target):
+        """The CPU build's float layouts with bf16 convs blocked too, then the bf16 convs on the ``vdpbf16ps``
+        kernels, each with its bias, relu/relu6 and bf16 cast in the write-back, scheduled (:mod:`.bf16_blocked`)."""
+        from ..cpu.bf16_epilogue import fuse_bf16_epilogues
+        from ..cpu.float_layout import block_float_convs
+        from ..cpu.row_kernels import fuse_row_kernels
+        from .bf16_blocked import blocks_as_stem, lower_bf16_convs, x86_bf16_conv
+
+        lanes = self.vector_lanes(target)
+        blocked = block_float_convs(mod, lanes, bf16=True, bf16_stem=blocks_as_stem)
+        lowered = lower_bf16_convs(fuse_bf16_epilogues(blocked, x86_bf16_conv, bias_alone=True))
+        return fuse_row_kernels(self._standalone(lowered), lanes)
+
+    def _standalone(self, mod):
+        """``mod`` with the kernels made since realize (the bf16 convs) opaque to FuseOps, as realize's kernels
+        are: their default schedules apply after fusion (:meth:`schedule_fused`), or tuning takes them as
+        kernel tasks of their own."""
+        from hago.tvm_consts import OPAQUE
+
+        out = mod
+        for gv, func in mod.functions_items():
+            if (isinstance(func, tvm_prim_func()) and "op_pattern" not in (func.attrs or {})
+                    and self.is_kernel(func)):
+                if out is mod:
+                    out = mod.clone()
+                out.update_func(gv, func.with_attr("op_pattern", OPAQUE))
+        return out
+
+    def schedule_fused(self, sch, target) -> bool:
+        """A kernel made at fusion time (:meth:`prepare_fusion`) gets its default schedule where the target runs
+        its instructions; a fused blocked float conv the CPU backend's."""
+        from .schedules import schedule_kernels_for
+
+        return schedule_kernels_for(sch, target) or super().schedule_fused(sch, target)
 
     def plan(self, graph, strategy):
         from .plan import X86Plan

@@ -167,18 +167,28 @@ def _to_nchwc_te(x, cp, b, padding):
                       attrs={KERNEL_ATTR: TO_NCHWC_BF16})
 
 
-def _pad_nchwc_te(x, padding):
-    """Blocked ``[N, C/16, H, W, 16]`` -> bf16, spatially zero-padded by ``(top, left, bottom, right)``."""
+def _pad_nchwc_te(x, padding, block=None):
+    """Blocked ``[N, C/b, H, W, b]`` -> bf16, spatially zero-padded by ``(top, left, bottom, right)``.
+
+    ``block``: a wider channel block for a one-block input (an RGB stem's
+    ``NCHW3c`` -> ``NCHW4c``), the extra channels zero.
+    """
     n, cc, h, w, b = (int(s) for s in x.shape)
     top, left, bottom, right = padding
+    block = b if block is None else int(block)
+    if block != b and cc != 1:
+        raise QuantizeError(f"bf16 padding: widening the channel block {b} -> {block} needs one block, got {cc}")
 
     def body(i, c, y, z, l):
-        if not any(padding):
-            return _bf16(x[i, c, y, z, l])
-        inside = tirx.all(y >= top, y < top + h, z >= left, z < left + w)
-        return tirx.if_then_else(inside, _bf16(x[i, c, y - top, z - left, l]), _bf16_zero())
+        conds = [l < b] if block != b else []
+        if any(padding):
+            conds += [y >= top, y < top + h, z >= left, z < left + w]
+        lane = l if block == b else tirx.min(l, b - 1)
+        if not conds:
+            return _bf16(x[i, c, y, z, lane])
+        return tirx.if_then_else(tirx.all(*conds), _bf16(x[i, c, y - top, z - left, lane]), _bf16_zero())
 
-    return te.compute((n, cc, h + top + bottom, w + left + right, b), body, name=PAD_NCHWC_BF16,
+    return te.compute((n, cc, h + top + bottom, w + left + right, block), body, name=PAD_NCHWC_BF16,
                       attrs={KERNEL_ATTR: PAD_NCHWC_BF16})
 
 
@@ -204,20 +214,34 @@ def _conv_te(data, kernel, strides, dilation, groups):
 
 
 def _clipped(v, clip):
-    """``v`` kept within ``clip`` = ``(lo, hi)`` (either None: no bound), the relu/clip a write-back absorbs."""
+    """``v`` kept within ``clip`` = ``(lo, hi)`` (either None or infinite: no bound), the relu/clip a write-back
+    absorbs."""
     if clip is None:
         return v
-    lo, hi = clip
+    lo, hi = (None if b is None or np.isinf(b) else float(b) for b in clip)
     v = v if lo is None else te.max(v, tirx.const(lo, "float32"))
     return v if hi is None else te.min(v, tirx.const(hi, "float32"))
 
 
-def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None):
-    """The conv with its bias add (and ``clip``) as a second block of the same PrimFunc, computed on each
-    register tile."""
+def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="float32", out_block=LANES, o=None):
+    """The conv with its bias add (and ``clip``, and the cast to ``out_dtype``) as a second block of the same
+    PrimFunc, computed on each register tile.
+
+    ``out_block`` < 16 (``o`` channels, a multiple of it): the result in ``NCHW{out_block}c`` with no padded
+    channels, for neighbours whose channel count is not a multiple of 16 (24, 40 in EfficientNet).
+    """
     acc = _conv_te(data, kernel, strides, dilation, 1)
-    return te.compute(acc.shape, lambda i, c, y, x, l: _clipped(acc[i, c, y, x, l] + bias[c * LANES + l], clip),
-                      name=BIAS_EPILOGUE)
+    n, occ, oh, ow, _ = (int(s) for s in acc.shape)
+    o = occ * LANES if o is None else int(o)
+
+    def body(i, c, y, x, l):
+        ch = c * out_block + l
+        v = _clipped(acc[i, ch // LANES, y, x, ch % LANES] + bias[ch], clip)
+        return v if out_dtype == "float32" else v.astype(out_dtype)
+
+    if out_block == LANES:
+        return te.compute(acc.shape, body, name=BIAS_EPILOGUE)
+    return te.compute((n, o // out_block, oh, ow, out_block), body, name=BIAS_EPILOGUE)
 
 
 def _from_nchwc_te(acc, o, bias=None, clip=None):
@@ -290,7 +314,8 @@ def emit_dense_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_kn: np.ndarray, bia
 
 def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, strides=(1, 1),
                      dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0), bias=None,
-                     out_layout: str = "NCHW", clip=None) -> relax.Expr:
+                     out_layout: str = "NCHW", clip=None, out_dtype: str = "float32",
+                     out_block: int = LANES) -> relax.Expr:
     """fp32 NCHW ``conv2d(x, w) (+ bias)`` in bf16 through ``vdpbf16ps``.
 
     ``x`` is fp32 (or bf16) NCHW, ``w`` numpy OIHW (rounded to bf16 here),
@@ -301,8 +326,13 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     ``bf16_applicable`` first.
 
     Blocked layouts (one group only, see the module docstring): a 5-D ``x``
-    is taken as NCHW16c, and ``out_layout="NCHW16c"`` returns the blocked fp32
-    result, the bias added on the kernel's register tiles.
+    is taken as ``NCHW{b}c`` with ``b`` the kernel's input block
+    (:func:`in_block` of its channels: 16, 8 or 4 for channels in 4s), and
+    ``out_layout="NCHW16c"`` returns the blocked result, the bias added on
+    the kernel's register tiles and the result cast to ``out_dtype``
+    (``"bfloat16"``: the next bf16 layer's input, rounded to nearest even);
+    ``out_block`` 8 or 4 writes ``NCHW{out_block}c`` instead (channels not
+    in 16s), from the same 16-lane tiles.
 
     ``clip`` ``(lo, hi)`` (either None: unbounded): a relu / clip applied in
     the same write-back as the bias (a relu6 after the conv costs no pass).
@@ -315,17 +345,27 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     if not bf16_applicable("conv2d", logical, w.shape, groups):
         raise QuantizeError(f"conv2d {xs} x {list(w.shape)} groups={groups} has no bf16 layout; "
                             "check bf16_applicable first")
-    if (blocked_in or out_layout != "NCHW") and (groups != 1 or (blocked_in and xs[4] != LANES)):
-        raise QuantizeError(f"conv2d {xs}: blocked layouts need one group and 16-channel blocks")
     if out_layout not in ("NCHW", BLOCKED):
         raise QuantizeError(f"conv2d: out_layout {out_layout!r} must be 'NCHW' or 'NCHW16c'")
+    if (blocked_in or out_layout != "NCHW") and groups != 1:
+        raise QuantizeError(f"conv2d {xs}: blocked layouts need one group")
+    stem = blocked_in and xs[1] == 1 and xs[4] == w.shape[1] < in_block(w.shape[1])  # NCHW3c: widened to 4
+    if blocked_in and (xs[4] * xs[1] != w.shape[1] or (in_block(w.shape[1]) != xs[4] and not stem)):
+        raise QuantizeError(f"conv2d {xs} x {list(w.shape)}: a blocked input needs the kernel's input block "
+                            f"{in_block(w.shape[1])} (or one narrower block of all channels) and no padded channels")
+    if (out_dtype != "float32" or out_block != LANES) and out_layout != BLOCKED:
+        raise QuantizeError(f"conv2d: out_dtype {out_dtype} / out_block {out_block} need out_layout NCHW16c")
+    if out_block not in (4, 8, LANES) or (out_block != LANES and w.shape[0] % out_block):
+        raise QuantizeError(f"conv2d: out_block {out_block} must be 16 (channels padded), or 4 or 8 dividing "
+                            f"{w.shape[0]} channels")
     o = int(w.shape[0])
     padding = tuple(int(p) for p in padding)
     if blocked_in:
-        wp = pack_conv_weight(w, 1, in_channels=xs[1] * LANES)
+        wp = pack_conv_weight(w, 1)
         data = x
-        if any(padding) or str(bb.normalize(x).ty.dtype) != BF16:
-            data = bb.emit_te(_pad_nchwc_te, x, padding, primfunc_name_hint="hago_pad_nchwc_bf16")
+        if any(padding) or stem or str(bb.normalize(x).ty.dtype) != BF16:
+            data = bb.emit_te(_pad_nchwc_te, x, padding, in_block(w.shape[1]),
+                              primfunc_name_hint="hago_pad_nchwc_bf16")
     else:
         wp = pack_conv_weight(w, groups)
         b = int(wp.shape[4]) * RED
@@ -335,8 +375,8 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     op = int(wp.shape[0]) * LANES
     if out_layout == BLOCKED:
         bias_p = _bias_const(np.zeros(o) if bias is None else bias, o, op, "conv2d")
-        return bb.emit_te(_conv_bias_te, data, kernel, bias_p, _pair(strides), _pair(dilation), clip,
-                          primfunc_name_hint="hago_conv2d_nchwc_bf16")
+        return bb.emit_te(_conv_bias_te, data, kernel, bias_p, _pair(strides), _pair(dilation), clip, out_dtype,
+                          out_block, o, primfunc_name_hint="hago_conv2d_nchwc_bf16")
     acc = bb.emit_te(_conv_te, data, kernel, _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_bf16")
     bias_c = None if bias is None else _bias_const(bias, o, o, "conv2d")

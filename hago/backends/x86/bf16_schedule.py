@@ -36,17 +36,28 @@ def _vectorize_lanes(sch: Schedule, loop) -> None:
     sch.vectorize(loop)
 
 
+def _reblocks(sch: Schedule, blk, wb) -> bool:
+    """Whether write-back ``wb`` stores another channel block than the accumulator's 16 (``NCHW8c`` output)."""
+    acc, out = (list(sch.get(b).writes[0].source.shape) for b in (blk, wb))
+    return len(acc) == len(out) == 5 and int(out[4]) != int(acc[4])
+
+
 def _finish(sch: Schedule, blk, reduce_loop, lane_loop, tile_loops, parallel_loops) -> None:
     """Write-back (or bias epilogue) at the tile, parallel outer loops, init split off, tensorize the lanes."""
     epilogue = [c for c in sch.get_consumers(blk) if sch.get(c).name_hint == BIAS_EPILOGUE]
     wb = epilogue[0] if epilogue else sch.cache_write(blk, 0, "global")
-    sch.reverse_compute_at(wb, parallel_loops[-1])
+    reblocked = _reblocks(sch, blk, wb)
+    if not reblocked:
+        sch.reverse_compute_at(wb, parallel_loops[-1])
     outer = sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0]
     sch.parallel(outer)
     init = sch.decompose_reduction(blk, reduce_loop)
     for loop in tile_loops:
         sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])
+    if reblocked:  # its own parallel pass over the accumulator: a tile cannot name an 8-channel block's part
+        loops = sch.get_loops(wb)
+        sch.parallel(sch.fuse(*loops[:3]))
     _vectorize_lanes(sch, sch.get_loops(wb)[-1])
     sch.tensorize(lane_loop, bf16_intrin())
     link_shim(sch, outer)

@@ -237,42 +237,17 @@ class X86Plan(base.Plan):
             return _VnniConv()
         return None
 
-    def bf16_kernel(self, node, x_shape, clip=None):
-        """The ``vdpbf16ps`` kernels (:mod:`.bf16`): fp32 in and out, conversions inside.
-
-        A single-group conv whose channels fill 16-channel blocks reads and writes NCHW16c where its float
-        neighbour is a conv the build blocks (a depthwise conv, which has no bf16 kernel here, between two
-        bf16 1x1 convs): a Relax layout transform on each such side, cancelled against ConvertLayout's
-        inverse by the build (:mod:`..cpu.layout_pairs`), as between int8 and float layers. Elsewhere NCHW,
-        whose conversion passes also pad and round (one pass, where a blocked input would take two).
-        A conv applies ``clip`` in its write-back; dense does not take one.
-        """
+    def bf16_kernel(self, node, x_shape):
+        """bf16 dense: the ``vdpbf16ps`` kernel (:mod:`.bf16`), fp32 in and out, conversions inside. bf16 conv:
+        None, the plain Relax op, which the build blocks with its float neighbours and puts on the same kernel
+        with its bias, activation and bf16 cast in the write-back (:mod:`.bf16_blocked`)."""
         from . import bf16
 
-        a = node.call.attrs
-        groups = 1 if node.kind == "dense" else int(a.groups)
-        if not bf16.bf16_applicable("dense" if node.kind == "dense" else "conv2d", x_shape, node.weight.shape,
-                                    groups):
+        if node.kind != "dense":
             return None
-        if node.kind == "dense":
-            return None if clip is not None else lambda bb, x: bf16.emit_dense_bf16(bb, x, node.weight, bias=node.bias)
-        pad = tuple(int(p) for p in a.padding)
-        blocks = groups == 1 and len(x_shape) == 4 and isinstance(x_shape[1], int)
-        blocked_in = (blocks and x_shape[1] % LANES == 0
-                      and self.float_layout_produced(node.inputs[0]) == BLOCKED)
-        blocked_out = blocks and node.weight.shape[0] % LANES == 0 and self.float_layout_consumed(node.name) == BLOCKED
-
-        def emit(bb, x):
-            if blocked_in:
-                x = bb.emit(O.layout_transform(x, lambda n, c, h, w: (n, c // LANES, h, w, c % LANES)))
-            y = bf16.emit_conv2d_bf16(bb, x, node.weight, tuple(int(s) for s in a.strides),
-                                      tuple(int(d) for d in a.dilation), groups, pad, bias=node.bias,
-                                      out_layout=BLOCKED if blocked_out else "NCHW", clip=clip)
-            if blocked_out:
-                y = bb.emit(O.layout_transform(y, lambda n, c, h, w, lane: (n, c * LANES + lane, h, w)))
-            return y
-
-        return emit
+        if not bf16.bf16_applicable("dense", x_shape, node.weight.shape):
+            return None
+        return lambda bb, x: bf16.emit_dense_bf16(bb, x, node.weight, bias=node.bias)
 
     def row_quantize_kernel(self, x_shape):
         from ..cpu.row_quantize import emit_row_quantize

@@ -91,6 +91,16 @@ def schedule_kernels(sch: Schedule) -> bool:
     return bool(blocks)
 
 
+def schedule_kernels_for(sch: Schedule, target: tvm.target.Target) -> bool:
+    """``schedule_kernels`` where ``target`` runs the kernels' instructions; False (``sch`` untouched) where it
+    holds no kernel or one the target cannot run (it stays naive, as in :func:`schedule_func`)."""
+    kinds = {kind for kind, _ in kernel_blocks(sch)}
+    if (not kinds or target.kind.name != "llvm" or (kinds & NEEDS_VNNI and not has_vnni(target))
+            or (kinds & NEEDS_BF16 and not has_bf16(target))):
+        return False
+    return schedule_kernels(sch)
+
+
 def schedule_func(func: tvm.tirx.PrimFunc, vnni: bool = True, bf16: bool = True) -> tvm.tirx.PrimFunc | None:
     """The scheduled ``func``, or None when it holds no hago kernel block, or one the target cannot run.
 

@@ -144,11 +144,11 @@ def test_bf16_conv_epilogue_on_the_tiles_is_bit_identical(monkeypatch):
     q = quantize(Net().eval(), spec, {"x": x}, example_inputs=(torch.from_numpy(x[:1]),), corrections=(),
                  annotate_config=AnnotateConfig(all_bf16=True))
     _, mod = static_pair(q, spec, 1)
-    chains = epilogue._Chains  # the rewrite's own view of the blocked module
-    from hago.backends.cpu.float_layout import block_float_convs
+    chains = epilogue.chains  # the rewrite's own view of the blocked module
+    from hago.backends.amx.backend import block_convs
 
     with target_of(spec):
-        ends = chains(block_float_convs(mod, 16, bf16=True)["main"]).ends()
+        ends = chains(block_convs(mod, 16)["main"]).ends()
     kinds = sorted((clip, dtype) for _, _, clip, dtype in ends.values())
     # c1: relu6 + cast; c2 and the RGB stem (on the tiles as a folded stem, hago/backends/amx/stem_bf16.py): relu + cast
     assert kinds == [((0.0, 6.0), "bfloat16"), ((0.0, np.inf), "bfloat16"), ((0.0, np.inf), "bfloat16")]

@@ -67,11 +67,15 @@ CONV = {
     "c_groups4": ((1, 32, 9, 9), (64, 8, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, True),
     "c_groups2_s2": ((1, 12, 10, 10), (32, 6, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 2, False),
 }
-# blocked NCHW16c in and/or out: name -> (case above, blocked input, blocked output)
+# blocked layouts, as the build's float layout pass gives them: name -> (case above, input block (None: NCHW),
+# output block (None: NCHW), output dtype, clip)
 BLOCKED = {
-    "b_in_out_3x3": ("c_3x3_b2", True, True),
-    "b_out_rgb": ("c_rgb_3x3_s2", False, True),
-    "b_in_1x1_odd": ("c_1x1_40_24", True, False),
+    "b_in_out_3x3": ("c_3x3_b2", 16, 16, "float32", None),
+    "b_out_rgb": ("c_rgb_3x3_s2", None, 8, "float32", None),  # 24 channels: NCHW8c from 16-lane tiles
+    "b_in_rgb_stem_relu6_bf16": ("c_rgb_3x3_s2", 3, 8, "bfloat16", (0.0, 6.0)),  # NCHW3c widened to 4 inside
+    "b_in_8_1x1_out_8": ("c_1x1_40_24", 8, 8, "float32", None),
+    "b_in_8_1x1_nchw": ("c_1x1_40_24", 8, None, "float32", None),
+    "b_5x5_relu_bf16": ("c_5x5", 16, 16, "bfloat16", (0.0, None)),
 }
 
 
@@ -101,13 +105,13 @@ def np_conv2d(x, w, strides, padding, dilation, groups) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-def to_blocked(x: np.ndarray) -> np.ndarray:
-    """NCHW -> NCHW16c, channels zero-padded to 16."""
+def to_blocked(x: np.ndarray, block: int = 16) -> np.ndarray:
+    """NCHW -> NCHW{block}c, channels zero-padded to the block."""
     n, c, h, w = x.shape
-    cp = -(-c // 16) * 16
+    cp = -(-c // block) * block
     xp = np.zeros((n, cp, h, w), x.dtype)
     xp[:, :c] = x
-    return np.ascontiguousarray(xp.reshape(n, cp // 16, 16, h, w).transpose(0, 1, 3, 4, 2))
+    return np.ascontiguousarray(xp.reshape(n, cp // block, block, h, w).transpose(0, 1, 3, 4, 2))
 
 
 def from_blocked(x: np.ndarray, channels: int) -> np.ndarray:
@@ -199,14 +203,20 @@ def built(tmp_path_factory):
         if bias is not None:
             ref, scale = ref + bias[:, None, None], scale + np.abs(bias)[:, None, None]
         cases[name] = (x, ref, RTOL * scale, None)
-        for bname, (case, blocked_in, blocked_out) in BLOCKED.items():
+        for bname, (case, in_block, out_block, out_dtype, clip) in BLOCKED.items():
             if case != name:
                 continue
-            xb = to_blocked(x) if blocked_in else x
-            layout = "NCHW16c" if blocked_out else "NCHW"
-            _function(bb, bname, xb, lambda v: emit_conv2d_bf16(bb, v, w, strides, dilation, groups, padding, bias,
-                                                               out_layout=layout))
-            cases[bname] = (xb, ref, RTOL * scale, (lambda o, c=ws[0]: from_blocked(o, c)) if blocked_out else None)
+            xb = to_blocked(x, in_block) if in_block else x
+            layout = "NCHW16c" if out_block else "NCHW"
+            _function(bb, bname, xb, lambda v: emit_conv2d_bf16(
+                bb, v, w, strides, dilation, groups, padding, bias, out_layout=layout, clip=clip, out_dtype=out_dtype,
+                out_block=out_block or 16))
+            r = np.clip(ref, *(-np.inf if c is None else c for c in clip)) if clip else ref
+            tol = RTOL * scale
+            if out_dtype == "bfloat16":  # the write-back rounds to bf16: half a bf16 step more
+                r, tol = _round(r), tol + np.abs(r) * 2.0 ** -8
+            cases[bname] = (xb, r, tol, (lambda o, c=ws[0]: from_blocked(o.astype(np.float32), c)) if out_block
+                            else None)
     target = tvm.target.Target(TARGET)
     mod = schedule_vnni(bb.get(), target)
     ex = tvm.compile(mod, target=target)
@@ -224,10 +234,12 @@ def test_matches_bf16_reference(built, name):
     _, ex, _, cases = built
     x, ref, tol, unblock = cases[name]
     out = relax.VirtualMachine(ex, tvm.cpu())[name](tvm.runtime.tensor(x)).numpy()
-    assert out.dtype == np.float32
+    want = BLOCKED[name][3] if name in BLOCKED else "float32"
+    assert str(out.dtype) == want
     if unblock is not None:
-        assert out.ndim == 5 and out.shape[-1] == 16
-        padded = from_blocked(out, out.shape[1] * 16)[:, ref.shape[1]:]
+        block = BLOCKED[name][2]
+        assert out.ndim == 5 and out.shape[-1] == block
+        padded = from_blocked(out.astype(np.float32), out.shape[1] * block)[:, ref.shape[1]:]
         assert not padded.any(), "padded output channels must be 0"
         out = unblock(out)
     assert out.shape == ref.shape

@@ -1,0 +1,165 @@
+"""Put a bf16 conv's bias, relu/relu6 and bf16 cast into the conv kernel's write-back instead of a pass of their own.
+
+After the float layout pass (:mod:`.float_layout`) a bf16 layer reads, in
+blocked layouts::
+
+    y = conv2d(x_bf16, w)            # fp32 NCHW{ob}c: a backend's opaque kernel
+    y = add(y, bias)                 # per-channel constant
+    y = minimum(maximum(y, 0), 6)    # relu6 (or relu, maximum alone, or clip)
+    y = astype(y, "bfloat16")        # when the next layer is bf16 too
+
+FuseOps cannot fuse into an opaque kernel, so everything after the conv is
+one more pass over its fp32 output (read 4 bytes, write 2 or 4 per value).
+This rewrite, run before legalization, replaces such a chain by one kernel
+call whose write-back adds the bias, clamps and casts. Which kernel takes a
+conv is the backend's: ``find(call)`` returns None or an object with ``x``
+(the conv's data), ``o``, ``ob`` (output channels and their block) and
+``emit(bb, x, bias=, clip=, out_dtype=)`` (AMX: ``amx.conv.amx_bf16_conv``;
+AVX-512 BF16: ``x86.bf16_blocked.x86_bf16_conv``).
+
+A value in the chain with another user, or that leaves the dataflow block,
+ends the chain there; the bindings left unused are removed. The numbers are
+those of the unfused program: the same fp32 sums, the same ``max``/``min``,
+the same round-to-nearest-even cast.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+BF16 = "bfloat16"
+
+
+def _op(expr) -> str:
+    return getattr(getattr(expr, "op", None), "name", "") if isinstance(expr, relax.Call) else ""
+
+
+def _scalar(expr) -> float | None:
+    if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1:
+        return float(expr.value.numpy().reshape(-1)[0])
+    return None
+
+
+def _channel_bias(expr, o: int, ob: int) -> np.ndarray | None:
+    """``[O]`` fp32 bias of a blocked per-channel constant ``[1, O/ob, 1, 1, ob]``, else None."""
+    if not isinstance(expr, tvm.ir.expr.Constant) or str(expr.value.dtype) != "float32":
+        return None
+    v = expr.value.numpy()
+    if v.shape != (1, o // ob, 1, 1, ob):
+        return None
+    return v.reshape(o)
+
+
+def fp32_source(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+    """``x``'s fp32 input when ``x`` is bound to ``astype(fp32 blocked value, bf16)``, else ``x``: a kernel whose
+    packing pass rounds to bf16 anyway reads the fp32 value and the cast's own pass goes."""
+    try:
+        value = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
+    except Exception:  # not bound in this builder
+        return x
+    if (isinstance(value, relax.Call) and _op(value) == "relax.astype"
+            and str(value.args[0].ty.dtype) == "float32" and len(value.args[0].ty.shape) == 5):
+        return value.args[0]
+    return x
+
+
+class Chains:
+    """Per dataflow var: its binding value and how many times it is used (to fuse single-use chains only).
+
+    ``find``: the backend's kernel for a bf16 conv call (see the module
+    docstring). ``bias_alone``: fuse a chain that is only the bias add too
+    (a kernel that adds the bias on its registers saves that pass as well).
+    """
+
+    def __init__(self, func: relax.Function, find: Callable, bias_alone: bool = False):
+        self.find, self.bias_alone = find, bias_alone
+        self.value: dict = {}
+        self.uses: dict = {}
+        if isinstance(func.body, relax.SeqExpr):
+            for block in func.body.blocks:
+                for binding in block.bindings:
+                    if isinstance(binding, relax.VarBinding):
+                        self.value[binding.var] = binding.value
+
+        def visit(expr):  # every occurrence of a var in an expression is a use (definitions are not visited)
+            if isinstance(expr, relax.Var):
+                self.uses[expr] = self.uses.get(expr, 0) + 1
+
+        relax.analysis.post_order_visit(func, visit)
+
+    def single_use(self, var) -> bool:
+        return isinstance(var, relax.DataflowVar) and self.uses.get(var, 0) == 1
+
+    def ends(self) -> dict:
+        """End var of each fusable chain -> (conv call, bias or None, (lo, hi) or None, out dtype)."""
+        users: dict = {}
+        for var, value in self.value.items():
+            if isinstance(value, relax.Call):
+                for arg in value.args:
+                    if isinstance(arg, relax.Var):
+                        users.setdefault(arg, []).append(var)
+        chains = {}
+        for var, value in self.value.items():
+            if _op(value) != "relax.nn.conv2d" or str(value.args[0].ty.dtype) != BF16:
+                continue
+            found = self.find(value)
+            if found is None:
+                continue
+            end, bias, lo, hi, dtype = var, None, None, None, "float32"
+            while self.single_use(end) and len(users.get(end, [])) == 1 and dtype == "float32":
+                nxt = users[end][0]
+                step = self.value[nxt]
+                other = step.args[1] if len(step.args) > 1 else None
+                name = _op(step)
+                if name == "relax.add" and bias is None and lo is None and hi is None and step.args[0].same_as(end):
+                    bias = _channel_bias(other, found.o, found.ob)
+                    if bias is None:
+                        break
+                elif name == "relax.maximum" and lo is None and hi is None and _scalar(other) is not None:
+                    lo = _scalar(other)
+                elif name == "relax.nn.relu" and lo is None and hi is None:
+                    lo = 0.0
+                elif name == "relax.minimum" and hi is None and _scalar(other) is not None:
+                    hi = _scalar(other)
+                elif name == "relax.clip" and lo is None and hi is None:
+                    lo, hi = (float(getattr(a.value, "value", a.value)) for a in step.args[1:3])
+                elif name == "relax.astype" and str(step.attrs.dtype) == BF16:
+                    dtype = BF16
+                else:
+                    break
+                end = nxt
+            if end is not var and (lo is not None or hi is not None or dtype != "float32" or self.bias_alone):
+                clip = (-np.inf if lo is None else lo, np.inf if hi is None else hi)
+                chains[end] = (value, bias, clip, dtype)
+        return chains
+
+
+def fuse_bf16_epilogues(mod: tvm.IRModule, find: Callable, bias_alone: bool = False) -> tvm.IRModule:
+    """``mod`` with every bf16 conv + bias + clamp (+ bf16 cast) chain as one kernel call (see the module)."""
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from hago.relax_rewrite import rewrite_relax_functions
+
+    ends: dict = {}
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            ends.update(Chains(func, find, bias_alone).ends())
+    if not ends:
+        return mod
+
+    @mutator
+    class _Fuse(PyExprMutator):
+        def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+            if binding.var not in ends:
+                return super().visit_var_binding_(binding)
+            conv, bias, clip, dtype = ends[binding.var]
+            found = find(conv)
+            y = found.emit(self.builder_, self.visit_expr(found.x), bias=bias, clip=clip, out_dtype=dtype)
+            self.set_var_remap(binding.var, y)
+
+    fused = rewrite_relax_functions(mod, _Fuse(mod))
+    return relax.transform.DeadCodeElimination()(fused)
