@@ -1,10 +1,12 @@
 """What the bf16 conv's write-back epilogue saves: one all-bf16 build with and without it, timed interleaved.
 
     python benchmarks/ab_bf16_epilogue.py [--model efficientnet_lite0] [--device x86-avx512-bf16] [--rounds 30]
+                                          [--part all|residual]
 
 The build puts a bf16 conv's bias, relu / relu6 and the bf16 cast for the next bf16 layer into the conv
 kernel's write-back (``hago.backends.cpu.bf16_epilogue.fuse_bf16_epilogues``); without it they are passes of
-their own. The two builds differ only in that (the "without" build skips the rewrite), are timed in alternation
+their own. The two builds differ only in that (the "without" build skips the rewrite), are timed in
+alternation (A B, B A, ...)
 in one process (this machine's speed drifts by up to 1.8x over minutes: only side-by-side ratios mean
 anything), and their outputs are compared bit for bit.
 """
@@ -27,6 +29,8 @@ def main() -> int:
     p.add_argument("--device", default="x86-avx512-bf16")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--part", choices=("all", "residual"), default="all",
+                   help="leave out the whole epilogue, or only its residual add")
     args = p.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # before TVM's thread pool starts
 
@@ -43,8 +47,10 @@ def main() -> int:
 
     def build(fused: bool):
         own = bf16_epilogue.fuse_bf16_epilogues
-        if not fused:
+        if not fused and args.part == "all":
             bf16_epilogue.fuse_bf16_epilogues = lambda mod, *a, **k: mod
+        elif not fused:
+            bf16_epilogue.fuse_bf16_epilogues = lambda mod, *a, **k: own(mod, *a, **{**k, "residual": False})
         try:
             res = hago_compile(net, args.device, calib, example_inputs=(torch.from_numpy(calib[:1]),), measure=False,
                                annotate_config=AnnotateConfig(all_bf16=True), corrections=())
@@ -52,13 +58,14 @@ def main() -> int:
             bf16_epilogue.fuse_bf16_epilogues = own
         return relax.VirtualMachine(res.int_executable, tvm.cpu())
 
-    vms = {"epilogue in the write-back": build(True), "epilogue as passes of their own": build(False)}
+    what = "epilogue" if args.part == "all" else "residual add"
+    vms = {f"{what} in the write-back": build(True), f"{what} as passes of their own": build(False)}
     image = tvm.runtime.tensor(calib[:1].astype("float32"))
     outs = [vm["main"](image).numpy() for vm in vms.values()]
     same = np.array_equal(*outs)
     times = {k: [] for k in vms}
-    for _ in range(args.rounds):
-        for name, vm in vms.items():
+    for r in range(args.rounds):  # A B, then B A: the first build of a round times slower here (up to 9%)
+        for name, vm in (list(vms.items()) if r % 2 == 0 else list(vms.items())[::-1]):
             times[name].append(vm.time_evaluator("main", tvm.cpu(), number=10, repeat=1)(image).mean * 1e3)
     med = {k: float(np.median(v)) for k, v in times.items()}
     print(f"{args.model}, all-bf16 on {args.device}, {args.threads} threads, {args.rounds} interleaved rounds; "

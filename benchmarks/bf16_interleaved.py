@@ -4,10 +4,12 @@
 
 ``run.py`` times its rows one after another; on a shared machine whose speed drifts by up to 1.8x over
 minutes (session 13's EPYC) a row measured in a slow phase looks slow. Here every build is timed once per
-round, in turn (``run.py``'s ``_median_ms``, 1 s a build), for ``--rounds`` rounds, and each build's median
+round, in turn (``run.py``'s ``_median_ms``, 1 s a build), for ``--rounds`` rounds, each round opened by the
+next build (the first build of a round timed up to 9% slower in session 14's A/B runs), and each build's median
 over the rounds is reported with its ratio to hago bf16, so every ratio comes from the same minutes.
 Builds: hago FP32 and hago bf16 (``run.py``'s bf16 spec for this CPU), ONNX Runtime FP32, OpenVINO FP32
-and bf16 on the FP32 ONNX file.
+and bf16 on the FP32 ONNX file. On the pretrained EfficientNet-Lite0 each build is also scored against PyTorch
+FP32 on the 192 photo views (top-1 agreement, mean KL), after the timing.
 """
 
 from __future__ import annotations
@@ -50,17 +52,41 @@ def main() -> int:
            run.ORT_FP32: run._ort_fn(onnx_fp32)}
     fns.update({name: run._ov_fn(c) for name, c in run._openvino_fp32_peers(onnx_fp32).items()})
     times = {name: [] for name in fns}
+    order = list(fns)
     for r in range(args.rounds):
-        for name, fn in fns.items():
-            times[name].append(run._median_ms(lambda: fn(feeds)))
+        for name in order[r % len(order):] + order[:r % len(order)]:  # each build opens a round in turn
+            times[name].append(run._median_ms(lambda: fns[name](feeds)))
         print(f"round {r + 1}: " + ", ".join(f"{n.split(' (')[0]} {t[-1]:.2f}" for n, t in times.items()), flush=True)
+    scores = _scores(args.model, model, inp, fns)
     base = np.asarray(times[run.HAGO_BF16])
     print(f"\n{args.model}, batch 1, {run.THREADS} threads, {args.rounds} interleaved rounds ({run._machine()})\n")
-    print("| build | median ms | its time / hago bf16's, per round: median (min-max) |\n|---|---:|---:|")
+    acc = " top-1 agreement / mean KL vs FP32 |" if scores else ""
+    print(f"| build | median ms | its time / hago bf16's, per round: median (min-max) |{acc}\n"
+          f"|---|---:|---:|{'---:|' if scores else ''}")
     for name, t in times.items():
         ratio = np.asarray(t) / base  # each round's pair measured within seconds of each other
-        print(f"| {name} | {np.median(t):.3f} | {np.median(ratio):.2f}x ({ratio.min():.2f}-{ratio.max():.2f}) |")
+        cell = f" {scores[name][0]:.1%} / {scores[name][1]:.4f} |" if scores else ""
+        print(f"| {name} | {np.median(t):.3f} | {np.median(ratio):.2f}x ({ratio.min():.2f}-{ratio.max():.2f}) |{cell}")
     return 0
+
+
+def _scores(name: str, model, inp: str, fns: dict) -> dict:
+    """Per build (top-1 agreement, mean KL) against PyTorch FP32 on the photo views, for the pretrained
+    EfficientNet-Lite0 (the others have random weights: latency only); {} otherwise."""
+    if name != "efficientnet_lite0":
+        return {}
+    import accuracy
+    import models
+    import run
+
+    views, _ = models.photo_views()
+    x = {inp: views}
+    ref = run._run_batched(run._torch_fn(model), x, 50)
+    out = {}
+    for build, fn in fns.items():
+        m = accuracy.classifier_metrics(run._run_batched(fn, x, 1), ref)
+        out[build] = (m["top1_agreement"], m["mean_kl"])
+    return out
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from hago.correct import CORRECTIONS, corrected_graph
 from hago.errors import QuantizeError
 from hago.frontend import load_model
 from hago.simulate import simulate
-from hago.strategy import Strategy
 from images import smooth_images
 
 pytestmark = pytest.mark.llvm

@@ -150,9 +150,9 @@ class _InvertedResidual(torch.nn.Module):
 @needs_bf16
 def test_an_all_bf16_inverted_residual_block_stays_blocked_and_matches_its_twin():
     """All bf16, the depthwise conv included (bf16 storage): the build blocks the bf16 convs with their
-    neighbours, so the only layout passes are the network's input and output; every relu/relu6 runs in the
-    write-back of the conv before it (and the bf16 cast for the next conv with it); the result matches the
-    simulated twin."""
+    neighbours, so the only layout passes are the network's input and output; every relu/relu6 and the
+    residual add run in the write-back of the conv before them (and the bf16 cast for the next conv with
+    them); the result matches the simulated twin."""
     import tvm
     from tvm import relax
 
@@ -175,7 +175,8 @@ def test_an_all_bf16_inverted_residual_block_stays_blocked_and_matches_its_twin(
     assert sum("layout_transform" in n for n in names) == 2, names  # NCHW -> NCHW3c in, NCHW8c -> NCHW out
     assert not [n for n in names if "nchw_to_nchwc" in n or "nchwc_to_nchw" in n], names  # no NCHW route
     assert sum(n.startswith("hago_conv2d_nchwc_bf") for n in names) == 4, names  # bias and activation inside
-    assert not [n for n in names if any(a in n for a in ("relu", "maximum", "minimum", "clip")) and "conv2d" not in n]
+    assert not [n for n in names if any(a in n for a in ("relu", "maximum", "minimum", "clip", "add"))
+                and "conv2d" not in n], names  # the residual add too
     twin = relax.VirtualMachine(backend.build(static_batch(simulate(q.graph, q.strategy), 1), target), tvm.cpu())
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()

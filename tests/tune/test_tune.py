@@ -188,7 +188,6 @@ def test_rejects_gpu_targets_and_negative_budgets(int_mod, target, tmp_path):
 
 
 def _dense_module(m: int = 4, k: int = 64, n: int = 32):
-    import tvm
     from tvm import relax
 
     from hago.backends.x86.kernels import emit_dense_vnni

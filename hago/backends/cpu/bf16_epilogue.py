@@ -5,6 +5,7 @@ blocked layouts::
 
     y = conv2d(x_bf16, w)            # fp32 NCHW{ob}c: a backend's opaque kernel
     y = add(y, bias)                 # per-channel constant
+    y = add(y, r)                    # a residual: fp32, the conv's blocked shape (a backend that takes it)
     y = minimum(maximum(y, 0), 6)    # relu6 (or relu, maximum alone, or clip)
     y = astype(y, "bfloat16")        # when the next layer is bf16 too
 
@@ -14,8 +15,9 @@ This rewrite, run before legalization, replaces such a chain by one kernel
 call whose write-back adds the bias, clamps and casts. Which kernel takes a
 conv is the backend's: ``find(call)`` returns None or an object with ``x``
 (the conv's data), ``o``, ``ob`` (output channels and their block) and
-``emit(bb, x, bias=, clip=, out_dtype=)`` (AMX: ``amx.conv.amx_bf16_conv``;
-AVX-512 BF16: ``x86.bf16_blocked.x86_bf16_conv``).
+``emit(bb, x, bias=, clip=, out_dtype=[, residual=])`` (AMX:
+``amx.conv.amx_bf16_conv``; AVX-512 BF16: ``x86.bf16_blocked.x86_bf16_conv``,
+which takes the residual too).
 
 A value in the chain with another user, or that leaves the dataflow block,
 ends the chain there; the bindings left unused are removed. The numbers are
@@ -73,10 +75,13 @@ class Chains:
     ``find``: the backend's kernel for a bf16 conv call (see the module
     docstring). ``bias_alone``: fuse a chain that is only the bias add too
     (a kernel that adds the bias on its registers saves that pass as well).
+    ``residual``: the kernel's ``emit`` takes ``residual=``, a tensor added
+    after the bias and before the clamp (a ResNet or inverted-residual block's
+    skip connection).
     """
 
-    def __init__(self, func: relax.Function, find: Callable, bias_alone: bool = False):
-        self.find, self.bias_alone = find, bias_alone
+    def __init__(self, func: relax.Function, find: Callable, bias_alone: bool = False, residual: bool = False):
+        self.find, self.bias_alone, self.residual = find, bias_alone, residual
         self.value: dict = {}
         self.uses: dict = {}
         if isinstance(func.body, relax.SeqExpr):
@@ -94,8 +99,25 @@ class Chains:
     def single_use(self, var) -> bool:
         return isinstance(var, relax.DataflowVar) and self.uses.get(var, 0) == 1
 
+    def _skip(self, step, end, conv_var):
+        """The other operand of ``add(end, r)`` / ``add(r, end)`` when ``r`` can be the kernel's residual: an fp32
+        var of the conv's shape, not computed from the conv itself (the chain's own values have one use each)."""
+        if not self.residual or len(step.args) != 2:
+            return None
+        a, b = step.args
+        other = b if a.same_as(end) else a if b.same_as(end) else None
+        if not isinstance(other, relax.Var) or other.same_as(conv_var):
+            return None
+        ty, want = other.ty, self.value[conv_var].ty
+        try:
+            same = [int(d) for d in ty.shape.values] == [int(d) for d in want.shape.values]
+        except (TypeError, AttributeError):
+            return None
+        return other if same and str(ty.dtype) == "float32" else None
+
     def ends(self) -> dict:
-        """End var of each fusable chain -> (conv call, bias or None, (lo, hi) or None, out dtype)."""
+        """End var of each fusable chain -> (conv call, bias or None, (lo, hi) or None, out dtype, residual var
+        or None)."""
         users: dict = {}
         for var, value in self.value.items():
             if isinstance(value, relax.Call):
@@ -109,16 +131,18 @@ class Chains:
             found = self.find(value)
             if found is None:
                 continue
-            end, bias, lo, hi, dtype = var, None, None, None, "float32"
+            end, bias, lo, hi, dtype, skip = var, None, None, None, "float32", None
             while self.single_use(end) and len(users.get(end, [])) == 1 and dtype == "float32":
                 nxt = users[end][0]
                 step = self.value[nxt]
                 other = step.args[1] if len(step.args) > 1 else None
                 name = _op(step)
-                if name == "relax.add" and bias is None and lo is None and hi is None and step.args[0].same_as(end):
+                if (name == "relax.add" and bias is None and skip is None and lo is None and hi is None
+                        and step.args[0].same_as(end) and _channel_bias(other, found.o, found.ob) is not None):
                     bias = _channel_bias(other, found.o, found.ob)
-                    if bias is None:
-                        break
+                elif (name == "relax.add" and skip is None and lo is None and hi is None
+                      and self._skip(step, end, var) is not None):
+                    skip = self._skip(step, end, var)
                 elif name == "relax.maximum" and lo is None and hi is None and _scalar(other) is not None:
                     lo = _scalar(other)
                 elif name == "relax.nn.relu" and lo is None and hi is None:
@@ -132,14 +156,17 @@ class Chains:
                 else:
                     break
                 end = nxt
-            if end is not var and (lo is not None or hi is not None or dtype != "float32" or self.bias_alone):
+            if end is not var and (lo is not None or hi is not None or dtype != "float32" or self.bias_alone
+                                   or skip is not None):
                 clip = (-np.inf if lo is None else lo, np.inf if hi is None else hi)
-                chains[end] = (value, bias, clip, dtype)
+                chains[end] = (value, bias, clip, dtype, skip)
         return chains
 
 
-def fuse_bf16_epilogues(mod: tvm.IRModule, find: Callable, bias_alone: bool = False) -> tvm.IRModule:
-    """``mod`` with every bf16 conv + bias + clamp (+ bf16 cast) chain as one kernel call (see the module)."""
+def fuse_bf16_epilogues(mod: tvm.IRModule, find: Callable, bias_alone: bool = False,
+                        residual: bool = False) -> tvm.IRModule:
+    """``mod`` with every bf16 conv + bias (+ residual) + clamp (+ bf16 cast) chain as one kernel call (see the
+    module and :class:`Chains`)."""
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     from hago.relax_rewrite import rewrite_relax_functions
@@ -147,7 +174,7 @@ def fuse_bf16_epilogues(mod: tvm.IRModule, find: Callable, bias_alone: bool = Fa
     ends: dict = {}
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            ends.update(Chains(func, find, bias_alone).ends())
+            ends.update(Chains(func, find, bias_alone, residual).ends())
     if not ends:
         return mod
 
@@ -156,9 +183,10 @@ def fuse_bf16_epilogues(mod: tvm.IRModule, find: Callable, bias_alone: bool = Fa
         def visit_var_binding_(self, binding: relax.VarBinding) -> None:
             if binding.var not in ends:
                 return super().visit_var_binding_(binding)
-            conv, bias, clip, dtype = ends[binding.var]
+            conv, bias, clip, dtype, skip = ends[binding.var]
             found = find(conv)
-            y = found.emit(self.builder_, self.visit_expr(found.x), bias=bias, clip=clip, out_dtype=dtype)
+            extra = {} if skip is None else {"residual": self.visit_expr(skip)}
+            y = found.emit(self.builder_, self.visit_expr(found.x), bias=bias, clip=clip, out_dtype=dtype, **extra)
             self.set_var_remap(binding.var, y)
 
     fused = rewrite_relax_functions(mod, _Fuse(mod))

@@ -112,7 +112,8 @@ class X86Backend(CPUBackend):
 
     def prepare_fusion(self, mod, target):
         """The CPU build's float layouts with bf16 convs blocked too, then the bf16 convs on the ``vdpbf16ps``
-        kernels, each with its bias, relu/relu6 and bf16 cast in the write-back, scheduled (:mod:`.bf16_blocked`)."""
+        kernels, each with its bias, residual add, relu/relu6 and bf16 cast in the write-back
+        (:mod:`.bf16_blocked`)."""
         from ..cpu.bf16_epilogue import fuse_bf16_epilogues
         from ..cpu.float_layout import block_float_convs
         from ..cpu.row_kernels import fuse_row_kernels
@@ -120,7 +121,7 @@ class X86Backend(CPUBackend):
 
         lanes = self.vector_lanes(target)
         blocked = block_float_convs(mod, lanes, bf16=True, bf16_stem=blocks_as_stem)
-        lowered = lower_bf16_convs(fuse_bf16_epilogues(blocked, x86_bf16_conv, bias_alone=True))
+        lowered = lower_bf16_convs(fuse_bf16_epilogues(blocked, x86_bf16_conv, bias_alone=True, residual=True))
         return fuse_row_kernels(self._standalone(lowered), lanes)
 
     def _standalone(self, mod):

@@ -223,9 +223,10 @@ def _clipped(v, clip):
     return v if hi is None else te.min(v, tirx.const(hi, "float32"))
 
 
-def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="float32", out_block=LANES, o=None):
-    """The conv with its bias add (and ``clip``, and the cast to ``out_dtype``) as a second block of the same
-    PrimFunc, computed on each register tile.
+def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="float32", out_block=LANES, o=None,
+                  residual=None):
+    """The conv with its bias add (then ``residual``, then ``clip``, then the cast to ``out_dtype``) as a second
+    block of the same PrimFunc, computed on each register tile.
 
     ``out_block`` < 16 (``o`` channels, a multiple of it): the result in ``NCHW{out_block}c`` with no padded
     channels, for neighbours whose channel count is not a multiple of 16 (24, 40 in EfficientNet).
@@ -236,7 +237,10 @@ def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="f
 
     def body(i, c, y, x, l):
         ch = c * out_block + l
-        v = _clipped(acc[i, ch // LANES, y, x, ch % LANES] + bias[ch], clip)
+        v = acc[i, ch // LANES, y, x, ch % LANES] + bias[ch]
+        if residual is not None:
+            v = v + residual[i, c, y, x, l]
+        v = _clipped(v, clip)
         return v if out_dtype == "float32" else v.astype(out_dtype)
 
     if out_block == LANES:
@@ -315,7 +319,7 @@ def emit_dense_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_kn: np.ndarray, bia
 def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, strides=(1, 1),
                      dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0), bias=None,
                      out_layout: str = "NCHW", clip=None, out_dtype: str = "float32",
-                     out_block: int = LANES) -> relax.Expr:
+                     out_block: int = LANES, residual: relax.Expr | None = None) -> relax.Expr:
     """fp32 NCHW ``conv2d(x, w) (+ bias)`` in bf16 through ``vdpbf16ps``.
 
     ``x`` is fp32 (or bf16) NCHW, ``w`` numpy OIHW (rounded to bf16 here),
@@ -332,7 +336,9 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     the kernel's register tiles and the result cast to ``out_dtype``
     (``"bfloat16"``: the next bf16 layer's input, rounded to nearest even);
     ``out_block`` 8 or 4 writes ``NCHW{out_block}c`` instead (channels not
-    in 16s), from the same 16-lane tiles.
+    in 16s), from the same 16-lane tiles. ``residual``: an fp32 tensor of
+    the blocked output's shape, added after the bias and before ``clip`` (a
+    skip connection, in the same write-back).
 
     ``clip`` ``(lo, hi)`` (either None: unbounded): a relu / clip applied in
     the same write-back as the bias (a relu6 after the conv costs no pass).
@@ -353,7 +359,7 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     if blocked_in and (xs[4] * xs[1] != w.shape[1] or (in_block(w.shape[1]) != xs[4] and not stem)):
         raise QuantizeError(f"conv2d {xs} x {list(w.shape)}: a blocked input needs the kernel's input block "
                             f"{in_block(w.shape[1])} (or one narrower block of all channels) and no padded channels")
-    if (out_dtype != "float32" or out_block != LANES) and out_layout != BLOCKED:
+    if (out_dtype != "float32" or out_block != LANES or residual is not None) and out_layout != BLOCKED:
         raise QuantizeError(f"conv2d: out_dtype {out_dtype} / out_block {out_block} need out_layout NCHW16c")
     if out_block not in (4, 8, LANES) or (out_block != LANES and w.shape[0] % out_block):
         raise QuantizeError(f"conv2d: out_block {out_block} must be 16 (channels padded), or 4 or 8 dividing "
@@ -376,7 +382,7 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     if out_layout == BLOCKED:
         bias_p = _bias_const(np.zeros(o) if bias is None else bias, o, op, "conv2d")
         return bb.emit_te(_conv_bias_te, data, kernel, bias_p, _pair(strides), _pair(dilation), clip, out_dtype,
-                          out_block, o, primfunc_name_hint="hago_conv2d_nchwc_bf16")
+                          out_block, o, residual, primfunc_name_hint="hago_conv2d_nchwc_bf16")
     acc = bb.emit_te(_conv_te, data, kernel, _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_bf16")
     bias_c = None if bias is None else _bias_const(bias, o, o, "conv2d")

@@ -9,8 +9,9 @@ convs between bf16 convs, so an inverted-residual block runs without an
 ``NCHW`` pass. Then
 
 * :func:`x86_bf16_conv` is the ``find`` of :mod:`..cpu.bf16_epilogue`: the
-  bias, relu/relu6 and the cast to bf16 for the next bf16 layer go into the
-  kernel's register-tile write-back (``bf16._conv_bias_te``), so a bf16 conv
+  bias, a residual add, relu/relu6 and the cast to bf16 for the next bf16
+  layer go into the kernel's register-tile write-back
+  (``bf16._conv_bias_te``), so a bf16 conv
   feeding a bf16 conv stores bf16 and the next one reads it as it is (a
   pass of its own only to pad it spatially);
 * :func:`lower_bf16_convs` turns what is left into the kernel: a blocked
@@ -42,8 +43,8 @@ from .vnni import BLOCKED, LANES
 @dataclass(frozen=True)
 class X86Bf16Conv:
     """A blocked bf16 ``relax.nn.conv2d`` the ``vdpbf16ps`` kernel takes: its data, output channels and block,
-    and ``emit(bb, x, bias=None, clip=None, out_dtype="float32")``, the kernel call on (the visited) ``x``
-    returning ``NCHW{ob}c``."""
+    and ``emit(bb, x, bias=None, clip=None, out_dtype="float32", residual=None)``, the kernel call on (the
+    visited) ``x`` returning ``NCHW{ob}c``."""
 
     x: relax.Expr
     o: int
@@ -99,10 +100,11 @@ def x86_bf16_conv(call: relax.Call) -> X86Bf16Conv | None:
     padding = padding * 2 if len(padding) == 2 else padding
     o = int(w_oihw.shape[0])
 
-    def emit(bb, x, bias=None, clip=None, out_dtype="float32"):
+    def emit(bb, x, bias=None, clip=None, out_dtype="float32", residual=None):
         src = fp32_source(bb, x) if any(padding) or narrow_stem(xs) else x  # the padding pass rounds fp32 itself
         return bf16.emit_conv2d_bf16(bb, src, w_oihw, strides, dilation, 1, padding, bias=bias,
-                                     out_layout=BLOCKED, clip=clip, out_dtype=out_dtype, out_block=blocks[2])
+                                     out_layout=BLOCKED, clip=clip, out_dtype=out_dtype, out_block=blocks[2],
+                                     residual=residual)
 
     return X86Bf16Conv(x, o, blocks[2], emit)
 

@@ -68,14 +68,16 @@ CONV = {
     "c_groups2_s2": ((1, 12, 10, 10), (32, 6, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 2, False),
 }
 # blocked layouts, as the build's float layout pass gives them: name -> (case above, input block (None: NCHW),
-# output block (None: NCHW), output dtype, clip)
+# output block (None: NCHW), output dtype, clip, with a residual added in the write-back)
 BLOCKED = {
-    "b_in_out_3x3": ("c_3x3_b2", 16, 16, "float32", None),
-    "b_out_rgb": ("c_rgb_3x3_s2", None, 8, "float32", None),  # 24 channels: NCHW8c from 16-lane tiles
-    "b_in_rgb_stem_relu6_bf16": ("c_rgb_3x3_s2", 3, 8, "bfloat16", (0.0, 6.0)),  # NCHW3c widened to 4 inside
-    "b_in_8_1x1_out_8": ("c_1x1_40_24", 8, 8, "float32", None),
-    "b_in_8_1x1_nchw": ("c_1x1_40_24", 8, None, "float32", None),
-    "b_5x5_relu_bf16": ("c_5x5", 16, 16, "bfloat16", (0.0, None)),
+    "b_in_out_3x3": ("c_3x3_b2", 16, 16, "float32", None, False),
+    "b_out_rgb": ("c_rgb_3x3_s2", None, 8, "float32", None, False),  # 24 channels: NCHW8c from 16-lane tiles
+    "b_in_rgb_stem_relu6_bf16": ("c_rgb_3x3_s2", 3, 8, "bfloat16", (0.0, 6.0), False),  # NCHW3c widened to 4
+    "b_in_8_1x1_out_8": ("c_1x1_40_24", 8, 8, "float32", None, False),
+    "b_in_8_1x1_out_8_residual_relu": ("c_1x1_40_24", 8, 8, "float32", (0.0, None), True),
+    "b_in_8_1x1_nchw": ("c_1x1_40_24", 8, None, "float32", None, False),
+    "b_5x5_relu_bf16": ("c_5x5", 16, 16, "bfloat16", (0.0, None), False),
+    "b_3x3_residual_relu6_bf16": ("c_3x3_b2", 16, 16, "bfloat16", (0.0, 6.0), True),
 }
 
 
@@ -203,15 +205,19 @@ def built(tmp_path_factory):
         if bias is not None:
             ref, scale = ref + bias[:, None, None], scale + np.abs(bias)[:, None, None]
         cases[name] = (x, ref, RTOL * scale, None)
-        for bname, (case, in_block, out_block, out_dtype, clip) in BLOCKED.items():
+        for bname, (case, in_block, out_block, out_dtype, clip, with_residual) in BLOCKED.items():
             if case != name:
                 continue
             xb = to_blocked(x, in_block) if in_block else x
             layout = "NCHW16c" if out_block else "NCHW"
+            skip = _rng(bname).standard_normal(ref.shape).astype(np.float32) if with_residual else None
+            res = None if skip is None else relax.const(to_blocked(skip, out_block))
             _function(bb, bname, xb, lambda v: emit_conv2d_bf16(
                 bb, v, w, strides, dilation, groups, padding, bias, out_layout=layout, clip=clip, out_dtype=out_dtype,
-                out_block=out_block or 16))
-            r = np.clip(ref, *(-np.inf if c is None else c for c in clip)) if clip else ref
+                out_block=out_block or 16, residual=res))
+            r = ref if skip is None else ref + skip
+            if clip:
+                r = np.clip(r, -np.inf if clip[0] is None else clip[0], np.inf if clip[1] is None else clip[1])
             tol = RTOL * scale
             if out_dtype == "bfloat16":  # the write-back rounds to bf16: half a bf16 step more
                 r, tol = _round(r), tol + np.abs(r) * 2.0 ** -8
@@ -243,6 +249,7 @@ def test_matches_bf16_reference(built, name):
         assert not padded.any(), "padded output channels must be 0"
         out = unblock(out)
     assert out.shape == ref.shape
+    assert np.isfinite(ref).all() and np.isfinite(tol).all()  # a reference or tolerance that cannot fail
     err = np.abs(out - ref)
     assert np.all(err <= tol), f"max error {err.max():.3g}, {(err / np.maximum(tol, 1e-30)).max():.3g}x the tolerance"
 

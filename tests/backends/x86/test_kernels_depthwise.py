@@ -205,7 +205,6 @@ def test_bit_exact(built, name):
 
 @pytest.mark.llvm
 def test_kernels_scheduled_and_vectorized(built):
-    import tvm
 
     mod, ex, _ = built
     kernels = [f for gv, f in mod.functions_items() if gv.name_hint.startswith("hago_conv2d_depthwise")]
