@@ -184,3 +184,55 @@ def test_an_all_bf16_inverted_residual_block_stays_blocked_and_matches_its_twin(
         real, sim = (m["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for m in (vm, twin))
         np.testing.assert_allclose(real, sim, rtol=0, atol=1e-4 * np.abs(sim).max())
         assert np.abs(real - ref[i:i + 1]).max() < 0.02 * np.abs(ref).max()  # bf16 rounding, not a wrong layout
+
+
+class _Blocks16(torch.nn.Module):
+    """The same block on 32 channels (whole 16-channel blocks for int8 and bf16 alike)."""
+
+    def __init__(self):
+        from torch import nn
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.expand, self.dw = nn.Conv2d(32, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.project, self.head = nn.Conv2d(64, 32, 1), nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x):
+        from torch.nn.functional import relu6
+
+        x = torch.relu(self.stem(x))
+        x = x + self.project(relu6(self.dw(relu6(self.expand(x)))))
+        return self.head(x)
+
+
+@needs_bf16
+def test_int8_and_bf16_convs_meet_blocked_and_match_their_twin():
+    """int8 stem -> bf16 expand and bf16 project -> int8 head: each pair hands over NCHW16c (the int8 conv's
+    layout transform cancelled against the bf16 conv's blocked layout), so the only layout passes left are
+    the network's output and the two around the int8 depthwise conv (its NCHW kernel on a float input)."""
+    import tvm
+    from tvm import relax
+
+    from hago.backends.registry import get_backend
+    from hago.build import static_batch, target_of
+    from hago.compiler import static_pair
+    from hago.search.kernelcache import profile_calls
+
+    torch.manual_seed(0)
+    net = _Blocks16().eval()
+    x = np.random.default_rng(0).normal(size=(16, 3, 28, 28)).astype(np.float32)
+    cfg = AnnotateConfig(bf16_ops=frozenset({"n2_conv2d", "n6_conv2d"}))
+    q = quantize(net, BF16_SPEC, x, example_inputs=(torch.from_numpy(x[:1]),), annotate_config=cfg, corrections=())
+    modes = {n: c.mode for n, c in q.strategy.ops.items() if "conv2d" in n}
+    assert modes == {"n0_conv2d": "integer", "n2_conv2d": "bf16", "n4_depthwise_conv2d": "integer",
+                     "n6_conv2d": "bf16", "n8_conv2d": "integer"}
+    spec = HardwareSpec.load(BF16_SPEC)
+    target, backend = target_of(spec), get_backend("x86")
+    _, realized = static_pair(q, spec, 1)
+    vm = relax.VirtualMachine(backend.build(realized, target), tvm.cpu())
+    names = [sig.split("(")[0] for sig, _ in profile_calls(vm, [tvm.runtime.tensor(x[:1])], runs=1)]
+    assert sum("layout_transform" in n or "nchwc_to_nchw" in n for n in names) == 3, names  # 7 before
+    twin = relax.VirtualMachine(backend.build(static_batch(simulate(q.graph, q.strategy), 1), target), tvm.cpu())
+    for i in range(len(x)):
+        real, sim = (m["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for m in (vm, twin))
+        assert np.abs(real - sim).max() < 0.01 * np.abs(sim).max()  # int8 requantize rounding, not a wrong layout

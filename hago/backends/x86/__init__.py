@@ -7,7 +7,10 @@
   :mod:`.depthwise_blocked`), the requantize epilogue (:mod:`.epilogue`) and
   the intrinsics (:mod:`.vnni_intrin`);
 - :mod:`.schedules`: the registry of the kernels' default schedules and
-  ``schedule_vnni``, used by the build and by ``hago.tune``.
+  ``schedule_vnni``, used by the build and by ``hago.tune``;
+- :mod:`.bf16` (``vdpbf16ps`` dense and conv) and :mod:`.bf16_blocked`
+  (bf16 convs lowered at fusion time, in their neighbours' blocked layout,
+  with bias, residual, relu/relu6 and bf16 cast in the write-back).
 
 Any x86 LLVM CPU: without ``avx512vnni`` (AVX2 specs) only the depthwise
 kernel is scheduled, the VNNI ones are never planned (their descriptors name

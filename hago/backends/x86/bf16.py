@@ -33,13 +33,16 @@ bytes. AMX ``tdpbf16ps`` measured 1160 GMAC/s per core on the same machine.
 
 Grouped convs qualify when each group has an even number of input channels
 and a multiple of 16 output channels. Depthwise convs do not (one input
-channel per group would pad to 2 x 16); they stay fp32.
+channel per group would pad to 2 x 16): a bf16 depthwise conv is bf16
+storage with fp32 arithmetic (``cpu.float_kernels``).
 
-Blocked layouts (one group only): a 5-D ``x`` is taken as fp32 (or bf16)
-``NCHW16c`` whose padded channels hold finite values (they meet zero
-weights), and ``out_layout="NCHW16c"`` returns the fp32 ``[N, Op/16, OH, OW,
-16]`` accumulator with the bias added on the register tiles, its padded
-channels 0.
+Blocked layouts (one group only), the ones the build's float layout pass
+gives a bf16 conv (:mod:`.bf16_blocked`): a 5-D ``x`` is ``NCHW{b}c`` (fp32
+or bf16) with ``b`` the kernel's own input block and no padded channels, or
+an RGB stem's one ``NCHW3c`` block; ``out_layout="NCHW16c"`` returns the
+result blocked with the bias (then a residual, a clip and the cast to bf16)
+applied on the register tiles, in 16-channel blocks (padded channels 0) or,
+``out_block`` 8 or 4, in smaller ones.
 
 Every kernel block carries the annotation ``hago.kernel`` naming its
 schedule (``bf16_schedule``); ``schedules.schedule_vnni`` finds them by it

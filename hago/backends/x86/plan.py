@@ -164,11 +164,12 @@ class X86Plan(base.Plan):
                     and kernels.vnni_applicable("conv2d", xs, node.weight.shape, 1))
         return False
 
-    # ---- float layers between blocked integer ones ---------------------------------------
+    # ---- float (and bf16) layers between blocked integer ones ---------------------------------------
     # The CPU build blocks float convs with ConvertLayout (:mod:`..cpu.float_layout`): on the AVX-512 CPUs
     # VNNI needs, 16 float lanes, so a float conv whose channels divide by 16 runs in NCHW16c, the layout
     # of the integer activations. An int8 conv next to such a layer converts through Relax layout
     # transforms that :mod:`..cpu.layout_pairs` cancels against ConvertLayout's: no NCHW pass between them.
+    # bf16 convs are blocked the same way (the x86 and AMX backends lower them after ConvertLayout).
     def _float_conv_blocked(self, node, port: int) -> bool:
         """Whether float conv ``node``'s data (``port`` 0) or output (2) layout will be NCHW16c."""
         from ..cpu.float_layout import conv_layouts
@@ -177,7 +178,9 @@ class X86Plan(base.Plan):
         return layouts is not None and layouts[port] == BLOCKED
 
     def _float(self, name: str) -> bool:
-        return self.strategy.ops[name].mode == "float"
+        """Whether op ``name`` runs in float or bf16: the build blocks a bf16 conv as it does a float one (a
+        plain Relax conv on bf16 operands, ConvertLayout's choice of layout), so both meet int8 layers blocked."""
+        return self.strategy.ops[name].mode in ("float", "bf16")
 
     def _produced_blocked(self, edge: str) -> bool:
         node = self.graph.producer(edge)
