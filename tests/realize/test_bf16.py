@@ -129,15 +129,16 @@ def test_bf16_where_the_kernels_cannot_take_a_layer_is_fp32_with_the_reason():
 
 class _InvertedResidual(torch.nn.Module):
     """An RGB stem, then EfficientNet's block (1x1 expand, relu6, depthwise 3x3, relu6, 1x1 project, residual
-    add) on 24 channels (8-channel blocks), then a 3x3 conv that pads."""
+    add) on ``channels`` (24: 8-channel blocks; 32: whole 16-channel blocks), then a 3x3 conv that pads."""
 
-    def __init__(self):
+    def __init__(self, channels: int = 24):
         from torch import nn
 
         super().__init__()
-        self.stem = nn.Conv2d(3, 24, 3, stride=2, padding=1)
-        self.expand, self.dw = nn.Conv2d(24, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64)
-        self.project, self.head = nn.Conv2d(64, 24, 1), nn.Conv2d(24, 32, 3, padding=1)
+        c = channels
+        self.stem = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.expand, self.dw = nn.Conv2d(c, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.project, self.head = nn.Conv2d(64, c, 1), nn.Conv2d(c, 32, 3, padding=1)
 
     def forward(self, x):
         from torch.nn.functional import relu6
@@ -186,25 +187,6 @@ def test_an_all_bf16_inverted_residual_block_stays_blocked_and_matches_its_twin(
         assert np.abs(real - ref[i:i + 1]).max() < 0.02 * np.abs(ref).max()  # bf16 rounding, not a wrong layout
 
 
-class _Blocks16(torch.nn.Module):
-    """The same block on 32 channels (whole 16-channel blocks for int8 and bf16 alike)."""
-
-    def __init__(self):
-        from torch import nn
-
-        super().__init__()
-        self.stem = nn.Conv2d(3, 32, 3, stride=2, padding=1)
-        self.expand, self.dw = nn.Conv2d(32, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64)
-        self.project, self.head = nn.Conv2d(64, 32, 1), nn.Conv2d(32, 32, 3, padding=1)
-
-    def forward(self, x):
-        from torch.nn.functional import relu6
-
-        x = torch.relu(self.stem(x))
-        x = x + self.project(relu6(self.dw(relu6(self.expand(x)))))
-        return self.head(x)
-
-
 @needs_bf16
 def test_int8_and_bf16_convs_meet_blocked_and_match_their_twin():
     """int8 stem -> bf16 expand and bf16 project -> int8 head: each pair hands over NCHW16c (the int8 conv's
@@ -219,7 +201,7 @@ def test_int8_and_bf16_convs_meet_blocked_and_match_their_twin():
     from hago.search.kernelcache import profile_calls
 
     torch.manual_seed(0)
-    net = _Blocks16().eval()
+    net = _InvertedResidual(32).eval()  # whole 16-channel blocks for int8 and bf16 alike
     x = np.random.default_rng(0).normal(size=(16, 3, 28, 28)).astype(np.float32)
     cfg = AnnotateConfig(bf16_ops=frozenset({"n2_conv2d", "n6_conv2d"}))
     q = quantize(net, BF16_SPEC, x, example_inputs=(torch.from_numpy(x[:1]),), annotate_config=cfg, corrections=())
