@@ -93,19 +93,22 @@ def _kernel_te(x, w, bias, mult, half, shift, strides, dilation, padding, pad_va
             axis=[kh, kw]),
         name=DEPTHWISE_NCHWC, attrs={KERNEL_ATTR: DEPTHWISE_NCHWC, COLS_ATTR: tile_columns(kw_, sw)},
     )
+    if rq is None:  # the int32 accumulator, for a float reader
+        return acc
     return te.compute(acc.shape, lambda i, c, y, z, l: requant_expr(acc[i, c, y, z, l], c * LANES + l, bias, mult,
                                                                    half, shift, rq), name=REQUANT)
 
 
 def emit_conv2d_depthwise_blocked(bb: relax.BlockBuilder, x_blocked: relax.Expr, w_oihw_int8: np.ndarray,
-                                  requant: Requant, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
+                                  requant: Requant | None, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
                                   pad_value: int = 0) -> relax.Expr:
     """Depthwise conv of blocked uint8 ``x [N, C/16, H, W, 16]`` with int8 ``w [C, 1, KH, KW]``, requantized.
 
     ``padding`` is ``(top, left, bottom, right)``, filled with ``pad_value``
     (the input zero point). The result is blocked ``requant.dtype``; its
-    padded channels hold the output zero point. One filter per channel only
-    (no channel multiplier).
+    padded channels hold the output zero point. Without ``requant`` it is the
+    blocked int32 accumulator (a float or bf16 layer reads it). One filter per
+    channel only (no channel multiplier).
     """
     xs = _u8_shape(bb, x_blocked, "depthwise conv2d")
     w = _int8(w_oihw_int8, "depthwise conv2d")
@@ -113,6 +116,10 @@ def emit_conv2d_depthwise_blocked(bb: relax.BlockBuilder, x_blocked: relax.Expr,
         raise QuantizeError(f"depthwise conv2d {xs} x {list(w.shape)}: needs NCHW16c input and one filter "
                             "per channel")
     wp = pack_depthwise_weight(w, xs[1])
+    if requant is None:  # int32 NCHW16c: a float (or bf16) reader dequantizes it in that layout
+        return bb.emit_te(lambda x, wt: _kernel_te(x, wt, None, None, None, None, _pair(strides), _pair(dilation),
+                                                   tuple(int(p) for p in padding), int(pad_value), None),
+                          x_blocked, relax.const(wp, "int8"), primfunc_name_hint="hago_conv2d_depthwise_nchwc")
 
     def kernel(x, wt, bias, mult, half, shift):  # emit_te takes tensors and numbers, not a Requant
         return _kernel_te(x, wt, bias, mult, half, shift, _pair(strides), _pair(dilation),

@@ -97,6 +97,12 @@ class _Depthwise(base.ConvKernel):
             y = kernels.emit_conv2d_depthwise_blocked(bb, x, w_q, requant, conv.strides, pad, conv.dilation,
                                                       pad_value=zx)
             return base.Emitted(y, base.NATIVE)
+        if native_in and conv.float_out_layout == BLOCKED:  # int32 NCHW16c for a blocked float reader: the
+            # way back to NCHW is a Relax transform the build cancels against the reader's
+            acc = kernels.emit_conv2d_depthwise_blocked(bb, x, w_q, None, conv.strides, pad, conv.dilation,
+                                                        pad_value=zx)
+            return base.Emitted(bb.emit(O.layout_transform(acc, lambda n, c, h, w, lane: (n, c * LANES + lane, h, w))),
+                                base.INT32)
         # pads itself (wider, for whole vectors)
         acc = kernels.emit_conv2d_depthwise(bb, x, w_q, conv.strides, pad, conv.dilation, pad_value=zx,
                                             groups=conv.groups, requant=requant)
@@ -153,10 +159,12 @@ class X86Plan(base.Plan):
     def takes_native(self, node, choice, edge: str) -> bool:
         """Whether integer conv ``node`` runs on ``edge`` blocked: a VNNI conv, or the depthwise kernel.
 
-        The blocked depthwise kernel writes 8 bits: an integer output only.
+        The blocked depthwise kernel writes 8 bits, or its int32 accumulator for float readers that read it
+        blocked (a bf16 or float conv the build blocks).
         """
         if node.kind == "depthwise_conv2d":
-            return (bool(self.strategy.edges[node.name].bits) and depthwise_kernel(choice, self.qparams(edge))
+            out = bool(self.strategy.edges[node.name].bits) or self.float_layout_consumed(node.name) == BLOCKED
+            return (out and depthwise_kernel(choice, self.qparams(edge))
                     and node.weight.shape[0] == self.channels(edge))
         if node.kind == "conv2d" and node.inputs[0] == edge:
             xs = _shape(self.graph.edge_var[edge])
