@@ -39,6 +39,20 @@ TILE_ROWS = 4  # register tile of a naive reduction (float conv, matmul): rows x
 TILE_VECTORS = 2
 
 
+def kernels_standalone(mod: tvm.IRModule, backend) -> tvm.IRModule:
+    """``mod`` with ``backend``'s kernel PrimFuncs that carry no ``op_pattern`` yet marked opaque, so FuseOps keeps
+    them standalone (tuning takes them as tasks of their own; an unscheduled one gets its default schedule after
+    fusion through ``backend.schedule_fused``)."""
+    out = mod
+    for gv, func in mod.functions_items():
+        if (isinstance(func, tvm.tirx.PrimFunc) and "op_pattern" not in (func.attrs or {})
+                and backend.is_kernel(func)):
+            if out is mod:
+                out = mod.clone()
+            out.update_func(gv, func.with_attr("op_pattern", OPAQUE))
+    return out
+
+
 def fuse(mod: tvm.IRModule, target: tvm.target.Target, backend=None) -> tvm.IRModule:
     """Dispatch, legalize and fuse ``mod`` (kernels marked opaque stay standalone).
 

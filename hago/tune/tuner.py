@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 
-from ..lower import apply_default_schedule, finish, fuse, is_scheduled, schedule_kernel
+from ..lower import apply_default_schedule, finish, fuse, is_scheduled, kernels_standalone, schedule_kernel
 from ..errors import error_line
 from ..tvm_consts import OPAQUE
 from .cache import Entry, TuningCache
@@ -58,12 +58,7 @@ class Task:
 # ---- step 1 ------------------------------------------------------------------
 def prepare(mod: tvm.IRModule, target: tvm.target.Target, backend) -> tvm.IRModule:
     """Legalize and fuse ``mod`` for ``target`` with ``backend``'s kernels kept standalone."""
-    mod = mod.clone()
-    for gv, func in list(mod.functions_items()):
-        if (isinstance(func, tvm.tirx.PrimFunc) and "op_pattern" not in (func.attrs or {})
-                and backend.is_kernel(func)):
-            mod.update_func(gv, func.with_attr("op_pattern", OPAQUE))
-    return fuse(mod, target, backend)
+    return fuse(kernels_standalone(mod, backend), target, backend)
 
 
 def extract(prepared: tvm.IRModule, target: tvm.target.Target, cache: TuningCache, backend) -> list[Task]:

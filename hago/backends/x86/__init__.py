@@ -31,13 +31,6 @@ BF16_OPS = ("conv2d", "dense", "depthwise_conv2d")
 BF16_LANES = 16  # fp32 accumulators per vdpbf16ps
 
 
-def tvm_prim_func():
-    """``tvm.tirx.PrimFunc`` (imported when a build needs it: importing this package imports no TVM)."""
-    import tvm
-
-    return tvm.tirx.PrimFunc
-
-
 class X86Backend(CPUBackend):
     """x86-64 CPUs: the generic CPU build plus hago's VNNI/depthwise kernels and their schedules."""
 
@@ -119,28 +112,16 @@ class X86Backend(CPUBackend):
         (:mod:`.bf16_blocked`)."""
         from ..cpu.bf16_epilogue import fuse_bf16_epilogues
         from ..cpu.float_layout import block_float_convs
+        from hago.lower import kernels_standalone
+
         from ..cpu.row_kernels import fuse_row_kernels
         from .bf16_blocked import blocks_as_stem, lower_bf16_convs, x86_bf16_conv
 
         lanes = self.vector_lanes(target)
         blocked = block_float_convs(mod, lanes, bf16=True, bf16_stem=blocks_as_stem)
         lowered = lower_bf16_convs(fuse_bf16_epilogues(blocked, x86_bf16_conv, bias_alone=True, residual=True))
-        return fuse_row_kernels(self._standalone(lowered), lanes)
-
-    def _standalone(self, mod):
-        """``mod`` with the kernels made since realize (the bf16 convs) opaque to FuseOps, as realize's kernels
-        are: their default schedules apply after fusion (:meth:`schedule_fused`), or tuning takes them as
-        kernel tasks of their own."""
-        from hago.tvm_consts import OPAQUE
-
-        out = mod
-        for gv, func in mod.functions_items():
-            if (isinstance(func, tvm_prim_func()) and "op_pattern" not in (func.attrs or {})
-                    and self.is_kernel(func)):
-                if out is mod:
-                    out = mod.clone()
-                out.update_func(gv, func.with_attr("op_pattern", OPAQUE))
-        return out
+        # the kernels made here stay standalone, as realize's are: scheduled after fusion (schedule_fused)
+        return fuse_row_kernels(kernels_standalone(lowered, self), lanes)
 
     def schedule_fused(self, sch, target) -> bool:
         """A kernel made at fusion time (:meth:`prepare_fusion`) gets its default schedule where the target runs

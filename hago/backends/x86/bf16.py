@@ -251,13 +251,13 @@ def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="f
     return te.compute((n, o // out_block, oh, ow, out_block), body, name=BIAS_EPILOGUE)
 
 
-def _from_nchwc_te(acc, o, bias=None, clip=None):
-    """fp32 NCHW16c -> NCHW with ``o`` channels, ``+ bias[c]``, within ``clip``."""
+def _from_nchwc_te(acc, o, bias=None):
+    """fp32 NCHW16c -> NCHW with ``o`` channels, ``+ bias[c]``."""
     n, _, h, w, ob = (int(s) for s in acc.shape)
 
     def body(i, c, y, z):
         v = acc[i, c // ob, y, z, c % ob]
-        return _clipped(v if bias is None else v + bias[c], clip)
+        return v if bias is None else v + bias[c]
 
     return te.compute((n, o, h, w), body, name=FROM_NCHWC_F32, attrs={KERNEL_ATTR: FROM_NCHWC_F32})
 
@@ -343,8 +343,9 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     the blocked output's shape, added after the bias and before ``clip`` (a
     skip connection, in the same write-back).
 
-    ``clip`` ``(lo, hi)`` (either None: unbounded): a relu / clip applied in
-    the same write-back as the bias (a relu6 after the conv costs no pass).
+    ``clip`` ``(lo, hi)`` (either None: unbounded; blocked output only): a
+    relu / clip applied in the same write-back as the bias (a relu6 after the
+    conv costs no pass).
     """
     blocked_in = len(bb.normalize(x).ty.shape.values) == 5
     xs = _float_shape(bb, x, "conv2d")
@@ -362,8 +363,9 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     if blocked_in and (xs[4] * xs[1] != w.shape[1] or (in_block(w.shape[1]) != xs[4] and not stem)):
         raise QuantizeError(f"conv2d {xs} x {list(w.shape)}: a blocked input needs the kernel's input block "
                             f"{in_block(w.shape[1])} (or one narrower block of all channels) and no padded channels")
-    if (out_dtype != "float32" or out_block != LANES or residual is not None) and out_layout != BLOCKED:
-        raise QuantizeError(f"conv2d: out_dtype {out_dtype} / out_block {out_block} need out_layout NCHW16c")
+    if (out_dtype != "float32" or out_block != LANES or residual is not None or clip is not None) and (
+            out_layout != BLOCKED):
+        raise QuantizeError("conv2d: out_dtype, out_block, residual and clip need out_layout NCHW16c")
     if out_block not in (4, 8, LANES) or (out_block != LANES and w.shape[0] % out_block):
         raise QuantizeError(f"conv2d: out_block {out_block} must be 16 (channels padded), or 4 or 8 dividing "
                             f"{w.shape[0]} channels")
@@ -389,4 +391,4 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     acc = bb.emit_te(_conv_te, data, kernel, _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_bf16")
     bias_c = None if bias is None else _bias_const(bias, o, o, "conv2d")
-    return bb.emit_te(_from_nchwc_te, acc, o, bias_c, clip, primfunc_name_hint="hago_nchwc_to_nchw_f32")
+    return bb.emit_te(_from_nchwc_te, acc, o, bias_c, primfunc_name_hint="hago_nchwc_to_nchw_f32")

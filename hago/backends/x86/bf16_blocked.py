@@ -18,8 +18,8 @@ convs between bf16 convs, so an inverted-residual block runs without an
   conv the finder takes, or a plain ``NCHW`` one (a grouped conv:
   ``bf16.emit_conv2d_bf16`` converts layouts in its own passes).
 
-Both run before fusion, and the backend schedules the kernels right after
-(``schedules.schedule_vnni``): scheduled kernels are opaque to FuseOps.
+Both run before fusion; the kernels they make are opaque to FuseOps and get
+their default schedules after it (``X86Backend.schedule_fused``).
 
 A depthwise conv in bf16 is bf16 storage with fp32 arithmetic
 (``cpu.float_kernels.depthwise_nchwc``): one channel per group has no pairs
@@ -54,6 +54,12 @@ class X86Bf16Conv:
 
 def _ints(v) -> tuple[int, ...]:
     return tuple(int(d) for d in v)
+
+
+def _padding(attrs) -> tuple[int, ...]:
+    """``(top, left, bottom, right)`` of a conv's padding attribute (two values: the same on both sides)."""
+    p = _ints(attrs.padding)
+    return p * 2 if len(p) == 2 else p
 
 
 def narrow_stem(data_shape) -> bool:
@@ -95,9 +101,7 @@ def x86_bf16_conv(call: relax.Call) -> X86Bf16Conv | None:
     c = xs[1] * xs[4]
     if c != w_oihw.shape[1] or (bf16.in_block(c) != xs[4] and not narrow_stem(xs)):
         return None
-    strides, dilation = _ints(a.strides), _ints(a.dilation)
-    padding = _ints(a.padding)
-    padding = padding * 2 if len(padding) == 2 else padding
+    strides, dilation, padding = _ints(a.strides), _ints(a.dilation), _padding(a)
     o = int(w_oihw.shape[0])
 
     def emit(bb, x, bias=None, clip=None, out_dtype="float32", residual=None):
@@ -126,9 +130,7 @@ def _plain_bf16_conv(bb, call, x) -> relax.Expr | None:
     groups = int(a.groups)
     if not bf16.bf16_applicable("conv2d", xs, w_oihw.shape, groups):
         return None
-    padding = _ints(a.padding)
-    padding = padding * 2 if len(padding) == 2 else padding
-    return bf16.emit_conv2d_bf16(bb, x, w_oihw, _ints(a.strides), _ints(a.dilation), groups, padding)
+    return bf16.emit_conv2d_bf16(bb, x, w_oihw, _ints(a.strides), _ints(a.dilation), groups, _padding(a))
 
 
 def lower_bf16_convs(mod: tvm.IRModule) -> tvm.IRModule:
