@@ -93,7 +93,7 @@ def main() -> int:
     search_s = time.perf_counter() - t0
     out = work / "chosen"
     write_search_outputs(engine, result, out)
-    print(f"search: {search_s:.0f} s, {result.trials} measurements, chosen {result.best.label!r} "
+    print(f"search: {search_s:.0f} s, {result.trials} measurements (+{engine.retimed} re-timed), chosen {result.best.label!r} "
           f"({result.best.accuracy:.4f}, {result.best.latency_ms:.3f} ms), met {result.met_target}", flush=True)
 
     modes = collections.Counter(op.mode for op in result.strategy.ops.values()
@@ -114,9 +114,10 @@ def main() -> int:
     fns = {"hago search (chosen)": lambda: hago_vm["main"](x1), bench.ORT_FP32: lambda: sess.run(None, feeds1)}
     fns.update({name: (lambda c=c: c(feeds1)) for name, c in ov.items()})
     times = collections.defaultdict(list)
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
-            times[name].append(bench._median_ms(fn))
+    names = list(fns)
+    for r in range(args.rounds):  # each round opened by the next build: the opening one runs slower here
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(bench._median_ms(fns[name]))
     ms = {name: float(np.median(v)) for name, v in times.items()}
 
     ref = bench._run_batched(bench._torch_fn(model), evald, 48)
@@ -132,19 +133,21 @@ def main() -> int:
     for name in fns:
         agree, div = scores[name]
         lines.append(f"| {name} | {ms[name]:.3f} | {ms[name] / chosen:.2f}x | {agree:.2%} | {div:.4f} |")
-    not_int8 = [f"{n} ({m})" for n, _, m, _ in layers if m != "integer"]
-    per_layer = ("all of them" if len(not_int8) == len(layers) else ", ".join(not_int8)) if not_int8 else "none"
+    most = modes.most_common(1)[0][0]
+    per_layer = "; ".join(f"in {m}: " + ", ".join(n for n, _, mode, _ in layers if mode == m)
+                          for m in modes if m != most) or "none"
     body = (f"## {args.model}: hago search vs FP32/bf16 runtimes{', KL target' if kl else ''}, {DEVICE}\n\n"
             f"Command: `python benchmarks/search_peers.py --model {args.model} --max-trials {args.max_trials}"
-            f"{f' --max-kl {args.max_kl:g}' if kl else ''}` "
+            f"{f' --max-kl {args.max_kl:g}' if kl else ''}{f' --rounds {args.rounds}' if args.rounds != 3 else ''}` "
             f"({bench._stamp()}).\nMachine: {bench._machine()}.\n"
             + (f"Target: mean KL from FP32 <= {args.max_kl:g} on the {len(views)} photo views (`--max-kl`)"
                if kl else f"Target: top-1 agreement with FP32 >= {result.threshold:.2%} on the {len(views)} photo "
                f"views (`--accuracy-drop {args.accuracy_drop}`)")
-            + f"; evolve, {result.trials} device measurements, "
+            + f"; evolve, {result.trials} device measurements (and {engine.retimed} runs re-timing the contenders "
+            "side by side), "
             f"{search_s:.0f} s in all; met: {result.met_target}. FP32 measured by the search: "
             f"{result.fp32.latency_ms:.3f} ms.\n\n" + "\n".join(lines) + "\n\n"
-            f"Chosen precisions (weighted layers): {dict(modes)}; the layers not in int8: {per_layer}.\n"
+            f"Chosen precisions (weighted layers): {dict(modes)}; the layers not in {most}: {per_layer}.\n"
             f"Front: `{(out / 'pareto.png').relative_to(HERE.parent)}` (not committed; `pareto.json` beside it).\n"
             + bench._notes())
     print(body)

@@ -310,6 +310,7 @@ def _search_checks(args):
     spec = _common_checks(args, calib_required=True)
     _check_int(args.max_trials, "--max-trials", 1)
     _check_int(args.max_devices, "--max-devices", 1)
+    _check_int(args.settle_rounds, "--settle-rounds", 0)
     _check_seconds(args.time_budget, "--time-budget")
     if args.max_weight_bytes is not None:
         from .weight_bytes import parse_bytes  # no TVM
@@ -349,7 +350,7 @@ def _farm_measurer(args):
 def _engine_options(args) -> dict:
     target, metric = _search_target(args)
     opts = dict(accuracy_drop=target, max_trials=args.max_trials, time_budget=args.time_budget,
-                calibrator=args.calibrator)
+                calibrator=args.calibrator, settle_rounds=args.settle_rounds)
     if metric is not None:
         opts["metric"] = metric
     if args.multipoint:
@@ -415,6 +416,10 @@ def _search_options(p) -> None:
     p.add_argument("--algorithm", default="evolve", help="evolve | latency | greedy (HAGO's baseline)")
     p.add_argument("--max-trials", type=int, default=16, help="device measurements at most")
     p.add_argument("--time-budget", type=float, default=None, help="seconds at most")
+    p.add_argument("--settle-rounds", type=int, default=3, metavar="N",
+                   help="before choosing, re-time the fastest candidates meeting the target and FP32 side by side "
+                        "in N interleaved rounds (0: off), so a machine whose speed drifts cannot decide the "
+                        "answer; not counted in --max-trials")
     p.add_argument("--max-weight-bytes", default=None, metavar="SIZE",
                    help="weight-size budget: a build whose realized weights take more is never chosen, and the "
                         "search steers towards builds within it; bytes or with a unit: 2MB, 500kB, 1.5MiB")

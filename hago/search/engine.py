@@ -73,6 +73,7 @@ from .kernelcache import KernelCache, profile_calls
 from .log import SearchLog, check_resumable
 from .sizes import SizeModel
 from .points import SearchPoints, fitting_point
+from .settle import settle, settled, settled_group
 from .space import BF16, Point, SearchSpace, choice_bits, choice_label
 from .target import AccuracyTarget, SearchError, make_metric
 
@@ -195,7 +196,7 @@ class SearchEngine:
                  max_trials: int | None = None, time_budget: float | None = None, allow_float: bool = True,
                  weight_bits: list[int] | None = None, tie_tolerance: float = 0.03, eval_batch: int = 250,
                  cache_dir: str | Path | None = None, corrections=("bias",), resume: bool = False,
-                 max_weight_bytes: int | str | None = None, multipoint: bool = False):
+                 max_weight_bytes: int | str | None = None, multipoint: bool = False, settle_rounds: int = 3):
         self.t0 = time.perf_counter()
         # options first: a bad one is a one-line error before minutes of set-up
         self.target = accuracy_drop if isinstance(accuracy_drop, AccuracyTarget) else AccuracyTarget.parse(accuracy_drop)
@@ -205,6 +206,10 @@ class SearchEngine:
         self.max_trials, self.time_budget = _check_budget(max_trials, time_budget)
         #: the weight-size budget in bytes (None: size is reported, never a constraint)
         self.max_weight_bytes = _check_weight_budget(max_weight_bytes)
+        if isinstance(settle_rounds, bool) or not isinstance(settle_rounds, int) or settle_rounds < 0:
+            raise SearchError(f"settle rounds: expected a whole number >= 0, got {settle_rounds!r}")
+        #: interleaved rounds in which the contenders for the answer are re-timed side by side (:mod:`.settle`)
+        self.settle_rounds = settle_rounds
         if resume:
             check_resumable(log_path)
         self.spec = device if isinstance(device, HardwareSpec) else HardwareSpec.load(device)
@@ -263,6 +268,8 @@ class SearchEngine:
         self._size_model: SizeModel | None = None
         self.trials = 0
         self.reused = 0
+        self.retimed = 0  # builds re-timed side by side before the choice (not trials: see .settle)
+        self._exports = 0
         self._tmp = Path(tempfile.mkdtemp(prefix="hago_search_"))
 
     # -- set-up ----------------------------------------------------------------
@@ -453,6 +460,8 @@ class SearchEngine:
             c.accuracy = rec["accuracy"]
         if (rec := self.log.get(f"latency|{key}")) is not None:
             c.latency_ms, c.error = rec.get("latency_ms"), rec.get("error")
+        if (ms := settled(self, key)) is not None:  # re-timed beside the other contenders: what the choice uses
+            c.latency_ms = ms
         c.weight_bytes = self.known_bytes(point)
         return c
 
@@ -582,11 +591,9 @@ class SearchEngine:
                 if self.max_trials is not None and self.trials >= self.max_trials:
                     raise BudgetExhausted(f"{self.max_trials} trials")
                 self._check_time()
-                lib = self._tmp / f"cand_{self.trials}.so"
                 self.trials += 1
                 try:
-                    build_mod.export(self.executable(point), self.spec, lib)
-                    future = self._submit(lib)
+                    future = self._submit(self.export(point))
                 except Exception as e:  # a build that fails is a failed candidate, not a failed search
                     future = Future()
                     future.set_result(Measurement(None, error=error_line(e, with_type=True), board=self.board))
@@ -605,6 +612,17 @@ class SearchEngine:
             if failed is not None and len(failed) >= GIVE_UP_AFTER:
                 raise self._unmeasurable_error(failed)
         return [done[p] for p in points]
+
+    def export(self, point: Point) -> Path:
+        """``point``'s device build as a library file a measurer loads (built once, exported each call)."""
+        lib = self._tmp / f"cand_{self._exports}.so"
+        self._exports += 1
+        build_mod.export(self.executable(point), self.spec, lib)
+        return lib
+
+    def measure_now(self, lib: Path) -> Measurement:
+        """One measurement of ``lib``, waited for (a farm's next free board, or this device)."""
+        return self._submit(lib).result()
 
     def _submit(self, lib: Path) -> Future:
         """The measurement of ``lib``: sent to a farm's next free board, or taken now on the one device."""
@@ -722,6 +740,8 @@ class SearchEngine:
             within = f" within the weight budget of {self.budget_text()}"
         measured = [c for c in cands if c.latency_ms is not None and c.accuracy is not None]
         good = [c for c in measured if c.accuracy >= self.threshold]
+        if group := settled_group(self):  # the choice rests on latencies taken in the same minutes
+            good = [c for c in good if c.key in group] or good
         if good:
             fastest = min(c.latency_ms for c in good)
             close = [c for c in good if c.latency_ms <= fastest * (1 + self.tie_tolerance)]
@@ -737,12 +757,23 @@ class SearchEngine:
                              f"(FP32 {self.fp32_score:.4f}, drop {self.target}); returning the most accurate: "
                              f"{best.label} at {best.accuracy:.4f}")
 
+    def _settle(self) -> str:
+        """Re-time the contenders side by side (:mod:`.settle`); a sentence for the result's message."""
+        try:
+            n = settle(self, self.settle_rounds)
+        except MeasureError as e:  # the first measurements still stand; say the order may be the drift's
+            log.warning("%s", e)
+            return f"; the contenders could not be re-timed side by side ({e}), so their first measurements decide"
+        self.retimed += n
+        return f"; the contenders re-timed side by side ({n} runs in {self.settle_rounds} rounds)" if n else ""
+
     def run(self, algorithm) -> SearchResult:
         try:
             algorithm(self)
             stop = "search finished"
         except BudgetExhausted as e:
             stop = f"budget exhausted ({e})"
+        stop += self._settle()
         best, met, msg = self.choose()
         if best is not None and not met and best.latency_ms is None and best.error is None:
             try:  # the answer is a build, so measure the most accurate candidate even when it misses

@@ -77,7 +77,9 @@ def search(model, device, calib, eval_data, *, out_dir=None, algorithm="evolve",
         ``corrections``, ``example_inputs``, ``metric``, ``weight_bits``,
         ``allow_float``, ``cache_dir``, ``max_weight_bytes`` (a size budget:
         bytes, or text such as ``"2MB"``; a build whose realized weights take
-        more is never chosen, and the algorithms steer towards builds within it).
+        more is never chosen, and the algorithms steer towards builds within it),
+        ``settle_rounds`` (default 3: the contenders for the answer re-timed
+        side by side before the choice, :mod:`hago.search.settle`).
 
     Returns
     -------
@@ -133,6 +135,7 @@ def write_search_outputs(engine: SearchEngine, result: SearchResult, out: Path) 
         "met_target": result.met_target, "message": result.message, "threshold": result.threshold,
         "metric": engine.metric_name, "fp32_score": engine.fp32_score, "chosen": result.best.label,
         "chosen_score": result.best.accuracy, "trials": result.trials, "reused": result.reused,
+        "retimed": engine.retimed,
         "seconds": round(result.seconds, 1), "log": str(engine.log.path),
         "max_weight_bytes": engine.max_weight_bytes, "weight_bytes": result.best.weight_bytes,
     }

@@ -57,7 +57,7 @@ def test_bad_measure_timeout_is_refused_by_both_measurers(timeout):
 
 @pytest.mark.parametrize("flag, value", [("--accuracy-drop", "200%"), ("--accuracy-drop", "-1%"),
                                          ("--measure-timeout", "0.01"), ("--measure-timeout", "nan"),
-                                         ("--max-trials", "0"), ("--time-budget", "0")])
+                                         ("--max-trials", "0"), ("--time-budget", "0"), ("--settle-rounds", "-1")])
 def test_cli_bad_search_option_is_one_line(tmp_path, small_npz, mnist_onnx_path, capsys, flag, value):
     code = main(["search", str(mnist_onnx_path), "--device", "x86-avx512-vnni", "--calib", str(small_npz[0]),
                  "--eval", str(small_npz[1]), f"{flag}={value}", "-o", str(tmp_path / "out")])
