@@ -21,6 +21,7 @@ build fuses the same way with or without records.
 from __future__ import annotations
 
 import logging
+import math
 
 import tvm
 from tvm import relax
@@ -37,6 +38,9 @@ VECTOR_BYTES = 64  # one zmm register; the split is rounded to what divides the 
 MIN_PARALLEL = 4096  # below this many elements a thread pool costs more than it saves
 TILE_ROWS = 4  # register tile of a naive reduction (float conv, matmul): rows x vectors accumulators
 TILE_VECTORS = 2
+#: accumulators of a tile with fewer rows (a batch-1 dense): vectors widen to keep this many FMA chains in flight
+TILE_ACCUMULATORS = 8
+MIN_TILES = 16  # parallel tiles a widened tile must leave (two threads, balanced)
 
 
 def kernels_standalone(mod: tvm.IRModule, backend) -> tvm.IRModule:
@@ -285,7 +289,8 @@ def _register_tile(sch, blk) -> None:
     """A register-blocked reduction: ``rows x vectors`` accumulators, reductions outside the tile.
 
     The two innermost spatial loops are split into a tile of up to ``TILE_ROWS``
-    rows by ``TILE_VECTORS`` vectors of the innermost one; per reduction
+    rows by ``TILE_VECTORS`` vectors of the innermost one (more vectors, up to
+    ``TILE_ACCUMULATORS`` in all, when there are fewer rows); per reduction
     step each read is one vector load or one broadcast, reused across the
     tile. The accumulators live in a cache written back at the tile (LLVM
     keeps them in registers), the outer loops run in parallel.
@@ -296,8 +301,15 @@ def _register_tile(sch, blk) -> None:
     bits = int(tvm.DataType(str(sch.get(blk).writes[0].source.dtype)).bits)
     ext_v, ext_t = int(sch.get(v).extent), int(sch.get(t).extent)
     lanes = next(n for n in (VECTOR_BYTES * 8 // bits, 8, 4) if ext_v % n == 0)
-    nvec = max(d for d in range(1, TILE_VECTORS + 1) if (ext_v // lanes) % d == 0)
     rows = max(d for d in range(1, TILE_ROWS + 1) if ext_t % d == 0)
+    # one row (a batch-1 dense) with one vector would be one FMA chain, its latency exposed at every step
+    # (a 1280x1000 fp32 dense: 115 us); more vectors per row are independent chains
+    # (a 1280x1000 fp32 dense: 115 us); more vectors per row are independent chains, while enough tiles are
+    # left to share among the threads
+    divs = [d for d in range(1, max(TILE_VECTORS, TILE_ACCUMULATORS // rows) + 1) if (ext_v // lanes) % d == 0]
+    tiles = math.prod(int(sch.get(lp).extent) for lp in outer) * (ext_t // rows) * (ext_v // lanes)
+    wide = [d for d in divs if d > TILE_VECTORS and tiles // d >= MIN_TILES]
+    nvec = max(wide) if wide else max(d for d in divs if d <= TILE_VECTORS)
     to, ti = sch.split(t, [None, rows])
     vo, vn, vl = sch.split(v, [None, nvec, lanes])
     # column panels outside rows: the panel of the constant operand (a matmul's weights) stays in L2

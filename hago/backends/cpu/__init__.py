@@ -81,12 +81,13 @@ class CPUBackend(Backend):
 
     def prepare_fusion(self, mod, target):
         """Float convs in blocked ``NCHW{b}c`` layouts (:mod:`.float_layout`), attention's softmax as one
-        kernel (:mod:`.row_kernels`)."""
+        kernel (:mod:`.row_kernels`), float dense layers of odd widths on whole vectors (:mod:`.dense_padding`)."""
+        from .dense_padding import pad_float_dense
         from .float_layout import block_float_convs
         from .row_kernels import fuse_row_kernels
 
         lanes = self.vector_lanes(target)
-        return fuse_row_kernels(block_float_convs(mod, lanes), lanes)
+        return fuse_row_kernels(block_float_convs(pad_float_dense(mod, lanes), lanes), lanes)
 
     def legalizations(self, target) -> dict:
         """hago's blocked float conv kernels (:mod:`.float_kernels`) in place of TVM's generic loop nest."""
