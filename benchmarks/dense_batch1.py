@@ -3,7 +3,7 @@
     python benchmarks/dense_batch1.py [--shapes 1280x1000,1280x1001,512x1000] [--rounds 10]
 
 Each shape ``KxN`` is ``x[1, K] @ W[K, N] + b`` with random constants: hago's build (the default float schedule,
-``hago.lower``; widths that are not a multiple of 4 padded by ``backends/cpu/dense_padding``) and ONNX Runtime's
+``hago.lower``, on the weight as ``[N/64, K, 64]`` column panels, ``backends/cpu/float_dense``) and ONNX Runtime's
 MatMul + Add on the same numbers, both on ``run.py``'s threads, timed in turn for ``--rounds`` rounds (each
 round opened by the other build than the last), median per build. The outputs are checked against numpy first.
 """

@@ -147,18 +147,19 @@ def test_a_batch_1_dense_keeps_several_accumulator_chains(cpu_target):
     np.testing.assert_array_equal(got, naive)
 
 
-@pytest.mark.parametrize("classes", [1001, 10, 7])
-def test_a_dense_of_odd_width_is_tiled_on_padded_columns(classes, cpu_target):
-    """1001 classes (TF-slim's background class), 10 and 7: widths the vector tile cannot split. The CPU
-    backends pad the constant weight's columns to whole vectors, tile the padded matmul and slice the result
-    (1280 x 1001 at batch 1: 1.33 ms naive -> 0.05 ms on session 15's EPYC); the numbers are the numpy ones."""
+@pytest.mark.parametrize("rows, classes", [(1, 1001), (1, 10), (1, 1000), (3, 1001), (3, 7)])
+def test_float_dense_is_tiled_on_a_layout_the_tile_takes(rows, classes, cpu_target):
+    """Widths the vector tile cannot split (1001 classes: TF-slim's background class; 10; 7) and any batch-1 dense:
+    the CPU backends compute the matmul on zero-padded weight columns (1280 x 1001 at batch 1: 1.33 ms naive ->
+    0.05 ms on session 15's EPYC), a single row on ``[N/64, K, 64]`` column panels that each tile streams whole,
+    and slice the result; the numbers are numpy's."""
     from tvm.relax import op as O
 
     from hago.backends import for_target
     from hago.lower import finish
 
     rng = np.random.default_rng(5)
-    x_np = rng.standard_normal((1, 96)).astype(np.float32)
+    x_np = rng.standard_normal((rows, 96)).astype(np.float32)
     w = rng.standard_normal((96, classes)).astype(np.float32)
     b = rng.standard_normal((classes,)).astype(np.float32)
     bb = relax.BlockBuilder()
@@ -172,10 +173,16 @@ def test_a_dense_of_odd_width_is_tiled_on_padded_columns(classes, cpu_target):
     backend = for_target(target)
     fused = fuse(mod, target, backend)
     text = schedule_elementwise(fused).script(show_meta=False)
-    assert "matmul_intermediate_global" in text and "strided_slice" in text, text  # tiled, then sliced
+    padded = -(-classes // 64) * 64 if rows == 1 else -(-classes // 16) * 16
+    assert "_global" in text, text  # register-tiled, its accumulators written back from a cache
+    if rows == 1:  # the weight as panels: a batched matmul of the row against each
+        assert f"T.Buffer((T.int64({padded // 64}), T.int64(96), T.int64(64))" in text, text
+    else:
+        assert f"T.Buffer((T.int64(96), T.int64({padded}))" in text, text
+    assert ("strided_slice" in text) == (padded != classes), text
     got = relax.VirtualMachine(finish(fused, target, backend=backend), tvm.cpu())["main"](
         tvm.runtime.tensor(x_np)).numpy()
-    assert got.shape == (1, classes)
+    assert got.shape == (rows, classes)
     np.testing.assert_allclose(got, x_np @ w + b, rtol=1e-5, atol=1e-4)
 
 

@@ -81,8 +81,8 @@ class CPUBackend(Backend):
 
     def prepare_fusion(self, mod, target):
         """Float convs in blocked ``NCHW{b}c`` layouts (:mod:`.float_layout`), attention's softmax as one
-        kernel (:mod:`.row_kernels`), float dense layers of odd widths on whole vectors (:mod:`.dense_padding`)."""
-        from .dense_padding import pad_float_dense
+        kernel (:mod:`.row_kernels`), float dense layers of odd widths on whole vectors (:mod:`.float_dense`)."""
+        from .float_dense import pad_float_dense
         from .float_layout import block_float_convs
         from .row_kernels import fuse_row_kernels
 

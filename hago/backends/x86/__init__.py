@@ -111,7 +111,7 @@ class X86Backend(CPUBackend):
         bf16 convs on the ``vdpbf16ps`` kernels, each with its bias, residual add, relu/relu6 and bf16 cast in
         the write-back (:mod:`.bf16_blocked`)."""
         from ..cpu.bf16_epilogue import fuse_bf16_epilogues
-        from ..cpu.dense_padding import pad_float_dense
+        from ..cpu.float_dense import pad_float_dense
         from ..cpu.float_layout import block_float_convs
         from hago.lower import kernels_standalone
 

@@ -1,0 +1,83 @@
+"""Float dense layers with a constant weight, laid out for ``hago.lower``'s default register tile.
+
+That tile splits a float matmul's output columns into vectors, so:
+
+* **Widths not in 4s** (1001 classes: TensorFlow-slim's MobileNets and
+  Inceptions keep a background class; 10; 7) could not be tiled at all: the
+  1280 x 1001 dense of such a classifier fell back to the naive loop nest,
+  1.33 ms at batch 1 on session 15's EPYC against 0.06 ms for 1280 x 1000.
+  The weight's columns are zero-padded to whole vectors and the result sliced.
+* **Batch 1** (one row: every classifier head at batch 1) is a matrix-vector
+  product, bound by streaming the weight. In ``[K, N]`` order a tile of 64
+  columns reads 256 bytes from each of K rows 4 kB apart. The weight is
+  stored instead as column panels ``[N/64, K, 64]`` (a batched matmul of the
+  one row against every panel), so each tile streams one contiguous panel,
+  and the ``[N/64, 1, 64]`` result is reshaped (a view) and sliced to ``N``.
+
+Results are those of the plain matmul: every output column is the same sum
+over ``K`` in the same order; padded columns are computed and dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax import op as O
+
+#: output widths the default register tile takes as they are (see ``hago.lower._tileable``)
+TILEABLE = 4
+#: columns of one weight panel at batch 1: 4 vectors of 16 fp32 lanes, one tile's worth
+PANEL = 64
+
+
+def _float_constant_dense(call: relax.Call) -> tuple[relax.Expr, np.ndarray] | None:
+    """``(x, W)`` of a float ``matmul(x, W)`` with a constant 2-D weight and a static ``x``; else None."""
+    if getattr(call.op, "name", "") != "relax.matmul" or len(call.args) != 2:
+        return None
+    x, w = call.args
+    if not isinstance(w, tvm.ir.expr.Constant) or str(w.ty.dtype) != "float32" or str(x.ty.dtype) != "float32":
+        return None
+    if str(getattr(call.attrs, "out_dtype", "") or "") not in ("", "void", "float32"):
+        return None
+    value = w.value.numpy()
+    try:
+        shape = [int(d) for d in x.ty.shape]
+    except (TypeError, ValueError, AttributeError):  # a symbolic batch: the calibration builds
+        return None
+    return (x, value) if value.ndim == 2 and shape[-1:] == [value.shape[0]] else None
+
+
+def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr | None:
+    found = _float_constant_dense(call)
+    if found is None:
+        return None
+    x, w = found
+    k, n = w.shape
+    if [int(d) for d in x.ty.shape] == [1, k]:  # one row: the weight as column panels
+        np_ = -(-n // PANEL) * PANEL
+        panels = np.ascontiguousarray(np.pad(w, ((0, 0), (0, np_ - n))).reshape(k, np_ // PANEL, PANEL)
+                                      .transpose(1, 0, 2))
+        wide = bb.emit(O.reshape(bb.emit(O.matmul(x, relax.const(panels))), [1, np_]))
+    elif n % TILEABLE:
+        wide = bb.emit(O.matmul(x, relax.const(np.pad(w, ((0, 0), (0, -n % lanes))))))
+    else:
+        return None
+    return O.strided_slice(wide, axes=[-1], begin=[0], end=[n]) if int(wide.ty.shape[-1]) != n else wide
+
+
+def pad_float_dense(mod: tvm.IRModule, lanes: int = 16) -> tvm.IRModule:
+    """``mod`` with its float dense layers of constant weight laid out for the register tile (module docstring):
+    batch-1 ones on ``[N/64, K, 64]`` column panels, other widths not in 4s padded to ``lanes``-wide vectors."""
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from hago.relax_rewrite import rewrite_relax_functions
+
+    @mutator
+    class _Layout(PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            out = _rewrite(self.builder_, call, lanes)
+            return call if out is None else out
+
+    return rewrite_relax_functions(mod, _Layout(mod))
