@@ -460,7 +460,7 @@ class SearchEngine:
             c.accuracy = rec["accuracy"]
         if (rec := self.log.get(f"latency|{key}")) is not None:
             c.latency_ms, c.error = rec.get("latency_ms"), rec.get("error")
-        if (ms := settled(self, key)) is not None:  # re-timed beside the other contenders: what the choice uses
+        if self.settle_rounds and (ms := settled(self, key)) is not None:  # re-timed beside the other contenders
             c.latency_ms = ms
         c.weight_bytes = self.known_bytes(point)
         return c
@@ -740,7 +740,7 @@ class SearchEngine:
             within = f" within the weight budget of {self.budget_text()}"
         measured = [c for c in cands if c.latency_ms is not None and c.accuracy is not None]
         good = [c for c in measured if c.accuracy >= self.threshold]
-        if group := settled_group(self):  # the choice rests on latencies taken in the same minutes
+        if self.settle_rounds and (group := settled_group(self)):  # latencies taken in the same minutes
             good = [c for c in good if c.key in group] or good
         if good:
             fastest = min(c.latency_ms for c in good)

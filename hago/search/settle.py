@@ -18,6 +18,8 @@ the choice rests on comes from the same minutes. The rounds
 are logged (``settled|KEY``), so a resumed search reads the same latencies and
 only settles again when a new candidate joins the contenders. Settling does
 not count against ``max_trials``: it re-times builds the search already made.
+With ``settle_rounds=0`` the engine ignores settled records too, and the
+first measurements decide, as before this module.
 """
 
 from __future__ import annotations

@@ -68,6 +68,9 @@ def test_drift_picks_fp32_unless_the_contenders_are_retimed_side_by_side(mnist_o
     # resumed with nothing new: the settled latencies are read back and nothing is measured again
     e2, r2, m2 = _search(mnist_onnx_path, small_data, log, warm_cache, rounds=2, resume=True)
     assert m2.calls == 0 and r2.best.key == r.best.key and r2.best.latency_ms == r.best.latency_ms
+    # resumed with settling off: the first figures decide again, as without it
+    e3, r3, m3 = _search(mnist_onnx_path, small_data, log, warm_cache, rounds=0, resume=True)
+    assert m3.calls == 0 and r3.best.label == "FP32" and r3.fp32.latency_ms == fp32["first_ms"]
 
 
 @pytest.mark.parametrize("rounds", [-1, 1.5, True])
