@@ -218,11 +218,17 @@ def main() -> int:
     p.add_argument("--n-calib", type=int, default=256)
     p.add_argument("--n-eval", type=int, default=10000, help="test images (a seeded subsample below 10000)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gptq-samples", type=int, default=None,
+                   help="calibration samples per layer for gptq / gptq_sequential (default: the plug-in's, 32)")
     p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     p.add_argument("--cached-only", action="store_true", help="compute no row: tabulate what rows.json holds")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     settings, corrections = args.settings.split(","), args.corrections.split(",")
+    if args.gptq_samples is not None:
+        from hago.correct import gptq
+
+        gptq.DEFAULT_SAMPLES = args.gptq_samples
     WORK.mkdir(parents=True, exist_ok=True)
     cache_path = WORK / "rows.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -234,6 +240,8 @@ def main() -> int:
         fp32 = None if y is None else float((ref.argmax(1) == y).mean())
         prepared = prepare_model(net, calib, example_inputs=(torch.from_numpy(calib[:2]),))
         key = f"v2|{model}|{tag}|{DEVICE}|calib{args.n_calib}|eval{len(x)}|threads{args.threads}"
+        if args.gptq_samples is not None:
+            key += f"|gptq{args.gptq_samples}"
         rows = cache.setdefault(key, {})
         print(f"{model}: FP32 top-1 {fp32} on {len(x)} test images", flush=True)
         for s in settings:

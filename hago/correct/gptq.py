@@ -193,18 +193,25 @@ def gptq_codes(w: np.ndarray, h: np.ndarray, step: np.ndarray, qmax: int) -> np.
     return np.take_along_axis(codes, back[:, None, :], axis=2)
 
 
+#: calibration samples per layer when none are given. 128 instead left EfficientNet-Lite0 W4A8 where it was
+#: (KL 0.209 sequential, 0.282 local; ``benchmarks/accuracy_table.py --gptq-samples 128``), at 2-4x the seconds
+DEFAULT_SAMPLES = 32
+
+
 @register("gptq")
 class Gptq(Correction):
     """Output-aware steps and GPTQ codes for every integer conv and dense layer with a static input.
 
-    ``max_samples`` calibration samples build each layer's ``H``; ``max_bits``:
-    only layers with at most this many weight bits (8: all).
+    ``max_samples`` calibration samples build each layer's ``H`` (default
+    :data:`DEFAULT_SAMPLES`); ``max_bits``: only layers with at most this many
+    weight bits (8: all).
     """
 
     local = True  # each layer works on its own FP32 input, quantized by its own input edge
 
-    def __init__(self, max_samples: int = 32, max_bits: int = 8, sequential: bool = False):
-        self.max_samples, self.max_bits, self.sequential = max_samples, max_bits, sequential
+    def __init__(self, max_samples: int | None = None, max_bits: int = 8, sequential: bool = False):
+        self.max_samples = DEFAULT_SAMPLES if max_samples is None else max_samples
+        self.max_bits, self.sequential = max_bits, sequential
 
     def _selected(self, ctx: CorrectionContext) -> list:
         out = []
