@@ -303,7 +303,6 @@ def _register_tile(sch, blk) -> None:
     lanes = next(n for n in (VECTOR_BYTES * 8 // bits, 8, 4) if ext_v % n == 0)
     rows = max(d for d in range(1, TILE_ROWS + 1) if ext_t % d == 0)
     # one row (a batch-1 dense) with one vector would be one FMA chain, its latency exposed at every step
-    # (a 1280x1000 fp32 dense: 115 us); more vectors per row are independent chains
     # (a 1280x1000 fp32 dense: 115 us); more vectors per row are independent chains, while enough tiles are
     # left to share among the threads
     divs = [d for d in range(1, max(TILE_VECTORS, TILE_ACCUMULATORS // rows) + 1) if (ext_v // lanes) % d == 0]

@@ -2,11 +2,11 @@
 
 A search measures each candidate once, when it first reaches it, so two
 candidates' latencies can be minutes apart. On a machine whose speed drifts
-(a shared or thermally limited host; session 15's EPYC ran the same build at
-1.44 ms and at 2.1 ms in one minute) that order decides the answer: the
-EfficientNet-Lite0 search measured a mixed bf16/fp32 build at 2.56 ms against
-FP32's 2.61 ms taken in a faster phase, and returned FP32, which the same
-build beats 1.9x when both are timed in turn.
+(a shared or thermally limited host; on session 15's EPYC one build's three
+settle rounds took 1.56, 1.86 and 2.03 ms) that order decides the answer:
+the EfficientNet-Lite0 search measured a mixed bf16/fp32 build at 2.56 ms
+against FP32's 2.61 ms taken in a faster phase, and returned FP32; re-timed
+side by side the mixed build took 1.86 ms to FP32's 2.55 (1.37x faster).
 
 So before choosing, the contenders (the fastest few candidates that meet the
 target and fit the weight budget, plus FP32, the build an answer must never

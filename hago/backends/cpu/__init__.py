@@ -81,13 +81,13 @@ class CPUBackend(Backend):
 
     def prepare_fusion(self, mod, target):
         """Float convs in blocked ``NCHW{b}c`` layouts (:mod:`.float_layout`), attention's softmax as one
-        kernel (:mod:`.row_kernels`), float dense layers of odd widths on whole vectors (:mod:`.float_dense`)."""
-        from .float_dense import pad_float_dense
+        kernel (:mod:`.row_kernels`), float dense layers laid out for their register tile (:mod:`.float_dense`)."""
+        from .float_dense import float_dense_layouts
         from .float_layout import block_float_convs
         from .row_kernels import fuse_row_kernels
 
         lanes = self.vector_lanes(target)
-        return fuse_row_kernels(block_float_convs(pad_float_dense(mod, lanes), lanes), lanes)
+        return fuse_row_kernels(block_float_convs(float_dense_layouts(mod, lanes), lanes), lanes)
 
     def legalizations(self, target) -> dict:
         """hago's blocked float conv kernels (:mod:`.float_kernels`) in place of TVM's generic loop nest."""

@@ -56,13 +56,18 @@ def _channel_bias(expr, o: int, ob: int) -> np.ndarray | None:
     return v.reshape(o)
 
 
+def bound_value(bb: relax.BlockBuilder, x: relax.Expr):
+    """The value ``x`` is bound to in ``bb`` (None for a parameter or a var bound elsewhere)."""
+    try:
+        return bb.lookup_binding(x) if isinstance(x, relax.Var) else None
+    except Exception:  # not bound in this builder
+        return None
+
+
 def fp32_source(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
     """``x``'s fp32 input when ``x`` is bound to ``astype(fp32 blocked value, bf16)``, else ``x``: a kernel whose
     packing pass rounds to bf16 anyway reads the fp32 value and the cast's own pass goes."""
-    try:
-        value = bb.lookup_binding(x) if isinstance(x, relax.Var) else None
-    except Exception:  # not bound in this builder
-        return x
+    value = bound_value(bb, x)
     if (isinstance(value, relax.Call) and _op(value) == "relax.astype"
             and str(value.args[0].ty.dtype) == "float32" and len(value.args[0].ty.shape) == 5):
         return value.args[0]

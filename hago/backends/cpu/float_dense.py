@@ -31,8 +31,8 @@ TILEABLE = 4
 PANEL = 64
 
 
-def _float_constant_dense(call: relax.Call) -> tuple[relax.Expr, np.ndarray] | None:
-    """``(x, W)`` of a float ``matmul(x, W)`` with a constant 2-D weight and a static ``x``; else None."""
+def _float_constant_dense(call: relax.Call) -> tuple[list[int], np.ndarray] | None:
+    """``(x's shape, W)`` of a float ``matmul(x, W)`` with a constant 2-D weight and a static ``x``; else None."""
     if getattr(call.op, "name", "") != "relax.matmul" or len(call.args) != 2:
         return None
     x, w = call.args
@@ -45,16 +45,17 @@ def _float_constant_dense(call: relax.Call) -> tuple[relax.Expr, np.ndarray] | N
         shape = [int(d) for d in x.ty.shape]
     except (TypeError, ValueError, AttributeError):  # a symbolic batch: the calibration builds
         return None
-    return (x, value) if value.ndim == 2 and shape[-1:] == [value.shape[0]] else None
+    return (shape, value) if value.ndim == 2 and shape[-1:] == [value.shape[0]] else None
 
 
 def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr | None:
     found = _float_constant_dense(call)
     if found is None:
         return None
-    x, w = found
+    shape, w = found
+    x = call.args[0]
     k, n = w.shape
-    if [int(d) for d in x.ty.shape] == [1, k]:  # one row: the weight as column panels
+    if shape == [1, k]:  # one row: the weight as column panels
         np_ = -(-n // PANEL) * PANEL
         panels = np.ascontiguousarray(np.pad(w, ((0, 0), (0, np_ - n))).reshape(k, np_ // PANEL, PANEL)
                                       .transpose(1, 0, 2))
@@ -66,7 +67,7 @@ def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr
     return O.strided_slice(wide, axes=[-1], begin=[0], end=[n]) if int(wide.ty.shape[-1]) != n else wide
 
 
-def pad_float_dense(mod: tvm.IRModule, lanes: int = 16) -> tvm.IRModule:
+def float_dense_layouts(mod: tvm.IRModule, lanes: int = 16) -> tvm.IRModule:
     """``mod`` with its float dense layers of constant weight laid out for the register tile (module docstring):
     batch-1 ones on ``[N/64, K, 64]`` column panels, other widths not in 4s padded to ``lanes``-wide vectors."""
     from tvm.relax.expr_functor import PyExprMutator, mutator

@@ -107,19 +107,19 @@ class X86Backend(CPUBackend):
         return None
 
     def prepare_fusion(self, mod, target):
-        """The CPU build's float layouts (and padded float dense layers) with bf16 convs blocked too, then the
+        """The CPU build's float layouts (float dense layers included) with bf16 convs blocked too, then the
         bf16 convs on the ``vdpbf16ps`` kernels, each with its bias, residual add, relu/relu6 and bf16 cast in
         the write-back (:mod:`.bf16_blocked`)."""
-        from ..cpu.bf16_epilogue import fuse_bf16_epilogues
-        from ..cpu.float_dense import pad_float_dense
-        from ..cpu.float_layout import block_float_convs
         from hago.lower import kernels_standalone
 
+        from ..cpu.bf16_epilogue import fuse_bf16_epilogues
+        from ..cpu.float_dense import float_dense_layouts
+        from ..cpu.float_layout import block_float_convs
         from ..cpu.row_kernels import fuse_row_kernels
         from .bf16_blocked import blocks_as_stem, lower_bf16_convs, x86_bf16_conv
 
         lanes = self.vector_lanes(target)
-        blocked = block_float_convs(pad_float_dense(mod, lanes), lanes, bf16=True, bf16_stem=blocks_as_stem)
+        blocked = block_float_convs(float_dense_layouts(mod, lanes), lanes, bf16=True, bf16_stem=blocks_as_stem)
         lowered = lower_bf16_convs(fuse_bf16_epilogues(blocked, x86_bf16_conv, bias_alone=True, residual=True))
         # the kernels made here stay standalone, as realize's are: scheduled after fusion (schedule_fused)
         return fuse_row_kernels(kernels_standalone(lowered, self), lanes)

@@ -34,7 +34,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..cpu.bf16_epilogue import fp32_source
+from ..cpu.bf16_epilogue import bound_value, fp32_source
 from ..cpu.float_kernels import blocked_layouts, blocked_weight_to_oihw
 from . import bf16
 from .vnni import BLOCKED, LANES
@@ -68,14 +68,6 @@ def narrow_stem(data_shape) -> bool:
     return data_shape[1] == 1 and data_shape[4] < 4
 
 
-def _bound(bb: relax.BlockBuilder, x: relax.Expr):
-    """The value ``x`` is bound to in ``bb`` (None for a parameter or a var bound elsewhere)."""
-    try:
-        return bb.lookup_binding(x) if isinstance(x, relax.Var) else None
-    except Exception:  # not bound in this builder
-        return None
-
-
 def nchw_stem_source(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr | None:
     """The ``NCHW`` tensor a stem's one-block input ``x`` (``NCHW3c``) was laid out from, as fp32 where it was
     only cast to bf16 on the way; None if ``x`` is not such a layout transform.
@@ -85,7 +77,7 @@ def nchw_stem_source(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr | None
     passes over the image, 5% of an all-bf16 EfficientNet-Lite0's kernel
     time) become one.
     """
-    value = _bound(bb, x)
+    value = bound_value(bb, x)
     if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.layout_transform"):
         return None
     src = value.args[0]
@@ -99,7 +91,7 @@ def nchw_stem_source(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr | None
     got = value.attrs.index_map.map_indices([tvm.tirx.IntImm("int64", v) for v in probe])
     if [int(v) for v in got] != [0, 0, ns[2] - 1, ns[3] - 1, ns[1] - 1]:
         return None
-    cast = _bound(bb, src)
+    cast = bound_value(bb, src)
     if (isinstance(cast, relax.Call) and getattr(cast.op, "name", "") == "relax.astype"
             and str(cast.args[0].ty.dtype) == "float32"):
         return cast.args[0]
