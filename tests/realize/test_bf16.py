@@ -154,7 +154,7 @@ def test_an_all_bf16_inverted_residual_block_stays_blocked_and_matches_its_twin(
     neighbours, so the only layout passes are the network's input (one pass: cast, block and pad for the stem)
     and output; every relu/relu6 and the
     residual add run in the write-back of the conv before them (and the bf16 cast for the next conv with
-    them); the result matches the simulated twin."""
+    them, as a second output where the fp32 value has another user); the result matches the simulated twin."""
     import tvm
     from tvm import relax
 
@@ -181,6 +181,8 @@ def test_an_all_bf16_inverted_residual_block_stays_blocked_and_matches_its_twin(
     assert sum(n.startswith("hago_conv2d_nchwc_bf") for n in names) == 4, names  # bias and activation inside
     assert not [n for n in names if any(a in n for a in ("relu", "maximum", "minimum", "clip", "add"))
                 and "conv2d" not in n], names  # the residual add too
+    # the stem's output feeds the expand conv (bf16) and the residual add (fp32): the stem writes both
+    assert not [n for n in names if n.startswith("cast")], names
     twin = relax.VirtualMachine(backend.build(static_batch(simulate(q.graph, q.strategy), 1), target), tvm.cpu())
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
@@ -188,6 +190,59 @@ def test_an_all_bf16_inverted_residual_block_stays_blocked_and_matches_its_twin(
         real, sim = (m["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for m in (vm, twin))
         np.testing.assert_allclose(real, sim, rtol=0, atol=1e-4 * np.abs(sim).max())
         assert np.abs(real - ref[i:i + 1]).max() < 0.02 * np.abs(ref).max()  # bf16 rounding, not a wrong layout
+
+
+class _DownsampleBlock(torch.nn.Module):
+    """A stem, then a ResNet downsampling block: ``relu(conv2(relu(conv1(x))) + down(x))`` with stride 2 in
+    ``conv1`` and the 1x1 ``down``, then a head conv: two convs' chains meet at one add, and the block's input
+    is cast to bf16 twice (once per conv reading it)."""
+
+    def __init__(self):
+        from torch import nn
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+        self.down, self.head = nn.Conv2d(32, 64, 1, stride=2), nn.Conv2d(64, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))) + self.down(x))
+        return self.head(x)
+
+
+@needs_bf16
+def test_a_downsampling_block_fuses_every_bias_and_casts_its_input_once():
+    """Both convs before the block's add keep their bias in their write-back (one takes the add too), and the
+    stem writes the block's input once, in bf16, for both convs that read it: no add or cast kernel of its
+    own. Matches the simulated twin."""
+    import tvm
+    from tvm import relax
+
+    from hago.backends.registry import get_backend
+    from hago.build import static_batch, target_of
+    from hago.compiler import static_pair
+    from hago.search.kernelcache import profile_calls
+
+    torch.manual_seed(0)
+    net = _DownsampleBlock().eval()
+    x = np.random.default_rng(1).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    q = quantize(net, BF16_SPEC, x, example_inputs=(torch.from_numpy(x[:1]),),
+                 annotate_config=AnnotateConfig(all_bf16=True), corrections=())
+    spec = HardwareSpec.load(BF16_SPEC)
+    target, backend = target_of(spec), get_backend("x86")
+    _, realized = static_pair(q, spec, 1)
+    vm = relax.VirtualMachine(backend.build(realized, target), tvm.cpu())
+    calls = profile_calls(vm, [tvm.runtime.tensor(x[:1])], runs=1)
+    names = [sig.split("(")[0] for sig, _ in calls]
+    assert sum(n.startswith("hago_conv2d_nchwc_bf") for n in names) == 5, names
+    assert not [n for n in names if n.startswith(("add", "cast"))], names
+    stem = next(sig for sig, _ in calls if sig.startswith("hago_conv2d_nchwc_bf"))
+    assert stem.endswith("bfloat16)") and stem.count("float32") == 1, stem  # bf16 out only (the bias is fp32)
+    twin = relax.VirtualMachine(backend.build(static_batch(simulate(q.graph, q.strategy), 1), target), tvm.cpu())
+    for i in range(len(x)):
+        real, sim = (m["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for m in (vm, twin))
+        np.testing.assert_allclose(real, sim, rtol=0, atol=1e-4 * np.abs(sim).max())
 
 
 @needs_bf16

@@ -9,6 +9,12 @@ blocked layouts::
     y = minimum(maximum(y, 0), 6)    # relu6 (or relu, maximum alone, or clip)
     y = astype(y, "bfloat16")        # when the next layer is bf16 too
 
+When the chain's fp32 value has one more user, besides its own cast to bf16
+(an inverted-residual block's input: the expand conv reads it in bf16, the
+residual add later in fp32), a backend whose kernel writes two outputs
+(``two_outputs``) writes both from the same write-back: the cast's pass goes.
+Several casts of the value share that bf16 output.
+
 FuseOps cannot fuse into an opaque kernel, so everything after the conv is
 one more pass over its fp32 output (read 4 bytes, write 2 or 4 per value).
 This rewrite, run before legalization, replaces such a chain by one kernel
@@ -82,11 +88,13 @@ class Chains:
     (a kernel that adds the bias on its registers saves that pass as well).
     ``residual``: the kernel's ``emit`` takes ``residual=``, a tensor added
     after the bias and before the clamp (a ResNet or inverted-residual block's
-    skip connection).
+    skip connection). ``two_outputs``: the kernel's ``emit`` takes ``out_dtype=("float32", "bfloat16")`` and
+    returns both (see the module docstring).
     """
 
-    def __init__(self, func: relax.Function, find: Callable, bias_alone: bool = False, residual: bool = False):
-        self.find, self.bias_alone, self.residual = find, bias_alone, residual
+    def __init__(self, func: relax.Function, find: Callable, bias_alone: bool = False, residual: bool = False,
+                 two_outputs: bool = False):
+        self.find, self.bias_alone, self.residual, self.two_outputs = find, bias_alone, residual, two_outputs
         self.value: dict = {}
         self.uses: dict = {}
         if isinstance(func.body, relax.SeqExpr):
@@ -120,9 +128,61 @@ class Chains:
             return None
         return other if same and str(ty.dtype) == "float32" else None
 
+    def _bf16_casts(self, end, users: list):
+        """``(cast vars, fp32 kept)`` when every use of ``end`` (fp32) but at most one is an ``astype(end, bf16)``
+        (the kernel writes the cast as an output, and the fp32 value too when one other use needs it), else None.
+
+        Two casts of one value happen (a ResNet block's input, cast once for its first conv and once for its
+        downsampling conv): one bf16 output serves both."""
+        if not self.two_outputs or not isinstance(end, relax.DataflowVar) or self.uses.get(end, 0) != len(users):
+            return None
+        casts = tuple(u for u in users if _op(self.value[u]) == "relax.astype"
+                      and str(self.value[u].attrs.dtype) == BF16)
+        others = len(users) - len(casts)
+        return (casts, others == 1) if casts and others <= 1 and len(users) >= 2 else None
+
+    def _chain(self, var, value, found, users: dict, skips: bool):
+        """``(end var, chain)`` of the conv ``var`` = ``value`` (see :meth:`ends`), or None when nothing fuses;
+        ``skips``: whether a residual add may join it."""
+        end, bias, lo, hi, dtype, skip = var, None, None, None, "float32", None
+        while self.single_use(end) and len(users.get(end, [])) == 1 and dtype == "float32":
+            nxt = users[end][0]
+            step = self.value[nxt]
+            other = step.args[1] if len(step.args) > 1 else None
+            name = _op(step)
+            if (name == "relax.add" and bias is None and skip is None and lo is None and hi is None
+                    and step.args[0].same_as(end) and _channel_bias(other, found.o, found.ob) is not None):
+                bias = _channel_bias(other, found.o, found.ob)
+            elif (name == "relax.add" and skips and skip is None and lo is None and hi is None
+                  and self._skip(step, end, var) is not None):
+                skip = self._skip(step, end, var)
+            elif name == "relax.maximum" and lo is None and hi is None and _scalar(other) is not None:
+                lo = _scalar(other)
+            elif name == "relax.nn.relu" and lo is None and hi is None:
+                lo = 0.0
+            elif name == "relax.minimum" and hi is None and _scalar(other) is not None:
+                hi = _scalar(other)
+            elif name == "relax.clip" and lo is None and hi is None:
+                lo, hi = (float(getattr(a.value, "value", a.value)) for a in step.args[1:3])
+            elif name == "relax.astype" and str(step.attrs.dtype) == BF16:
+                dtype = BF16
+            else:
+                break
+            end = nxt
+        casts = self._bf16_casts(end, users.get(end, [])) if dtype == "float32" else None
+        if casts is None and (end is var or (lo is None and hi is None and dtype == "float32"
+                                             and not self.bias_alone and skip is None)):
+            return None
+        clip = (-np.inf if lo is None else lo, np.inf if hi is None else hi)
+        return end, (value, bias, clip, dtype, skip) + (casts or ((), True))
+
     def ends(self) -> dict:
         """End var of each fusable chain -> (conv call, bias or None, (lo, hi) or None, out dtype, residual var
-        or None)."""
+        or None, the vars of the end's bf16 casts that the kernel writes too (may be empty), whether the fp32
+        value is written too).
+
+        Two convs whose chains meet at one residual add (a downsampling block: ``conv2(x) + b2`` plus
+        ``down(x) + b3``): the first takes the add, the other's chain ends before it (each keeps its bias)."""
         users: dict = {}
         for var, value in self.value.items():
             if isinstance(value, relax.Call):
@@ -136,40 +196,16 @@ class Chains:
             found = self.find(value)
             if found is None:
                 continue
-            end, bias, lo, hi, dtype, skip = var, None, None, None, "float32", None
-            while self.single_use(end) and len(users.get(end, [])) == 1 and dtype == "float32":
-                nxt = users[end][0]
-                step = self.value[nxt]
-                other = step.args[1] if len(step.args) > 1 else None
-                name = _op(step)
-                if (name == "relax.add" and bias is None and skip is None and lo is None and hi is None
-                        and step.args[0].same_as(end) and _channel_bias(other, found.o, found.ob) is not None):
-                    bias = _channel_bias(other, found.o, found.ob)
-                elif (name == "relax.add" and skip is None and lo is None and hi is None
-                      and self._skip(step, end, var) is not None):
-                    skip = self._skip(step, end, var)
-                elif name == "relax.maximum" and lo is None and hi is None and _scalar(other) is not None:
-                    lo = _scalar(other)
-                elif name == "relax.nn.relu" and lo is None and hi is None:
-                    lo = 0.0
-                elif name == "relax.minimum" and hi is None and _scalar(other) is not None:
-                    hi = _scalar(other)
-                elif name == "relax.clip" and lo is None and hi is None:
-                    lo, hi = (float(getattr(a.value, "value", a.value)) for a in step.args[1:3])
-                elif name == "relax.astype" and str(step.attrs.dtype) == BF16:
-                    dtype = BF16
-                else:
-                    break
-                end = nxt
-            if end is not var and (lo is not None or hi is not None or dtype != "float32" or self.bias_alone
-                                   or skip is not None):
-                clip = (-np.inf if lo is None else lo, np.inf if hi is None else hi)
-                chains[end] = (value, bias, clip, dtype, skip)
+            chain = self._chain(var, value, found, users, skips=True)
+            if chain is not None and chain[0] in chains:  # the add is taken: up to the add only
+                chain = self._chain(var, value, found, users, skips=False)
+            if chain is not None and chain[0] not in chains:
+                chains[chain[0]] = chain[1]
         return chains
 
 
 def fuse_bf16_epilogues(mod: tvm.IRModule, find: Callable, bias_alone: bool = False,
-                        residual: bool = False) -> tvm.IRModule:
+                        residual: bool = False, two_outputs: bool = False) -> tvm.IRModule:
     """``mod`` with every bf16 conv + bias (+ residual) + clamp (+ bf16 cast) chain as one kernel call (see the
     module and :class:`Chains`)."""
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -179,19 +215,31 @@ def fuse_bf16_epilogues(mod: tvm.IRModule, find: Callable, bias_alone: bool = Fa
     ends: dict = {}
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            ends.update(Chains(func, find, bias_alone, residual).ends())
+            ends.update(Chains(func, find, bias_alone, residual, two_outputs).ends())
     if not ends:
         return mod
+    casts = {cast: end for end, chain in ends.items() for cast in chain[5]}
+    written: dict = {}  # chain end -> the kernel's bf16 output, for the casts it replaces
 
     @mutator
     class _Fuse(PyExprMutator):
         def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+            if binding.var in casts:  # the kernel wrote this cast as an output
+                self.set_var_remap(binding.var, written[casts[binding.var]])
+                return None
             if binding.var not in ends:
                 return super().visit_var_binding_(binding)
-            conv, bias, clip, dtype, skip = ends[binding.var]
+            conv, bias, clip, dtype, skip, cast_vars, keep_fp32 = ends[binding.var]
             found = find(conv)
             extra = {} if skip is None else {"residual": self.visit_expr(skip)}
-            y = found.emit(self.builder_, self.visit_expr(found.x), bias=bias, clip=clip, out_dtype=dtype, **extra)
+            out_dtype = dtype if not cast_vars else ("float32", BF16) if keep_fp32 else BF16
+            y = found.emit(self.builder_, self.visit_expr(found.x), bias=bias, clip=clip, out_dtype=out_dtype, **extra)
+            if cast_vars and keep_fp32:
+                written[binding.var] = self.builder_.emit(relax.TupleGetItem(y, 1))
+                y = self.builder_.emit(relax.TupleGetItem(y, 0))
+            elif cast_vars:  # only the casts read it: the fp32 value is never written
+                written[binding.var] = y
+                return None
             self.set_var_remap(binding.var, y)
 
     fused = rewrite_relax_functions(mod, _Fuse(mod))

@@ -120,7 +120,8 @@ class X86Backend(CPUBackend):
 
         lanes = self.vector_lanes(target)
         blocked = block_float_convs(float_dense_layouts(mod, lanes), lanes, bf16=True, bf16_stem=blocks_as_stem)
-        lowered = lower_bf16_convs(fuse_bf16_epilogues(blocked, x86_bf16_conv, bias_alone=True, residual=True))
+        lowered = lower_bf16_convs(fuse_bf16_epilogues(blocked, x86_bf16_conv, bias_alone=True, residual=True,
+                                                          two_outputs=True))
         # the kernels made here stay standalone, as realize's are: scheduled after fusion (schedule_fused)
         return fuse_row_kernels(kernels_standalone(lowered, self), lanes)
 

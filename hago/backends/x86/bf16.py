@@ -70,6 +70,7 @@ TO_NCHWC_BF16 = "nchw_to_nchwc_bf16"  # conv input: fp32 NCHW -> bf16 NCHW{b}c, 
 PAD_NCHWC_BF16 = "pad_nchwc_bf16"  # blocked conv input: fp32 NCHW16c -> bf16, spatially padded
 FROM_NCHWC_F32 = "nchwc_to_nchw_f32"  # conv output: fp32 NCHW16c -> NCHW (+ bias)
 BIAS_EPILOGUE = "hago_bf16_bias"  # write-back of a register tile: + bias, padding dropped
+CAST_EPILOGUE = "hago_bf16_bias_cast"  # a second output of the write-back: its value cast (bf16 for the next layer)
 BF16 = "bfloat16"
 LANES, RED = 16, 2  # vdpbf16ps: 16 fp32 output lanes, 2 bf16 reduced per lane
 
@@ -231,6 +232,11 @@ def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="f
     """The conv with its bias add (then ``residual``, then ``clip``, then the cast to ``out_dtype``) as a second
     block of the same PrimFunc, computed on each register tile.
 
+    ``out_dtype`` a tuple of dtypes starting with ``"float32"`` (``("float32", "bfloat16")``): one output per
+    dtype, the first as above and the others its casts (``CAST_EPILOGUE`` blocks, written on the same tile),
+    for a value that both an fp32 user (a later residual add) and the next bf16 layer read; a separate cast
+    would be one more pass over it.
+
     ``out_block`` < 16 (``o`` channels, a multiple of it): the result in ``NCHW{out_block}c`` with no padded
     channels, for neighbours whose channel count is not a multiple of 16 (24, 40 in EfficientNet).
     """
@@ -244,11 +250,19 @@ def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="f
         if residual is not None:
             v = v + residual[i, c, y, x, l]
         v = _clipped(v, clip)
-        return v if out_dtype == "float32" else v.astype(out_dtype)
+        return v if dtypes[0] == "float32" else v.astype(dtypes[0])
 
-    if out_block == LANES:
-        return te.compute(acc.shape, body, name=BIAS_EPILOGUE)
-    return te.compute((n, o // out_block, oh, ow, out_block), body, name=BIAS_EPILOGUE)
+    dtypes = (out_dtype,) if isinstance(out_dtype, str) else tuple(out_dtype)
+    shape = acc.shape if out_block == LANES else (n, o // out_block, oh, ow, out_block)
+    first = te.compute(shape, body, name=BIAS_EPILOGUE)
+    if len(dtypes) == 1:
+        return first
+    return [first] + [_cast_te(first, d) for d in dtypes[1:]]
+
+
+def _cast_te(t, dtype):
+    """``t`` cast to ``dtype``, the write-back's second output (``CAST_EPILOGUE``)."""
+    return te.compute(t.shape, lambda *i: t(*i).astype(dtype), name=CAST_EPILOGUE)
 
 
 def _from_nchwc_te(acc, o, bias=None):
@@ -321,7 +335,7 @@ def emit_dense_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_kn: np.ndarray, bia
 
 def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, strides=(1, 1),
                      dilation=(1, 1), groups: int = 1, padding=(0, 0, 0, 0), bias=None,
-                     out_layout: str = "NCHW", clip=None, out_dtype: str = "float32",
+                     out_layout: str = "NCHW", clip=None, out_dtype: str | tuple[str, ...] = "float32",
                      out_block: int = LANES, residual: relax.Expr | None = None) -> relax.Expr:
     """fp32 NCHW ``conv2d(x, w) (+ bias)`` in bf16 through ``vdpbf16ps``.
 
@@ -337,7 +351,8 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     (:func:`in_block` of its channels: 16, 8 or 4 for channels in 4s), and
     ``out_layout="NCHW16c"`` returns the blocked result, the bias added on
     the kernel's register tiles and the result cast to ``out_dtype``
-    (``"bfloat16"``: the next bf16 layer's input, rounded to nearest even);
+    (``"bfloat16"``: the next bf16 layer's input, rounded to nearest even;
+    a tuple of dtypes: one output each, returned as a Relax tuple);
     ``out_block`` 8 or 4 writes ``NCHW{out_block}c`` instead (channels not
     in 16s), from the same 16-lane tiles. ``residual``: an fp32 tensor of
     the blocked output's shape, added after the bias and before ``clip`` (a
@@ -366,6 +381,9 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     if (out_dtype != "float32" or out_block != LANES or residual is not None or clip is not None) and (
             out_layout != BLOCKED):
         raise QuantizeError("conv2d: out_dtype, out_block, residual and clip need out_layout NCHW16c")
+    if not isinstance(out_dtype, str) and (len(out_dtype) < 2 or out_dtype[0] != "float32"):
+        raise QuantizeError(f"conv2d: out_dtype {out_dtype}: a tuple of dtypes starts with float32, the others are "
+                            "its casts")
     if out_block not in (4, 8, LANES) or (out_block != LANES and w.shape[0] % out_block):
         raise QuantizeError(f"conv2d: out_block {out_block} must be 16 (channels padded), or 4 or 8 dividing "
                             f"{w.shape[0]} channels")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
-from .bf16 import BIAS_EPILOGUE, LANES, RED
+from .bf16 import BIAS_EPILOGUE, CAST_EPILOGUE, LANES, RED
 from .bf16_intrin import bf16_intrin, link_shim
 from .vnni_schedule import register_tile, schedule_from_nchwc
 
@@ -47,8 +47,12 @@ def _finish(sch: Schedule, blk, reduce_loop, lane_loop, tile_loops, parallel_loo
     epilogue = [c for c in sch.get_consumers(blk) if sch.get(c).name_hint == BIAS_EPILOGUE]
     wb = epilogue[0] if epilogue else sch.cache_write(blk, 0, "global")
     reblocked = _reblocks(sch, blk, wb)
+    casts = [c for c in sch.get_consumers(wb) if sch.get(c).name_hint == CAST_EPILOGUE] if epilogue else []
     if not reblocked:
         sch.reverse_compute_at(wb, parallel_loops[-1])
+        for cast in casts:  # a second output: the tile's values cast, read back from L1 right after
+            sch.reverse_compute_at(cast, parallel_loops[-1])
+            _vectorize_lanes(sch, sch.get_loops(cast)[-1])
     outer = sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0]
     sch.parallel(outer)
     init = sch.decompose_reduction(blk, reduce_loop)
@@ -58,6 +62,9 @@ def _finish(sch: Schedule, blk, reduce_loop, lane_loop, tile_loops, parallel_loo
     if reblocked:  # its own parallel pass over the accumulator: a tile cannot name an 8-channel block's part
         loops = sch.get_loops(wb)
         sch.parallel(sch.fuse(*loops[:3]))
+        for cast in casts:  # and its cast on each of that pass's rows
+            sch.reverse_compute_at(cast, sch.get_loops(wb)[0])
+            _vectorize_lanes(sch, sch.get_loops(cast)[-1])
     _vectorize_lanes(sch, sch.get_loops(wb)[-1])
     sch.tensorize(lane_loop, bf16_intrin())
     link_shim(sch, outer)

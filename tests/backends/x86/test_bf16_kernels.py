@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from hago.backends.x86.bf16 import (
+    CAST_EPILOGUE,
     bf16_applicable,
     emit_conv2d_bf16,
     emit_dense_bf16,
@@ -306,3 +307,48 @@ def test_target_without_bf16_keeps_naive_correct_kernels():
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     ref = _round(x) @ _round(w)
     assert np.all(np.abs(out - ref) <= RTOL * (np.abs(_round(x)) @ np.abs(_round(w))))
+
+
+@pytest.mark.llvm
+@pytest.mark.parametrize("case, in_block, out_block, with_residual", [
+    ("c_3x3_b2", 16, 16, True),  # 16-channel blocks: both outputs written on the register tile
+    ("c_1x1_40_24", 8, 8, False),  # NCHW8c: the write-back's own pass, its cast on each of that pass's rows
+])
+def test_two_outputs_are_the_fp32_result_and_its_bf16_cast_from_one_kernel(case, in_block, out_block,
+                                                                             with_residual):
+    """``out_dtype=("float32", "bfloat16")``: the fp32 output is bit for bit the fp32-only kernel's, the second
+    is that value rounded to bf16 (nearest even), and one kernel writes both (no cast kernel of its own)."""
+    import tvm
+    from tvm import relax
+
+    xs, ws, strides, padding, dilation, groups, with_bias = CONV[case]
+    rng = _rng("two-" + case)
+    x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+    bias = rng.standard_normal(ws[0]).astype(np.float32) if with_bias else None
+    xb = to_blocked(x, in_block)
+    out_shape = np_conv2d(x, w, strides, padding, dilation, groups).shape
+    res = relax.const(to_blocked(rng.standard_normal(out_shape).astype(np.float32), out_block)) if with_residual \
+        else None
+    bb = relax.BlockBuilder()
+    for name, dtype in (("one", "float32"), ("two", ("float32", "bfloat16"))):
+        _function(bb, name, xb, lambda v, d=dtype: emit_conv2d_bf16(
+            bb, v, w, strides, dilation, groups, padding, bias, out_layout="NCHW16c", clip=(0.0, 6.0), out_dtype=d,
+            out_block=out_block, residual=res))
+    target = tvm.target.Target(TARGET)
+    mod = schedule_vnni(bb.get(), target)
+    kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert sum(k.startswith("hago_conv2d_nchwc_bf16") for k in kernels) == 2, kernels  # one per function
+    assert not [k for k in kernels if "cast" in k], kernels
+    for gv, func in mod.functions_items():  # the cast runs in a parallel loop, vectorized, not as a pass after
+        if gv.name_hint.startswith("hago_conv2d_nchwc_bf16") and len(func.params) > 4 + with_residual:
+            sch = tvm.s_tir.Schedule(func)
+            loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock(CAST_EPILOGUE))]
+            kinds = [lp.kind for lp in loops]
+            assert tvm.tirx.ForKind.PARALLEL in kinds and kinds[-1] == tvm.tirx.ForKind.VECTORIZED, kinds
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    one = vm["one"](tvm.runtime.tensor(xb)).numpy()
+    fp32, bf = (t.numpy() for t in vm["two"](tvm.runtime.tensor(xb)))
+    assert str(fp32.dtype) == "float32" and str(bf.dtype) == "bfloat16" and fp32.shape == bf.shape == one.shape
+    assert np.array_equal(fp32, one)
+    assert np.array_equal(bf.view(np.uint16), fp32.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert 0 < np.count_nonzero(fp32) and fp32.max() == 6.0  # the clip ran: a test that can see a wrong write-back
