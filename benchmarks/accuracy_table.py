@@ -15,6 +15,9 @@ of a seeded permutation of each training set (never a test image). Settings, on 
   no x86 instruction multiplies 4-bit activations, so it is run as hago's fake-quant twin (:mod:`hago.simulate`);
 * ``w4a8all``: every weighted layer at 4-bit weights (first and last too), 8-bit activations, realized:
   where round to nearest loses accuracy on a model that shrugs off 4-bit middle layers.
+* ``w4a8dw8`` / ``w4a8pw8``: ``w4a8`` with the depthwise convs' weights at 8 bits (only the 1x1 convs and
+  dense at 4), or with every weighted layer but the depthwise convs at 8 (only those at 4): which kind of
+  layer a W4A8 error comes from.
 
 ``quantize_s`` is the wall time of ``hago.compiler.quantize`` (calibration, the corrections, realize) on the
 thread count given. Rows are cached in ``benchmarks/work/accuracy_table/rows.json`` (keyed by everything that
@@ -46,10 +49,12 @@ WORK = HERE / "work" / "accuracy_table"
 RESULTS = HERE / "RESULTS.md"
 HEADING = "## Accuracy at 8 and 4 bits (issue 17)"
 DEVICE = "x86-avx512-vnni"
-SETTINGS = ("w8a8", "w4a8", "w4a4", "w4a8all")
+SETTINGS = ("w8a8", "w4a8", "w4a4", "w4a8all", "w4a8dw8", "w4a8pw8")
+DEFAULT_SETTINGS = SETTINGS[:4]  # the table's columns; the last two split W4A8 by kind of layer
 CORRECTIONS = ("none", "bias", "gptq+bias", "adaround_conv+bias", "brecq+bias", "lapq+bias", "cle+bias_data_free")
 BATCH = 250
-LABELS = {"w8a8": "W8A8", "w4a8": "W4A8", "w4a4": "W4A4 (simulated)", "w4a8all": "W4A8, first/last 4-bit too"}
+LABELS = {"w8a8": "W8A8", "w4a8": "W4A8", "w4a4": "W4A4 (simulated)", "w4a8all": "W4A8, first/last 4-bit too",
+          "w4a8dw8": "W4A8, depthwise 8-bit", "w4a8pw8": "W4A8, only depthwise 4-bit"}
 
 
 def load(name: str, n_calib: int, n_eval: int):
@@ -90,7 +95,10 @@ def pinned_config(graph, setting: str):
     weighted = [n for n in graph.nodes if n.weighted]
     ends = (weighted[0], weighted[-1])
     node_bits = {n.name: 8 for n in ends}
-    if setting == "w4a8":
+    if setting in ("w4a8dw8", "w4a8pw8"):
+        depthwise = setting == "w4a8dw8"
+        node_bits.update({n.name: 8 for n in weighted if (n.kind == "depthwise_conv2d") == depthwise})
+    if setting in ("w4a8", "w4a8dw8", "w4a8pw8"):
         return AnnotateConfig(weight_bits=4, node_weight_bits=node_bits)
     return AnnotateConfig(weight_bits=4, activation_bits=4, node_weight_bits=node_bits,
                           edge_bits={s: 8 for n in ends for e in n.inputs for s in _edge_chain(graph, e)})
@@ -213,7 +221,7 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="mnist,fashion")
-    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS))
     p.add_argument("--corrections", default=",".join(CORRECTIONS))
     p.add_argument("--n-calib", type=int, default=256)
     p.add_argument("--n-eval", type=int, default=10000, help="test images (a seeded subsample below 10000)")
