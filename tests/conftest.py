@@ -90,7 +90,9 @@ def local_rpc(key: str, port: int = 9500, boards=None):
     ``boards``: ``[(key, init_callback or None), ...]``, one server each (TVM's
     ``server_init_callback`` registers functions in it); default one plain
     server under ``key``. Everything binds to 127.0.0.1 only and is
-    terminated on exit.
+    terminated on exit. The tracker takes a port in ``[port, port + 100)``, the
+    servers in ``[port + 200, port + 300)``: callers keep their ranges apart
+    (9190, 9500, 10000, 10400), since test files run side by side.
     """
     import time
     from collections import Counter
@@ -110,7 +112,9 @@ def local_rpc(key: str, port: int = 9500, boards=None):
 
         with ThreadPoolExecutor(max_workers=len(boards)) as pool:
             servers.extend(pool.map(start, boards))
-        deadline = time.monotonic() + 90  # each server imports TVM before it registers
+        # each server imports TVM before it registers: six at once on two cores that a parallel test worker
+        # also loads took long enough once (session 15) to fail a 90 s deadline, with no record of the state
+        start = time.monotonic()
         want = Counter(k for k, _ in boards)
         while True:
             tc = rpc.connect_tracker("127.0.0.1", trk.port)
@@ -118,7 +122,9 @@ def local_rpc(key: str, port: int = 9500, boards=None):
             tc.close()
             if all(queue.get(k, {}).get("free", 0) >= n for k, n in want.items()):
                 break
-            assert time.monotonic() < deadline, "the local RPC servers never registered with the tracker"
+            waited = time.monotonic() - start
+            assert waited < 240, (f"the local RPC servers did not all register with the tracker in {waited:.0f} s: "
+                                  f"wanted {dict(want)} free, the tracker's queue holds {queue}")
             time.sleep(0.3)
         yield f"127.0.0.1:{trk.port}"
     finally:

@@ -54,7 +54,7 @@ def test_cli_with_unreachable_tracker_fails_fast_in_one_line(tmp_path, small_npz
 
 @pytest.mark.rpc
 def test_rpc_measurer_accepts_a_live_tracker_and_refuses_an_absent_key():
-    with local_rpc("state-board", port=9700) as tracker:
+    with local_rpc("state-board", port=10400) as tracker:  # tracker 10400-10500, servers 10600-10700
         assert "state-board" in check_tracker(tracker, "state-board")
         assert RPCMeasurer(tracker, "state-board").key == "state-board"
         t0 = time.monotonic()

@@ -197,24 +197,7 @@ def _pad_nchwc_te(x, padding, block=None):
 
 
 def _conv_te(data, kernel, strides, dilation, groups):
-    n, _, h, w, _ = (int(s) for s in data.shape)
-    occ, icc, kh_, kw_, nf, ob, _ = (int(s) for s in kernel.shape)
-    (sh, sw), (dh, dw) = strides, dilation
-    oh, ow = (h - (kh_ - 1) * dh - 1) // sh + 1, (w - (kw_ - 1) * dw - 1) // sw + 1
-    ic = te.reduce_axis((0, icc), name="ic")
-    kh = te.reduce_axis((0, kh_), name="kh")
-    kw = te.reduce_axis((0, kw_), name="kw")
-    f = te.reduce_axis((0, nf), name="icf")
-    s = te.reduce_axis((0, RED), name="ics")
-    per_group = occ // groups
-
-    def body(i, oc, y, x, lane):
-        chunk = ic if groups == 1 else (oc // per_group) * icc + ic
-        d = data[i, chunk, y * sh + kh * dh, x * sw + kw * dw, f * RED + s]
-        return te.sum(d.astype("float32") * kernel[oc, ic, kh, kw, f, lane, s].astype("float32"),
-                      axis=[ic, kh, kw, f, s])
-
-    return te.compute((n, occ, oh, ow, ob), body, name=CONV_BF16, attrs={KERNEL_ATTR: CONV_BF16})
+    return vnni.blocked_conv_te(data, kernel, strides, dilation, groups, "float32", CONV_BF16)
 
 
 def _clipped(v, clip):

@@ -208,24 +208,32 @@ def from_blocked_te(x, channels):
     return _from_nchwc_te(x, channels)
 
 
-def _conv_te(data, kernel, strides, dilation, groups):
+def blocked_conv_te(data, kernel, strides, dilation, groups, acc_dtype: str = "int32", name: str = CONV):
+    """The blocked conv both dot-product kernels share: ``NCHW{b}c`` data x ``OIHW{b/r}i{ob}o{r}i`` weights
+    (``r`` the instruction's reduction: 4 int8 for ``vpdpbusd``, 2 bf16 for ``vdpbf16ps``, the weight's last
+    axis), summed in ``acc_dtype``."""
     n, _, h, w, b = (int(s) for s in data.shape)
-    occ, icc, kh_, kw_, nf, ob, _ = (int(s) for s in kernel.shape)
+    occ, icc, kh_, kw_, nf, ob, red = (int(s) for s in kernel.shape)
     (sh, sw), (dh, dw) = strides, dilation
     oh, ow = (h - (kh_ - 1) * dh - 1) // sh + 1, (w - (kw_ - 1) * dw - 1) // sw + 1
     ic = te.reduce_axis((0, icc), name="ic")
     kh = te.reduce_axis((0, kh_), name="kh")
     kw = te.reduce_axis((0, kw_), name="kw")
     f = te.reduce_axis((0, nf), name="icf")
-    s = te.reduce_axis((0, RED), name="ics")
+    s = te.reduce_axis((0, red), name="ics")
     per_group = occ // groups
 
     def body(i, oc, y, x, lane):
         chunk = ic if groups == 1 else (oc // per_group) * icc + ic
-        d = data[i, chunk, y * sh + kh * dh, x * sw + kw * dw, f * RED + s]
-        return te.sum(d.astype("int32") * kernel[oc, ic, kh, kw, f, lane, s].astype("int32"), axis=[ic, kh, kw, f, s])
+        d = data[i, chunk, y * sh + kh * dh, x * sw + kw * dw, f * red + s]
+        return te.sum(d.astype(acc_dtype) * kernel[oc, ic, kh, kw, f, lane, s].astype(acc_dtype),
+                      axis=[ic, kh, kw, f, s])
 
-    return te.compute((n, occ, oh, ow, ob), body, name=CONV, attrs={KERNEL_ATTR: CONV})
+    return te.compute((n, occ, oh, ow, ob), body, name=name, attrs={KERNEL_ATTR: name})
+
+
+def _conv_te(data, kernel, strides, dilation, groups):
+    return blocked_conv_te(data, kernel, strides, dilation, groups)
 
 
 def _conv_requant_te(data, kernel, bias, mult, half, shift, strides, dilation, groups, rq: Requant):
