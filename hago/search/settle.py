@@ -40,16 +40,12 @@ def contenders(engine, top: int = CONTENDERS) -> list:
     fit the weight budget), then FP32 if measured; at least two, else none (nothing to order)."""
     cands = [c for c in engine.all_candidates()
              if c.latency_ms is not None and c.error is None and c.accuracy is not None]
-    good = sorted((c for c in cands if c.accuracy >= engine.threshold and _fits(engine, c)),
+    good = sorted((c for c in cands if c.accuracy >= engine.threshold and engine.fits(c.point)),
                   key=lambda c: (c.latency_ms, c.key))[:top]
     fp32 = next((c for c in cands if c.point == engine.space.all_float()), None)
     if fp32 is not None and all(c.key != fp32.key for c in good):
         good.append(fp32)
     return good if len(good) >= 2 else []
-
-
-def _fits(engine, c) -> bool:
-    return engine.max_weight_bytes is None or (c.weight_bytes is not None and c.weight_bytes <= engine.max_weight_bytes)
 
 
 def settled(engine, key: str) -> float | None:

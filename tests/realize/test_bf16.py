@@ -127,6 +127,26 @@ def test_bf16_where_the_kernels_cannot_take_a_layer_is_fp32_with_the_reason():
     assert choice.mode == "float" and "pairs" in choice.reason
 
 
+def _build_with_twin(q, image: np.ndarray):
+    """``(run, twin, calls)`` for the quantized ``q`` on x86 at batch 1: the real build and its simulated twin as
+    numpy-in, numpy-out functions, and the kernel calls (signatures, in order) the build makes on ``image``."""
+    import tvm
+    from tvm import relax
+
+    from hago.backends.registry import get_backend
+    from hago.build import static_batch, target_of
+    from hago.compiler import static_pair
+    from hago.search.kernelcache import profile_calls
+
+    spec = HardwareSpec.load(BF16_SPEC)
+    target, backend = target_of(spec), get_backend("x86")
+    vms = [relax.VirtualMachine(backend.build(mod, target), tvm.cpu())
+           for mod in (static_pair(q, spec, 1)[1], static_batch(simulate(q.graph, q.strategy), 1))]
+    calls = [sig for sig, _ in profile_calls(vms[0], [tvm.runtime.tensor(image)], runs=1)]
+    run, twin = ((lambda a, vm=vm: vm["main"](tvm.runtime.tensor(a)).numpy()) for vm in vms)
+    return run, twin, calls
+
+
 class _InvertedResidual(torch.nn.Module):
     """An RGB stem, then EfficientNet's block (1x1 expand, relu6, depthwise 3x3, relu6, 1x1 project, residual
     add) on ``channels`` (24: 8-channel blocks; 32: whole 16-channel blocks), then a 3x3 conv that pads."""
@@ -155,25 +175,14 @@ def test_an_all_bf16_inverted_residual_block_stays_blocked_and_matches_its_twin(
     and output; every relu/relu6 and the
     residual add run in the write-back of the conv before them (and the bf16 cast for the next conv with
     them, as a second output where the fp32 value has another user); the result matches the simulated twin."""
-    import tvm
-    from tvm import relax
-
-    from hago.backends.registry import get_backend
-    from hago.build import static_batch, target_of
-    from hago.compiler import static_pair
-    from hago.search.kernelcache import profile_calls
-
     torch.manual_seed(0)
     net = _InvertedResidual().eval()
     x = np.random.default_rng(0).normal(size=(8, 3, 28, 28)).astype(np.float32)
     q = quantize(net, BF16_SPEC, x, example_inputs=(torch.from_numpy(x[:1]),),
                  annotate_config=AnnotateConfig(all_bf16=True), corrections=())
     assert {c.mode for n, c in q.strategy.ops.items() if "conv2d" in n} == {"bf16"}
-    spec = HardwareSpec.load(BF16_SPEC)
-    target, backend = target_of(spec), get_backend("x86")
-    _, realized = static_pair(q, spec, 1)
-    vm = relax.VirtualMachine(backend.build(realized, target), tvm.cpu())
-    names = [sig.split("(")[0] for sig, _ in profile_calls(vm, [tvm.runtime.tensor(x[:1])], runs=1)]
+    run, twin, calls = _build_with_twin(q, x[:1])
+    names = [sig.split("(")[0] for sig in calls]
     assert sum("layout_transform" in n for n in names) == 1, names  # NCHW8c -> NCHW out
     # the image in: cast, NCHW -> NCHW3c and the stem's padding to NCHW4c are the stem kernel's one packing pass
     assert names[0].startswith("hago_nchw_to_nchwc_bf") and names[1].startswith("hago_conv2d_nchwc_bf"), names
@@ -183,11 +192,10 @@ def test_an_all_bf16_inverted_residual_block_stays_blocked_and_matches_its_twin(
                 and "conv2d" not in n], names  # the residual add too
     # the stem's output feeds the expand conv (bf16) and the residual add (fp32): the stem writes both
     assert not [n for n in names if n.startswith("cast")], names
-    twin = relax.VirtualMachine(backend.build(static_batch(simulate(q.graph, q.strategy), 1), target), tvm.cpu())
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
     for i in range(len(x)):
-        real, sim = (m["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for m in (vm, twin))
+        real, sim = run(x[i:i + 1]), twin(x[i:i + 1])
         np.testing.assert_allclose(real, sim, rtol=0, atol=1e-4 * np.abs(sim).max())
         assert np.abs(real - ref[i:i + 1]).max() < 0.02 * np.abs(ref).max()  # bf16 rounding, not a wrong layout
 
@@ -216,32 +224,19 @@ def test_a_downsampling_block_fuses_every_bias_and_casts_its_input_once():
     """Both convs before the block's add keep their bias in their write-back (one takes the add too), and the
     stem writes the block's input once, in bf16, for both convs that read it: no add or cast kernel of its
     own. Matches the simulated twin."""
-    import tvm
-    from tvm import relax
-
-    from hago.backends.registry import get_backend
-    from hago.build import static_batch, target_of
-    from hago.compiler import static_pair
-    from hago.search.kernelcache import profile_calls
-
     torch.manual_seed(0)
     net = _DownsampleBlock().eval()
     x = np.random.default_rng(1).normal(size=(4, 3, 16, 16)).astype(np.float32)
     q = quantize(net, BF16_SPEC, x, example_inputs=(torch.from_numpy(x[:1]),),
                  annotate_config=AnnotateConfig(all_bf16=True), corrections=())
-    spec = HardwareSpec.load(BF16_SPEC)
-    target, backend = target_of(spec), get_backend("x86")
-    _, realized = static_pair(q, spec, 1)
-    vm = relax.VirtualMachine(backend.build(realized, target), tvm.cpu())
-    calls = profile_calls(vm, [tvm.runtime.tensor(x[:1])], runs=1)
-    names = [sig.split("(")[0] for sig, _ in calls]
+    run, twin, calls = _build_with_twin(q, x[:1])
+    names = [sig.split("(")[0] for sig in calls]
     assert sum(n.startswith("hago_conv2d_nchwc_bf") for n in names) == 5, names
     assert not [n for n in names if n.startswith(("add", "cast"))], names
-    stem = next(sig for sig, _ in calls if sig.startswith("hago_conv2d_nchwc_bf"))
+    stem = next(sig for sig in calls if sig.startswith("hago_conv2d_nchwc_bf"))
     assert stem.endswith("bfloat16)") and stem.count("float32") == 1, stem  # bf16 out only (the bias is fp32)
-    twin = relax.VirtualMachine(backend.build(static_batch(simulate(q.graph, q.strategy), 1), target), tvm.cpu())
     for i in range(len(x)):
-        real, sim = (m["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for m in (vm, twin))
+        real, sim = run(x[i:i + 1]), twin(x[i:i + 1])
         np.testing.assert_allclose(real, sim, rtol=0, atol=1e-4 * np.abs(sim).max())
 
 
@@ -251,14 +246,6 @@ def test_int8_and_bf16_convs_meet_blocked_and_match_their_twin():
     (an int8 layer's layout transform cancelled against the bf16 conv's blocked layout; the depthwise conv runs
     its blocked kernel and gives the bf16 conv its int32 accumulator blocked), so the only layout pass left is
     the network's output."""
-    import tvm
-    from tvm import relax
-
-    from hago.backends.registry import get_backend
-    from hago.build import static_batch, target_of
-    from hago.compiler import static_pair
-    from hago.search.kernelcache import profile_calls
-
     torch.manual_seed(0)
     net = _InvertedResidual(32).eval()  # whole 16-channel blocks for int8 and bf16 alike
     x = np.random.default_rng(0).normal(size=(16, 3, 28, 28)).astype(np.float32)
@@ -267,14 +254,10 @@ def test_int8_and_bf16_convs_meet_blocked_and_match_their_twin():
     modes = {n: c.mode for n, c in q.strategy.ops.items() if "conv2d" in n}
     assert modes == {"n0_conv2d": "integer", "n2_conv2d": "bf16", "n4_depthwise_conv2d": "integer",
                      "n6_conv2d": "bf16", "n8_conv2d": "integer"}
-    spec = HardwareSpec.load(BF16_SPEC)
-    target, backend = target_of(spec), get_backend("x86")
-    _, realized = static_pair(q, spec, 1)
-    vm = relax.VirtualMachine(backend.build(realized, target), tvm.cpu())
-    names = [sig.split("(")[0] for sig, _ in profile_calls(vm, [tvm.runtime.tensor(x[:1])], runs=1)]
+    run, twin, calls = _build_with_twin(q, x[:1])
+    names = [sig.split("(")[0] for sig in calls]
     assert sum("layout_transform" in n or "nchwc_to_nchw" in n for n in names) == 1, names  # 7 in session 13
     assert "hago_conv2d_depthwise_nchwc" in names, names  # the blocked depthwise kernel on a bf16 layer's output
-    twin = relax.VirtualMachine(backend.build(static_batch(simulate(q.graph, q.strategy), 1), target), tvm.cpu())
     for i in range(len(x)):
-        real, sim = (m["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for m in (vm, twin))
+        real, sim = run(x[i:i + 1]), twin(x[i:i + 1])
         assert np.abs(real - sim).max() < 0.01 * np.abs(sim).max()  # int8 requantize rounding, not a wrong layout

@@ -232,17 +232,13 @@ def blocked_conv_te(data, kernel, strides, dilation, groups, acc_dtype: str = "i
     return te.compute((n, occ, oh, ow, ob), body, name=name, attrs={KERNEL_ATTR: name})
 
 
-def _conv_te(data, kernel, strides, dilation, groups):
-    return blocked_conv_te(data, kernel, strides, dilation, groups)
-
-
 def _conv_requant_te(data, kernel, bias, mult, half, shift, strides, dilation, groups, rq: Requant):
     """The conv with its requantize as a second block of the same PrimFunc: blocked uint8 out.
 
     ``schedule_conv`` computes the epilogue on each register tile (it takes the
     place of the accumulator write-back), so the int32 result never leaves the cache.
     """
-    acc = _conv_te(data, kernel, strides, dilation, groups)
+    acc = blocked_conv_te(data, kernel, strides, dilation, groups)
     return te.compute(
         acc.shape,
         lambda i, c, y, x, l: requant_expr(acc[i, c, y, x, l], c * LANES + l, bias, mult, half, shift, rq),
@@ -319,7 +315,7 @@ class ConvWeights:
     NCHW{b}c input block ``b`` the packed weight reads; ``red`` the input
     channels per group must be a multiple of (grouped convs); ``conv`` and
     ``conv_requant`` are the int32 and the requantized-blocked TE kernels
-    (arguments of :func:`_conv_te` / :func:`_conv_requant_te`).
+    (arguments of :func:`blocked_conv_te` / :func:`_conv_requant_te`).
     """
 
     pack: Callable
@@ -333,7 +329,7 @@ class ConvWeights:
 
 INT8_CONV = ConvWeights(
     pack=lambda w, groups, in_channels: pack_conv_weight(w, groups, in_channels=in_channels),
-    in_block=lambda wp: int(wp.shape[4]) * RED, dtype="int8", red=RED, conv=_conv_te,
+    in_block=lambda wp: int(wp.shape[4]) * RED, dtype="int8", red=RED, conv=blocked_conv_te,
     conv_requant=_conv_requant_te, name="hago_conv2d_nchwc_vnni")
 
 
