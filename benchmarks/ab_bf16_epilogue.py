@@ -1,13 +1,14 @@
 """What the bf16 conv's write-back epilogue saves: one all-bf16 build with and without it, timed interleaved.
 
     python benchmarks/ab_bf16_epilogue.py [--model efficientnet_lite0] [--device x86-avx512-bf16] [--rounds 30]
-                                          [--part all|residual|cast]
+                                          [--part all|residual|cast|pad]
 
 The build puts a bf16 conv's bias, relu / relu6 and the bf16 cast for the next bf16 layer into the conv
 kernel's write-back (``hago.backends.cpu.bf16_epilogue.fuse_bf16_epilogues``); without it they are passes of
 their own. ``--part residual`` leaves out only the residual add, ``--part cast`` only the second output
 (the bf16 cast of an fp32 value that another layer reads too, written by the same write-back instead of a
-cast pass of its own). The two builds differ only in that (the "without" build skips the rewrite), are timed in
+cast pass of its own). ``--part pad`` compares a conv padding its bf16 input inside its own kernel
+(``hago.backends.x86.bf16.PAD_INSIDE``) with a padding pass before it. The two builds differ only in that (the "without" build skips the rewrite), are timed in
 alternation (A B, B A, ...)
 in one process (this machine's speed drifts by up to 1.8x over minutes: only side-by-side ratios mean
 anything), and their outputs are compared bit for bit.
@@ -31,8 +32,9 @@ def main() -> int:
     p.add_argument("--device", default="x86-avx512-bf16")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--part", choices=("all", "residual", "cast"), default="all",
-                   help="leave out the whole epilogue, only its residual add, or only its second (bf16) output")
+    p.add_argument("--part", choices=("all", "residual", "cast", "pad"), default="all",
+                   help="leave out the whole epilogue, only its residual add, only its second (bf16) output, or "
+                        "pad each conv's input in a pass of its own")
     args = p.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # before TVM's thread pool starts
 
@@ -44,25 +46,29 @@ def main() -> int:
     from hago.annotate import AnnotateConfig
     from hago.compiler import compile as hago_compile
     from hago.backends.cpu import bf16_epilogue
+    from hago.backends.x86 import bf16
 
     net, calib = models.build(args.model), models.photo_crops(8, seed=1)
 
     def build(fused: bool):
         own = bf16_epilogue.fuse_bf16_epilogues
+        bf16.PAD_INSIDE = fused or args.part != "pad"
         if not fused and args.part == "all":
             bf16_epilogue.fuse_bf16_epilogues = lambda mod, *a, **k: mod
-        elif not fused:
+        elif not fused and args.part != "pad":
             off = "residual" if args.part == "residual" else "two_outputs"
             bf16_epilogue.fuse_bf16_epilogues = lambda mod, *a, **k: own(mod, *a, **{**k, off: False})
         try:
             res = hago_compile(net, args.device, calib, example_inputs=(torch.from_numpy(calib[:1]),), measure=False,
                                annotate_config=AnnotateConfig(all_bf16=True), corrections=())
         finally:
-            bf16_epilogue.fuse_bf16_epilogues = own
+            bf16_epilogue.fuse_bf16_epilogues, bf16.PAD_INSIDE = own, True
         return relax.VirtualMachine(res.int_executable, tvm.cpu())
 
-    what = {"all": "epilogue", "residual": "residual add", "cast": "bf16 cast of a shared fp32 value"}[args.part]
-    vms = {f"{what} in the write-back": build(True), f"{what} as passes of their own": build(False)}
+    what = {"all": "epilogue", "residual": "residual add", "cast": "bf16 cast of a shared fp32 value",
+            "pad": "input padding"}[args.part]
+    where = "in the conv" if args.part == "pad" else "in the write-back"
+    vms = {f"{what} {where}": build(True), f"{what} as passes of their own": build(False)}
     image = tvm.runtime.tensor(calib[:1].astype("float32"))
     outs = [vm["main"](image).numpy() for vm in vms.values()]
     same = np.array_equal(*outs)

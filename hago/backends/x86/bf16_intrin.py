@@ -44,13 +44,21 @@ _lock = threading.Lock()
 _registered: set[str] = set()
 
 
-def _intrin_funcs():
+def _intrin_funcs(a_dtype: str = "bfloat16"):
+    """``(desc, impl)``; ``a_dtype`` ``"uint16"``: the broadcast operand is bf16 *bits* in a ``uint16`` buffer
+    (a buffer the kernel allocates itself: TVM's ``BF16ComputeLegalize`` turns an internal bf16 buffer into
+    fp32, which would leave the pair's bits no 32-bit lane to reinterpret)."""
     from tvm.script import tirx as T
+
+    bits = a_dtype == "uint16"
+
+    def a_value(v):
+        return T.cast(T.reinterpret("bfloat16", v) if bits else v, "float32")
 
     # C[i] += A[k] * B[i, k] over 16 fp32 lanes x 2 bf16: one vdpbf16ps.
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((2,), "bfloat16", offset_factor=1),
+        A: T.Buffer((2,), a_dtype, offset_factor=1),
         B: T.Buffer((16, 2), "bfloat16", offset_factor=1),
         C: T.Buffer((16,), "float32", offset_factor=1),
     ) -> None:
@@ -61,11 +69,11 @@ def _intrin_funcs():
                 for k in T.serial(0, 2):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "float32") * T.cast(B[vi, vk], "float32")
+                        C[vi] = C[vi] + a_value(A[vk]) * T.cast(B[vi, vk], "float32")
 
     @T.prim_func(s_tir=True)
     def impl(
-        A: T.Buffer((2,), "bfloat16", offset_factor=1),
+        A: T.Buffer((2,), a_dtype, offset_factor=1),
         B: T.Buffer((16, 2), "bfloat16", offset_factor=1),
         C: T.Buffer((16,), "float32", offset_factor=1),
     ) -> None:
@@ -76,23 +84,25 @@ def _intrin_funcs():
                 "float32x16",
                 SHIM_SYMBOL,
                 C.vload([0], dtype="float32x16"),
-                T.broadcast(T.reinterpret(A.vload([0], "bfloat16x2"), dtype="int32"), 16),
+                T.broadcast(T.reinterpret(A.vload([0], a_dtype + "x2"), dtype="int32"), 16),
                 T.reinterpret(B.vload([0, 0], dtype="bfloat16x32"), dtype="int32x16"),
             )
 
     return desc, impl
 
 
-def bf16_intrin() -> str:
-    """Register (once) and return the name of hago's 16x2 ``vdpbf16ps`` intrinsic."""
+def bf16_intrin(a_dtype: str = "bfloat16") -> str:
+    """Register (once) and return the name of hago's 16x2 ``vdpbf16ps`` intrinsic for a broadcast operand stored
+    as ``a_dtype`` (``"uint16"``: bf16 bits, see :func:`_intrin_funcs`)."""
+    name = HAGO_BF16_INTRIN if a_dtype == "bfloat16" else f"{HAGO_BF16_INTRIN}_{a_dtype}"
     with _lock:
-        if HAGO_BF16_INTRIN not in _registered:
+        if name not in _registered:
             from tvm.s_tir import TensorIntrin
 
-            desc, impl = _intrin_funcs()
-            TensorIntrin.register(HAGO_BF16_INTRIN, desc, impl, override=True)
-            _registered.add(HAGO_BF16_INTRIN)
-    return HAGO_BF16_INTRIN
+            desc, impl = _intrin_funcs(a_dtype)
+            TensorIntrin.register(name, desc, impl, override=True)
+            _registered.add(name)
+    return name
 
 
 def link_shim(sch, loop) -> None:

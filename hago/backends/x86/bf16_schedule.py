@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
-from .bf16 import BIAS_EPILOGUE, CAST_EPILOGUE, LANES, RED
+from hago.tvm_consts import KERNEL_ATTR
+
+from .bf16 import BIAS_EPILOGUE, CAST_EPILOGUE, LANES, PAD_NCHWC_BF16, RED
 from .bf16_intrin import bf16_intrin, link_shim
 from .vnni_schedule import register_tile, schedule_from_nchwc
 
@@ -42,8 +44,9 @@ def _reblocks(sch: Schedule, blk, wb) -> bool:
     return len(acc) == len(out) == 5 and int(out[4]) != int(acc[4])
 
 
-def _finish(sch: Schedule, blk, reduce_loop, lane_loop, tile_loops, parallel_loops) -> None:
-    """Write-back (or bias epilogue) at the tile, parallel outer loops, init split off, tensorize the lanes."""
+def _finish(sch: Schedule, blk, reduce_loop, lane_loop, tile_loops, parallel_loops, a_dtype: str = "bfloat16") -> None:
+    """Write-back (or bias epilogue) at the tile, parallel outer loops, init split off, tensorize the lanes
+    (``a_dtype``: how the broadcast operand is stored, :func:`.bf16_intrin.bf16_intrin`)."""
     epilogue = [c for c in sch.get_consumers(blk) if sch.get(c).name_hint == BIAS_EPILOGUE]
     wb = epilogue[0] if epilogue else sch.cache_write(blk, 0, "global")
     reblocked = _reblocks(sch, blk, wb)
@@ -66,7 +69,7 @@ def _finish(sch: Schedule, blk, reduce_loop, lane_loop, tile_loops, parallel_loo
             sch.reverse_compute_at(cast, sch.get_loops(wb)[0])
             _vectorize_lanes(sch, sch.get_loops(cast)[-1])
     _vectorize_lanes(sch, sch.get_loops(wb)[-1])
-    sch.tensorize(lane_loop, bf16_intrin())
+    sch.tensorize(lane_loop, bf16_intrin(a_dtype))
     link_shim(sch, outer)
 
 
@@ -83,13 +86,25 @@ def schedule_dense_bf16(sch: Schedule, blk) -> None:
 
 
 def schedule_conv_bf16(sch: Schedule, blk) -> None:
-    """NCHW{b}c x OIHW{b/2}i16o2i: tile over output columns x 16-channel blocks."""
+    """NCHW{b}c x OIHW{b/2}i16o2i: tile over output columns x 16-channel blocks.
+
+    A padding block in the same PrimFunc (``bf16.PAD_INSIDE``) is computed
+    inside the channel-block loop of each tile: the ``kh x (rw * stride +
+    kw - 1)`` input vectors that tile reads, from L1, instead of a pass over
+    the whole input before the kernel.
+    """
     n, oc, oh, ow, ob, ic, kh, kw, f, s = sch.get_loops(blk)
     rw, rc = register_tile(_extent(sch, ow), _extent(sch, oc))
     oco, oci = sch.split(oc, [None, rc])
     owo, owi = sch.split(ow, [None, rw])
     sch.reorder(n, oco, oh, owo, ic, kh, kw, f, owi, oci, ob, s)
-    _finish(sch, blk, ic, ob, [owi, oci], [n, oco, oh, owo])
+    a_dtype = "bfloat16"
+    for pad in sch.get_producers(blk):  # the input's own zero padding (bf16.pad_inside): the rows of each tile's
+        if sch.get(pad).name_hint == PAD_NCHWC_BF16:  # channel block, padded just before the tile reads them
+            sch.compute_at(pad, ic)
+            sch.vectorize(sch.get_loops(pad)[-1])
+            a_dtype = str(sch.get(pad).writes[0].source.dtype)
+    _finish(sch, blk, ic, ob, [owi, oci], [n, oco, oh, owo], a_dtype)
 
 
 def schedule_to_bf16(sch: Schedule, blk) -> None:
@@ -107,6 +122,8 @@ def _conversion(sch: Schedule, blk) -> None:
     constant fill is what TVM's ``BF16StorageLegalize`` cannot store
     (``bf16._bf16_zero``).
     """
+    if any(sch.get(c).annotations.get(KERNEL_ATTR) is not None for c in sch.get_consumers(blk)):
+        return  # a conv's own input padding: the conv's schedule places it
     n, cc, h, _, lanes = sch.get_loops(blk)
     sch.parallel(sch.fuse(n, cc, h))
     sch.vectorize(lanes)

@@ -226,6 +226,8 @@ def blocked_conv_te(data, kernel, strides, dilation, groups, acc_dtype: str = "i
     def body(i, oc, y, x, lane):
         chunk = ic if groups == 1 else (oc // per_group) * icc + ic
         d = data[i, chunk, y * sh + kh * dh, x * sw + kw * dw, f * red + s]
+        if data.dtype == "uint16":  # bf16 bits (a buffer of the kernel's own, see bf16_intrin)
+            d = tirx.reinterpret("bfloat16", d)
         return te.sum(d.astype(acc_dtype) * kernel[oc, ic, kh, kw, f, lane, s].astype(acc_dtype),
                       axis=[ic, kh, kw, f, s])
 

@@ -352,3 +352,41 @@ def test_two_outputs_are_the_fp32_result_and_its_bf16_cast_from_one_kernel(case,
     assert np.array_equal(fp32, one)
     assert np.array_equal(bf.view(np.uint16), fp32.astype(ml_dtypes.bfloat16).view(np.uint16))
     assert 0 < np.count_nonzero(fp32) and fp32.max() == 6.0  # the clip ran: a test that can see a wrong write-back
+
+
+@pytest.mark.llvm
+@pytest.mark.parametrize("case", ["c_3x3_b2", "c_5x5", "c_5x5_s2_asym", "c_dil2"])
+def test_a_bf16_input_is_padded_inside_the_conv_kernel(case):
+    """A blocked bf16 input (the previous conv's bf16 output) is zero-padded inside the conv's own kernel, per
+    tile, not in a padding pass: one kernel per function, and the result bit for bit the padding pass's and the
+    bf16 reference's (strides, asymmetric padding, dilation)."""
+    import tvm
+    from tvm import relax
+
+    from hago.backends.x86 import bf16
+
+    xs, ws, strides, padding, dilation, groups, _ = CONV[case]
+    rng = _rng("pad-" + case)
+    x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+    block = 16 if xs[1] % 16 == 0 else 8 if xs[1] % 8 == 0 else 2
+    xb = to_blocked(x, block).astype(ml_dtypes.bfloat16)
+    bb = relax.BlockBuilder()
+    try:
+        for name, inside in (("inside", True), ("pass", False)):
+            bf16.PAD_INSIDE = inside
+            _function(bb, name, xb, lambda v: emit_conv2d_bf16(bb, v, w, strides, dilation, groups, padding,
+                                                               out_layout="NCHW16c"))
+    finally:
+        bf16.PAD_INSIDE = True
+    target = tvm.target.Target(TARGET)
+    mod = schedule_vnni(bb.get(), target)
+    kernels = sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    assert sum(k.startswith("hago_pad_nchwc_bf16") for k in kernels) == 1, kernels  # the "pass" function's only
+    assert sum(k.startswith("hago_conv2d_nchwc_bf16") for k in kernels) == 2, kernels
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    inside, passed = (vm[n](tvm.runtime.tensor(xb)).numpy() for n in ("inside", "pass"))
+    assert np.array_equal(inside, passed)
+    ref = np_conv2d(_round(x), _round(w), strides, padding, dilation, groups)
+    scale = np_conv2d(np.abs(_round(x)), np.abs(_round(w)), strides, padding, dilation, groups)
+    out = from_blocked(inside, ws[0])
+    assert out.shape == ref.shape and np.all(np.abs(out - ref) <= RTOL * scale)  # border rows read zeros, not junk
