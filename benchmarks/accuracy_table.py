@@ -247,7 +247,8 @@ def main() -> int:
         ref = fp32_logits(net, x)
         fp32 = None if y is None else float((ref.argmax(1) == y).mean())
         prepared = prepare_model(net, calib, example_inputs=(torch.from_numpy(calib[:2]),))
-        key = f"v2|{model}|{tag}|{DEVICE}|calib{args.n_calib}|eval{len(x)}|threads{args.threads}"
+        # v3: gptq's steps are fitted to its own codes (session 17); rows of earlier code are not reused
+        key = f"v3|{model}|{tag}|{DEVICE}|calib{args.n_calib}|eval{len(x)}|threads{args.threads}"
         if args.gptq_samples is not None:
             key += f"|gptq{args.gptq_samples}"
         rows = cache.setdefault(key, {})

@@ -275,3 +275,36 @@ def test_codes_need_their_grid_and_exclude_learned_rounding():
         load(weight_codes="eJwDAAAAAAE=")
     with pytest.raises(QuantizeError, match="weight_codes: does not compose with weight_round"):
         load(weight_codes="eJwDAAAAAAE=", weight_scale=[0.1], weight_round="eJwDAAAAAAE=")
+
+
+def test_each_rows_step_is_the_one_gptq_itself_does_best_with():
+    """fitted_steps runs GPTQ at every multiple of the round-to-nearest step and keeps, per row, the step whose
+    codes leave the least output error: never worse than GPTQ at the starting step, row by row, and better
+    overall on correlated inputs with outlier weights (where the rounding-optimal step is not GPTQ's)."""
+    from hago.correct.gptq import STEP_FACTORS, fitted_steps
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(3000, 1)) + 0.3 * rng.normal(size=(3000, 24))
+    h = shrunk((x.T @ x / len(x))[None].repeat(2, axis=0), len(x))
+    w = rng.normal(size=(2, 12, 24))
+    w[:, :, 3] *= 5
+    start = output_steps(w, h, 7)
+    step, codes = fitted_steps(w, h, start, 7)
+    assert step.shape == start.shape and codes.shape == w.shape
+    assert np.abs(codes).max() <= 7 and np.array_equal(codes, np.round(codes))
+    ratio = step / start
+    assert np.all(np.min(np.abs(ratio[..., None] - np.array(STEP_FACTORS)), axis=-1) < 1e-9)  # one of the factors
+    np.testing.assert_array_equal(codes, gptq_codes(w, h, step, 7))  # the codes are GPTQ's at the chosen steps
+
+    def row_err(c, s):
+        d = w - c * s[:, :, None]
+        return np.einsum("grd,gde,gre->gr", d, h, d)
+
+    at_start = row_err(gptq_codes(w, h, start, 7), start)
+    chosen = row_err(codes, step)
+    assert np.all(chosen <= at_start * (1 + 1e-9))
+    assert chosen.sum() < 0.9 * at_start.sum()
+    assert len(np.unique(ratio.round(2))) > 1  # rows choose differently
+    floor = start * 1.2  # a floor above some candidates: those collapse onto it
+    fstep, _ = fitted_steps(w, h, start, 7, floor=lambda s: np.maximum(s, floor))
+    assert np.all(fstep >= floor - 1e-12)
