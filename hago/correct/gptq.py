@@ -34,10 +34,12 @@ what a finer or coarser grid costs: GPTQ is run at 17 multiples of it
 leave the least output error (:func:`fitted_steps`; rows are independent, so
 all candidates run as one stacked problem). On EfficientNet-Lite0 at W4A8
 the rows' choices spread over the whole range (two in five keep 1.0) and
-the network's KL from FP32 drops by a fifth to a quarter (``benchmarks/RESULTS.md``). Only
-layers of at most :data:`FIT_STEPS_MAX_BITS` bits: at 8 bits it made the KL
-worse (it fits the calibration samples' noise). Every step is floored as weight_clip floors it (the quantized bias must fit the
-int32 accumulator).
+the network's KL from FP32 drops by a fifth to a quarter
+(``benchmarks/RESULTS.md``; a finer or wider set of multiples changed it by
+2-4%). Only layers of at most :data:`FIT_STEPS_MAX_BITS` bits: at 8 bits it
+made the KL worse (it fits the calibration samples' noise). Every step is
+floored as weight_clip floors it (the quantized bias must fit the int32
+accumulator).
 
 **Groups.** A conv with ``G`` groups is ``G`` independent problems, each with
 its own ``H`` over its ``C/G * KH * KW`` patch inputs: a depthwise layer solves
@@ -208,6 +210,9 @@ STEP_FACTORS = tuple(round(0.6 + 0.05 * i, 2) for i in range(17))
 #: the widest weights whose steps are fitted so: at 8 bits the grid is fine enough that the choice only fits the
 #: calibration samples' noise (EfficientNet-Lite0 W8A8 KL 0.0076 -> 0.0089 with it, while W4A8 0.280 -> 0.213)
 FIT_STEPS_MAX_BITS = 4
+#: the most bytes of stacked float64 weights :func:`fitted_steps` hands GPTQ at once (a 4096 x 4096 dense layer's 17
+#: candidates would be 2.3 GB; it runs in row chunks instead)
+STACK_BYTES = 256 << 20
 
 
 #: calibration samples per layer when none are given. 128 instead left EfficientNet-Lite0 W4A8 where it was
@@ -321,13 +326,19 @@ def fitted_steps(w: np.ndarray, h: np.ndarray, start: np.ndarray, qmax: int, flo
     steps = np.stack([start * f for f in factors], axis=1)  # [G, K, R]
     if floor is not None:
         steps = np.stack([floor(steps[:, i]) for i in range(k)], axis=1)
-    stacked = np.broadcast_to(w[:, None], (g, k, r, d)).reshape(g, k * r, d)
-    codes = gptq_codes(stacked, h, steps.reshape(g, k * r), qmax).reshape(g, k, r, d)
-    err = _row_errors((w[:, None] - codes * steps[..., None]).reshape(g, k * r, d), h).reshape(g, k, r)
-    best = np.argmin(err, axis=1)  # [G, R]; ties: the first, the smallest factor
-    pick = best[:, None, :]
-    return (np.take_along_axis(steps, pick, axis=1)[:, 0],
-            np.take_along_axis(codes, pick[..., None], axis=1)[:, 0])
+    best_steps, best_codes = np.empty(start.shape), np.empty(w.shape)
+    rows = max(1, STACK_BYTES // (8 * g * k * d))  # rows per call: the stacked float64 copy stays under STACK_BYTES
+    for r0 in range(0, r, rows):
+        sl = slice(r0, min(r, r0 + rows))
+        wc, sc = w[:, sl], steps[:, :, sl]
+        n = wc.shape[1]
+        stacked = np.broadcast_to(wc[:, None], (g, k, n, d)).reshape(g, k * n, d)
+        codes = gptq_codes(stacked, h, sc.reshape(g, k * n), qmax).reshape(g, k, n, d)
+        err = _row_errors((wc[:, None] - codes * sc[..., None]).reshape(g, k * n, d), h).reshape(g, k, n)
+        pick = np.argmin(err, axis=1)[:, None, :]  # [G, 1, n]; ties: the first, the smallest factor
+        best_steps[:, sl] = np.take_along_axis(sc, pick, axis=1)[:, 0]
+        best_codes[:, sl] = np.take_along_axis(codes, pick[..., None], axis=1)[:, 0]
+    return best_steps, best_codes
 
 
 def _store(op, node, w: np.ndarray, h: np.ndarray, qp) -> float:

@@ -308,3 +308,19 @@ def test_each_rows_step_is_the_one_gptq_itself_does_best_with():
     floor = start * 1.2  # a floor above some candidates: those collapse onto it
     fstep, _ = fitted_steps(w, h, start, 7, floor=lambda s: np.maximum(s, floor))
     assert np.all(fstep >= floor - 1e-12)
+
+
+def test_fitted_steps_in_row_chunks_are_the_same(monkeypatch):
+    """A layer too big to stack every candidate at once runs in row chunks, with the same result."""
+    from hago.correct import gptq
+
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(500, 1)) + 0.5 * rng.normal(size=(500, 16))
+    h = shrunk((x.T @ x / len(x))[None], len(x))
+    w = rng.normal(size=(1, 10, 16))
+    start = output_steps(w, h, 7)
+    whole = gptq.fitted_steps(w, h, start, 7)
+    monkeypatch.setattr(gptq, "STACK_BYTES", 8 * len(gptq.STEP_FACTORS) * 16 * 3)  # three rows a call
+    chunked = gptq.fitted_steps(w, h, start, 7)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
