@@ -64,6 +64,7 @@ def register_intrinsics() -> None:
     vnni_intrin()
     vnni_int4_intrin()
     bf16_intrin()
+    bf16_intrin("uint16")  # a conv that pads its own bf16 input (bf16.PAD_INSIDE): replayed traces name it too
     deinterleave_intrin()
 
 

@@ -390,3 +390,41 @@ def test_a_bf16_input_is_padded_inside_the_conv_kernel(case):
     scale = np_conv2d(np.abs(_round(x)), np.abs(_round(w)), strides, padding, dilation, groups)
     out = from_blocked(inside, ws[0])
     assert out.shape == ref.shape and np.all(np.abs(out - ref) <= RTOL * scale)  # border rows read zeros, not junk
+
+
+@pytest.mark.llvm
+def test_a_padding_convs_schedule_replays_in_a_fresh_process(tmp_path):
+    """A tuned record is a schedule trace replayed in another process, where only ``register_intrinsics`` has
+    run: the conv that pads its own input tensorizes with the ``uint16`` intrinsic, which must be among them."""
+    import sys
+
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import Schedule
+
+    from hago.backends.x86.schedules import schedule_kernels
+
+    xs, ws, strides, padding, dilation, groups, _ = CONV["c_3x3_b2"]
+    w = _rng("replay").standard_normal(ws).astype(np.float32)
+    xb = to_blocked(np.zeros(xs, np.float32), 16).astype(ml_dtypes.bfloat16)
+    bb = relax.BlockBuilder()
+    _function(bb, "main", xb, lambda v: emit_conv2d_bf16(bb, v, w, strides, dilation, groups, padding,
+                                                          out_layout="NCHW16c"))
+    func = next(f for gv, f in bb.get().functions_items() if gv.name_hint.startswith("hago_conv2d_nchwc_bf16"))
+    sch = Schedule(tvm.IRModule({"main": func}))
+    assert schedule_kernels(sch)
+    (tmp_path / "func.json").write_text(tvm.ir.save_json(func))
+    (tmp_path / "trace.json").write_text(tvm.ir.save_json(sch.trace.as_json()))
+    script = f"""
+import tvm
+from tvm.s_tir import Schedule, Trace
+from hago.backends.x86.schedules import register_intrinsics
+register_intrinsics()
+func = tvm.ir.load_json(open({str(tmp_path / 'func.json')!r}).read())
+sch = Schedule(tvm.IRModule({{"main": func}}))
+Trace.apply_json_to_schedule(tvm.ir.load_json(open({str(tmp_path / 'trace.json')!r}).read()), sch)
+assert "hago_dpbf16ps" in sch.mod["main"].script()
+print("replayed")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "replayed" in run.stdout, run.stderr[-2000:]
