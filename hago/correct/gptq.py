@@ -33,10 +33,9 @@ what a finer or coarser grid costs: GPTQ is run at 17 multiples of it
 (0.6-1.4, :data:`STEP_FACTORS`) and each row keeps the step whose GPTQ codes
 leave the least output error (:func:`fitted_steps`; rows are independent, so
 all candidates run as one stacked problem). On EfficientNet-Lite0 at W4A8
-the rows' choices spread over the whole range (two in five keep 1.0) and
 the network's KL from FP32 drops by a fifth to a quarter
-(``benchmarks/RESULTS.md``; a finer or wider set of multiples changed it by
-2-4%). Only layers of at most :data:`FIT_STEPS_MAX_BITS` bits: at 8 bits it
+(``benchmarks/RESULTS.md``; docs/STATUS.md, session 17, on other sets of
+multiples). Only layers of at most :data:`FIT_STEPS_MAX_BITS` bits: at 8 bits it
 made the KL worse (it fits the calibration samples' noise). Every step is
 floored as weight_clip floors it (the quantized bias must fit the int32
 accumulator).
@@ -323,9 +322,7 @@ def fitted_steps(w: np.ndarray, h: np.ndarray, start: np.ndarray, qmax: int, flo
     """
     g, r, d = w.shape
     k = len(factors)
-    steps = np.stack([start * f for f in factors], axis=1)  # [G, K, R]
-    if floor is not None:
-        steps = np.stack([floor(steps[:, i]) for i in range(k)], axis=1)
+    steps = np.stack([start * f if floor is None else floor(start * f) for f in factors], axis=1)  # [G, K, R]
     best_steps, best_codes = np.empty(start.shape), np.empty(w.shape)
     rows = max(1, STACK_BYTES // (8 * g * k * d))  # rows per call: the stacked float64 copy stays under STACK_BYTES
     for r0 in range(0, r, rows):

@@ -45,7 +45,7 @@ applied on the register tiles, in 16-channel blocks (padded channels 0) or,
 ``out_block`` 8 or 4, in smaller ones. A bf16 input (the previous conv's
 bf16 output) that needs spatial zero padding is padded inside the conv's own
 kernel, each tile's rows of one channel block just before the tile reads
-them (:func:`_padded_conv_bias_te`), not in a pass of its own: on ResNet-18
+them (:func:`_conv_bias_te`'s ``padding``), not in a pass of its own: on ResNet-18
 that removes 15 of its 41 kernel calls per image (outputs bit-identical).
 
 Every kernel block carries the annotation ``hago.kernel`` naming its
@@ -76,7 +76,7 @@ FROM_NCHWC_F32 = "nchwc_to_nchw_f32"  # conv output: fp32 NCHW16c -> NCHW (+ bia
 BIAS_EPILOGUE = "hago_bf16_bias"  # write-back of a register tile: + bias, padding dropped
 CAST_EPILOGUE = "hago_bf16_bias_cast"  # a second output of the write-back: its value cast (bf16 for the next layer)
 BF16 = "bfloat16"
-#: a blocked bf16 conv pads its bf16 input inside its own kernel (each tile's rows, :func:`_padded_conv_bias_te`)
+#: a blocked bf16 conv pads its bf16 input inside its own kernel (each tile's rows, :func:`_conv_bias_te`)
 #: rather than in a ``PAD_NCHWC_BF16`` pass; off only to measure what it saves (benchmarks/ab_bf16_epilogue.py)
 PAD_INSIDE = True
 LANES, RED = 16, 2  # vdpbf16ps: 16 fp32 output lanes, 2 bf16 reduced per lane
@@ -178,11 +178,15 @@ def _to_nchwc_te(x, cp, b, padding):
                       attrs={KERNEL_ATTR: TO_NCHWC_BF16})
 
 
-def _pad_nchwc_te(x, padding, block=None):
+def _pad_nchwc_te(x, padding, block=None, bits=False):
     """Blocked ``[N, C/b, H, W, b]`` -> bf16, spatially zero-padded by ``(top, left, bottom, right)``.
 
     ``block``: a wider channel block for a one-block input (an RGB stem's
-    ``NCHW3c`` -> ``NCHW4c``), the extra channels zero.
+    ``NCHW3c`` -> ``NCHW4c``), the extra channels zero. ``bits``: a conv's
+    padding of its own bf16 input, inside its kernel (:func:`_conv_bias_te`'s
+    ``padding``): the values as ``uint16`` bits, since TVM would store a bf16
+    buffer of the kernel's own as fp32 (:mod:`.bf16_intrin`), and not a kernel
+    of its own (the conv's schedule places it).
     """
     n, cc, h, w, b = (int(s) for s in x.shape)
     top, left, bottom, right = padding
@@ -190,17 +194,21 @@ def _pad_nchwc_te(x, padding, block=None):
     if block != b and cc != 1:
         raise QuantizeError(f"bf16 padding: widening the channel block {b} -> {block} needs one block, got {cc}")
 
+    def value(v):
+        return tirx.reinterpret("uint16", v) if bits else _bf16(v)
+
     def body(i, c, y, z, l):
         conds = [l < b] if block != b else []
         if any(padding):
             conds += [y >= top, y < top + h, z >= left, z < left + w]
         lane = l if block == b else tirx.min(l, b - 1)
         if not conds:
-            return _bf16(x[i, c, y, z, lane])
-        return tirx.if_then_else(tirx.all(*conds), _bf16(x[i, c, y - top, z - left, lane]), _bf16_zero())
+            return value(x[i, c, y, z, lane])
+        zero = tirx.const(0, "uint16") if bits else _bf16_zero()
+        return tirx.if_then_else(tirx.all(*conds), value(x[i, c, y - top, z - left, lane]), zero)
 
     return te.compute((n, cc, h + top + bottom, w + left + right, block), body, name=PAD_NCHWC_BF16,
-                      attrs={KERNEL_ATTR: PAD_NCHWC_BF16})
+                      attrs={} if bits else {KERNEL_ATTR: PAD_NCHWC_BF16})
 
 
 def _conv_te(data, kernel, strides, dilation, groups):
@@ -218,7 +226,7 @@ def _clipped(v, clip):
 
 
 def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="float32", out_block=LANES, o=None,
-                  residual=None):
+                  residual=None, padding=None):
     """The conv with its bias add (then ``residual``, then ``clip``, then the cast to ``out_dtype``) as a second
     block of the same PrimFunc, computed on each register tile.
 
@@ -229,7 +237,13 @@ def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="f
 
     ``out_block`` < 16 (``o`` channels, a multiple of it): the result in ``NCHW{out_block}c`` with no padded
     channels, for neighbours whose channel count is not a multiple of 16 (24, 40 in EfficientNet).
+
+    ``padding`` ``(top, left, bottom, right)``: bf16 ``data``'s zero padding, inside this kernel; its schedule
+    pads each tile's input rows of one channel block just before the tile reads them
+    (:func:`.bf16_schedule.schedule_conv_bf16`): no pass over the whole input and no kernel call of its own.
     """
+    if padding is not None:
+        data = _pad_nchwc_te(data, padding, bits=True)
     acc = _conv_te(data, kernel, strides, dilation, 1)
     n, occ, oh, ow, _ = (int(s) for s in acc.shape)
     o = occ * LANES if o is None else int(o)
@@ -248,34 +262,6 @@ def _conv_bias_te(data, kernel, bias, strides, dilation, clip=None, out_dtype="f
     if len(dtypes) == 1:
         return first
     return [first] + [_cast_te(first, d) for d in dtypes[1:]]
-
-
-def _padded_conv_bias_te(x, padding, kernel, bias, strides, dilation, clip=None, out_dtype="float32",
-                         out_block=LANES, o=None, residual=None):
-    """:func:`_conv_bias_te` on bf16 ``x`` zero-padded inside the same PrimFunc.
-
-    The schedule pads each tile's input rows, one channel block at a time,
-    where the tile reads them (:func:`.bf16_schedule.schedule_conv_bf16`): no
-    pass over the whole input and no kernel call of its own. The padded rows
-    are held as ``uint16`` bits, since TVM would store a bf16 buffer of the
-    kernel's own as fp32 (:mod:`.bf16_intrin`).
-    """
-    return _conv_bias_te(_pad_bits_te(x, padding), kernel, bias, strides, dilation, clip, out_dtype, out_block, o,
-                         residual)
-
-
-def _pad_bits_te(x, padding):
-    """bf16 ``[N, C/b, H, W, b]`` zero-padded by ``(top, left, bottom, right)``, as ``uint16`` bits."""
-    n, cc, h, w, b = (int(s) for s in x.shape)
-    top, left, bottom, right = padding
-
-    def body(i, c, y, z, lane):
-        inside = tirx.all(y >= top, y < top + h, z >= left, z < left + w)
-        return tirx.if_then_else(inside, tirx.reinterpret("uint16", x[i, c, y - top, z - left, lane]),
-                                 tirx.const(0, "uint16"))
-
-    return te.compute((n, cc, h + top + bottom, w + left + right, b), body, name=PAD_NCHWC_BF16,
-                      attrs={KERNEL_ATTR: PAD_NCHWC_BF16})
 
 
 def _cast_te(t, dtype):
@@ -425,11 +411,9 @@ def emit_conv2d_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, 
     op = int(wp.shape[0]) * LANES
     if out_layout == BLOCKED:
         bias_p = _bias_const(np.zeros(o) if bias is None else bias, o, op, "conv2d")
-        if pad_inside:
-            return bb.emit_te(_padded_conv_bias_te, data, padding, kernel, bias_p, _pair(strides), _pair(dilation),
-                              clip, out_dtype, out_block, o, residual, primfunc_name_hint="hago_conv2d_nchwc_bf16")
         return bb.emit_te(_conv_bias_te, data, kernel, bias_p, _pair(strides), _pair(dilation), clip, out_dtype,
-                          out_block, o, residual, primfunc_name_hint="hago_conv2d_nchwc_bf16")
+                          out_block, o, residual, padding if pad_inside else None,
+                          primfunc_name_hint="hago_conv2d_nchwc_bf16")
     acc = bb.emit_te(_conv_te, data, kernel, _pair(strides), _pair(dilation), groups,
                      primfunc_name_hint="hago_conv2d_nchwc_bf16")
     bias_c = None if bias is None else _bias_const(bias, o, o, "conv2d")

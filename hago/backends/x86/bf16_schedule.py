@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
-from hago.tvm_consts import KERNEL_ATTR
-
 from .bf16 import BIAS_EPILOGUE, CAST_EPILOGUE, LANES, PAD_NCHWC_BF16, RED
 from .bf16_intrin import bf16_intrin, link_shim
 from .vnni_schedule import register_tile, schedule_from_nchwc
@@ -99,7 +97,7 @@ def schedule_conv_bf16(sch: Schedule, blk) -> None:
     owo, owi = sch.split(ow, [None, rw])
     sch.reorder(n, oco, oh, owo, ic, kh, kw, f, owi, oci, ob, s)
     a_dtype = "bfloat16"
-    for pad in sch.get_producers(blk):  # the input's own zero padding (bf16.pad_inside): the rows of each tile's
+    for pad in sch.get_producers(blk):  # the input's own zero padding (bf16.PAD_INSIDE): the rows of each tile's
         if sch.get(pad).name_hint == PAD_NCHWC_BF16:  # channel block, padded just before the tile reads them
             sch.compute_at(pad, ic)
             sch.vectorize(sch.get_loops(pad)[-1])
@@ -122,8 +120,6 @@ def _conversion(sch: Schedule, blk) -> None:
     constant fill is what TVM's ``BF16StorageLegalize`` cannot store
     (``bf16._bf16_zero``).
     """
-    if any(sch.get(c).annotations.get(KERNEL_ATTR) is not None for c in sch.get_consumers(blk)):
-        return  # a conv's own input padding: the conv's schedule places it
     n, cc, h, _, lanes = sch.get_loops(blk)
     sch.parallel(sch.fuse(n, cc, h))
     sch.vectorize(lanes)
