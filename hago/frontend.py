@@ -175,23 +175,48 @@ def _from_onnx(path: Path, input_shapes: Shapes | None) -> Imported:
               f"input_shapes names '{unknown[0] if unknown else ''}', which model file '{path}' "
               f"does not have; its inputs are: {', '.join(graph_inputs)}")
         input_shapes = {k: [int(d) for d in v] for k, v in input_shapes.items()}
+    if input_shapes is not None:
+        return Imported(_import_onnx(from_onnx, proto, input_shapes, path))
+    from .onnx_prep import pinned_batch
+
+    try:
+        return _import_prepared(from_onnx, proto, path)[0]
+    except FrontendError as exc:
+        pinned = pinned_batch(proto)
+        if pinned is None:
+            raise
+        # the importer lost a shape that hangs on the symbolic batch: import the file as a batch-1 export
+        logger.info("TVM cannot import %s with its symbolic batch (%s); importing it at batch 1", path, exc)
+        try:
+            imp, relaxed = _import_prepared(from_onnx, pinned, path)
+        except FrontendError:
+            raise exc from None  # the file's own failure is the one to report
+        then = ("then its batch made symbolic again (checked with ONNX Runtime: same outputs per sample)" if relaxed
+                else "calibration and evaluation run in batches of 1")
+        # the file's batch is symbolic, so it declares none (builds take the usual default)
+        return Imported(imp.mod, None, [f"TVM's ONNX importer cannot take this file's symbolic batch; it was "
+                                        f"imported at batch 1, {then}"])
+
+
+def _import_prepared(from_onnx, proto, path: Path) -> tuple[Imported, bool]:
+    """Import ``proto`` after :func:`hago.onnx_prep.prepare_onnx`; a relaxed batch TVM refuses falls back to
+    the file's static one. ``(imported, whether the imported batch is a relaxed static one)``."""
     from .onnx_prep import fold_shapes, prepare_onnx
 
-    prep = prepare_onnx(proto) if input_shapes is None else None
+    prep = prepare_onnx(proto)
     try:
-        mod = _import_onnx(from_onnx, prep.proto if prep else proto, input_shapes, path)
+        mod = _import_onnx(from_onnx, prep.proto, None, path)
     except FrontendError:
-        if prep is None or not prep.relaxed:
+        if not prep.relaxed:
             raise
         # TVM's importer may refuse a symbolic batch where ONNX Runtime took it: keep the file's batch
         log_msg = "TVM cannot import the relaxed batch of %s; importing it with its static batch"
         logger.info(log_msg, path)
-        mod = _import_onnx(from_onnx, fold_shapes(proto), input_shapes, path)  # the static file, folded
+        mod = _import_onnx(from_onnx, fold_shapes(proto), None, path)  # the static file, folded
         prep.notes = [f"the model file declares a static batch of {prep.declared_batch}; calibration and "
                       f"evaluation run in batches of {prep.declared_batch}"]
-    if prep is None:
-        return Imported(mod)
-    return Imported(mod, prep.declared_batch, list(prep.notes))
+        prep.relaxed = False
+    return Imported(mod, prep.declared_batch, list(prep.notes)), prep.relaxed
 
 
 def _import_onnx(from_onnx, proto, input_shapes, path: Path) -> tvm.IRModule:

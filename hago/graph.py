@@ -259,7 +259,8 @@ def analyze(mod: tvm.IRModule) -> Graph:
         node = Node(name, kind, b.value, b.var, b.var, weight=weight, relax_op=_op_name(b.value))
         if stats and node.weighted:
             node.bn_stats = stats.get(weight_key(weight))
-        if node.weighted and use_count.get(b.var, 0) == 1:
+        if node.weighted and use_count.get(b.var, 0) == 1 and b.var in consumers_of_var:
+            # (no consumer binding: the layer's output is the function's output, so it has no bias add)
             nxt = consumers_of_var[b.var][0]
             val = value_of.get(nxt)
             if isinstance(val, relax.Call):

@@ -43,7 +43,7 @@ from .errors import error_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OnnxPrep", "prepare_onnx", "static_batch_of", "fold_shapes"]
+__all__ = ["OnnxPrep", "prepare_onnx", "static_batch_of", "fold_shapes", "pinned_batch"]
 
 #: Relative and absolute tolerance for "the relaxed model computes the same thing", per output.
 _RTOL, _ATOL = 1e-4, 1e-5
@@ -86,6 +86,28 @@ def static_batch_of(proto) -> int | None:
             return None
         batches.add(dims[0])
     return batches.pop() if len(batches) == 1 else None
+
+
+def pinned_batch(proto, batch: int = 1):
+    """A copy of ``proto`` whose symbolic leading input (and output) dims are ``batch``; None if it has none.
+
+    The way back for a dynamic-batch file TVM's importer cannot take: some
+    TorchScript exports (``dynamo=False`` with ``dynamic_axes``) compute shapes
+    from a symbolic batch that the importer loses (a ``Split`` whose parts it
+    gives no shape, then a ``Reshape`` of one of them). Pinned, the file is a
+    static one and goes through :func:`prepare_onnx` like any batch-1 export:
+    shapes folded, the batch relaxed again where ONNX Runtime confirms it.
+    """
+    cand = copy.deepcopy(proto)
+    pinned = False
+    for vi in [*_graph_inputs(cand), *cand.graph.output]:
+        dims = _dims(vi)
+        if dims and (not isinstance(dims[0], int) or dims[0] <= 0):
+            d = vi.type.tensor_type.shape.dim[0]
+            d.ClearField("dim_param")
+            d.dim_value = batch
+            pinned = pinned or vi.name in {i.name for i in _graph_inputs(cand)}
+    return cand if pinned else None
 
 
 def prepare_onnx(proto) -> OnnxPrep:

@@ -32,7 +32,9 @@ the hardware will run, so inference-only rewrites happen here, once:
 
 Right after the first ``FoldConstant``, :func:`hago.safe_index.safe_index`
 bounds every run-time index (gather, embedding, scatter): no later stage
-and no build sees an unchecked one.
+and no build sees an unchecked one; then :func:`hago.split_slices.split_as_slices`
+turns each read of a ``split``'s part into a ``strided_slice``, so every
+tensor a layer reads is a call's output (an edge of :mod:`hago.graph`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .graph import bn_stats, weight_key, with_bn_stats
 from .importer_ops import restore_relax_ops
 from .relax_rewrite import rewrite_relax_functions
 from .safe_index import safe_index
+from .split_slices import split_as_slices
 
 __all__ = ["prepare", "prepare_passes", "commute_constants", "fold_batch_norm", "fold_pad_into_conv"]
 
@@ -55,8 +58,16 @@ _COMMUTATIVE = ("relax.add", "relax.multiply", "relax.maximum", "relax.minimum")
 
 
 def prepare(mod: tvm.IRModule) -> tvm.IRModule:
-    """Canonicalize, fold constants and batch norms, and drop dead code (see module docstring)."""
-    return prepare_passes()(mod)
+    """Canonicalize, fold constants and batch norms, and drop dead code (see module docstring).
+
+    TVM's native warnings a user cannot act on are hidden while it runs: folding a constant
+    ``take(mode="fast")`` (ConvNeXt's, ViT's and Swin's index tables) prints "Fast mode segfaults ..." once per
+    take, though :func:`hago.safe_index.safe_index` bounds every run-time index right after.
+    """
+    from .native_log import drop_native_lines
+
+    with drop_native_lines():
+        return prepare_passes()(mod)
 
 
 def prepare_passes() -> tvm.transform.Pass:
@@ -66,6 +77,7 @@ def prepare_passes() -> tvm.transform.Pass:
             relax.transform.CanonicalizeBindings(),
             relax.transform.FoldConstant(),
             safe_index(),
+            split_as_slices(),
             commute_constants(),
             restore_relax_ops(),
             conv1d_as_conv2d(),

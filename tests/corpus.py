@@ -179,6 +179,34 @@ class Upsample(nn.Module):
         return F.interpolate(self.conv(x), scale_factor=2, mode=self.mode, **extra)
 
 
+class ChannelSplit(nn.Module):
+    """ShuffleNetV2's unit: ``chunk`` the channels in two (ONNX ``Split``), convolve one half, join, shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 1)
+        self.out = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        a, b = F.relu(self.conv(x)).chunk(2, dim=1)
+        y = torch.cat([a, F.relu(self.branch(b))], dim=1)
+        y = y.reshape(-1, 2, 4, 8, 8).transpose(1, 2).reshape(-1, 8, 8, 8)  # channel shuffle
+        return self.out(y)
+
+
+class BiasFreeHead(nn.Module):
+    """A classifier whose last layer is a bias-free ``Linear``: the model's output is the matmul itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10, bias=False)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
 class ConvTranspose(nn.Module):
     def __init__(self):
         super().__init__()
@@ -253,6 +281,10 @@ PATTERNS: dict[str, Case] = {
     "same_pad": Case(PaddedConv, IMG, expect={"float_ops": 0}),  # pads from Shape ops: hago.onnx_prep folds them
     "resize_nearest": Case(lambda: Upsample("nearest"), IMG, expect={"fallback": ["relax.image.resize2d"]}),
     "resize_bilinear": Case(lambda: Upsample("bilinear"), IMG, expect={"fallback": ["relax.image.resize2d"]}),
+    # dynamic-batch TorchScript export: TVM's importer gives the Split's parts no shape, so hago pins the batch
+    "channel_split": Case(ChannelSplit, IMG, expect={"fallback": ["relax.strided_slice"],
+                                                     "note": "imported at batch 1"}),
+    "bias_free_head": Case(BiasFreeHead, IMG, expect={"float_ops": 0}),
     "conv_transpose": Case(ConvTranspose, IMG, expect={"fallback": ["relax.nn.conv2d_transpose"]}),
     "conv1d": Case(Conv1dNet, (1, 4, 32), expect={"float_ops": 1}),  # the input's expand_dims (float input)
     "grouped_conv": Case(GroupedConv, IMG, expect={"fallback": ["relax.nn.prelu"]}),

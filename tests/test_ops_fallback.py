@@ -81,6 +81,8 @@ def test_report_names_the_ops_that_fell_back(built):
     reasons = " ".join(f["reason"] for f in floats)
     for op in expect.get("fallback", []):
         assert f"unsupported op {op}:" in reasons, (op, floats)
+    if "note" in expect:
+        assert any(expect["note"] in n for n in report["notes"]), report["notes"]
     # every conv and dense of these patterns is integer
     for name, choice in result.strategy.ops.items():
         if choice.kind in ("conv2d", "depthwise_conv2d", "dense"):

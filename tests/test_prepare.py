@@ -148,3 +148,31 @@ def test_zero_pad_folds_into_conv_padding(run_tvm):
     assert len(pads) == 1 and float(pads[0].attrs.pad_value) == 0.5
     out = run_tvm(mod, x.numpy())
     assert np.abs(out - model(x).detach().numpy()).max() < 1e-4
+
+
+@pytest.mark.llvm
+@pytest.mark.parametrize("parts", [2, [3, 5]], ids=["sections", "indices"])
+def test_split_parts_become_slices_that_compute_the_same(parts, run_tvm):
+    """``split(x)[i]`` -> ``strided_slice(x)``: no tuple read is left for hago's graph, and the values agree."""
+    from hago.graph import analyze
+
+    w = np.random.default_rng(0).standard_normal((4, 4, 1, 1)).astype("float32")
+    x = relax.Var("x", relax.TensorType((2, 8, 3, 3), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            tup = bb.emit(relax.op.split(x, parts, axis=1))
+            ys = [bb.emit(relax.TupleGetItem(tup, i)) for i in range(2 if parts == 2 else 3)]
+            last_width = 4 if parts == 2 else 3  # channels 4..8, or 5..8
+            z = bb.emit(relax.op.nn.conv2d(ys[-1], relax.const(w[:, :last_width])))
+            out = bb.emit_output(relax.op.concat([*ys, z], axis=1))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    sliced = prepare.prepare(mod)
+    assert "relax.split" not in sliced.script() and "strided_slice" in sliced.script()
+    conv = next(n for n in analyze(sliced).nodes if n.kind == "conv2d")
+    assert conv.inputs and conv.inputs[0].startswith("n")  # the conv reads a slice's edge
+    xs = np.random.default_rng(1).standard_normal((2, 8, 3, 3)).astype("float32")
+    np.testing.assert_array_equal(run_tvm(sliced, xs), run_tvm(mod, xs))
+    unsliced = analyze(tvm.transform.Sequential([relax.transform.FoldConstant()])(mod))
+    assert not next(n for n in unsliced.nodes if n.kind == "conv2d").inputs  # what the pass is for

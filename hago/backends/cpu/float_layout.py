@@ -49,6 +49,10 @@ def channel_block(channels: int, lanes: int) -> int | None:
     return None
 
 
+#: a conv's plain layouts: data, kernel, output
+PLAIN = ("NCHW", "OIHW", "NCHW")
+
+
 def conv_layouts(call, lanes: int, bf16: bool = False, bf16_stem: Callable | None = None) -> list[str] | None:
     """``[data, kernel, out]`` layouts for a float NCHW/OIHW ``relax.nn.conv2d`` call; None: keep it plain.
 
@@ -60,7 +64,7 @@ def conv_layouts(call, lanes: int, bf16: bool = False, bf16_stem: Callable | Non
     ``stem_bf16``); without it such a conv stays plain.
     """
     a = call.attrs
-    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != PLAIN:
         return None
     x, w = call.args[0].ty, call.args[1].ty
     dtypes = {str(x.dtype), str(w.dtype)}
@@ -124,6 +128,34 @@ def _clip_to_minmax(mod: tvm.IRModule) -> tvm.IRModule:
     return rewrite_relax_functions(mod, Rewrite(mod))
 
 
+def _means_keeping_dims(mod: tvm.IRModule) -> tvm.IRModule:
+    """Float ``mean(x, axes, keepdims=False)`` -> ``squeeze(mean(x, axes, keepdims=True), axes)``.
+
+    ConvertLayout's layout inference aborts the whole pass on a mean that
+    drops the axes of a blocked tensor when a row reduction follows it
+    (``x.mean([2, 3])`` into a dense quantized per row at run time, MNASNet's
+    head: "Cannot broadcast from 3 to 2"). With the dims kept the mean stays
+    blocked and only the squeeze converts back.
+    """
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from hago.relax_rewrite import rewrite_relax_functions
+
+    mean = tvm.ir.Op.get("relax.mean")
+
+    @mutator
+    class Rewrite(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if (not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(mean)) or call.attrs.axis is None
+                    or bool(call.attrs.keepdims)):
+                return call
+            axes = [int(a) for a in call.attrs.axis]
+            return relax.op.squeeze(relax.op.mean(call.args[0], axes, keepdims=True), axes)
+
+    return rewrite_relax_functions(mod, Rewrite(mod))
+
+
 #: ops whose layout inference in ConvertLayout aborts on an input that is already blocked (5-d)
 _NO_BLOCKED_INPUT = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d")
 
@@ -177,12 +209,20 @@ def block_float_convs(mod: tvm.IRModule, lanes: int, bf16: bool = False,
         if getattr(call.op, "name", "") != conv2d:
             return {}
         layouts = conv_layouts(call, lanes, bf16, bf16_stem)
-        return {conv2d: layouts} if layouts else {}
+        if layouts:
+            return {conv2d: layouts}
+        a = call.attrs
+        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == PLAIN:
+            # stated, not left empty: given no layout, ConvertLayout infers one from a blocked input and
+            # aborts on a conv no block fits (EfficientNet-B0's squeeze-excitation: 144 -> 6 channels)
+            return {conv2d: list(PLAIN)}
+        return {}
 
     if not any(conv_layouts(call, lanes, bf16, bf16_stem) for call in _calls(mod, conv2d)):
         return mod  # nothing to block (an all-integer program): leave it exactly as it is
     try:
-        converted = relax.transform.ConvertLayout({}, layout_cb)(_legalize_blocked_pools(_clip_to_minmax(mod)))
+        converted = relax.transform.ConvertLayout({}, layout_cb)(
+            _legalize_blocked_pools(_means_keeping_dims(_clip_to_minmax(mod))))
         converted = relax.transform.FoldConstant()(converted)
     except Exception as e:  # an op ConvertLayout cannot carry: the plain layout is slow, not wrong
         log.warning("float convs stay NCHW (blocked layout conversion failed): %s", error_line(e, limit=None))

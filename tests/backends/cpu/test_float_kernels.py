@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tvm
 from tvm import relax
@@ -132,11 +133,22 @@ def test_avx2_target_uses_8_lane_blocks():
     _close(_run(mod, x, AVX2), ref)
 
 
-@pytest.mark.parametrize("pool", ["max3s2", "avg2", "mean"])
+def _row_head(pooled, fc):
+    centred = pooled - pooled.max(-1, keepdim=True).values
+    return centred @ torch.from_numpy(fc) + torch.from_numpy(fc[0])
+
+
+@pytest.mark.parametrize("pool", ["max3s2", "avg2", "mean", "mean_dropping_dims", "squeeze_excite_6"])
 def test_pools_on_blocked_activations(pool):
+    """The conv before each pool stays blocked and the result matches torch. Two heads made
+    ConvertLayout abort the whole module, so every float conv in it ran NCHW: ``x.mean([2, 3])`` without
+    keepdims followed by a row reduction (a dense quantized per row at run time; MNASNet's head), and a
+    squeeze-excitation whose squeezed width no block fits (EfficientNet-B0's 144 -> 6 channels)."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((48, 16, 3, 3)).astype("float32") * 0.1
     x = rng.standard_normal((1, 16, 15, 15)).astype("float32")
+    fc = rng.standard_normal((48, 48)).astype("float32")
+    se1, se2 = (rng.standard_normal(s).astype("float32") * 0.3 for s in ((6, 48, 1, 1), (48, 6, 1, 1)))
 
     def body(bb, v):
         y = bb.emit(relax.op.nn.conv2d(v, relax.const(w), padding=[1] * 4))
@@ -144,13 +156,29 @@ def test_pools_on_blocked_activations(pool):
             return bb.emit(relax.op.nn.max_pool2d(y, [3, 3], [2, 2], [1, 1, 1, 1]))
         if pool == "avg2":
             return bb.emit(relax.op.nn.avg_pool2d(y, [2, 2], [2, 2]))
-        return bb.emit(relax.op.mean(y, axis=[2, 3], keepdims=True))
+        if pool == "mean":
+            return bb.emit(relax.op.mean(y, axis=[2, 3], keepdims=True))
+        if pool == "squeeze_excite_6":  # torchvision's squeeze-excitation gate, squeezed to 6 channels
+            g = bb.emit(relax.op.mean(y, axis=[-1, -2], keepdims=True))
+            g = bb.emit(relax.op.nn.relu(bb.emit(relax.op.nn.conv2d(g, relax.const(se1)))))
+            g = bb.emit(relax.op.sigmoid(bb.emit(relax.op.nn.conv2d(g, relax.const(se2)))))
+            return bb.emit(relax.op.multiply(y, g))
+        # a classifier head quantized per row at run time: the pooled [N, C], its row's max, a dense
+        y = bb.emit(relax.op.mean(y, axis=[2, 3]))
+        y = bb.emit(relax.op.subtract(y, bb.emit(relax.op.max(y, axis=[-1], keepdims=True))))
+        return bb.emit(relax.op.add(bb.emit(relax.op.matmul(y, relax.const(fc))), relax.const(fc[0])))
 
     t = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1)
     ref = {"max3s2": lambda: torch.nn.functional.max_pool2d(t, 3, 2, 1),
            "avg2": lambda: torch.nn.functional.avg_pool2d(t, 2, 2),
-           "mean": lambda: t.mean((2, 3), keepdim=True)}[pool]().numpy()
-    _close(_run(_module(x.shape, body), x), ref)
+           "mean": lambda: t.mean((2, 3), keepdim=True),
+           "mean_dropping_dims": lambda: _row_head(t.mean((2, 3)), fc),
+           "squeeze_excite_6": lambda: t * torch.sigmoid(F.conv2d(torch.relu(F.conv2d(t.mean((-1, -2), keepdim=True),
+                                                                                       torch.from_numpy(se1))),
+                                                                  torch.from_numpy(se2)))}[pool]().numpy()
+    mod = _module(x.shape, body)
+    assert _kernels(mod)[0] == "conv2d_nchwc_float"  # the SE's 6-channel convs stay plain: no block fits
+    _close(_run(mod, x), ref)
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (128, 384, 1536), (7, 100, 30)])
