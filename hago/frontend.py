@@ -213,9 +213,9 @@ def _import_prepared(from_onnx, proto, path: Path) -> tuple[Imported, bool]:
         log_msg = "TVM cannot import the relaxed batch of %s; importing it with its static batch"
         logger.info(log_msg, path)
         mod = _import_onnx(from_onnx, fold_shapes(proto), None, path)  # the static file, folded
-        prep.notes = [f"the model file declares a static batch of {prep.declared_batch}; calibration and "
-                      f"evaluation run in batches of {prep.declared_batch}"]
-        prep.relaxed = False
+        notes = [f"the model file declares a static batch of {prep.declared_batch}; calibration and "
+                 f"evaluation run in batches of {prep.declared_batch}"]
+        return Imported(mod, prep.declared_batch, notes), False
     return Imported(mod, prep.declared_batch, list(prep.notes)), prep.relaxed
 
 

@@ -99,15 +99,22 @@ def pinned_batch(proto, batch: int = 1):
     shapes folded, the batch relaxed again where ONNX Runtime confirms it.
     """
     cand = copy.deepcopy(proto)
-    pinned = False
-    for vi in [*_graph_inputs(cand), *cand.graph.output]:
-        dims = _dims(vi)
-        if dims and (not isinstance(dims[0], int) or dims[0] <= 0):
-            d = vi.type.tensor_type.shape.dim[0]
-            d.ClearField("dim_param")
-            d.dim_value = batch
-            pinned = pinned or vi.name in {i.name for i in _graph_inputs(cand)}
-    return cand if pinned else None
+
+    def pin(values) -> bool:
+        done = False
+        for vi in values:
+            dims = _dims(vi)
+            if dims and (not isinstance(dims[0], int) or dims[0] <= 0):
+                d = vi.type.tensor_type.shape.dim[0]
+                d.ClearField("dim_param")
+                d.dim_value = batch
+                done = True
+        return done
+
+    if not pin(_graph_inputs(cand)):
+        return None
+    pin(cand.graph.output)
+    return cand
 
 
 def prepare_onnx(proto) -> OnnxPrep:

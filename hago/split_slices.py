@@ -35,11 +35,13 @@ class _SplitAsSlices:
 
 
 def split_bounds(extent: int, indices_or_sections) -> list[tuple[int, int]]:
-    """``[(begin, end)]`` of each part of ``split`` along an axis of ``extent`` (Relax's semantics:
-    an int is that many equal sections, a list the indices where parts begin)."""
+    """``[(begin, end)]`` of each part of ``split`` along an axis of ``extent`` (Relax's semantics: an int is
+    that many sections of ``ceil(extent / n)``, the last one shorter where it does not divide; a list, the
+    indices where parts begin)."""
     if isinstance(indices_or_sections, int):
-        size = extent // indices_or_sections
-        return [(i * size, (i + 1) * size) for i in range(indices_or_sections)]
+        size = -(-extent // indices_or_sections)
+        cuts = [min(i * size, extent) for i in range(indices_or_sections + 1)]
+        return list(zip(cuts[:-1], cuts[1:]))
     cuts = [0, *[min(max(int(i), 0), extent) for i in indices_or_sections], extent]
     return list(zip(cuts[:-1], cuts[1:]))
 

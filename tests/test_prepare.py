@@ -151,7 +151,7 @@ def test_zero_pad_folds_into_conv_padding(run_tvm):
 
 
 @pytest.mark.llvm
-@pytest.mark.parametrize("parts", [2, [3, 5]], ids=["sections", "indices"])
+@pytest.mark.parametrize("parts", [2, 3, [3, 5]], ids=["sections", "uneven-sections", "indices"])
 def test_split_parts_become_slices_that_compute_the_same(parts, run_tvm):
     """``split(x)[i]`` -> ``strided_slice(x)``: no tuple read is left for hago's graph, and the values agree."""
     from hago.graph import analyze
@@ -163,7 +163,7 @@ def test_split_parts_become_slices_that_compute_the_same(parts, run_tvm):
         with bb.dataflow():
             tup = bb.emit(relax.op.split(x, parts, axis=1))
             ys = [bb.emit(relax.TupleGetItem(tup, i)) for i in range(2 if parts == 2 else 3)]
-            last_width = 4 if parts == 2 else 3  # channels 4..8, or 5..8
+            last_width = 3 if isinstance(parts, list) else {2: 4, 3: 2}[parts]  # 5..8; 4..8; 6..8 (3, 3, 2)
             z = bb.emit(relax.op.nn.conv2d(ys[-1], relax.const(w[:, :last_width])))
             out = bb.emit_output(relax.op.concat([*ys, z], axis=1))
         bb.emit_func_output(out)

@@ -53,6 +53,11 @@ def channel_block(channels: int, lanes: int) -> int | None:
 PLAIN = ("NCHW", "OIHW", "NCHW")
 
 
+def _plain(call) -> bool:
+    a = call.attrs
+    return (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == PLAIN
+
+
 def conv_layouts(call, lanes: int, bf16: bool = False, bf16_stem: Callable | None = None) -> list[str] | None:
     """``[data, kernel, out]`` layouts for a float NCHW/OIHW ``relax.nn.conv2d`` call; None: keep it plain.
 
@@ -63,9 +68,9 @@ def conv_layouts(call, lanes: int, bf16: bool = False, bf16_stem: Callable | Non
     block takes them all as one (a backend with a kernel for such a stem, AMX's
     ``stem_bf16``); without it such a conv stays plain.
     """
-    a = call.attrs
-    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != PLAIN:
+    if not _plain(call):
         return None
+    a = call.attrs
     x, w = call.args[0].ty, call.args[1].ty
     dtypes = {str(x.dtype), str(w.dtype)}
     groups = int(a.groups)
@@ -211,8 +216,7 @@ def block_float_convs(mod: tvm.IRModule, lanes: int, bf16: bool = False,
         layouts = conv_layouts(call, lanes, bf16, bf16_stem)
         if layouts:
             return {conv2d: layouts}
-        a = call.attrs
-        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == PLAIN:
+        if _plain(call):
             # stated, not left empty: given no layout, ConvertLayout infers one from a blocked input and
             # aborts on a conv no block fits (EfficientNet-B0's squeeze-excitation: 144 -> 6 channels)
             return {conv2d: list(PLAIN)}
