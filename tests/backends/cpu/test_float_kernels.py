@@ -181,6 +181,49 @@ def test_pools_on_blocked_activations(pool):
     _close(_run(mod, x), ref)
 
 
+def _largest_unrolled_body(mod, target=AVX512, backend=X86) -> int:
+    """The most copies of one block that unrolling writes out, over the scheduled module's functions."""
+    from tvm.s_tir import Schedule
+
+    from hago.lower import schedule_elementwise
+
+    scheduled = schedule_elementwise(fuse(backend.schedule(mod, target), target, backend),
+                                     lambda sch: backend.schedule_fused(sch, target))
+    most = 1
+    for _, func in scheduled.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            sch = Schedule(tvm.IRModule({"main": func}))
+            for blk in sch.get_child_blocks(sch.get_sblock("root")):
+                unrolled = [int(sch.get(lp).extent) for lp in sch.get_loops(blk)
+                            if sch.get(lp).kind == tvm.tirx.ForKind.UNROLLED]
+                most = max(most, int(np.prod(unrolled)))
+    return most
+
+
+def test_squeeze_excite_scale_runs_as_a_pass_of_its_own():
+    """A squeeze-excitation whose channels are blocked (48 -> 16 -> 48): the excitation conv computes one
+    pixel, and its sigmoid and the scale of the whole 28x28 input fuse into it. Written back on the conv's
+    register tile, that scale was unrolled over the picture (3 x 56 x 56 vector bodies in EfficientNet-B0:
+    6 minutes of LLVM and a slow kernel); it runs as its own parallel pass, and the result matches torch."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 48, 28, 28)).astype("float32")
+    se1, se2 = (rng.standard_normal(s).astype("float32") * 0.3 for s in ((16, 48, 1, 1), (48, 16, 1, 1)))
+
+    def body(bb, v):
+        g = bb.emit(relax.op.mean(v, axis=[2, 3], keepdims=True))
+        g = bb.emit(relax.op.nn.relu(bb.emit(relax.op.nn.conv2d(g, relax.const(se1)))))
+        g = bb.emit(relax.op.sigmoid(bb.emit(relax.op.nn.conv2d(g, relax.const(se2)))))
+        return bb.emit(relax.op.multiply(v, g))
+
+    t = torch.from_numpy(x)
+    ref = t * torch.sigmoid(F.conv2d(torch.relu(F.conv2d(t.mean((2, 3), keepdim=True), torch.from_numpy(se1))),
+                                     torch.from_numpy(se2)))
+    mod = _module(x.shape, body)
+    assert _kernels(mod) == ["conv2d_nchwc_float"] * 2
+    assert _largest_unrolled_body(mod) <= 64
+    _close(_run(mod, x), ref.numpy())
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (128, 384, 1536), (7, 100, 30)])
 def test_dense(m, k, n):
     rng = np.random.default_rng(m + k + n)
