@@ -161,6 +161,35 @@ def _means_keeping_dims(mod: tvm.IRModule) -> tvm.IRModule:
     return rewrite_relax_functions(mod, Rewrite(mod))
 
 
+def _squeezes_with_positive_axes(mod: tvm.IRModule) -> tvm.IRModule:
+    """``squeeze(x, axis=[-k])`` -> ``squeeze(x, axis=[ndim - k])``.
+
+    ConvertLayout's squeeze layout inference dies on a negative axis
+    (``std::bad_alloc``) and takes the whole module with it: ViT-B/32 as
+    ``torch.onnx.export`` writes it squeezes its attention's packed q/k/v
+    with ``axis=-2``, and its patch-embedding conv (67 ms of 150) ran NCHW.
+    """
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from hago.relax_rewrite import rewrite_relax_functions
+
+    squeeze = tvm.ir.Op.get("relax.squeeze")
+
+    @mutator
+    class Rewrite(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(squeeze)) or call.attrs.axis is None:
+                return call
+            axes = [int(a) for a in call.attrs.axis]
+            ndim = getattr(call.args[0].ty, "ndim", -1)
+            if all(a >= 0 for a in axes) or ndim < 0:
+                return call
+            return relax.op.squeeze(call.args[0], [a % ndim for a in axes])
+
+    return rewrite_relax_functions(mod, Rewrite(mod))
+
+
 #: ops whose layout inference in ConvertLayout aborts on an input that is already blocked (5-d)
 _NO_BLOCKED_INPUT = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d")
 
@@ -226,7 +255,7 @@ def block_float_convs(mod: tvm.IRModule, lanes: int, bf16: bool = False,
         return mod  # nothing to block (an all-integer program): leave it exactly as it is
     try:
         converted = relax.transform.ConvertLayout({}, layout_cb)(
-            _legalize_blocked_pools(_means_keeping_dims(_clip_to_minmax(mod))))
+            _legalize_blocked_pools(_squeezes_with_positive_axes(_means_keeping_dims(_clip_to_minmax(mod)))))
         converted = relax.transform.FoldConstant()(converted)
     except Exception as e:  # an op ConvertLayout cannot carry: the plain layout is slow, not wrong
         log.warning("float convs stay NCHW (blocked layout conversion failed): %s", error_line(e, limit=None))

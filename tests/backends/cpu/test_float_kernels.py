@@ -224,6 +224,34 @@ def test_squeeze_excite_scale_runs_as_a_pass_of_its_own():
     _close(_run(mod, x), ref.numpy())
 
 
+@pytest.mark.parametrize("tail", ["squeeze_minus_2", "mean_minus_axes_then_row_max"])
+def test_negative_squeeze_axes_keep_convs_blocked(tail):
+    """ConvertLayout died (``std::bad_alloc``) on any squeeze with a negative axis, and every float conv of
+    the module stayed NCHW: ViT-B/32 from ``torch.onnx.export`` squeezes its packed q/k/v with ``axis=-2`` (its
+    patch-embedding conv ran naive, 67 of 150 ms), and ``x.mean([-1, -2])`` becomes such a squeeze too."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((32, 3, 4, 4)).astype("float32") * 0.2
+    x = rng.standard_normal((1, 3, 16, 16)).astype("float32")
+    t = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=4)
+
+    def body(bb, v):
+        y = bb.emit(relax.op.nn.conv2d(v, relax.const(w), strides=[4, 4]))
+        if tail == "squeeze_minus_2":  # [1, 32, 4, 4] -> [1, 32, 16] -> [1, 16, 1, 32] -> [1, 16, 32]
+            y = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(y, (1, 32, 16))), [0, 2, 1]))
+            return bb.emit(relax.op.squeeze(bb.emit(relax.op.expand_dims(y, [2])), [-2]))
+        y = bb.emit(relax.op.mean(y, axis=[-1, -2]))
+        return bb.emit(relax.op.subtract(y, bb.emit(relax.op.max(y, axis=[-1], keepdims=True))))
+
+    if tail == "squeeze_minus_2":
+        ref = t.reshape(1, 32, 16).permute(0, 2, 1)
+    else:
+        ref = t.mean((-1, -2))
+        ref = ref - ref.max(-1, keepdim=True).values
+    mod = _module(x.shape, body)
+    assert _kernels(mod) == ["conv2d_nchwc_float"]
+    _close(_run(mod, x), ref.numpy())
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (128, 384, 1536), (7, 100, 30)])
 def test_dense(m, k, n):
     rng = np.random.default_rng(m + k + n)
