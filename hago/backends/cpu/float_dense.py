@@ -14,6 +14,9 @@ That tile splits a float matmul's output columns into vectors, so:
   one row against every panel), so each tile streams one contiguous panel,
   and the ``[N/64, 1, 64]`` result is reshaped (a view) and sliced to ``N``.
 
+* **Leading dims** (``[tokens, 1, width]``, ``[1, tokens, width]``) are
+  flattened into the rows of one 2-D product (a view each way).
+
 Results are those of the plain matmul: every output column is the same sum
 over ``K`` in the same order; padded columns are computed and dropped.
 """
@@ -54,8 +57,21 @@ def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr
         return None
     shape, w = found
     x = call.args[0]
+    if len(shape) == 2:
+        return _rewrite_rows(bb, x, shape[0], w, lanes)
+    # the leading dims as the rows of one 2-D product: attention's in-projection on [tokens, 1, width]
+    # (torch's MultiheadAttention, batch first off) was 50 one-row products, each streaming the whole weight
+    rows = int(np.prod(shape[:-1]))
+    flat = bb.emit(O.reshape(x, [rows, shape[-1]]))
+    out = _rewrite_rows(bb, flat, rows, w, lanes)
+    out = bb.emit(O.matmul(flat, relax.const(w)) if out is None else out)
+    return O.reshape(out, shape[:-1] + [w.shape[1]])
+
+
+def _rewrite_rows(bb: relax.BlockBuilder, x: relax.Expr, m: int, w: np.ndarray, lanes: int) -> relax.Expr | None:
+    """``x [m, K] @ w`` laid out for the tile (module docstring); None where the plain matmul is that already."""
     k, n = w.shape
-    if shape == [1, k]:  # one row: the weight as column panels
+    if m == 1:  # one row: the weight as column panels
         np_ = -(-n // PANEL) * PANEL
         panels = np.ascontiguousarray(np.pad(w, ((0, 0), (0, np_ - n))).reshape(k, np_ // PANEL, PANEL)
                                       .transpose(1, 0, 2))
