@@ -38,6 +38,7 @@ VECTOR_BYTES = 64  # one zmm register; the split is rounded to what divides the 
 MIN_PARALLEL = 4096  # below this many elements a thread pool costs more than it saves
 TILE_ROWS = 4  # register tile of a naive reduction (float conv, matmul): rows x vectors accumulators
 TILE_VECTORS = 2
+MAX_BLOCKS = 4  # weight vectors live at once in a register tile that fills the register file
 #: accumulators of a tile with fewer rows (a batch-1 dense): vectors widen to keep this many FMA chains in flight
 TILE_ACCUMULATORS = 8
 MIN_TILES = 16  # parallel tiles a widened tile must leave (two threads, balanced)
@@ -349,16 +350,33 @@ def _register_tile(sch, blk, registers: int | None = None) -> None:
         sch.vectorize(inner)
 
 
+def divisors(n: int, cap: int) -> list[int]:
+    return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
+
+
+def register_tile(columns: int, blocks: int, registers: int) -> tuple[int, int]:
+    """``(rw, rc)`` dividing ``columns`` and ``blocks``, maximising FMAs per load within the register file.
+
+    ``rw * rc`` accumulators plus ``rc`` weight vectors plus one broadcast
+    must fit ``registers``; among equal ratios the bigger tile wins. The
+    backends' float conv kernels tile their output columns x channel blocks
+    with it, :func:`_register_tile` a matmul's rows x vectors.
+    """
+    best = (0.0, 0, 1, 1)
+    for rc in divisors(blocks, MAX_BLOCKS):
+        for rw in divisors(columns, max((registers - 1 - rc) // rc, 1)):
+            best = max(best, (rw * rc / (rw + rc), rw * rc, rw, rc))
+    return best[2], best[3]
+
+
 def _filled_tile(rows: int, vectors: int, registers: int, outer: int, small: tuple[int, int]) -> tuple[int, int]:
-    """``(rows, vectors)`` of a tile that fills the register file (the conv kernels' :func:`register_tile`),
+    """``(rows, vectors)`` of a tile that fills the register file (:func:`register_tile`),
     where it leaves ``MIN_TILES`` tiles to share among the threads; ``small`` otherwise.
 
     ``TILE_ROWS`` x ``TILE_VECTORS`` is 8 of AVX-512's 32 registers: each step loads 2 vectors and
     broadcasts 4 values for 8 FMAs. Filling them (5 x 4 for ViT's 50 tokens, 7 x 3 for Swin's 49) ran
     ViT-B/32's and Swin's float dense layers 1.6-3.7x faster on session 19's EPYC.
     """
-    from hago.backends.cpu.float_schedule import register_tile
-
     r, v = register_tile(rows, vectors, registers)
     return (r, v) if r * v > small[0] * small[1] and outer * (rows // r) * (vectors // v) >= MIN_TILES else small
 

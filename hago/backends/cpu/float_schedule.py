@@ -24,29 +24,12 @@ from __future__ import annotations
 
 from tvm.s_tir import Schedule
 
+from hago.lower import divisors, register_tile
 from hago.tvm_consts import KERNEL_ATTR
 
 from .float_kernels import CONV, DEPTHWISE
 
-MAX_BLOCKS = 4  # weight vectors live at once in a conv tile
 DEPTHWISE_COLUMNS = 16  # accumulators of a depthwise tile, at most
-
-
-def _divisors(n: int, cap: int) -> list[int]:
-    return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
-
-
-def register_tile(columns: int, blocks: int, registers: int) -> tuple[int, int]:
-    """``(rw, rc)`` dividing ``columns`` and ``blocks``, maximising FMAs per load within the register file.
-
-    ``rw * rc`` accumulators plus ``rc`` weight vectors plus one broadcast
-    must fit ``registers``; among equal ratios the bigger tile wins.
-    """
-    best = (0.0, 0, 1, 1)
-    for rc in _divisors(blocks, MAX_BLOCKS):
-        for rw in _divisors(columns, max((registers - 1 - rc) // rc, 1)):
-            best = max(best, (rw * rc / (rw + rc), rw * rc, rw, rc))
-    return best[2], best[3]
 
 
 def kernel_blocks(sch: Schedule, kinds=(CONV, DEPTHWISE)) -> list[tuple[str, object]]:
@@ -169,7 +152,7 @@ def schedule_depthwise(sch: Schedule, blk, registers: int) -> None:
     padded copy of the whole input: a MobileNet's first depthwise reads 4.8 MB, which the copy wrote and
     read again."""
     n, c, oh, ow, lanes, ry, rx = sch.get_loops(blk)
-    rw = max(_divisors(_extent(sch, ow), min(DEPTHWISE_COLUMNS, registers - 4)))
+    rw = max(divisors(_extent(sch, ow), min(DEPTHWISE_COLUMNS, registers - 4)))
     owo, owi = sch.split(ow, [None, rw])
     sch.reorder(n, c, oh, owo, ry, rx, owi, lanes)
     pads = _pad_blocks(sch, blk)
