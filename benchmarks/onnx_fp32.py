@@ -54,17 +54,6 @@ def _inputs(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _per_call_ms(fn, calls: int) -> float:
-    """Median milliseconds of ``calls`` back-to-back calls of ``fn``, after one untimed call."""
-    fn()
-    t = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - start)
-    return float(np.median(t)) * 1e3
-
-
 def _hago_fp32(path: Path, feeds: dict[str, np.ndarray], device: str):
     import tvm
     from tvm import relax
@@ -90,6 +79,7 @@ def _hago_fp32(path: Path, feeds: dict[str, np.ndarray], device: str):
 
 def bench(path: Path, device: str, rounds: int, calls: int) -> str:
     import run
+    from bf16_interleaved import _block_ms as per_call_ms  # median per call, after one untimed call
 
     feeds = _inputs(path)
     hago_call, hago_out, build_s = _hago_fp32(path, feeds, device)
@@ -103,7 +93,7 @@ def bench(path: Path, device: str, rounds: int, calls: int) -> str:
     for r in range(rounds):
         pair = [(hago_call, h), (ort_call, o)]
         for fn, out in (pair if r % 2 == 0 else pair[::-1]):
-            out.append(_per_call_ms(fn, calls))
+            out.append(per_call_ms(fn, calls))
     ratio = np.asarray(h) / np.asarray(o)
     q1, q3 = np.percentile(ratio, [25, 75])
     name = path.parent.name if path.stem == "model" else path.stem
