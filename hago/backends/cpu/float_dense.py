@@ -14,8 +14,8 @@ That tile splits a float matmul's output columns into vectors, so:
   one row against every panel), so each tile streams one contiguous panel,
   and the ``[N/64, 1, 64]`` result is reshaped (a view) and sliced to ``N``.
 
-* **Leading dims** (``[tokens, 1, width]``, ``[1, tokens, width]``) are
-  flattened into the rows of one 2-D product (a view each way).
+* **One row per leading index** (``[tokens, 1, width]``): the leading dims
+  become the rows of one 2-D product (a view each way).
 
 Results are those of the plain matmul: every output column is the same sum
 over ``K`` in the same order; padded columns are computed and dropped.
@@ -57,11 +57,13 @@ def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr
         return None
     shape, w = found
     x = call.args[0]
-    if len(shape) == 2:
-        return _rewrite_rows(bb, x, shape[0], w, lanes)
-    # the leading dims as the rows of one 2-D product: attention's in-projection on [tokens, 1, width]
-    # (torch's MultiheadAttention, batch first off) was 50 one-row products, each streaming the whole weight
+    if len(shape) == 2 or shape[-2] > 1:
+        # [.., M, K] with M > 1 tiles its M rows already: kept as it is, its bias and activation stay fused
+        return _rewrite_rows(bb, x, shape[-2], w, lanes)
     rows = int(np.prod(shape[:-1]))
+    # one row per leading index: attention's in-projection on [tokens, 1, width] (torch's MultiheadAttention,
+    # batch first off) was 50 one-row products, each streaming the whole weight; as one 2-D product its
+    # leading dims are its rows (the reshape in between leaves its bias add a pass of its own)
     flat = bb.emit(O.reshape(x, [rows, shape[-1]]))
     out = _rewrite_rows(bb, flat, rows, w, lanes)
     out = bb.emit(O.matmul(flat, relax.const(w)) if out is None else out)
