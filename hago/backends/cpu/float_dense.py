@@ -14,6 +14,8 @@ That tile splits a float matmul's output columns into vectors, so:
   one row against every panel), so each tile streams one contiguous panel,
   and the ``[N/64, 1, 64]`` result is reshaped (a view) and sliced to ``N``.
 
+* **Row counts with no divisor from 3 to 8** (197 tokens, a prime) are
+  padded with zero rows to a multiple of 8, the padded rows sliced off.
 * **One row per leading index** (``[tokens, 1, width]``): the leading dims
   become the rows of one 2-D product (a view each way).
 
@@ -32,6 +34,8 @@ from tvm.relax import op as O
 TILEABLE = 4
 #: columns of one weight panel at batch 1: 4 vectors of 16 fp32 lanes, one tile's worth
 PANEL = 64
+#: a row count with no divisor from 3 to this is padded to a multiple of it (whole register tiles)
+ROWS_PADDED = 8
 
 
 def _float_constant_dense(call: relax.Call) -> tuple[list[int], np.ndarray] | None:
@@ -57,9 +61,18 @@ def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr
         return None
     shape, w = found
     x = call.args[0]
-    if len(shape) == 2 or shape[-2] > 1:
+    m = shape[-2]
+    if _rows_untiled(m):
+        # a register tile takes rows in whole tiles: 197 tokens (ViT-B/16), a prime, left a one-row tile
+        # streaming the weight once per row; zero rows up to a multiple of 8, sliced off after
+        pad = [(0, 0)] * (len(shape) - 2) + [(0, -m % ROWS_PADDED), (0, 0)]
+        padded = bb.emit(O.nn.pad(x, [v for p in pad for v in p]))
+        out = _rewrite_rows(bb, padded, m + pad[-2][1], w, lanes)
+        out = bb.emit(O.matmul(padded, relax.const(w)) if out is None else out)
+        return O.strided_slice(out, axes=[len(shape) - 2], begin=[0], end=[m])
+    if len(shape) == 2 or m > 1:
         # [.., M, K] with M > 1 tiles its M rows already: kept as it is, its bias and activation stay fused
-        return _rewrite_rows(bb, x, shape[-2], w, lanes)
+        return _rewrite_rows(bb, x, m, w, lanes)
     rows = int(np.prod(shape[:-1]))
     # one row per leading index: attention's in-projection on [tokens, 1, width] (torch's MultiheadAttention,
     # batch first off) was 50 one-row products, each streaming the whole weight; as one 2-D product its
@@ -68,6 +81,11 @@ def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr
     out = _rewrite_rows(bb, flat, rows, w, lanes)
     out = bb.emit(O.matmul(flat, relax.const(w)) if out is None else out)
     return O.reshape(out, shape[:-1] + [w.shape[1]])
+
+
+def _rows_untiled(m: int) -> bool:
+    """Whether ``m`` rows have no divisor from 3 to ``ROWS_PADDED``, so no register tile takes them whole."""
+    return m > ROWS_PADDED and max(d for d in range(1, ROWS_PADDED + 1) if m % d == 0) < 3
 
 
 def _rewrite_rows(bb: relax.BlockBuilder, x: relax.Expr, m: int, w: np.ndarray, lanes: int) -> relax.Expr | None:
@@ -85,6 +103,42 @@ def _rewrite_rows(bb: relax.BlockBuilder, x: relax.Expr, m: int, w: np.ndarray, 
     return O.strided_slice(wide, axes=[-1], begin=[0], end=[n]) if int(wide.ty.shape[-1]) != n else wide
 
 
+def _static_shape(expr) -> list[int] | None:
+    try:
+        return [int(d) for d in expr.ty.shape]
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _padded_product(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr | None:
+    """A float matmul of two run-time operands (attention's ``q @ k^T``, ``p @ v``) padded to whole tiles.
+
+    ViT-B/16's 197 tokens made ``[12, 197, 64] @ [12, 64, 197]`` untileable (197 columns: no whole vector)
+    and its rows a prime: TVM's naive loop, 10 ms a layer. Columns are zero-padded to whole vectors, rows
+    as :func:`_rewrite` pads them, and the product sliced back.
+    """
+    if getattr(call.op, "name", "") != "relax.matmul" or len(call.args) != 2:
+        return None
+    a, b = call.args
+    if any(str(getattr(v.ty, "dtype", "")) != "float32" for v in (a, b)):
+        return None
+    sa, sb = _static_shape(a), _static_shape(b)
+    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+        return None
+    m, n = sa[-2], sb[-1]
+    pad_m = -m % ROWS_PADDED if _rows_untiled(m) else 0
+    pad_n = -n % lanes if n % TILEABLE else 0
+    if not (pad_m or pad_n):
+        return None
+    if pad_m:
+        a = bb.emit(O.nn.pad(a, [0, 0] * (len(sa) - 2) + [0, pad_m, 0, 0]))
+    if pad_n:
+        b = bb.emit(O.nn.pad(b, [0, 0] * (len(sb) - 1) + [0, pad_n]))
+    out = bb.emit(O.matmul(a, b))
+    rank = len(out.ty.shape)
+    return O.strided_slice(out, axes=[rank - 2, rank - 1], begin=[0, 0], end=[m, n])
+
+
 def float_dense_layouts(mod: tvm.IRModule, lanes: int = 16) -> tvm.IRModule:
     """``mod`` with its float dense layers of constant weight laid out for the register tile (module docstring):
     batch-1 ones on ``[N/64, K, 64]`` column panels, other widths not in 4s padded to ``lanes``-wide vectors."""
@@ -97,6 +151,8 @@ def float_dense_layouts(mod: tvm.IRModule, lanes: int = 16) -> tvm.IRModule:
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             call = super().visit_call_(call)
             out = _rewrite(self.builder_, call, lanes)
+            if out is None:
+                out = _padded_product(self.builder_, call, lanes)
             return call if out is None else out
 
     return rewrite_relax_functions(mod, _Layout(mod))

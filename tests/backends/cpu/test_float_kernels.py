@@ -263,13 +263,14 @@ def test_dense(m, k, n):
     _close(_run(mod, x), x @ w + b)
 
 
-@pytest.mark.parametrize("x_shape,tile", [((50, 1, 768), 20), ((1, 49, 384), 21)])
+@pytest.mark.parametrize("x_shape,tile", [((50, 1, 768), 20), ((1, 49, 384), 21), ((1, 197, 64), 20)])
 def test_dense_rows_fill_the_register_tile(x_shape, tile):
     """A float dense layer's rows, however the leading dims hold them, share one register tile that fills
     AVX-512's 32 registers: ``[50, 1, 768]`` (ViT-B/32's attention in-projection from torch.onnx.export) was 50
     one-row products each streaming the weight, and the 4 x 2 tile used 8 accumulators (5 x 4 = 20 for 50 rows,
     7 x 3 = 21 for Swin's 49, of 384 columns). Together 2.5 -> 0.43 ms for ViT's in-projection on session 19's
-    EPYC. AVX2 keeps the small tile; both match numpy."""
+    EPYC. 197 rows (ViT-B/16's tokens, a prime) are padded to 200 for a 5 x 4 tile (a one-row tile before:
+    197 x 768 x 3072 with its bias and GELU 13.4 -> 3.2 ms). AVX2 keeps the small tile; both match numpy."""
     rng = np.random.default_rng(sum(x_shape))
     k, n = x_shape[-1], 384
     w = rng.standard_normal((k, n)).astype("float32") / np.sqrt(k)
@@ -297,6 +298,27 @@ def test_batch_matmul(shape_a, shape_b):
         bb.emit_func_output(out)
     vm = relax.VirtualMachine(X86.build(bb.get(), AVX512), tvm.cpu())
     _close(vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy(), a @ b)
+
+
+def test_attention_products_with_prime_token_counts_are_tiled():
+    """ViT-B/16's attention on 197 tokens: ``q @ k^T`` (197 columns, no whole vector) ran TVM's naive loop,
+    10 ms a layer, and ``p @ v`` a one-row tile (197 rows, a prime); both padded to whole tiles now (5 x 4 and
+    5 x 4 accumulators), sliced back, and equal to numpy."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((12, 197, 64)).astype("float32") for _ in range(3))
+    kt = np.ascontiguousarray(k.transpose(0, 2, 1))
+    bb = relax.BlockBuilder()
+    vq, vk, vv = (relax.Var(n, relax.TensorType(a.shape, "float32")) for n, a in (("q", q), ("kt", kt), ("v", v)))
+    with bb.function("main", [vq, vk, vv]):
+        with bb.dataflow():
+            s = bb.emit(relax.op.matmul(vq, vk))
+            out = bb.emit_output(relax.op.matmul(s, vv))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert _largest_unrolled_body(mod) >= 16
+    vm = relax.VirtualMachine(X86.build(mod, AVX512), tvm.cpu())
+    got = vm["main"](*(tvm.runtime.tensor(a) for a in (q, kt, v))).numpy()
+    _close(got, (q @ kt) @ v)
 
 
 def test_channel_block_choice():
