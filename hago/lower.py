@@ -115,8 +115,8 @@ def fast_math_legalizations() -> dict:
 
     The exact ``erf`` and ``exp`` lower to scalar libm calls, which left
     GELU and softmax the largest kernels of a transformer (MiniLM: 28 of
-    46 ms) once its dense layers ran in VNNI, and SiLU's sigmoid the largest
-    cost of EfficientNet-B0's FP32 build (15.8 ms, 9.2 ms with a polynomial exp). TOPI's polynomial versions
+    46 ms) once its dense layers ran in VNNI, and SiLU's sigmoid (one libm
+    ``expf`` per lane) the largest cost of EfficientNet-B0's FP32 build. TOPI's polynomial versions
     vectorize; their error (~1e-6 relative) is far below any quantization
     step, and ONNX Runtime approximates the same functions. FP32 and integer
     builds go through this one pipeline, so both baselines get them.
@@ -325,12 +325,12 @@ def _register_tile(sch, blk, registers: int | None = None) -> None:
     # (a 1280x1000 fp32 dense: 115 us); more vectors per row are independent chains, while enough tiles are
     # left to share among the threads
     divs = [d for d in range(1, max(TILE_VECTORS, TILE_ACCUMULATORS // rows) + 1) if (ext_v // lanes) % d == 0]
-    tiles = math.prod(int(sch.get(lp).extent) for lp in outer) * (ext_t // rows) * (ext_v // lanes)
+    outer_tiles = math.prod(int(sch.get(lp).extent) for lp in outer)
+    tiles = outer_tiles * (ext_t // rows) * (ext_v // lanes)
     wide = [d for d in divs if d > TILE_VECTORS and tiles // d >= MIN_TILES]
     nvec = max(wide) if wide else max(d for d in divs if d <= TILE_VECTORS)
     if registers is not None and ext_t > 2:
-        rows, nvec = _filled_tile(ext_t, ext_v // lanes, registers, math.prod(int(sch.get(lp).extent) for lp in outer),
-                                  (rows, nvec))
+        rows, nvec = _filled_tile(ext_t, ext_v // lanes, registers, outer_tiles, (rows, nvec))
     to, ti = sch.split(t, [None, rows])
     vo, vn, vl = sch.split(v, [None, nvec, lanes])
     # column panels outside rows: the panel of the constant operand (a matmul's weights) stays in L2

@@ -38,6 +38,14 @@ PANEL = 64
 ROWS_PADDED = 8
 
 
+def _static_shape(expr) -> list[int] | None:
+    """``expr``'s shape as ints; None where a dim is symbolic or it has no shape."""
+    try:
+        return [int(d) for d in expr.ty.shape]
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
 def _float_constant_dense(call: relax.Call) -> tuple[list[int], np.ndarray] | None:
     """``(x's shape, W)`` of a float ``matmul(x, W)`` with a constant 2-D weight and a static ``x``; else None."""
     if getattr(call.op, "name", "") != "relax.matmul" or len(call.args) != 2:
@@ -48,11 +56,8 @@ def _float_constant_dense(call: relax.Call) -> tuple[list[int], np.ndarray] | No
     if str(getattr(call.attrs, "out_dtype", "") or "") not in ("", "void", "float32"):
         return None
     value = w.value.numpy()
-    try:
-        shape = [int(d) for d in x.ty.shape]
-    except (TypeError, ValueError, AttributeError):  # a symbolic batch: the calibration builds
-        return None
-    return (shape, value) if value.ndim == 2 and shape[-1:] == [value.shape[0]] else None
+    shape = _static_shape(x)  # None with a symbolic batch: the calibration builds
+    return (shape, value) if shape and value.ndim == 2 and shape[-1:] == [value.shape[0]] else None
 
 
 def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr | None:
@@ -61,15 +66,14 @@ def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr
         return None
     shape, w = found
     x = call.args[0]
+    if len(shape) == 1:  # a vector times the weight: no rows to tile, odd widths padded
+        return _rewrite_rows(bb, x, 0, w, lanes)
     m = shape[-2]
-    if _rows_untiled(m):
+    padded, rows = _pad_rows(bb, x, shape)
+    if rows != m:
         # a register tile takes rows in whole tiles: 197 tokens (ViT-B/16), a prime, left a one-row tile
-        # streaming the weight once per row; zero rows up to a multiple of 8, sliced off after
-        pad = [(0, 0)] * (len(shape) - 2) + [(0, -m % ROWS_PADDED), (0, 0)]
-        padded = bb.emit(O.nn.pad(x, [v for p in pad for v in p]))
-        out = _rewrite_rows(bb, padded, m + pad[-2][1], w, lanes)
-        out = bb.emit(O.matmul(padded, relax.const(w)) if out is None else out)
-        return O.strided_slice(out, axes=[len(shape) - 2], begin=[0], end=[m])
+        # streaming the weight once per row
+        return O.strided_slice(_product(bb, padded, rows, w, lanes), axes=[len(shape) - 2], begin=[0], end=[m])
     if len(shape) == 2 or m > 1:
         # [.., M, K] with M > 1 tiles its M rows already: kept as it is, its bias and activation stay fused
         return _rewrite_rows(bb, x, m, w, lanes)
@@ -78,9 +82,23 @@ def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr
     # batch first off) was 50 one-row products, each streaming the whole weight; as one 2-D product its
     # leading dims are its rows (the reshape in between leaves its bias add a pass of its own)
     flat = bb.emit(O.reshape(x, [rows, shape[-1]]))
-    out = _rewrite_rows(bb, flat, rows, w, lanes)
-    out = bb.emit(O.matmul(flat, relax.const(w)) if out is None else out)
-    return O.reshape(out, shape[:-1] + [w.shape[1]])
+    return O.reshape(_product(bb, flat, rows, w, lanes), shape[:-1] + [w.shape[1]])
+
+
+def _product(bb: relax.BlockBuilder, x: relax.Expr, m: int, w: np.ndarray, lanes: int) -> relax.Expr:
+    """``x [.., m, K] @ w`` emitted, laid out for the tile where :func:`_rewrite_rows` lays it out."""
+    out = _rewrite_rows(bb, x, m, w, lanes)
+    return bb.emit(O.matmul(x, relax.const(w)) if out is None else out)
+
+
+def _pad_rows(bb: relax.BlockBuilder, x: relax.Expr, shape: list[int]) -> tuple[relax.Expr, int]:
+    """``(x, rows)`` with zero rows appended up to a multiple of ``ROWS_PADDED`` where its row count (dim -2)
+    is :func:`_rows_untiled`; ``x`` itself otherwise."""
+    m = shape[-2]
+    if not _rows_untiled(m):
+        return x, m
+    extra = -m % ROWS_PADDED
+    return bb.emit(O.nn.pad(x, [0, 0] * (len(shape) - 2) + [0, extra, 0, 0])), m + extra
 
 
 def _rows_untiled(m: int) -> bool:
@@ -103,13 +121,6 @@ def _rewrite_rows(bb: relax.BlockBuilder, x: relax.Expr, m: int, w: np.ndarray, 
     return O.strided_slice(wide, axes=[-1], begin=[0], end=[n]) if int(wide.ty.shape[-1]) != n else wide
 
 
-def _static_shape(expr) -> list[int] | None:
-    try:
-        return [int(d) for d in expr.ty.shape]
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
 def _padded_product(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr | None:
     """A float matmul of two run-time operands (attention's ``q @ k^T``, ``p @ v``) padded to whole tiles.
 
@@ -126,12 +137,10 @@ def _padded_product(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> rel
     if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
         return None
     m, n = sa[-2], sb[-1]
-    pad_m = -m % ROWS_PADDED if _rows_untiled(m) else 0
     pad_n = -n % lanes if n % TILEABLE else 0
-    if not (pad_m or pad_n):
+    if not (_rows_untiled(m) or pad_n):
         return None
-    if pad_m:
-        a = bb.emit(O.nn.pad(a, [0, 0] * (len(sa) - 2) + [0, pad_m, 0, 0]))
+    a, _ = _pad_rows(bb, a, sa)
     if pad_n:
         b = bb.emit(O.nn.pad(b, [0, 0] * (len(sb) - 1) + [0, pad_n]))
     out = bb.emit(O.matmul(a, b))

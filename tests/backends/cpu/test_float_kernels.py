@@ -252,12 +252,13 @@ def test_negative_squeeze_axes_keep_convs_blocked(tail):
     _close(_run(mod, x), ref.numpy())
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (128, 384, 1536), (7, 100, 30)])
+@pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (128, 384, 1536), (7, 100, 30), (None, 100, 30)])
 def test_dense(m, k, n):
-    rng = np.random.default_rng(m + k + n)
+    """``m`` None: a vector times the weight (``[K] @ [K, N]``), which has no rows to tile."""
+    rng = np.random.default_rng((m or 0) + k + n)
     w = rng.standard_normal((k, n)).astype("float32") / np.sqrt(k)
     b = rng.standard_normal(n).astype("float32")
-    x = rng.standard_normal((m, k)).astype("float32")
+    x = rng.standard_normal((k,) if m is None else (m, k)).astype("float32")
     mod = _module(x.shape, lambda bb, v: bb.emit(relax.op.add(bb.emit(relax.op.matmul(v, relax.const(w))),
                                                                 relax.const(b))))
     _close(_run(mod, x), x @ w + b)
