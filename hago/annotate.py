@@ -19,13 +19,24 @@ Rules, in the order they are applied per node:
   is recorded (the report shows it);
 * an integer op gets the first of the spec's descriptors for it whose input
   dtypes hold its edges' bits and its weights' bits;
+* a SiLU (``nn.silu``, :func:`hago.prepare.fuse_silu`) is integer only when
+  it reads an integer conv: it then reads the conv's int32 accumulator, not
+  a quantized tensor (its input edge stays float), and quantizes its own
+  output; the backend applies it in the conv's requantizing write-back
+  (:mod:`hago.realize.silu`);
 * a pass-through op (relu, clip, max-pool, reshape) is integer only when its
   input already arrives in integer: quantizing just to run a ReLU on integers
   would add work, not remove it; an add is integer only when *all* its inputs
   are, so a float residual stream (BERT) is not re-quantized at every add;
-* a pass-through op whose consumers all run in float goes back to float
-  (its producer then dequantizes from the int32 accumulator, one rounding
-  fewer);
+* a global average pool and a channel scale (``x * g`` by a float
+  ``[N, C, 1, 1]`` gate, squeeze-excitation) are integer only when their
+  integer operand arrives in integer too, and quantize their output at its
+  own scale; the gate is never quantized;
+* a pass-through op, pool, channel scale or SiLU whose consumers all run in
+  float goes back to float (a producing conv then dequantizes from the int32
+  accumulator, one rounding fewer), and so does a pool, channel scale or
+  SiLU that is the network's output (quantizing it would only round and
+  clip the result);
 * an edge whose only consumer is an integer relu/clip is calibrated at that
   op's output, so the producer's requantize clips for free and the ReLU keeps
   the full 8-bit resolution for the non-negative range;
@@ -44,12 +55,19 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from .backends import backend_of
-from .graph import PASSTHROUGH, Graph
+from .graph import ACCUMULATOR_READERS, PASSTHROUGH, Graph, quantized_inputs
 from .hwspec import HardwareSpec, OpDescriptor
 from .realize import realizable_kinds
 from .strategy import EdgeChoice, OpChoice, Strategy
 
 log = logging.getLogger(__name__)
+
+#: the producers such an op can read the accumulator of (in their write-back)
+_ACCUMULATING = ("conv2d", "depthwise_conv2d")
+#: integer only when their (quantized) input arrives integer; back to float when only float ops read them
+_INPUT_GATED = (*PASSTHROUGH, "global_avg_pool2d", "multiply")
+#: integer ops with no accumulator to dequantize from: their output edge is always quantized, at its own scale
+_OWN_SCALE = ("add", "global_avg_pool2d", "multiply", *ACCUMULATOR_READERS)
 
 #: bits a value of each integer dtype holds (a descriptor input holds an edge of at most that many bits)
 _DTYPE_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "int32": 32}
@@ -78,8 +96,8 @@ class AnnotateConfig:
     embedding_bits: int | None = None
 
 
-def _node_mode(node, spec: HardwareSpec, backend, integer_edges: set[str], cfg: AnnotateConfig,
-               act_bits: int) -> OpChoice:
+def _node_mode(node, graph: Graph, spec: HardwareSpec, backend, integer_edges: set[str], cfg: AnnotateConfig,
+               act_bits: int, accumulators: set[str]) -> OpChoice:
     descs = spec.descriptors(node.kind)
     if node.kind == "take":
         return _take_choice(node, spec, cfg)
@@ -99,7 +117,9 @@ def _node_mode(node, spec: HardwareSpec, backend, integer_edges: set[str], cfg: 
         return OpChoice(node.kind, "float", reason="pinned to float by the strategy")
     if node.weighted and cfg.node_weight_bits.get(node.name, 8) == 0:
         return OpChoice(node.kind, "float", reason="weight bits 0 (float) in the strategy")
-    if node.kind in PASSTHROUGH and not any(e in integer_edges for e in node.inputs):
+    if node.kind in ACCUMULATOR_READERS and node.inputs[0] not in accumulators:
+        return OpChoice(node.kind, "float", reason="its input is not an integer conv's accumulator: runs in float")
+    if node.kind in _INPUT_GATED and not any(e in integer_edges for e in quantized_inputs(graph, node)):
         return OpChoice(node.kind, "float", reason="inputs are float: nothing to gain")
     if node.kind == "add" and not all(e in integer_edges for e in node.inputs):
         # a float residual stream (BERT's) would be quantized twice, once per add, for no integer consumer
@@ -179,11 +199,14 @@ def annotate(graph: Graph, spec: HardwareSpec, graph_hash: str, config: Annotate
     act_bits = cfg.activation_bits or max(spec.bits.activation)
     backend = backend_of(spec)  # it may refuse integer for a node its kernels do not handle
     integer_edges: set[str] = set()
+    accumulators: set[str] = set()  # edges of integer convs: an accumulator reader may apply itself there
     for node in graph.nodes:
-        choice = _node_mode(node, spec, backend, integer_edges, cfg, act_bits)
+        choice = _node_mode(node, graph, spec, backend, integer_edges, cfg, act_bits, accumulators)
         strategy.ops[node.name] = choice
         if _emits_integer(node, choice):
             integer_edges.add(node.name)
+            if node.kind in _ACCUMULATING:
+                accumulators.add(node.name)
         elif choice.reason.startswith("unsupported"):
             log.warning("%s: %s", node.name, choice.reason)
     _float_dead_end_passthroughs(graph, strategy)
@@ -207,8 +230,10 @@ def _float_dead_end_passthroughs(graph: Graph, strategy: Strategy) -> None:
         changed = False
         for node in reversed(graph.nodes):
             consumers = graph.consumers.get(node.name, [])
-            if (node.kind in PASSTHROUGH and strategy.ops[node.name].mode == "integer" and consumers
-                    and all(strategy.ops[c].mode != "integer" for c in consumers)):
+            # an op with its own output scale as the network's output would only round (and clip) the result
+            output = node.kind in _OWN_SCALE and node.kind != "add" and node.name in graph.outputs
+            if (node.kind in (*_INPUT_GATED, *ACCUMULATOR_READERS) and strategy.ops[node.name].mode == "integer"
+                    and (consumers or output) and all(strategy.ops[c].mode != "integer" for c in consumers)):
                 strategy.ops[node.name] = OpChoice(node.kind, "float",
                                                    reason="feeds only float ops: runs on the dequantized tensor")
                 changed = True
@@ -218,10 +243,11 @@ def _edge_choice(edge, graph: Graph, strategy: Strategy, spec, cfg: AnnotateConf
     producer = graph.producer(edge)
     if producer is not None and producer.kind in PASSTHROUGH and strategy.ops[producer.name].mode == "integer":
         return EdgeChoice(alias_of=producer.inputs[0])
-    # a take reads its row ids as they are: they are never quantized for it
+    # a take reads its row ids as they are, a SiLU its producer's accumulator, a channel scale its gate: none
+    # is quantized for them
     int_consumers = [c for c in graph.consumers[edge]
-                     if strategy.ops[c].mode == "integer" and graph.node(c).kind != "take"]
-    int_add = producer is not None and producer.kind == "add" and strategy.ops[producer.name].mode == "integer"
+                     if strategy.ops[c].mode == "integer" and edge in quantized_inputs(graph, graph.node(c))]
+    int_add = producer is not None and producer.kind in _OWN_SCALE and strategy.ops[producer.name].mode == "integer"
     if not int_consumers and not int_add:
         return EdgeChoice()  # an integer conv/dense feeding float is dequantized from its accumulator
     bits = cfg.edge_bits.get(edge, act_bits)
@@ -229,7 +255,7 @@ def _edge_choice(edge, graph: Graph, strategy: Strategy, spec, cfg: AnnotateConf
         return EdgeChoice(bits=bits, dtype="uint8", symmetric=False, dynamic=True)
     if int_consumers:
         dtype = strategy.ops[int_consumers[0]].descriptor["inputs"][0]
-    else:  # an integer add has no accumulator to dequantize from: it emits its own output type
+    else:  # an integer add, pool, scale or SiLU has no accumulator to dequantize from: its own output type
         dtype = strategy.ops[producer.name].descriptor["output"]
     observe_at = None
     only = graph.consumers[edge]

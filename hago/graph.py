@@ -28,6 +28,9 @@ from .errors import QuantizeError
 PASSTHROUGH = ("relu", "clip", "max_pool2d", "reshape")
 #: Ops whose integer form multiplies by a constant weight.
 WEIGHTED = ("conv2d", "depthwise_conv2d", "dense")
+#: Ops that, in integer, read their producer's int32 accumulator in float (never a quantized tensor) and
+#: quantize their own output: a SiLU, which a conv applies in its requantizing write-back.
+ACCUMULATOR_READERS = ("silu",)
 
 _RESHAPE_OPS = {"relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims"}
 
@@ -77,9 +80,14 @@ class Graph:
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}
+        self._edge_of_var = {v: e for e, v in self.edge_var.items()}
 
     def producer(self, edge: str) -> Node | None:
         return self._by_name.get(edge)
+
+    def edge_of(self, var) -> str | None:
+        """The edge a variable of ``main`` carries, None for one that is no edge."""
+        return self._edge_of_var.get(var)
 
     def support_module(self) -> tvm.IRModule:
         """Every function of the analyzed module but ``main``, under the same global vars.
@@ -90,6 +98,20 @@ class Graph:
         graph must start from this module, or those calls point nowhere.
         """
         return module_without_main(self.module)
+
+
+def accumulator_reader(graph: "Graph", strategy, name: str) -> Node | None:
+    """The integer :data:`ACCUMULATOR_READERS` node that alone reads layer ``name`` (not a network output).
+
+    Where there is one, the layer's kernel writes that node's quantized
+    output, the activation applied on its register tile; the layer's own
+    edge never exists as a tensor.
+    """
+    users = graph.consumers.get(name, [])
+    if len(users) != 1 or name in graph.outputs:
+        return None
+    node = graph.node(users[0])
+    return node if node.kind in ACCUMULATOR_READERS and strategy.ops[node.name].mode == "integer" else None
 
 
 def module_without_main(mod: tvm.IRModule | None) -> tvm.IRModule:
@@ -180,9 +202,16 @@ def _classify(call: relax.Call) -> tuple[str, np.ndarray | None]:
         "relax.clip": "clip",
         "relax.nn.max_pool2d": "max_pool2d",
         "relax.nn.avg_pool2d": "avg_pool2d",
-        "relax.nn.adaptive_avg_pool2d": "global_avg_pool2d",
         "relax.concat": "concatenate",
+        "relax.nn.silu": "silu",
     }
+    if op == "relax.nn.adaptive_avg_pool2d":
+        size = [int(v) for v in call.attrs.output_size] if call.attrs.output_size is not None else [1]
+        return ("global_avg_pool2d" if set(size) == {1} and call.attrs.layout == "NCHW" else "other"), None
+    if op == "relax.mean" and _spatial_mean(call):
+        return "global_avg_pool2d", None
+    if op == "relax.multiply" and channel_scale_operands(call) is not None:
+        return "multiply", None
     if op in simple:
         return simple[op], None
     if op == "relax.take" and embedding_table(call) is not None:
@@ -190,6 +219,56 @@ def _classify(call: relax.Call) -> tuple[str, np.ndarray | None]:
     if op in _RESHAPE_OPS:
         return "reshape", None
     return "other", None
+
+
+def _dims(expr) -> list | None:
+    """``expr``'s shape (constant dimensions as ints, a symbolic batch as its expression), None if unknown."""
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    if not isinstance(shape, relax.ShapeExpr):
+        return None
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in shape.values]
+
+
+def _spatial_mean(call: relax.Call) -> bool:
+    """Whether ``call`` (a ``relax.mean``) averages a 4-D NCHW tensor over H and W: a global average pool."""
+    shape = _dims(call.args[0])
+    axis = call.attrs.axis
+    if shape is None or len(shape) != 4 or axis is None:
+        return False
+    return sorted(int(a) % 4 for a in axis) == [2, 3]
+
+
+def channel_scale_operands(call: relax.Call) -> tuple[int, int] | None:
+    """``(data, gate)`` argument positions of ``multiply(x [N,C,H,W], g [N,C,1,1])``, neither constant, else None.
+
+    A squeeze-excitation's gate: kind ``multiply``, integer on its data
+    operand (:mod:`hago.realize.scale`) with the gate read in float.
+    """
+    if len(call.args) != 2 or any(_const_value(a) is not None for a in call.args) or call.args[0].same_as(call.args[1]):
+        return None
+    shapes = [_dims(a) for a in call.args]
+    if any(s is None or len(s) != 4 or not all(isinstance(d, int) for d in s[1:]) for s in shapes):
+        return None
+    for data, gate in ((0, 1), (1, 0)):
+        x, g = shapes[data], shapes[gate]
+        if g[1:] == [x[1], 1, 1] and x[2] * x[3] > 1 and str(g[0]) == str(x[0]):
+            return data, gate
+    return None
+
+
+def quantized_inputs(graph: "Graph", node: Node) -> list[str]:
+    """The input edges integer ``node`` reads as integer tensors (a float-read input is never quantized for it).
+
+    An embedding lookup reads its row ids as they are, a SiLU its producer's
+    accumulator, a channel scale its gate in float.
+    """
+    if node.kind == "take" or node.kind in ACCUMULATOR_READERS:
+        return []
+    if node.kind == "multiply":
+        data, _ = channel_scale_operands(node.call)
+        edge = graph.edge_of(node.call.args[data])
+        return [edge] if edge is not None else []
+    return list(node.inputs)
 
 
 def embedding_table(call: relax.Call) -> np.ndarray | None:

@@ -26,7 +26,7 @@ INT_DTYPES = frozenset({"int4", "uint4", "int8", "uint8", "int16", "int32"})
 #: precisions a layer may run in, fastest first (fp32 is always available)
 PRECISIONS = ("int4", "int8", "bf16", "fp32")
 OpName = Literal["conv2d", "depthwise_conv2d", "dense", "batch_matmul", "add", "multiply",
-                 "relu", "clip", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "reshape",
+                 "relu", "clip", "silu", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "reshape",
                  "concatenate", "default"]
 _TRACKER = re.compile(r"^[A-Za-z0-9._-]+:(\d{1,5})$")
 

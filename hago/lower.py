@@ -111,7 +111,7 @@ def map_prim_funcs(mod: tvm.IRModule, fn) -> tvm.IRModule:
 
 
 def fast_math_legalizations() -> dict:
-    """Legalizations of float32 GELU / softmax / exp / erf / tanh / sigmoid with TOPI's fast approximations.
+    """Legalizations of float32 GELU / softmax / exp / erf / tanh / sigmoid / SiLU with TOPI's fast approximations.
 
     The exact ``erf`` and ``exp`` lower to scalar libm calls, which left
     GELU and softmax the largest kernels of a transformer (MiniLM: 28 of
@@ -122,6 +122,8 @@ def fast_math_legalizations() -> dict:
     builds go through this one pipeline, so both baselines get them.
     """
     from tvm import te, tirx, topi
+
+    from . import fast_math
 
     def f32_only(name, fast):
         default = tvm.ir.Op.get(name).get_attr("FLegalize")
@@ -138,8 +140,10 @@ def fast_math_legalizations() -> dict:
         return x * (half + topi.fast_erf(x * tirx.const(0.5**0.5, "float32")) * half)
 
     def sigmoid(x: te.Tensor):
-        one = tirx.const(1.0, "float32")
-        return te.compute(x.shape, lambda *i: one / (one + topi.fast_exp(-x)(*i)), name="sigmoid")
+        return te.compute(x.shape, lambda *i: fast_math.sigmoid(x(*i)), name="sigmoid")
+
+    def silu(x: te.Tensor):
+        return te.compute(x.shape, lambda *i: fast_math.silu(x(*i)), name="silu")
 
     return {
         "relax.nn.gelu": f32_only("relax.nn.gelu", lambda bb, c: bb.call_te(gelu, c.args[0], primfunc_name_hint="gelu")),
@@ -149,6 +153,7 @@ def fast_math_legalizations() -> dict:
         "relax.erf": f32_only("relax.erf", lambda bb, c: bb.call_te(topi.fast_erf, c.args[0], primfunc_name_hint="erf")),
         "relax.sigmoid": f32_only("relax.sigmoid", lambda bb, c: bb.call_te(sigmoid, c.args[0],
                                                                               primfunc_name_hint="sigmoid")),
+        "relax.nn.silu": f32_only("relax.nn.silu", lambda bb, c: bb.call_te(silu, c.args[0], primfunc_name_hint="silu")),
         "relax.tanh": f32_only("relax.tanh", lambda bb, c: bb.call_te(topi.fast_tanh, c.args[0],
                                                                         primfunc_name_hint="tanh")),
     }

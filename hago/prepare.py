@@ -27,8 +27,11 @@ the hardware will run, so inference-only rewrites happen here, once:
    zero point, so the pad must be the conv's own to stay in integer;
 7. ``DecomposeOpsForInference`` lowers any batch norm still left
    (non-constant statistics) to arithmetic;
-8. ``FoldConstant`` again, then ``DeadCodeElimination`` drops the bindings
-   left unused (the ``zeros_like`` pooling indices, the folded batch norms).
+8. ``FoldConstant`` again, :func:`fuse_silu` turns ``x * sigmoid(x)`` (how
+   ``torch.onnx.export`` writes SiLU / Swish) into one ``nn.silu``, so an
+   integer conv can apply it in its own write-back, then
+   ``DeadCodeElimination`` drops the bindings left unused (the
+   ``zeros_like`` pooling indices, the folded batch norms, the sigmoids).
 
 Right after the first ``FoldConstant``, :func:`hago.safe_index.safe_index`
 bounds every run-time index (gather, embedding, scatter): no later stage
@@ -52,7 +55,7 @@ from .relax_rewrite import rewrite_relax_functions
 from .safe_index import safe_index
 from .split_slices import split_as_slices
 
-__all__ = ["prepare", "prepare_passes", "commute_constants", "fold_batch_norm", "fold_pad_into_conv"]
+__all__ = ["prepare", "prepare_passes", "commute_constants", "fold_batch_norm", "fold_pad_into_conv", "fuse_silu"]
 
 _COMMUTATIVE = ("relax.add", "relax.multiply", "relax.maximum", "relax.minimum")
 
@@ -87,6 +90,7 @@ def prepare_passes() -> tvm.transform.Pass:
             relax.transform.DecomposeOpsForInference(),
             relax.transform.FoldConstant(),
             commute_constants(),
+            fuse_silu(),
             relax.transform.DeadCodeElimination(),
             relax.transform.CanonicalizeBindings(),
         ],
@@ -171,6 +175,44 @@ class _FoldPadIntoConv:
                                   dilation=ca.dilation, groups=int(ca.groups), data_layout=ca.data_layout,
                                   kernel_layout=ca.kernel_layout, out_layout=ca.out_layout,
                                   out_dtype=ca.out_dtype)
+
+
+def fuse_silu() -> tvm.transform.Pass:
+    """Rewrite ``x * sigmoid(x)`` (either order) to ``nn.silu(x)``.
+
+    ONNX had no SiLU op before opset 24, so ``torch.onnx.export`` writes
+    every SiLU (EfficientNet, YOLO, ...) as a sigmoid and a multiply of the
+    same tensor. As two float ops they sit between a quantized conv and the
+    next, and cost the integer build two float passes per activation (the
+    int32 accumulator dequantized, then requantized for the next conv:
+    EfficientNet-B0's INT8 build spent half its time there). As one
+    ``nn.silu`` node the graph knows it as an activation: an integer conv
+    applies it in its requantizing write-back (:mod:`hago.realize.silu`),
+    and the float build lowers it with the same fast sigmoid as before.
+    A sigmoid with other readers stays and is shared.
+    """
+    return _FuseSiLU()
+
+
+@relax.transform.function_pass(opt_level=0, name="hago.FuseSiLU")
+class _FuseSiLU:
+    def __init__(self):
+        self.sigmoid = is_op("relax.sigmoid")(wildcard())
+        self.x = wildcard()
+        self.pattern = is_op("relax.multiply")(self.sigmoid, self.x)  # DPL matches multiply in either order
+
+    def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
+        if func.attrs is not None and int(func.attrs.get("Primitive", 0)):
+            return func
+        return rewrite_call(self.pattern, self._fuse, func)
+
+    def _fuse(self, expr: relax.Expr, matches) -> relax.Expr:
+        # the matches are the bound values; the multiply's own arguments are the variables
+        x = matches[self.sigmoid].args[0]
+        if not (isinstance(x, relax.Var) and any(a.same_as(x) for a in expr.args)
+                and not all(a.same_as(x) for a in expr.args)):
+            return expr
+        return relax.op.nn.silu(x)
 
 
 @tvm.transform.module_pass(opt_level=0, name="hago.CommuteConstants")

@@ -148,13 +148,16 @@ class SqueezeExcite(nn.Module):
 
 
 class ConvSE(nn.Module):
+    """conv + ReLU6, squeeze-excite, 1x1 project: an inverted residual's tail, as MobileNetV3 has it."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(4, 8, 3, padding=1)
         self.se = SqueezeExcite(8)
+        self.project = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        return self.se(self.conv(x))
+        return self.project(self.se(F.relu6(self.conv(x))))
 
 
 class PaddedConv(nn.Module):
@@ -271,13 +274,17 @@ PATTERNS: dict[str, Case] = {
     "relu6": Case(lambda: ConvAct(nn.ReLU6()), IMG, expect={"float_ops": 0}),
     "hardsigmoid": Case(lambda: ConvAct(nn.Hardsigmoid()), IMG, expect={"fallback": ["relax.multiply"]}),
     "hardswish": Case(lambda: ConvAct(nn.Hardswish()), IMG, expect={"fallback": ["relax.multiply"]}),
-    "silu": Case(lambda: ConvAct(nn.SiLU()), IMG, expect={"fallback": ["relax.sigmoid"]}),
+    # torch.onnx.export writes SiLU as x * sigmoid(x): one nn.silu, applied in the conv's requantize
+    "silu": Case(lambda: ConvAct(nn.Sequential(nn.SiLU(), nn.Conv2d(8, 4, 1))), IMG,
+                 expect={"float_ops": 0, "integer": ["silu"]}),
     "prelu": Case(lambda: ConvAct(nn.PReLU(8)), IMG, expect={"fallback": ["relax.nn.prelu"]}),
     "leakyrelu": Case(lambda: ConvAct(nn.LeakyReLU(0.1)), IMG, expect={"fallback": ["relax.nn.leakyrelu"]}),
     "gelu_erf": Case(lambda: TokenAct(nn.GELU()), TOK, expect={"fallback": ["relax.nn.gelu"]}),
     "layernorm": Case(lambda: TokenAct(nn.LayerNorm(16)), TOK, expect={"fallback": ["relax.nn.layer_norm"]}),
     "softmax": Case(lambda: TokenAct(nn.Softmax(-1)), TOK, expect={"fallback": ["relax.nn.softmax"]}),
-    "squeeze_excite": Case(ConvSE, IMG, expect={"fallback": ["relax.mean", "relax.multiply"]}),
+    # the pool and the gate's multiply run on the codes; the hardsigmoid gate itself is float
+    "squeeze_excite": Case(ConvSE, IMG, expect={"fallback": ["relax.multiply", "relax.add"],
+                                                "integer": ["global_avg_pool2d", "multiply"]}),
     "same_pad": Case(PaddedConv, IMG, expect={"float_ops": 0}),  # pads from Shape ops: hago.onnx_prep folds them
     "resize_nearest": Case(lambda: Upsample("nearest"), IMG, expect={"fallback": ["relax.image.resize2d"]}),
     "resize_bilinear": Case(lambda: Upsample("bilinear"), IMG, expect={"fallback": ["relax.image.resize2d"]}),

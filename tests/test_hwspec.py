@@ -12,6 +12,9 @@ from hago.hwspec import (HardwareSpec, OpDescriptor, check_spec_file, device_tab
 DEVICES = {"x86-avx512-vnni", "x86-avx512-bf16", "x86-amx", "x86-avx2", "rpi4", "rpi5", "cuda-t4", "cuda-h100",
            "example-sparq-accel"}
 BASE = (spec_dir() / "x86-avx512-vnni.yaml").read_text()
+#: the x86-avx512-vnni spec's channel-scale entry (the malformed cases rewrite it)
+MULTIPLY = ("  multiply:            # x * g, g a float [N, C, 1, 1] gate (squeeze-excitation): on x's codes, in one pass\n"
+            "    - {inputs: [uint8], output: uint8}\n")
 RELU = "  relu:\n    - {inputs: [uint8], output: uint8}\n"
 
 
@@ -88,14 +91,15 @@ def test_x86_descriptors_and_integer_ops():
     assert conv == OpDescriptor(inputs=["uint8", "int8"], accum="int32", output="int32",
                                 layout="NCHW16c", weight_layout="OIHW4i16o4i")
     assert spec.descriptors("dense")[0].weight_layout == "NK16n4k"
-    assert spec.descriptors("multiply") == []          # unlisted: float
+    assert spec.descriptors("multiply")[0].inputs == ["uint8"]  # a squeeze-excitation's channel scale
+    assert HardwareSpec.load("rpi4").descriptors("multiply") == []  # unlisted: float
     assert spec.descriptors("default") == []
     assert spec.descriptors("softmax") == []           # unknown op name: float, no error
     ops = spec.integer_ops()
     assert ops[:3] == ["conv2d", "depthwise_conv2d", "dense"]
-    assert "default" not in ops and "multiply" not in ops
+    assert "default" not in ops and "softmax" not in ops
     assert spec.activation_dtype("conv2d") == "uint8"
-    assert spec.activation_dtype("multiply") is None
+    assert spec.activation_dtype("softmax") is None
     assert spec.bits.weight == [4, 8] and spec.weights.granularity == "per_channel"
     assert spec.activations.symmetric is False and spec.requantize == "fixed_point"
 
@@ -148,10 +152,8 @@ MALFORMED = [
     ("rpc-unknown-key", "execution: local\nrpc: null",
      "execution: remote\nrpc: {key: box, port: 9190}", "rpc.port", "rpc:"),
     ("default-not-float32", "  default: float32", "  default: int8", "ops.default", "default:"),
-    ("op-bad-string", "  default: float32", "  multiply: int8\n  default: float32",
-     "ops.multiply", "multiply"),
-    ("op-empty-list", "  default: float32", "  multiply: []\n  default: float32",
-     "ops.multiply", "multiply"),
+    ("op-bad-string", MULTIPLY, "  multiply: int8\n", "ops.multiply", "multiply"),
+    ("op-empty-list", MULTIPLY, "  multiply: []\n", "ops.multiply", "multiply"),
     ("descriptor-unknown-key", RELU, RELU.replace("}", ", lanes: 4}"), "ops.relu[0].lanes",
      "lanes"),
     ("granularity-misspelled", "granularity: per_channel", "granularity: per_chanel",

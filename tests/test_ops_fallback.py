@@ -81,6 +81,9 @@ def test_report_names_the_ops_that_fell_back(built):
     reasons = " ".join(f["reason"] for f in floats)
     for op in expect.get("fallback", []):
         assert f"unsupported op {op}:" in reasons, (op, floats)
+    for kind in expect.get("integer", []):
+        modes = [c.mode for c in result.strategy.ops.values() if c.kind == kind]
+        assert modes and set(modes) == {"integer"}, (kind, modes)
     if "note" in expect:
         assert any(expect["note"] in n for n in report["notes"]), report["notes"]
     # every conv and dense of these patterns is integer

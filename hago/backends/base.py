@@ -47,7 +47,11 @@ class Requant:
     ``[qmin, qmax]``. Float (``requantize: float``, ``scale`` set, no
     multiplier): ``round(float32(acc + bias) * scale) + zero point``, clipped,
     as oneDNN and MLAS requantize: a third of the vector work (no 64-bit
-    lanes), at fp32's rounding of the scaled accumulator.
+    lanes), at fp32's rounding of the scaled accumulator. With an
+    ``activation`` (a SiLU that reads the layer, :mod:`hago.realize.silu`):
+    ``v = float32(acc + bias) * scale``, ``y = act(v)``, then
+    ``round(y / out_scale) + zero point``, clipped: realize's dequantize,
+    float op and quantize, op for op.
     """
 
     bias: np.ndarray  # int32 [O], added to the int32 accumulator (zero-point term folded in)
@@ -58,6 +62,10 @@ class Requant:
     qmax: int
     dtype: str  # "uint8" | "int8"
     scale: np.ndarray | None = None  # [O] float32 (float requantize)
+    #: a float activation applied between dequantize and quantize (``"silu"``): then ``scale`` is the
+    #: accumulator's dequantize scale ``s_x * s_w`` and ``out_scale`` the output's step
+    activation: str | None = None
+    out_scale: float | None = None
 
     def constants(self, channels: int) -> list:
         """``bias`` int32, ``multiplier`` int32, ``half = 2**(shift-1)`` int64, ``shift`` int64, each ``[channels]``.

@@ -15,6 +15,12 @@ handler of its op family (:mod:`.registry`, which annotate reads too):
   fixed-point multiplier, summed in int64, clipped;
 * relu / clip / max-pool / reshape (:mod:`.passthrough`) run on the integer
   tensor and keep its scale;
+* a SiLU (:mod:`.silu`) reads the conv before it in float, from its int32
+  accumulator, and quantizes its output, in the conv kernel's write-back
+  where the backend's kernel requantizes;
+* a global average pool (:mod:`.pool`) sums the codes in int32 and
+  requantizes; a channel scale ``x * g`` by a float gate (:mod:`.scale`,
+  squeeze-excitation) runs on ``x``'s codes; both on the blocked layout;
 * an embedding lookup (:mod:`.embedding`) whose table annotate stores 4-bit
   row-wise gathers and dequantizes only the rows it reads, and produces float;
 * a dense whose input edge is ``dynamic`` (:mod:`.dynamic_dense`) quantizes
@@ -44,6 +50,9 @@ from .embedding import RowwiseTake
 from .passthrough import PassThrough
 from .realizer import LayerConstants, Realized, Realizer
 from .registry import HANDLERS, OpHandler, handler_for, realizable_kinds, register_handler
+from .pool import GlobalAvgPool
+from .scale import ChannelScale
+from .silu import SiLU
 from .weighted import Weighted
 
 # the handlers, one per op family; a kind's handlers are tried in this order
@@ -51,6 +60,9 @@ register_handler(DynamicDense())  # before Weighted: it takes the dense layers w
 register_handler(Weighted())
 register_handler(Add())
 register_handler(PassThrough())
+register_handler(SiLU())
+register_handler(GlobalAvgPool())
+register_handler(ChannelScale())
 register_handler(RowwiseTake())  # take: only where annotate stores its table 4-bit row-wise
 
 __all__ = ["HANDLERS", "LayerConstants", "OpHandler", "Realized", "handler_for", "realizable_kinds", "realize",

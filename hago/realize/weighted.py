@@ -24,6 +24,7 @@ from tvm.relax import op as O
 from hago import sparq
 from hago.backends import INT32, NATIVE, REQUANTIZED, ConvArgs, Requant
 from hago.errors import QuantizeError
+from hago.graph import accumulator_reader
 from hago.qparams import container_dtype, fixed_point_multiplier
 
 from . import multipoint
@@ -88,7 +89,9 @@ class Weighted(OpHandler):
             consts.multiplier, consts.shift = fixed_point_multiplier(real, r.style)
         if conv:
             # a multipoint conv's kernel stops at the int32 accumulator: the weighted sum comes before requantize
-            acc = self.conv(r, node, choice, xq, qx, xs, wk, folded, consts, qy, native_in, epilogue=points is None)
+            reader = accumulator_reader(r.g, r.s, node.name) if points is None and not out.bits else None
+            acc = self.conv(r, node, choice, xq, qx, xs, wk, folded, consts, qy, native_in, epilogue=points is None,
+                            reader=reader)
             if acc is None:  # the kernel wrote the integer output itself
                 return
             bshape = (1, -1, 1, 1)
@@ -107,18 +110,25 @@ class Weighted(OpHandler):
             f = O.multiply(O.astype(acc, "float32"), const(acc_scale.reshape(bshape), "float32"))
             r.fval[node.name] = r.bb.emit(f)
 
-    def conv(self, r, node, choice, xq, qx, xs, wq, folded, consts, qy, native_in, epilogue: bool = True):
+    def conv(self, r, node, choice, xq, qx, xs, wq, folded, consts, qy, native_in, epilogue: bool = True,
+             reader=None):
         """The conv's int32 accumulator, or None when a kernel wrote the integer output (plain or native).
 
         ``epilogue=False`` (a multipoint layer, whose weighted sum comes first): the plain NCHW int32
         accumulator whatever the output, no requantizing write-back, no blocked hand-over to float readers.
+        ``reader``: the integer SiLU that alone reads the conv (:func:`hago.graph.accumulator_reader`); a
+        requantizing kernel applies it in its write-back and writes the SiLU's output (:mod:`.silu`).
         """
         a = node.call.attrs
         pad = [int(p) for p in a.padding]  # (top, left, bottom, right)
         groups = int(a.groups)
         kernel = r.plan.conv_kernel(node, choice, qx, xs, wq.shape)
         rq = None  # a kernel requantizes in its own write-back when the output is integer
-        if epilogue and qy is not None and kernel is not None and kernel.requantizes and (
+        written = node.name  # the edge whose integer value the kernel writes
+        if epilogue and reader is not None and kernel is not None and kernel.requantizes:
+            rq = activation_requant(r, reader, folded, float(qx.scale) * consts.weight_scale.astype(np.float64))
+            written = reader.name
+        elif epilogue and qy is not None and kernel is not None and kernel.requantizes and (
                 consts.multiplier is not None or r.style == "float"):
             scale = None
             if r.style == "float":  # what realize's float requantize multiplies by, rounded to float32 as there
@@ -128,15 +138,18 @@ class Weighted(OpHandler):
                          int(qy.qmin), int(qy.qmax), container_dtype(qy.dtype), scale=scale)
             rq = absorb_activation(r, node.name, rq)
         if kernel is not None:
-            float_out = r.plan.float_layout_consumed(node.name) if epilogue and qy is None else None
+            float_out = r.plan.float_layout_consumed(node.name) if epilogue and qy is None and rq is None else None
             args = ConvArgs(_ints(a.strides), pad, _ints(a.dilation), groups, int(qx.zero_point), float_out)
-            emitted = kernel.emit(r.bb, xq, wq, args, rq, native_in, lambda: r.native_output(node.name))
+            emitted = kernel.emit(r.bb, xq, wq, args, rq, native_in, lambda: r.native_output(written))
+            if written != node.name:
+                r.absorbed.add(written)
             if emitted.form == NATIVE:
-                r.native[node.name] = emitted.value
+                r.native[written] = emitted.value
                 return None
             if emitted.form == REQUANTIZED:
-                r.qval[node.name] = emitted.value
+                r.qval[written] = emitted.value
                 return None
+            assert written == node.name, emitted.form
             assert emitted.form == INT32, emitted.form
             return emitted.value
         if any(pad):
@@ -144,6 +157,18 @@ class Weighted(OpHandler):
             xq = r.bb.emit(O.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(qx.zero_point)))
         return O.nn.conv2d(xq, const(wq, "int8"), strides=a.strides, padding=0, dilation=a.dilation,
                            groups=groups, out_dtype="int32")
+
+
+def activation_requant(r, reader, folded: np.ndarray, acc_scale: np.ndarray) -> Requant:
+    """The write-back of a conv that applies ``reader`` (a SiLU): dequantize, the activation, quantize.
+
+    ``acc_scale`` (``s_x * s_w`` per channel) is rounded to float32 as realize's own dequantize rounds it,
+    so the kernel computes what the plain ops would (:mod:`.silu`).
+    """
+    qa = r.qparams(reader.name)
+    return Requant(folded.astype(np.int32), None, None, int(qa.zero_point), int(qa.qmin), int(qa.qmax),
+                   container_dtype(qa.dtype), scale=np.asarray(acc_scale).astype(np.float32),
+                   activation=reader.kind, out_scale=float(qa.scale))
 
 
 def absorb_activation(r, name: str, rq: Requant) -> Requant:

@@ -52,13 +52,17 @@ class CudaBackend(Backend):
         return None
 
     def integer_problem(self, node) -> str | None:
-        """Grouped integer convs (1 < groups < channels) have no kernel here.
+        """Grouped integer convs (1 < groups < channels) and global pools have no kernel here.
 
         dp4a covers plain convs and dlight schedules depthwise ones, but on an
         int8 grouped conv fused with its epilogue dlight's GeneralReduction
         and Fallback rules both yield loop nests that TVM's
-        ``LowerCrossThreadReduction`` rejects; its float form builds.
+        ``LowerCrossThreadReduction`` rejects; its float form builds. The
+        same happens to an integer global average pool (its int32 sum fused
+        with the requantize), which stays float here.
         """
+        if node.kind == "global_avg_pool2d":
+            return f"backend {self.name} has no integer global-pool kernel yet (dlight cannot schedule the int32 sum)"
         if node.kind != "conv2d":
             return None
         groups = int(getattr(node.call.attrs, "groups", 1) or 1)

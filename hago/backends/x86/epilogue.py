@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+from ... import fast_math
 from ..base import Requant  # the constants realize hands a kernel (bias, multiplier, shift, zero point, clip)
 
 
@@ -24,12 +25,17 @@ def requant_expr(acc_value, c, bias, mult, half, shift, rq: Requant):
 
     ``bias, mult, half, shift``: :meth:`Requant.constants`; for a float
     requantize (``rq.scale``) ``mult`` holds the float32 scale and ``half``,
-    ``shift`` are unused.
+    ``shift`` are unused; with ``rq.activation`` it is the dequantize scale.
     """
     # the add runs on uint32 (wrapping, like int32 without overflow): LLVM may not widen an unsigned add
     # through the sign extension, so the product stays a 32 x 32 -> 64 bit one (vpmuldq, 1 uop) instead
     # of a full 64-bit multiply (vpmullq, 3 uops), which it picks when the int32 add is hoisted to int64
     s = (acc_value.astype("uint32") + bias[c].astype("uint32")).astype("int32")
+    if rq.activation is not None:  # dequantize, the float activation, quantize: realize's ops in one expression
+        y = ACTIVATIONS[rq.activation](s.astype("float32") * mult[c])
+        f = tirx.round(y / tirx.const(float(rq.out_scale), "float32")) + tirx.const(float(rq.zero_point), "float32")
+        f = tirx.max(tirx.min(f, tirx.const(float(rq.qmax), "float32")), tirx.const(float(rq.qmin), "float32"))
+        return f.astype(rq.dtype)
     if rq.scale is not None:  # realize's float requantize, op for op: round(f32(acc) * scale) + zp, clip, cast
         f = tirx.round(s.astype("float32") * mult[c]) + tirx.const(float(rq.zero_point), "float32")
         f = tirx.max(tirx.min(f, tirx.const(float(rq.qmax), "float32")), tirx.const(float(rq.qmin), "float32"))
@@ -42,6 +48,9 @@ def requant_expr(acc_value, c, bias, mult, half, shift, rq: Requant):
     y = tirx.max(tirx.min(r, tirx.const(rq.qmax, "int64")), tirx.const(rq.qmin, "int64"))
     return y.astype(rq.dtype)
 
+
+#: the float activations a write-back can apply (``Requant.activation``), as TIR expressions
+ACTIVATIONS = {"silu": fast_math.silu}
 
 EPILOGUE = "hago_requant"
 

@@ -31,6 +31,7 @@ import tvm
 from tvm.relax import op as O
 
 from hago.errors import QuantizeError
+from hago.graph import accumulator_reader
 from hago.qparams import QParams, container_dtype
 
 from .. import base
@@ -159,11 +160,12 @@ class X86Plan(base.Plan):
     def takes_native(self, node, choice, edge: str) -> bool:
         """Whether integer conv ``node`` runs on ``edge`` blocked: a VNNI conv, or the depthwise kernel.
 
-        The blocked depthwise kernel writes 8 bits, or its int32 accumulator for float readers that read it
-        blocked (a bf16 or float conv the build blocks).
+        The blocked depthwise kernel writes 8 bits (its own, or a SiLU's that it applies in the write-back),
+        or its int32 accumulator for float readers that read it blocked (a bf16 or float conv the build blocks).
         """
         if node.kind == "depthwise_conv2d":
-            out = bool(self.strategy.edges[node.name].bits) or self.float_layout_consumed(node.name) == BLOCKED
+            out = (bool(self.strategy.edges[node.name].bits) or self.float_layout_consumed(node.name) == BLOCKED
+                   or accumulator_reader(self.graph, self.strategy, node.name) is not None)
             return (out and depthwise_kernel(choice, self.qparams(edge))
                     and node.weight.shape[0] == self.channels(edge))
         if node.kind == "conv2d" and node.inputs[0] == edge:
