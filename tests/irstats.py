@@ -7,6 +7,7 @@ tests use it, so it lives beside them.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import tvm
@@ -61,3 +62,21 @@ def count_ops(mod: tvm.IRModule, names: tuple[str, ...]) -> int:
 
     relax.analysis.post_order_visit(mod["main"], visit)
     return n
+
+
+def fused_calls(mod: tvm.IRModule, spec) -> collections.Counter:
+    """The PrimFuncs ``main`` calls after ``spec``'s backend schedule and fusion, by name (numbering dropped)."""
+    from hago import build as hago_build
+    from hago.backends import backend_of
+    from hago.lower import fuse
+
+    backend, target = backend_of(spec), hago_build.target_of(spec)
+    fused = fuse(backend.schedule(mod, target), target, backend)
+    found = collections.Counter()
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
+            found[e.args[0].name_hint.rstrip("0123456789_")] += 1
+
+    relax.analysis.post_order_visit(fused["main"], visit)
+    return found

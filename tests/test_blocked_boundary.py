@@ -12,7 +12,6 @@ reference: the outputs must be bit-identical, with fewer passes.
 
 from __future__ import annotations
 
-import collections
 
 import numpy as np
 import pytest
@@ -26,13 +25,12 @@ from tvm.relax import op as O
 import hago.backends.cpu.float_layout as float_layout
 from hago import build as hago_build
 from hago.annotate import AnnotateConfig
-from hago.backends import backend_of
 from hago.backends.cpu.layout_pairs import cancel_layout_pairs, relayout_const
 from hago.backends.x86.plan import X86Plan
 from hago.compiler import quantize
 from hago.hwspec import HardwareSpec
-from hago.lower import fuse
 from hago.pipeline import lower, prepare_model
+from irstats import fused_calls
 
 pytestmark = pytest.mark.llvm
 
@@ -77,20 +75,6 @@ class Pooled(nn.Module):
         return self.c(f.max_pool2d(f.relu6(self.b(f.relu6(self.a(x)))), 2))
 
 
-def _calls(mod) -> collections.Counter:
-    """The PrimFuncs ``main`` calls after the x86 build's layout passes and fusion, by name (numbering dropped)."""
-    backend, target = backend_of(SPEC), hago_build.target_of(SPEC)
-    fused = fuse(backend.schedule(mod, target), target, backend)
-    found = collections.Counter()
-
-    def visit(e):
-        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
-            found[e.args[0].name_hint.rstrip("0123456789")] += 1
-
-    relax.analysis.post_order_visit(fused["main"], visit)
-    return found
-
-
 def _flat(out) -> np.ndarray:
     """A VM result, one tensor or a tuple of them, as one flat array."""
     return out.numpy().ravel() if hasattr(out, "numpy") else np.concatenate([_flat(o) for o in out])
@@ -119,7 +103,7 @@ def _builds(model: nn.Module, float_convs: list[int], monkeypatch):
             if route == "old":
                 _old_route(mp)
             _, realized = lower(prep, q.strategy, SPEC, batch=1)
-            calls = _calls(realized.mod)
+            calls = fused_calls(realized.mod, SPEC)
             vm = relax.VirtualMachine(hago_build.build_for(realized.mod, SPEC), tvm.cpu())
         ys = np.concatenate([_flat(vm["main"](tvm.runtime.tensor(x[i:i + 1]))) for i in range(len(x))])
         out[route] = (calls, ys)

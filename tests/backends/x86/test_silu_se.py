@@ -25,11 +25,10 @@ from tvm import relax
 
 import hago.realize.weighted as weighted
 from hago import build as hago_build
-from hago.backends import backend_of
 from hago.compiler import quantize
 from hago.hwspec import HardwareSpec
-from hago.lower import fuse
 from hago.pipeline import lower, prepare_model
+from irstats import fused_calls
 
 pytestmark = pytest.mark.llvm
 
@@ -53,20 +52,6 @@ class MBConv(nn.Module):
         return self.head(self.project(y))
 
 
-def _calls(mod) -> collections.Counter:
-    """The PrimFuncs ``main`` calls after the x86 build's fusion, by name (numbering dropped)."""
-    backend, target = backend_of(SPEC), hago_build.target_of(SPEC)
-    fused = fuse(backend.schedule(mod, target), target, backend)
-    found = collections.Counter()
-
-    def visit(e):
-        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
-            found[e.args[0].name_hint.rstrip("0123456789_")] += 1
-
-    relax.analysis.post_order_visit(fused["main"], visit)
-    return found
-
-
 @pytest.fixture(scope="module")
 def routes():
     """``{"write-back"|"plain": (calls, outputs)}`` for one calibrated strategy, plus the strategy."""
@@ -82,7 +67,7 @@ def routes():
             if route == "plain":
                 mp.setattr(weighted, "accumulator_reader", lambda graph, strategy, name: None)
             _, realized = lower(prep, q.strategy, SPEC, batch=1)
-            calls = _calls(realized.mod)
+            calls = fused_calls(realized.mod, SPEC)
             vm = relax.VirtualMachine(hago_build.build_for(realized.mod, SPEC), tvm.cpu())
         ys = np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for i in range(len(x))])
         out[route] = (calls, ys)
