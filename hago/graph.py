@@ -107,11 +107,16 @@ def accumulator_reader(graph: "Graph", strategy, name: str) -> Node | None:
     output, the activation applied on its register tile; the layer's own
     edge never exists as a tensor.
     """
+    node = sole_reader(graph, name)
+    return node if node is not None and node.kind in ACCUMULATOR_READERS and strategy.ops[node.name].mode == "integer" \
+        else None
+
+
+def sole_reader(graph: "Graph", name: str) -> Node | None:
+    """The one node that reads edge ``name``, None when several do or it is a network output: where a layer's
+    kernel may apply that node in its own write-back."""
     users = graph.consumers.get(name, [])
-    if len(users) != 1 or name in graph.outputs:
-        return None
-    node = graph.node(users[0])
-    return node if node.kind in ACCUMULATOR_READERS and strategy.ops[node.name].mode == "integer" else None
+    return graph.node(users[0]) if len(users) == 1 and name not in graph.outputs else None
 
 
 def module_without_main(mod: tvm.IRModule | None) -> tvm.IRModule:

@@ -18,7 +18,7 @@ from tvm.relax import op as O
 
 from hago.backends import Plan
 from hago.errors import QuantizeError
-from hago.graph import Graph, Node
+from hago.graph import Graph, Node, sole_reader
 from hago.qparams import QParams, container_dtype, fixed_point_multiplier
 from hago.strategy import Strategy
 
@@ -182,11 +182,8 @@ class Realizer:
     def sole_activation(self, name: str, mode: str) -> Node | None:
         """The relu / clip node of ``mode`` that alone reads ``name`` (not a network output), else None: what a
         kernel may apply in its own write-back (``Realizer.absorbed``), saving a pass over the tensor."""
-        users = self.g.consumers.get(name, [])
-        if len(users) != 1 or name in self.g.outputs:
-            return None
-        act = self.g.node(users[0])
-        return act if act.kind in ("relu", "clip") and self.s.ops[act.name].mode == mode else None
+        act = sole_reader(self.g, name)
+        return act if act is not None and act.kind in ("relu", "clip") and self.s.ops[act.name].mode == mode else None
 
     def run(self) -> Realized:
         g = self.g
