@@ -43,7 +43,9 @@ The weight is re-packed at compile time (numpy, ``ml_dtypes.bfloat16``,
 nearest even) into ``[O16, C/kb, KH, KW, kb/2, 16, 2]``: per 16-channel
 output block, one B tile per K step, in the micro-kernel's loop order. An
 optional fp32 bias starts the C tiles (a row-stride-0 tile load), so it costs
-no pass; without it the caller's fused epilogue adds bias and activation.
+no pass; when the kernel has an epilogue (a clamp, a cast, a residual) the
+epilogue adds it instead, first, so the fused sums are the unfused program's
+bit for bit.
 
 Numerics: bf16 products are exact in fp32; the tile unit sums in fp32, so the
 result differs from an fp32 sum of the rounded inputs only in the order and
@@ -383,7 +385,8 @@ def weights_outer_order(g: ConvGeometry, cm: int, cn: int) -> bool:
 
 
 def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_permission: bool = True,
-                     weights_outer: bool | None = None, requant=None, clip=None, out_dtype: str = "float32"):
+                     weights_outer: bool | None = None, requant=None, clip=None,
+                     out_dtype: str | tuple[str, str] = "float32", residual: bool = False):
     """The AMX conv PrimFunc for ``g`` (its ``kb`` set, see :func:`k_block`).
 
     bf16 (``g.dtype``): ``(X, W, [bias], Out)``. ``X``: bf16 ``[N, C/kb, Hp,
@@ -395,6 +398,12 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     ``"bfloat16"`` rounds it to bf16 (nearest even) for the next bf16 layer;
     either sends the C tiles through the stack buffer (a relu6 and the cast
     on the stored tile instead of one more pass over the fp32 output).
+    ``residual``: an fp32 ``R`` of ``Out``'s shape (a skip connection),
+    added after the bias and before the clamp, as the unfused program adds
+    it. ``out_dtype=("float32", "bfloat16")``: two outputs from the same
+    stored tile, the fp32 value and its bf16 cast (a block input that the
+    next conv reads in bf16 and a later residual add in fp32). Parameters:
+    ``(X, W, [bias], [R], Out, [Out_bf16])``.
 
     int8: ``(X, W, bias, multiplier, half, shift, Out)``, ``X`` uint8, ``W``
     int8, the four requantize constants of ``requant``
@@ -419,11 +428,19 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     odd_tiles, odd_blocks = tiles % 2 == 1, g.o16 % 2 == 1
     kb, dt = g.k_block, g.dtype
     int8 = dt == "int8"
-    if int8 and (requant is None or bias or g.ob != LANES):
-        raise ValueError("the AMX int8 conv needs a requant, no bias and 16-channel output blocks")
-    ir = conv_ir(rows, kb, [(mt, nt) for mt in (1, 2) for nt in (1, 2)], bias, dt)  # LLVM drops unused ones
+    if int8 and (requant is None or bias or g.ob != LANES or residual or not isinstance(out_dtype, str)):
+        raise ValueError("the AMX int8 conv needs a requant, no bias, residual or second output and 16-channel "
+                         "output blocks")
+    two = not isinstance(out_dtype, str)
+    if two and tuple(out_dtype) != ("float32", BF16):
+        raise ValueError(f"the AMX bf16 conv writes two outputs as (float32, bfloat16), not {out_dtype}")
+    out_dtype = "float32" if two else out_dtype
+    epilogue = clip is not None or out_dtype != "float32" or residual or two
+    # the bias starts the C tiles when nothing else touches the output; with an epilogue it is that epilogue's
+    # first add, so the sums are the unfused program's, (conv + bias) + residual, bit for bit
+    tile_bias = bias and not epilogue
+    ir = conv_ir(rows, kb, [(mt, nt) for mt in (1, 2) for nt in (1, 2)], tile_bias, dt)  # LLVM drops unused ones
     cfg = conv_config_fn(rows, kb, dt)
-    epilogue = clip is not None or out_dtype != "float32"
     image, direct, consecutive = g.mode == "image", g.direct and not epilogue, g.consecutive
     oh, ow, wp, line, o, ob = g.oh, g.ow, g.wp, g.line, g.o, g.ob
     plane = oh * ow  # output pixels of one channel block
@@ -482,7 +499,7 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
         a0 = T.meta_var(T.address_of(X[img, 0, y0, x0, 0]))
         a1 = T.meta_var(T.address_of(X[img, 0, y1, x1, 0]))
         b = T.meta_var(T.address_of(Wt[2 * nb, 0, 0, 0, 0, 0, 0]))
-        name = T.meta_var(conv_kernel_name(mt, nt, bias, kb, dt))
+        name = T.meta_var(conv_kernel_name(mt, nt, tile_bias, kb, dt))
         if direct:
             base = T.meta_var((img * out_blocks + 2 * nb) * plane)
             ext = T.meta_var((nt - 1) * plane * LANES + rows * LANES)
@@ -511,9 +528,16 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
             else:
                 tile_call(X, Wt, cinit, Out, acc, slot, img, t0, t0 + 1, nb, 2, 2)
 
+    def with_skip(value, B, R, img, blk, q, jl):
+        """``value`` plus its bias (when the epilogue adds it), then plus its residual (``residual``)."""
+        if bias and not tile_bias:
+            value = value + B[blk * ob + jl]
+        return value + R[img, blk, q // ow, q % ow, jl] if residual else value
+
     @T.macro
-    def epilogue(Of, acc, store, slot, mb, nb):
-        """Block ``(mb, nb)``'s kept rows from ``acc[slot]`` into the output, each 16 channels as 16 / ob vectors."""
+    def epilogue(Of, acc, store, slot, mb, nb, B, R, Out2):
+        """Block ``(mb, nb)``'s kept rows from ``acc[slot]`` into the output (and ``Out2``), each 16 channels as
+        16 / ob vectors, ``R`` added first (``residual``)."""
         img, t0, t1, mts = T.meta_var(pair(mb))
         for r in T.serial(mts):
             for i in T.serial(rows):
@@ -524,8 +548,10 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
                         blk = T.meta_var((2 * nb + cc) * sub + jb)
                         if blk < out_blocks:
                             for jl in T.vectorized(ob):
-                                Of[((img * out_blocks + blk) * plane + q) * ob + jl] = store(
-                                    acc[slot, r, cc, i, jb * ob + jl], blk * ob + jl)
+                                v = T.meta_var(with_skip(acc[slot, r, cc, i, jb * ob + jl], B, R, img, blk, q, jl))
+                                Of[((img * out_blocks + blk) * plane + q) * ob + jl] = store(v, blk * ob + jl)
+                                if two:
+                                    Out2[img, blk, q // ow, q % ow, jl] = store(v, blk * ob + jl).astype(BF16)
 
     def decode(b, m0, nm, n0, nn):
         """The ``b``-th block of a task: ``(mb, nb)`` in the task's loop order (see :func:`weights_outer_order`)."""
@@ -534,7 +560,7 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
         return m0 + b // nn, n0 + b % nn
 
     @T.macro
-    def body(X, Wt, bias_ptr, Out, store):
+    def body(X, Wt, bias_ptr, Out, store, B=None, R=None, Out2=None):
         if check:
             rc = T.call_extern("int32", REQUEST_FN)
             assert rc == 0, PERMISSION_MESSAGE
@@ -560,7 +586,7 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
                         block(X, Wt, bias_ptr, Out, acc, b % 2, mb, nb)
                     if b > 0:
                         pm, pn = T.meta_var(decode(b - 1, m0, nm, n0, nn))
-                        epilogue(Of, acc, store, (b - 1) % 2, pm, pn)
+                        epilogue(Of, acc, store, (b - 1) % 2, pm, pn, B, R, Out2)
             T.call_extern("void", RELEASE_FN)
 
     def copy(value, channel):
@@ -584,32 +610,40 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
 
         return kernel_int8.without_attr("global_symbol")
 
-    if bias:
-        @T.prim_func
-        def kernel_bias(X: T.Buffer(xshape, BF16), Wt: T.Buffer(wshape, BF16), B: T.Buffer((oc,), "float32"),
-                        Out: T.Buffer(oshape, out_dtype)):
-            T.func_attr(attrs)
-            body(X, Wt, lambda nb: T.address_of(B[2 * nb * LANES]), Out, copy)
-
-        return kernel_bias.without_attr("global_symbol")
+    def bias_ptr(B, X):
+        if tile_bias:
+            return lambda nb: T.address_of(B[2 * nb * LANES])
+        return lambda nb: T.address_of(X[0, 0, 0, 0, 0])  # C starts at zero: cinit unused
 
     @T.prim_func
-    def kernel(X: T.Buffer(xshape, BF16), Wt: T.Buffer(wshape, BF16), Out: T.Buffer(oshape, out_dtype)):
+    def kernel(X: T.Buffer(xshape, BF16), Wt: T.Buffer(wshape, BF16), B: T.Buffer((oc,), "float32"),
+               R: T.Buffer(oshape, "float32"), Out: T.Buffer(oshape, out_dtype), Out2: T.Buffer(oshape, BF16)):
         T.func_attr(attrs)
-        body(X, Wt, lambda nb: T.address_of(X[0, 0, 0, 0, 0]), Out, copy)  # C starts at zero: cinit unused
+        body(X, Wt, bias_ptr(B, X), Out, copy, B, R, Out2)
 
-    return kernel.without_attr("global_symbol")
+    used = {"X": True, "Wt": True, "B": bias, "R": residual, "Out": True, "Out2": two}
+    return _without_params(kernel, [name for name, keep in used.items() if not keep]).without_attr("global_symbol")
+
+
+def _without_params(func: tirx.PrimFunc, names) -> tirx.PrimFunc:
+    """``func`` without the buffer parameters ``names``, which its body never reads (one TVMScript kernel
+    serves every combination of optional bias, residual and second output)."""
+    params = [p for p in func.params if p.name not in set(names)]
+    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
 # ---- Relax --------------------------------------------------------------------------------
 def emit_conv2d_amx_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarray, g: ConvGeometry,
                          bias=None, threads: int | None = None, request_permission: bool = True, clip=None,
-                         out_dtype: str = "float32") -> relax.Expr:
+                         out_dtype: str | tuple[str, str] = "float32", residual: relax.Expr | None = None
+                         ) -> relax.Expr:
     """The conv of ``g`` on blocked ``x`` (bf16 or fp32) and float/bf16 ``w_oihw``: ``NCHW{ob}c``.
 
     ``bias``: optional fp32 ``[O]``, added in the tiles. ``clip`` (lo, hi)
     and ``out_dtype`` (``"float32"`` or ``"bfloat16"``): the epilogue on the
-    stored tiles (:func:`conv_kernel_func`). ``threads``: parallel tasks
+    stored tiles (:func:`conv_kernel_func`), ``("float32", "bfloat16")`` for
+    a tuple of both; ``residual``: an fp32 tensor of the output's shape added
+    before the clamp. ``threads``: parallel tasks
     (default ``dense.default_threads()``, the target's ``num-cores``). The
     target needs AMX (``mcpu`` sapphirerapids or later).
     """
@@ -620,15 +654,19 @@ def emit_conv2d_amx_bf16(bb: relax.BlockBuilder, x: relax.Expr, w_oihw: np.ndarr
         pack = bb.add_func(pack_data_func(g, in_dtype), "hago_pack_amx_conv")
         x = bb.emit(relax.call_tir(pack, [x], relax.TensorType((g.n, g.cb, g.hp, g.wp, g.k_block), BF16)))
     func = conv_kernel_func(g, threads or default_threads(), bias is not None, request_permission, clip=clip,
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, residual=residual is not None)
     gv = bb.add_func(func, "hago_conv2d_amx_bf16")
     args = [x, relax.const(tvm.runtime.tensor(pack_conv_weight(w_oihw, g.k_block)))]
     if bias is not None:
         b = np.zeros(g.o16 * LANES, np.float32)  # a tile load reads all 16 channels of the last block
         b[:g.o] = np.asarray(bias, np.float32).reshape(-1)
         args.append(relax.const(b))
-    out_type = relax.TensorType((g.n, g.o // g.ob, g.oh, g.ow, g.ob), out_dtype)
-    return bb.emit(relax.call_tir(gv, args, out_type))
+    if residual is not None:
+        args.append(residual)
+    shape = (g.n, g.o // g.ob, g.oh, g.ow, g.ob)
+    if isinstance(out_dtype, str):
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, out_dtype)))
+    return bb.emit(relax.call_tir(gv, args, [relax.TensorType(shape, d) for d in out_dtype]))
 
 
 def _ints(v) -> tuple[int, ...]:
@@ -638,8 +676,8 @@ def _ints(v) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class AmxBf16Conv:
     """A ``relax.nn.conv2d`` the AMX bf16 kernels take: its data, its output channels and block, and the
-    emitter ``emit(bb, x, bias=None, clip=None, out_dtype="float32", threads=None, request_permission=True)``
-    of the kernel call on (the visited) ``x``."""
+    emitter ``emit(bb, x, bias=None, clip=None, out_dtype="float32", threads=None, request_permission=True,
+    residual=None)`` of the kernel call on (the visited) ``x``."""
 
     x: relax.Expr
     o: int
@@ -677,9 +715,16 @@ def amx_bf16_conv(call: relax.Call) -> AmxBf16Conv | None:
     if conv2d_amx_bf16_applicable(xshape, wshape, strides, padding, dilation, int(a.groups)):
         g = geometry(xshape, wshape, strides, padding)
 
-        def emit(bb, x, bias=None, clip=None, out_dtype="float32", threads=None, request_permission=True):
-            return emit_conv2d_amx_bf16(bb, _fp32_source(bb, x), w_oihw, g, bias, threads, request_permission,
-                                        clip=clip, out_dtype=out_dtype)
+        in_place = not needs_pack(dataclasses.replace(g, kb=k_block(g, BF16)), BF16)
+
+        def emit(bb, x, bias=None, clip=None, out_dtype="float32", threads=None, request_permission=True,
+                 residual=None):
+            # a conv that packs its input anyway reads the fp32 value a cast to bf16 came from (the packing pass
+            # rounds); one that reads bf16 blocks in place keeps the cast, which its producer's pass absorbs,
+            # rather than gain a packing pass over fp32
+            source = x if in_place and str(x.ty.dtype) == BF16 else _fp32_source(bb, x)
+            return emit_conv2d_amx_bf16(bb, source, w_oihw, g, bias, threads, request_permission,
+                                        clip=clip, out_dtype=out_dtype, residual=residual)
 
         return AmxBf16Conv(x, g.o, g.ob, emit)
     from .stem_bf16 import blocked_stem

@@ -99,12 +99,13 @@ def blocked_stem(x: relax.Expr, xshape, w_oihw: np.ndarray, strides, padding, di
     top, left, bottom, _ = (int(p) for p in padding)
     wt = _taps_weight(w_oihw, g)
 
-    def emit(bb, x, bias=None, clip=None, out_dtype="float32", threads=None, request_permission=True):
+    def emit(bb, x, bias=None, clip=None, out_dtype="float32", threads=None, request_permission=True,
+             residual=None):
         right = g.row_pixels - w - left  # the conv's right padding and the slack
         rows = bb.emit_te(_pad_nchwc_te, _fp32_source(bb, x), (top, left, bottom, right),
                           primfunc_name_hint="hago_pad_stem_bf16")
         return emit_conv2d_amx_bf16(bb, rows, wt, g, _padded_bias(bias, g), threads, request_permission,
-                                    clip=clip, out_dtype=out_dtype)
+                                    clip=clip, out_dtype=out_dtype, residual=residual)
 
     return AmxBf16Conv(x, int(w_oihw.shape[0]), LANES, emit)
 

@@ -163,6 +163,64 @@ def test_bf16_conv_epilogue_on_the_tiles_is_bit_identical(monkeypatch):
 
 
 @needs_amx
+def test_residual_adds_and_block_inputs_go_onto_the_tiles_bit_identical(monkeypatch):
+    """A ResNet block's skip add and relu, and an inverted-residual block's input (read in bf16 by its expand
+    conv and in fp32 by its residual add), are the AMX conv's write-back: the add joins the kernel, the bf16
+    cast is the kernel's second output, no elementwise pass is left, and the outputs are bit-identical to the
+    unfused build's."""
+    import tvm
+    from torch import nn
+    from tvm import relax
+
+    import hago.backends.amx.bf16_epilogue as epilogue
+    from hago.build import target_of
+    from hago.compiler import static_pair
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.c1, self.c2 = (nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1),
+                                           nn.Conv2d(32, 32, 3, padding=1))
+            self.expand, self.project = nn.Conv2d(32, 64, 1), nn.Conv2d(64, 32, 1)
+
+        def forward(self, x):
+            a = torch.relu(self.stem(x))
+            b = torch.relu(self.c2(torch.relu(self.c1(a))) + a)  # a basic block: the skip add, then relu
+            c = self.project(nn.functional.relu6(self.expand(b))) + b  # b: expand reads bf16, the add fp32
+            return c.mean((2, 3))
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(1).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    spec = HardwareSpec.load("x86-amx")
+    q = quantize(Net().eval(), spec, {"x": x}, example_inputs=(torch.from_numpy(x[:1]),), corrections=(),
+                 annotate_config=AnnotateConfig(all_bf16=True))
+    _, mod = static_pair(q, spec, 1)
+    from hago.backends.amx.backend import block_convs
+
+    with target_of(spec):
+        ends = epilogue.chains(block_convs(mod, 16)["main"]).ends()
+    skips = [chain for chain in ends.values() if chain[4] is not None]
+    both = [chain for chain in ends.values() if chain[5] and chain[6]]
+    assert len(skips) == 2 and len(both) == 2  # c2's and project's adds; a and b written in fp32 and bf16
+    with target_of(spec):
+        blocked = block_convs(mod, 16)
+        fused_script = epilogue.fuse_bf16_epilogues(blocked).script()
+        left = {name: sum(f'R.{name}(' in line for line in fused_script.splitlines())
+                for name in ("add", "astype", "maximum", "minimum")}
+    assert left == {"add": 0, "astype": 1, "maximum": 0, "minimum": 0}, left  # the input's cast alone is left
+    # the padded 3x3 convs pack their input (from fp32, rounding on the way); the 1x1 convs read bf16 in place
+    assert len(re.findall(r"call_tir\((?:cls\.)?hago_pack_amx_conv", fused_script)) == 2
+    outs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(epilogue, "fuse_bf16_epilogues", lambda m: m)
+        ex = get_backend("amx").build(mod, target_of(spec))
+        outs[fused] = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
+    assert np.abs(outs[True]).max() > 0
+    np.testing.assert_array_equal(outs[True], outs[False])
+
+
+@needs_amx
 def test_bf16_depthwise_reads_bf16_storage_and_tracks_its_twin():
     """A depthwise conv is a bf16 layer on x86-amx: its input is stored in bf16 (the AMX conv before it casts
     on its tiles), it computes in fp32, and the build equals its simulated twin to fp32 summation order."""
