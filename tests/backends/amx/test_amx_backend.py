@@ -116,17 +116,44 @@ def test_bf16_build_runs_convs_and_denses_on_amx_and_tracks_its_twin(prepared, m
     assert np.abs(real - sim).mean() <= 2e-3 * np.abs(sim).mean()
 
 
+def _all_bf16_module(net_class, seed: int):
+    """``(x, spec, mod)``: 4 random 3x12x12 images, x86-amx, and ``net_class()``'s all-bf16 module at batch 1."""
+    from hago.compiler import static_pair
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(seed).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    spec = HardwareSpec.load("x86-amx")
+    q = quantize(net_class().eval(), spec, {"x": x}, example_inputs=(torch.from_numpy(x[:1]),), corrections=(),
+                 annotate_config=AnnotateConfig(all_bf16=True))
+    return x, spec, static_pair(q, spec, 1)[1]
+
+
+def _assert_fused_equals_unfused(monkeypatch, epilogue, mod, spec, x: np.ndarray) -> None:
+    """``mod`` built for x86-amx with its bf16 conv epilogues on the tiles, then without the rewrite: the two
+    outputs bit-identical (and not all zero)."""
+    import tvm
+    from tvm import relax
+
+    from hago.build import target_of
+
+    outs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(epilogue, "fuse_bf16_epilogues", lambda m: m)
+        ex = get_backend("amx").build(mod, target_of(spec))
+        outs[fused] = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert np.abs(outs[True]).max() > 0
+    np.testing.assert_array_equal(outs[True], outs[False])
+
+
 @needs_amx
 def test_bf16_conv_epilogue_on_the_tiles_is_bit_identical(monkeypatch):
     """bf16 conv + bias + relu6/relu (+ the next layer's bf16 cast) becomes one AMX kernel call with the clamp and
     the cast on its stored tiles: no separate elementwise pass, outputs bit-identical to the unfused build."""
-    import tvm
     from torch import nn
-    from tvm import relax
 
     import hago.backends.amx.bf16_epilogue as epilogue
     from hago.build import target_of
-    from hago.compiler import static_pair
 
     class Net(nn.Module):
         def __init__(self):
@@ -138,12 +165,7 @@ def test_bf16_conv_epilogue_on_the_tiles_is_bit_identical(monkeypatch):
             y = nn.functional.relu6(self.c1(torch.relu(self.stem(x))))
             return self.c3(torch.relu(self.c2(y))).mean((2, 3))
 
-    torch.manual_seed(0)
-    x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
-    spec = HardwareSpec.load("x86-amx")
-    q = quantize(Net().eval(), spec, {"x": x}, example_inputs=(torch.from_numpy(x[:1]),), corrections=(),
-                 annotate_config=AnnotateConfig(all_bf16=True))
-    _, mod = static_pair(q, spec, 1)
+    x, spec, mod = _all_bf16_module(Net, seed=0)
     chains = epilogue.chains  # the rewrite's own view of the blocked module
     from hago.backends.amx.backend import block_convs
 
@@ -152,14 +174,7 @@ def test_bf16_conv_epilogue_on_the_tiles_is_bit_identical(monkeypatch):
     kinds = sorted((clip, dtype) for _, _, clip, dtype, *_ in ends.values())
     # c1: relu6 + cast; c2 and the RGB stem (on the tiles as a folded stem, hago/backends/amx/stem_bf16.py): relu + cast
     assert kinds == [((0.0, 6.0), "bfloat16"), ((0.0, np.inf), "bfloat16"), ((0.0, np.inf), "bfloat16")]
-    outs = {}
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(epilogue, "fuse_bf16_epilogues", lambda m: m)
-        ex = get_backend("amx").build(mod, target_of(spec))
-        outs[fused] = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
-    assert np.abs(outs[True]).max() > 0
-    np.testing.assert_array_equal(outs[True], outs[False])
+    _assert_fused_equals_unfused(monkeypatch, epilogue, mod, spec, x[:1])
 
 
 @needs_amx
@@ -168,13 +183,10 @@ def test_residual_adds_and_block_inputs_go_onto_the_tiles_bit_identical(monkeypa
     conv and in fp32 by its residual add), are the AMX conv's write-back: the add joins the kernel, the bf16
     cast is the kernel's second output, no elementwise pass is left, and the outputs are bit-identical to the
     unfused build's."""
-    import tvm
     from torch import nn
-    from tvm import relax
 
     import hago.backends.amx.bf16_epilogue as epilogue
     from hago.build import target_of
-    from hago.compiler import static_pair
 
     class Net(nn.Module):
         def __init__(self):
@@ -189,12 +201,7 @@ def test_residual_adds_and_block_inputs_go_onto_the_tiles_bit_identical(monkeypa
             c = self.project(nn.functional.relu6(self.expand(b))) + b  # b: expand reads bf16, the add fp32
             return c.mean((2, 3))
 
-    torch.manual_seed(0)
-    x = np.random.default_rng(1).standard_normal((4, 3, 12, 12)).astype(np.float32)
-    spec = HardwareSpec.load("x86-amx")
-    q = quantize(Net().eval(), spec, {"x": x}, example_inputs=(torch.from_numpy(x[:1]),), corrections=(),
-                 annotate_config=AnnotateConfig(all_bf16=True))
-    _, mod = static_pair(q, spec, 1)
+    x, spec, mod = _all_bf16_module(Net, seed=1)
     from hago.backends.amx.backend import block_convs
 
     with target_of(spec):
@@ -210,14 +217,7 @@ def test_residual_adds_and_block_inputs_go_onto_the_tiles_bit_identical(monkeypa
     assert left == {"add": 0, "astype": 1, "maximum": 0, "minimum": 0}, left  # the input's cast alone is left
     # the padded 3x3 convs pack their input (from fp32, rounding on the way); the 1x1 convs read bf16 in place
     assert len(re.findall(r"call_tir\((?:cls\.)?hago_pack_amx_conv", fused_script)) == 2
-    outs = {}
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(epilogue, "fuse_bf16_epilogues", lambda m: m)
-        ex = get_backend("amx").build(mod, target_of(spec))
-        outs[fused] = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
-    assert np.abs(outs[True]).max() > 0
-    np.testing.assert_array_equal(outs[True], outs[False])
+    _assert_fused_equals_unfused(monkeypatch, epilogue, mod, spec, x[:1])
 
 
 @needs_amx
