@@ -537,7 +537,7 @@ def conv_kernel_func(g: ConvGeometry, chunks: int, bias: bool = False, request_p
     @T.macro
     def epilogue(Of, acc, store, slot, mb, nb, B, R, Out2):
         """Block ``(mb, nb)``'s kept rows from ``acc[slot]`` into the output (and ``Out2``), each 16 channels as
-        16 / ob vectors, ``R`` added first (``residual``)."""
+        16 / ob vectors, the bias (where the tiles did not start from it) and then ``R`` added first."""
         img, t0, t1, mts = T.meta_var(pair(mb))
         for r in T.serial(mts):
             for i in T.serial(rows):
