@@ -68,6 +68,8 @@ _ACCUMULATING = ("conv2d", "depthwise_conv2d")
 _INPUT_GATED = (*PASSTHROUGH, "global_avg_pool2d", "multiply")
 #: integer ops with no accumulator to dequantize from: their output edge is always quantized, at its own scale
 _OWN_SCALE = ("add", "global_avg_pool2d", "multiply", *ACCUMULATOR_READERS)
+#: of those, the ones that go float as the network's output (quantizing it would only round and clip the result)
+_FLOAT_AT_OUTPUT = ("global_avg_pool2d", "multiply", *ACCUMULATOR_READERS)
 
 #: bits a value of each integer dtype holds (a descriptor input holds an edge of at most that many bits)
 _DTYPE_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "int32": 32}
@@ -230,8 +232,7 @@ def _float_dead_end_passthroughs(graph: Graph, strategy: Strategy) -> None:
         changed = False
         for node in reversed(graph.nodes):
             consumers = graph.consumers.get(node.name, [])
-            # an op with its own output scale as the network's output would only round (and clip) the result
-            output = node.kind in _OWN_SCALE and node.kind != "add" and node.name in graph.outputs
+            output = node.kind in _FLOAT_AT_OUTPUT and node.name in graph.outputs
             if (node.kind in (*_INPUT_GATED, *ACCUMULATOR_READERS) and strategy.ops[node.name].mode == "integer"
                     and (consumers or output) and all(strategy.ops[c].mode != "integer" for c in consumers)):
                 strategy.ops[node.name] = OpChoice(node.kind, "float",

@@ -722,7 +722,7 @@ def amx_bf16_conv(call: relax.Call) -> AmxBf16Conv | None:
             # a conv that packs its input anyway reads the fp32 value a cast to bf16 came from (the packing pass
             # rounds); one that reads bf16 blocks in place keeps the cast, which its producer's pass absorbs,
             # rather than gain a packing pass over fp32
-            source = x if in_place and str(x.ty.dtype) == BF16 else _fp32_source(bb, x)
+            source = x if in_place else _fp32_source(bb, x)
             return emit_conv2d_amx_bf16(bb, source, w_oihw, g, bias, threads, request_permission,
                                         clip=clip, out_dtype=out_dtype, residual=residual)
 

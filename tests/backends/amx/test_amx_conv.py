@@ -253,7 +253,7 @@ def test_bf16_nchw16c_without_padding_is_read_in_place():
     x, calls = _legalized_calls("float32", (1, 1), astype=True)
     assert [name for name, _ in calls] == ["hago_pack_amx_conv", "hago_conv2d_amx_bf16"] and calls[0][1].same_as(x)
     # before an unpadded one the conv reads the cast's bf16 blocks in place (a pack over fp32 would be a pass more
-    # than the cast, which its producer's pass absorbs): MobileNetV2 all-bf16 7% faster
+    # than the cast, which its producer's pass absorbs; docs/STATUS.md, session 21)
     x, calls = _legalized_calls("float32", (0, 0), astype=True)
     assert [name for name, _ in calls] == ["hago_conv2d_amx_bf16"] and not calls[0][1].same_as(x)
 
