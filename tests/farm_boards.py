@@ -5,7 +5,10 @@ hago.measure.board`` does) and a deterministic timer, :data:`TIMER`: it sleeps
 :data:`DELAY` seconds (a measurement that takes time, so boards overlap) and
 returns a latency computed from the uploaded library's size, so a search over
 one board and one over three receive exactly the same measurements through
-the real RPC transport. Two boards misbehave on purpose:
+the real RPC transport. A library that starts with :data:`BARRIER` names a
+folder after it: its timer waits there until :data:`BARRIER_PARTIES` timers
+have arrived, so a test can require measurements that truly run side by side
+without depending on how fast a loaded machine connects and uploads. Two boards misbehave on purpose:
 
 * :func:`crashing_board` kills its own server process on its first
   measurement (a board that drops out mid-search);
@@ -23,6 +26,15 @@ import cloudpickle
 
 TIMER = "hago.test.fake_timer"
 DELAY = 1.0  # a measurement that takes time, so three sent at once are on three boards together
+BARRIER = b"hago-barrier:"
+BARRIER_PARTIES = 3
+BARRIER_WAIT_S = 60.0
+
+
+def barrier_library(path, folder) -> None:
+    """Write a 1000-byte library at ``path`` whose timers meet in ``folder`` before they return."""
+    head = BARRIER + str(folder).encode() + b"\n"
+    path.write_bytes(head + b"\0" * (1000 - len(head)))
 
 
 def fake_board() -> None:
@@ -37,7 +49,16 @@ def fake_board() -> None:
 
     def timer(name):
         path = tvm.get_global_func("tvm.rpc.server.workpath")(name)
-        time.sleep(DELAY)
+        with open(path, "rb") as f:
+            head = f.readline()
+        if head.startswith(BARRIER):  # wait until every party is inside a measurement at once
+            folder = head[len(BARRIER):].strip().decode()
+            open(os.path.join(folder, os.path.basename(path)), "w").close()
+            deadline = time.monotonic() + BARRIER_WAIT_S
+            while len(os.listdir(folder)) < BARRIER_PARTIES and time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:
+            time.sleep(DELAY)
         return os.path.getsize(path) / 1e5
 
     tvm.register_global_func(TIMER, timer, override=True)

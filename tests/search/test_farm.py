@@ -67,9 +67,12 @@ def test_three_boards_all_measure_and_the_search_chooses_as_on_one(farm, mnist_o
     assert len(lines) == 1 and refused in lines[0] and "\n" not in lines[0]
 
     # three measurements sent at once run side by side, one per board (a search overlaps them only when a
-    # board takes longer than building the next candidate, which depends on the machine's load)
+    # board takes longer than building the next candidate, which depends on the machine's load). Their timers
+    # meet at a barrier, so the overlap does not hang on how fast a loaded machine connects and uploads; were
+    # the farm to measure one at a time, the barrier would time out and peak_busy would stay below 3.
     lib = tmp_path / "lib.bin"
-    lib.write_bytes(b"\0" * 1000)
+    (tmp_path / "barrier").mkdir()
+    farm_boards.barrier_library(lib, tmp_path / "barrier")
     deadline = time.monotonic() + 30  # the boards the probe held register again with the tracker first
     while check_tracker(farm, "farm")["farm"].get("free", 0) < 4 and time.monotonic() < deadline:
         time.sleep(0.1)
