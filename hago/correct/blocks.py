@@ -24,24 +24,39 @@ Every block also takes the one ``relu``/``clip`` its output alone feeds
 (ResNet's post-add ReLU, a conv's activation): realize quantizes the output
 edge with that activation's range, so the block's FP32 target is taken after it.
 
-A block (cases 1, 2) is only used when every node in it is a kind the
-reconstruction can run (:data:`RUNNABLE`), every edge in it has static
-(calibrated) quantization, and at least one of its weighted layers is integer;
-otherwise its integer layers fall back to case 3. Transformer layers are not
-recognised (their softmax and batched matmuls are not runnable here); their
-dense layers get case 3 where their input is static.
+A block (cases 1, 2) is only used when the reconstruction can run every
+node in it (:func:`runnable`: an op :mod:`hago.correct.torch_graph` has a
+PyTorch form for) and at least one of its weighted layers is integer;
+otherwise its integer layers fall back to case 3. Edges may be static
+(calibrated) or quantized per row at run time (:mod:`hago.dynamic`: a
+transformer's dense inputs); the block runner fakes both.
+
+**Transformer layers** are case 1: an encoder layer's attention sublayer
+(``x + out(softmax(q k^T) v)``) and its MLP (``x + fc2(gelu(fc1(x)))``) each
+run from a fork to a residual add, so they are found as residual blocks when
+their edges are static. A post-norm layer's ``layer_norm`` follows the add and
+belongs to the next block's fork; a pre-norm layer's is inside the block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hago.graph import Graph
+from hago.correct.torch_graph import supported
+from hago.graph import ACCUMULATOR_READERS, Graph, Node
 from hago.strategy import Strategy
 
-#: node kinds :mod:`hago.correct.brecq` can run in PyTorch inside a block
-RUNNABLE = ("conv2d", "depthwise_conv2d", "dense", "relu", "clip", "add")
 _ACT = ("relu", "clip")
+
+
+def runnable(node: Node) -> bool:
+    """Whether :mod:`hago.correct.brecq` can run ``node`` inside a block as the integer program computes it.
+
+    Any op with a PyTorch form, except an integer-read accumulator (a SiLU the
+    conv applies to its int32 sums): its producer's edge is never quantized in
+    the integer program, which the per-edge fake quantization would not know.
+    """
+    return supported(node) and node.kind not in ACCUMULATOR_READERS
 
 
 @dataclass(frozen=True)
@@ -64,8 +79,7 @@ def find_blocks(graph: Graph, strategy: Strategy) -> list[Block]:
             blocks.append(cand)
             taken.update(cand.nodes)
     for node in graph.nodes:
-        if node.name not in taken and _learnable(graph, strategy, node.name) \
-                and _static(strategy, node.inputs[0]):
+        if node.name not in taken and _learnable(graph, strategy, node.name):
             blocks.append(_with_activation(graph, Block("layer", node.inputs[0], (node.name,), node.name)))
     return sorted(blocks, key=lambda b: order[b.output])
 
@@ -78,15 +92,9 @@ def _learnable(graph: Graph, strategy: Strategy, name: str) -> bool:
         and len(node.inputs) == 1
 
 
-def _static(strategy: Strategy, edge: str) -> bool:
-    e = strategy.edges.get(edge)
-    return e is None or not strategy.resolved(edge).dynamic
-
-
 def _usable(graph: Graph, strategy: Strategy, block: Block) -> bool:
     nodes = [graph.node(n) for n in block.nodes]
-    return (all(n.kind in RUNNABLE for n in nodes)
-            and all(_static(strategy, e) for e in (block.input, *block.nodes))
+    return (all(runnable(n) for n in nodes)
             and all(len(n.inputs) == 1 for n in nodes if n.weighted)
             and any(_learnable(graph, strategy, n.name) for n in nodes))
 

@@ -9,8 +9,22 @@ rounding of all weighted layers of a block jointly, minimising
         + lam * sum_l sum(1 - |2 h(V_l) - 1|^beta)
 
 with AdaRound's rectified sigmoid ``h``, ``beta`` annealed 20 -> 2 after a 20%
-warm-up and ``lam = 0.01`` (the released code's settings; its loss is this
-plain MSE, the paper's Fisher-weighted loss is off there and not offered here).
+warm-up and ``lam = 0.01`` (the released code's settings; its default loss is
+this plain MSE).
+
+**Fisher loss** (``brecq_fisher``): the paper's diagonal-Fisher reconstruction
+loss, ``sum(((block_q - block_fp32) * g)^2)`` with ``g = |dKL/dz| + 1`` per
+output element: the gradient of ``KL(softmax(fp32 logits) || softmax(logits))``
+with respect to the block's output ``z``, taken where ``z`` is the block's
+round-to-nearest output and the rest of the network runs FP32 after it, so
+the error goes where it moves the network's output most. The reference code
+(``save_grad_data``) takes the same gradient with everything *up to* the
+block quantized and a KL averaged over batches of 32 (``batchmean``), damped
+by ``+ 1``; here the network before the block is FP32 (the block input is
+local, as below) and the KL is averaged over the same batches of 32. The
+softmax runs over the output's last axis (the classes of ``[N, classes]``).
+It needs the whole network in PyTorch (:mod:`hago.correct.torch_graph`): a
+model with an op that has no PyTorch form there is refused in one line.
 ``block_q`` runs the block in PyTorch with every edge inside it fake-quantized
 as ``realize`` quantizes it (straight-through gradient), so the rounding also
 absorbs the activations' rounding.
@@ -41,9 +55,11 @@ import time
 import numpy as np
 
 from hago.correct import rounding
-from hago.correct.adaround import GAMMA, ZETA, _fake_quant, fp32_edges, torch_layer, torch_threads
+from hago.correct.adaround import GAMMA, ZETA, _fake_quant, fp32_edges, torch_threads
 from hago.correct.base import Correction, CorrectionContext, register
 from hago.correct.blocks import Block, find_blocks
+from hago.correct.torch_graph import TorchGraph
+from hago.dynamic import QMAX
 from hago.errors import QuantizeError
 
 log = logging.getLogger(__name__)
@@ -64,11 +80,14 @@ class Brecq(Correction):
     """
 
     local = True  # each block learns on its FP32 input (module docstring: what a search reuses)
+    #: ``mse`` or ``fisher`` (module docstring); ``brecq_fisher`` is this class with ``fisher``
+    loss = "mse"
 
     def __init__(self, iters: int = 600, max_samples: int = 32, batch: int = 8, lam: float = 0.01,
                  lr: float = 1e-2, seed: int = 0, threads: int = 1):
         self.iters, self.max_samples, self.batch = iters, max_samples, batch
         self.lam, self.lr, self.seed, self.threads = lam, lr, seed, threads
+        self.network: FisherNetwork | None = None
 
     def run(self, ctx: CorrectionContext) -> dict:
         try:
@@ -83,11 +102,13 @@ class Brecq(Correction):
                              "brecq probe")
         gen = torch.Generator().manual_seed(self.seed)  # the caller's global torch RNG stays untouched
         with torch_threads(torch, self.threads):
+            if self.loss == "fisher":
+                self.network = FisherNetwork(torch, ctx, self.max_samples)
             ratios, learned = self._learn_all(torch, gen, ctx, blocks, tensors)
         seconds = round(time.perf_counter() - t0, 1)
         log.info("brecq: %d blocks in %.1f s", len(blocks), seconds)
         kinds = {k: sum(b.kind == k for b in blocks) for k in ("residual", "inverted_residual", "layer")}
-        return {"blocks": len(blocks), **kinds, "learned": learned,
+        return {"blocks": len(blocks), **kinds, "learned": learned, "loss": self.loss,
                 "mse_vs_nearest": round(float(np.mean(ratios)), 4), "seconds": seconds}
 
     def _learn_all(self, torch, gen, ctx, blocks, tensors) -> tuple[list[float], int]:
@@ -107,19 +128,28 @@ class Brecq(Correction):
 
     def learn_block(self, torch, gen, ctx: CorrectionContext, block: Block, x_np: np.ndarray,
                     target_np: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
-        """({layer: rounding bits}, hard-rounded block-output MSE / nearest's) for one block."""
+        """({layer: rounding bits}, hard-rounded block-output loss / nearest's) for one block.
+
+        The loss is the one learned: the MSE, or the Fisher-weighted error when
+        :attr:`network` holds the whole network (``brecq_fisher``).
+        """
         run = BlockRunner(torch, ctx, block)
         soft = {n: SoftRounding(torch, ctx.graph.node(n), ctx.strategy.ops[n].weight_bits, ctx.strategy.ops[n].weight_scale)
                 for n in run.learned}
         x = block_input(torch, ctx.strategy, block, x_np)
         target = torch.from_numpy(target_np)
+        weight = None
+        if self.network is not None:
+            with torch.no_grad():
+                nearest = run(x, {name: s.hard(s.nearest) for name, s in soft.items()})
+            weight = self.network.output_gradient(block.output, nearest).abs_() + 1.0
         opt = torch.optim.Adam([s.v for s in soft.values()], lr=self.lr)
         n = len(x)
         warm = self.iters // 5
         for it in range(self.iters):
             idx = torch.randint(0, n, (min(self.batch, n),), generator=gen)
             out = run(x[idx], {name: s.soft() for name, s in soft.items()})
-            loss = _rec(out, target[idx])
+            loss = _rec(out, target[idx], None if weight is None else weight[idx])
             if it >= warm:
                 beta = 2 + 18 * (1 - (it - warm) / max(1, self.iters - warm))
                 loss = loss + self.lam * sum(s.regulariser(beta) for s in soft.values())
@@ -128,8 +158,8 @@ class Brecq(Correction):
             opt.step()
         with torch.no_grad():
             ups = {name: s.hard_up() for name, s in soft.items()}
-            learned = _rec(run(x, {name: s.hard(ups[name]) for name, s in soft.items()}), target)
-            near = _rec(run(x, {name: s.hard(s.nearest) for name, s in soft.items()}), target)
+            learned = _rec(run(x, {name: s.hard(ups[name]) for name, s in soft.items()}), target, weight)
+            near = _rec(run(x, {name: s.hard(s.nearest) for name, s in soft.items()}), target, weight)
         return ups, float(learned) / max(float(near), 1e-30)
 
 
@@ -139,9 +169,86 @@ def block_input(torch, strategy, block: Block, x_np: np.ndarray):
     return _fake_quant(torch, torch.from_numpy(x_np), qp)
 
 
-def _rec(out, target):
-    """BRECQ's reconstruction loss: squared error summed over channels, averaged over the rest."""
-    return (out - target).pow(2).sum(1).mean()
+def _rec(out, target, weight=None):
+    """BRECQ's reconstruction loss: squared error summed over channels, averaged over the rest.
+
+    ``weight``: the Fisher loss's per-element ``|g| + 1`` (the error is scaled by it before squaring).
+    """
+    err = out - target if weight is None else (out - target) * weight
+    return err.pow(2).sum(1).mean()
+
+
+class FisherNetwork:
+    """The whole FP32 network in PyTorch over the first ``max_samples`` calibration samples, for the Fisher loss.
+
+    :meth:`output_gradient` gives ``dKL/dz`` at a block's output ``z``: the
+    network from its inputs to its first output, with ``z`` put in place of
+    that edge, the KL against the FP32 output averaged over batches of
+    :data:`FISHER_BATCH` samples (the reference's ``batchmean`` over 32).
+    """
+
+    def __init__(self, torch, ctx: CorrectionContext, max_samples: int):
+        self.torch = torch
+        try:
+            self.graph = TorchGraph(torch, ctx.graph)
+        except QuantizeError as e:
+            raise QuantizeError(f"correction brecq_fisher needs the whole network in PyTorch: {e}; use brecq "
+                                "(the MSE loss) for this model") from None
+        self.output = ctx.graph.outputs[0]
+        names = [p.name for p in ctx.graph.params]
+        arrays = {m: [] for m in names}
+        taken = 0
+        for batch in ctx.samples.batches(FISHER_BATCH):
+            for m in names:
+                arrays[m].append(batch[m])
+            taken += len(batch[names[0]])
+            if taken >= max_samples:
+                break
+        self.inputs = {f"input:{m}": torch.from_numpy(np.ascontiguousarray(np.concatenate(v)[:max_samples]))
+                       for m, v in arrays.items()}
+        with torch.no_grad():
+            self.fp32 = torch.log_softmax(self._run(self.inputs)[self.output], -1)
+
+    def _run(self, inputs, replace=None):
+        after = None if replace is None else (lambda node, y: replace[1] if node.name == replace[0] else y)
+        return self.graph.run(dict(inputs), after=after)
+
+    def output_gradient(self, edge: str, z):
+        """``dKL/dz`` (one value per element of ``z``, ``[samples, ...]``) with ``z`` put at ``edge``."""
+        torch = self.torch
+        grads = []
+        for start in range(0, len(z), FISHER_BATCH):
+            part = slice(start, start + FISHER_BATCH)
+            leaf = z[part].detach().clone().requires_grad_(True)
+            out = self._run({k: v[part] for k, v in self.inputs.items()}, (edge, leaf))[self.output]
+            loss = torch.nn.functional.kl_div(torch.log_softmax(out, -1), self.fp32[part], log_target=True,
+                                              reduction="batchmean")
+            (grad,) = torch.autograd.grad(loss, leaf)
+            grads.append(grad)
+        return torch.cat(grads)
+
+
+#: samples per KL average in the Fisher loss's gradient (the reference's calibration batch)
+FISHER_BATCH = 32
+
+
+@register("brecq_fisher")
+class BrecqFisher(Brecq):
+    """``brecq`` with the paper's diagonal-Fisher reconstruction loss (module docstring)."""
+
+    loss = "fisher"
+
+
+def fake_quantize_rows(torch, x):
+    """``x`` on its per-row uint8 grid and back, as :func:`hago.dynamic.emit_row_quantize` computes it."""
+    zero = torch.zeros((), dtype=x.dtype)
+    lo = torch.minimum(x.amin(-1, keepdim=True), zero)
+    hi = torch.maximum(x.amax(-1, keepdim=True), zero)
+    span = hi - lo
+    scale = torch.where(span > 0, span / QMAX, torch.ones_like(span))
+    zp = torch.round(-lo / scale).clamp(0, QMAX)
+    q = (torch.round(x * (1 / scale)) + zp).clamp(0, QMAX)
+    return (q - zp) * scale
 
 
 def _edge_qparams(strategy, edge: str):
@@ -186,7 +293,9 @@ class BlockRunner:
     ``weights`` gives the (soft or hard) quantized weight of each learned
     layer; other weighted layers (float, or integer ones with a correction this
     does not learn) use their FP32 weight. Every node's output is fake-quantized
-    where its edge owns parameters, with a straight-through gradient.
+    where its edge owns parameters, with a straight-through gradient; the nodes
+    themselves run through :class:`hago.correct.torch_graph.TorchGraph`, so a
+    transformer sublayer (matmuls, softmax, layer norm, GELU) runs as well as a conv block.
     """
 
     def __init__(self, torch, ctx: CorrectionContext, block: Block):
@@ -196,37 +305,24 @@ class BlockRunner:
         self.learned = [n.name for n in self.nodes if n.weighted and strategy.ops[n.name].mode == "integer"
                         and strategy.ops[n.name].weight_scale_in is None
                         and strategy.ops[n.name].weight_codes is None]
-        self.layer = {n.name: torch_layer(torch, n) for n in self.nodes if n.weighted}
-        self.fp32_w = {n.name: torch.from_numpy(n.weight.astype(np.float32)) for n in self.nodes if n.weighted}
-        self.bias = {n.name: torch.from_numpy(n.bias.reshape(_bias_shape(n))) for n in self.nodes
-                     if n.weighted and n.bias is not None}
+        self.graph = TorchGraph(torch, graph, self.nodes)
         self.qp = {n.name: _edge_qparams(strategy, n.name) for n in self.nodes}
-        self.clip = {n.name: (float(n.call.args[1].value), float(n.call.args[2].value))
-                     for n in self.nodes if n.kind == "clip"}
+        #: integer dense layers whose float input is quantized per row at run time (:mod:`hago.dynamic`)
+        self.rows = {n.name for n in self.nodes if n.weighted and strategy.ops[n.name].mode == "integer"
+                     and n.inputs[0] in strategy.edges and strategy.resolved(n.inputs[0]).dynamic}
+
+    def _rows(self, node, args):
+        if node.name in self.rows:
+            x = args[0]
+            args = [x + (fake_quantize_rows(self.torch, x) - x).detach(), *args[1:]]  # straight-through
+        return args
+
+    def _fake_quant(self, node, y):
+        qp = self.qp[node.name]
+        if qp is None:
+            return y
+        return y + (_fake_quant(self.torch, y, qp) - y).detach()  # straight-through
 
     def __call__(self, x, weights: dict):
-        torch = self.torch
-        env = {self.block.input: x}
-        for n in self.nodes:
-            args = [env[e] for e in n.inputs]
-            if n.weighted:
-                y = self.layer[n.name](args[0], weights.get(n.name, self.fp32_w[n.name]))
-                if n.name in self.bias:
-                    y = y + self.bias[n.name]
-            elif n.kind == "relu":
-                y = torch.relu(args[0])
-            elif n.kind == "clip":
-                y = args[0].clamp(*self.clip[n.name])
-            else:  # add; ``x + x`` has one input edge
-                y = args[0] + args[-1]
-            qp = self.qp[n.name]
-            if qp is not None:
-                y = y + (_fake_quant(torch, y, qp) - y).detach()  # straight-through
-            env[n.name] = y
+        env = self.graph.run({self.block.input: x}, weights, before=self._rows, after=self._fake_quant)
         return env[self.block.output]
-
-
-def _bias_shape(node) -> tuple[int, ...]:
-    c = rounding.weight_axis(node.kind)
-    channels = node.weight.shape[c]
-    return (channels,) if node.kind == "dense" else (1, channels, 1, 1)
