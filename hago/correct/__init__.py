@@ -27,7 +27,8 @@ strategy (``OpChoice.bias_delta``), so ``realize`` and a replayed
   or inverted-residual block or transformer sublayer (:mod:`hago.correct.blocks`)
   on the block's output, single layers elsewhere; stored like AdaRound's. Run it
   before ``bias``. ``brecq_fisher`` weighs the block's output error by the
-  gradient of the network's KL (the paper's diagonal-Fisher loss).
+  gradient of the network's KL (the paper's diagonal-Fisher loss); ``brecq_lsq``
+  then learns each block's activation steps (LSQ; changes edges, so not local).
 * ``cle`` -- cross-layer equalization (Nagel et al. 2019, sec. 4.1;
   :mod:`hago.correct.cle`): a *graph* correction that rescales conv/dense
   pairs through ReLU in the FP32 weights before annotate and calibration,
@@ -56,7 +57,7 @@ stored deltas and whose weights sit on their learned grid points; pass it to
 from hago.correct.base import (CORRECTIONS, Correction, CorrectionContext, GraphCorrection, check_corrections,
                                corrected_graph, get_correction, graph_stage, register, run_corrections)
 from hago.correct.adaround import AdaRound, AdaRoundConv
-from hago.correct.brecq import Brecq, BrecqFisher
+from hago.correct.brecq import Brecq, BrecqFisher, BrecqLsq
 from hago.correct.bias import BiasCorrection, SequentialBiasCorrection
 from hago.correct.bias_data_free import DataFreeBiasCorrection
 from hago.correct.cle import CrossLayerEqualization
@@ -66,7 +67,7 @@ from hago.correct.lapq import Lapq
 from hago.correct.multipoint import Multipoint
 from hago.correct.weight_clip import WeightClip
 
-__all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Brecq", "BrecqFisher", "Correction", "CorrectionContext",
+__all__ = ["CORRECTIONS", "AdaRound", "AdaRoundConv", "BiasCorrection", "Brecq", "BrecqFisher", "BrecqLsq", "Correction", "CorrectionContext",
            "CrossLayerEqualization", "DataFreeBiasCorrection",
            "DataFreeMixedPrecisionCompensation", "GraphCorrection", "Gptq", "GptqSequential", "Lapq", "Multipoint", "SequentialBiasCorrection",
            "WeightClip", "check_corrections", "corrected_graph", "get_correction", "graph_stage", "register", "run_corrections"]
