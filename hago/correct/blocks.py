@@ -8,9 +8,10 @@ output needs no cross-block information. The rule, on hago's :class:`Graph`:
 1. **Residual block.** For every ``add`` of two tensors, its *fork* is the
    latest edge (in topological order) that both operands depend on. The block
    is every node on a path from the fork to the add (both branches: the
-   conv-relu-conv body and an identity or projection shortcut). It is kept only when it is *closed*: each of its
-   nodes reads only the fork or other block nodes, and only its output leaves
-   it. Adds are taken in topological order and a block overlapping an earlier
+   conv-relu-conv body and an identity or projection shortcut). It is kept only when it is *closed*: only its
+   output leaves it. Its nodes read the fork, each other, and *side* edges
+   computed outside it (a BERT's attention mask, made once from the mask input
+   and added in every layer), which the block reads as the FP32 network gives them. Adds are taken in topological order and a block overlapping an earlier
    one is dropped (an inner residual wins over one around it).
 2. **Inverted-residual block without a shortcut** (MobileNetV2's stride-2 or
    channel-changing blocks; those with a shortcut are case 1): a depthwise
@@ -67,6 +68,8 @@ class Block:
     input: str  # the edge the block reads
     nodes: tuple[str, ...]
     output: str  # the edge (node name) the block's result leaves on
+    #: other edges from outside that nodes of the block read (an attention mask computed once for every layer)
+    side: tuple[str, ...] = ()
 
 
 def find_blocks(graph: Graph, strategy: Strategy) -> list[Block]:
@@ -123,8 +126,9 @@ def _residual_blocks(graph: Graph, order: dict[str, int]) -> list[Block]:
         body = [n.name for n in graph.nodes
                 if order.get(fork, -1) < order[n.name] <= order[add.name]
                 and n.name in anc[add.name] and fork in anc[n.name]]
-        if _closed(graph, fork, body, add.name):
-            out.append(_with_activation(graph, Block("residual", fork, tuple(body), add.name)))
+        side = _closed(graph, fork, body, add.name)
+        if side is not None:
+            out.append(_with_activation(graph, Block("residual", fork, tuple(body), add.name, side)))
     return out
 
 
@@ -137,17 +141,19 @@ def _with_activation(graph: Graph, block: Block) -> Block:
     act = _sole_consumer(graph, block.output)
     if act is None or act.kind not in _ACT:
         return block
-    return Block(block.kind, block.input, (*block.nodes, act.name), act.name)
+    return Block(block.kind, block.input, (*block.nodes, act.name), act.name, block.side)
 
 
-def _closed(graph: Graph, fork: str, body: list[str], output: str) -> bool:
+def _closed(graph: Graph, fork: str, body: list[str], output: str) -> tuple[str, ...] | None:
+    """The side edges ``body`` reads from outside (neither the fork nor its own), or None when a tensor other
+    than ``output`` leaves it (the block would not be the only reader of what it computes)."""
     inside = set(body)
+    side: list[str] = []
     for name in body:
-        if any(e != fork and e not in inside for e in graph.node(name).inputs):
-            return False
+        side += [e for e in graph.node(name).inputs if e != fork and e not in inside and e not in side]
         if name != output and (name in graph.outputs or not set(graph.consumers.get(name, [])) <= inside):
-            return False
-    return True
+            return None
+    return tuple(side)
 
 
 def _sole_consumer(graph: Graph, edge: str):

@@ -113,8 +113,8 @@ class Brecq(Correction):
         if not blocks:
             return {"blocks": 0}
         t0 = time.perf_counter()
-        tensors = fp32_edges(ctx, sorted({e for b in blocks for e in (b.input, b.output)}), self.max_samples,
-                             "brecq probe")
+        tensors = fp32_edges(ctx, sorted({e for b in blocks for e in (b.input, b.output, *b.side)}),
+                             self.max_samples, "brecq probe")
         gen = torch.Generator().manual_seed(self.seed)  # the caller's global torch RNG stays untouched
         with torch_threads(torch, self.threads):
             if self.loss == "fisher":
@@ -131,7 +131,8 @@ class Brecq(Correction):
         ratios, learned = [], 0
         for block in blocks:
             tb = time.perf_counter()
-            ups, ratio = self.learn_block(torch, gen, ctx, block, tensors[block.input], tensors[block.output])
+            side = {e: tensors[e] for e in block.side}
+            ups, ratio = self.learn_block(torch, gen, ctx, block, tensors[block.input], tensors[block.output], side)
             if ratio < 1.0:
                 for name, up in ups.items():
                     ctx.strategy.ops[name].weight_round = rounding.encode(up)
@@ -140,20 +141,20 @@ class Brecq(Correction):
                 kept = {n: ups[n] if ratio < 1.0 else rounding.nearest_up(
                     ctx.graph.node(n).weight, ctx.graph.node(n).kind, ctx.strategy.ops[n].weight_bits,
                     ctx.strategy.ops[n].weight_scale) for n in ups}
-                self.learn_steps(torch, gen, ctx, block, tensors[block.input], tensors[block.output], kept)
+                self.learn_steps(torch, gen, ctx, block, tensors[block.input], tensors[block.output], kept, side)
             ratios.append(ratio)
             log.info("brecq %s block -> %s (%d layers): output MSE x%.3f of nearest, %.1f s", block.kind,
                      block.output, len(ups), ratio, time.perf_counter() - tb)
         return ratios, learned
 
     def learn_block(self, torch, gen, ctx: CorrectionContext, block: Block, x_np: np.ndarray,
-                    target_np: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+                    target_np: np.ndarray, side: dict | None = None) -> tuple[dict[str, np.ndarray], float]:
         """({layer: rounding bits}, hard-rounded block-output loss / nearest's) for one block.
 
         The loss is the one learned: the MSE, or the Fisher-weighted error when
         :attr:`network` holds the whole network (``brecq_fisher``).
         """
-        run = BlockRunner(torch, ctx, block)
+        run = BlockRunner(torch, ctx, block, side)
         soft = {n: SoftRounding(torch, ctx.graph.node(n), ctx.strategy.ops[n].weight_bits, ctx.strategy.ops[n].weight_scale)
                 for n in run.learned}
         x = block_input(torch, ctx.strategy, block, x_np)
@@ -168,7 +169,7 @@ class Brecq(Correction):
         warm = self.iters // 5
         for it in range(self.iters):
             idx = torch.randint(0, n, (min(self.batch, n),), generator=gen)
-            out = run(x[idx], {name: s.soft() for name, s in soft.items()})
+            out = run(x[idx], {name: s.soft() for name, s in soft.items()}, rows=idx)
             loss = _rec(out, target[idx], None if weight is None else weight[idx])
             if it >= warm:
                 beta = 2 + 18 * (1 - (it - warm) / max(1, self.iters - warm))
@@ -184,10 +185,10 @@ class Brecq(Correction):
 
 
     def learn_steps(self, torch, gen, ctx: CorrectionContext, block: Block, x_np: np.ndarray,
-                    target_np: np.ndarray, ups: dict[str, np.ndarray]) -> dict[str, float]:
+                    target_np: np.ndarray, ups: dict[str, np.ndarray], side: dict | None = None) -> dict[str, float]:
         """Learn the step of every per-tensor activation edge ``block`` quantizes, its layers rounded as ``ups``
         says; write them into the strategy when they lower the block's MSE. {edge: new / old step}."""
-        run = BlockRunner(torch, ctx, block)
+        run = BlockRunner(torch, ctx, block, side)
         edges = [n for n, qp in run.qp.items() if qp is not None and np.ndim(qp.scale) == 0]
         if not edges:
             return {}
@@ -204,7 +205,7 @@ class Brecq(Correction):
         n = len(x)
         for _ in range(self.iters):
             idx = torch.randint(0, n, (min(self.batch, n),), generator=gen)
-            loss = (run(x[idx], weights, steps) - target[idx]).abs().pow(self.act_p).sum(1).mean()
+            loss = (run(x[idx], weights, steps, rows=idx) - target[idx]).abs().pow(self.act_p).sum(1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -229,9 +230,11 @@ class Brecq(Correction):
         return moved
 
 
-def block_input(torch, strategy, block: Block, x_np: np.ndarray):
-    """The block's FP32 input fake-quantized with its edge's parameters (as realize quantizes it)."""
-    qp = strategy.resolved(block.input).qparams if block.input in strategy.edges else None
+def block_input(torch, strategy, block: Block, x_np: np.ndarray, edge: str | None = None):
+    """The block's FP32 input (or side ``edge``) fake-quantized with its edge's parameters (as realize
+    quantizes it)."""
+    edge = edge or block.input
+    qp = strategy.resolved(edge).qparams if edge in strategy.edges else None
     return _fake_quant(torch, torch.from_numpy(x_np), qp)
 
 
@@ -372,8 +375,10 @@ class BlockRunner:
     transformer sublayer (matmuls, softmax, layer norm, GELU) runs as well as a conv block.
     """
 
-    def __init__(self, torch, ctx: CorrectionContext, block: Block):
+    def __init__(self, torch, ctx: CorrectionContext, block: Block, side: dict | None = None):
         self.torch, self.block = torch, block
+        #: the block's side edges (``Block.side``), their FP32 values fake-quantized as realize reads them
+        self.side = {e: block_input(torch, ctx.strategy, block, v, e) for e, v in (side or {}).items()}
         graph, strategy = ctx.graph, ctx.strategy
         self.nodes = [graph.node(n) for n in block.nodes]
         self.learned = [n.name for n in self.nodes if n.weighted and strategy.ops[n.name].mode == "integer"
@@ -403,8 +408,11 @@ class BlockRunner:
             return ((r + (self.torch.round(r) - r).detach()) + zp).clamp(qp.qmin, qp.qmax).sub(zp).mul(step)
         return y + (_fake_quant(self.torch, y, qp) - y).detach()  # straight-through
 
-    def __call__(self, x, weights: dict, steps: dict | None = None):
-        """The block's output; ``steps``: learnable per-tensor steps for some of its edges (LSQ)."""
+    def __call__(self, x, weights: dict, steps: dict | None = None, rows=None):
+        """The block's output; ``steps``: learnable per-tensor steps for some of its edges (LSQ); ``rows``:
+        the samples ``x`` holds, where it is a mini-batch (the side edges are indexed with them)."""
         self._steps = steps or {}
-        env = self.graph.run({self.block.input: x}, weights, before=self._rows, after=self._fake_quant)
+        env = {e: v if rows is None else v[rows] for e, v in self.side.items()}
+        env[self.block.input] = x
+        env = self.graph.run(env, weights, before=self._rows, after=self._fake_quant)
         return env[self.block.output]

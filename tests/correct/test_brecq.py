@@ -290,3 +290,47 @@ def test_brecq_lsq_learns_activation_steps_into_the_strategy(run_tvm, cpu_target
     err = {k: float(((run_tvm(simulate(corrected_graph(rtn.graph, s), s), test) - ref) ** 2).mean())
            for k, s in (("rtn", rtn.strategy), ("lsq", ctx.strategy))}
     assert err["lsq"] < 0.95 * err["rtn"], err
+
+
+class MaskedAttention(nn.Module):
+    """``x + out(softmax(q k^T / 4 + bias) v)``, ``bias = (1 - mask) * -1e4`` made once from a second input, as
+    a BERT adds its attention mask in every layer; then a ReLU MLP with its own residual."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, mask):
+        bias = ((1.0 - mask) * -1e4)[:, None, :]
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4 + bias, -1)
+        x = x + self.o(a @ self.v(x))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_mask_made_outside_the_block_is_read_as_a_side_input(cpu_target):
+    """The attention block reads the mask bias computed outside it (a side edge): it is still one block, and
+    run with FP32 weights on the probe's FP32 tensors it gives the FP32 block output (the wiring is right)."""
+    torch.manual_seed(0)
+    net = MaskedAttention().eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 6, 16)).astype(np.float32)
+    mask = (rng.random((32, 6)) > 0.3).astype(np.float32)
+    mod = load_model(net, example_inputs=(torch.from_numpy(x[:2]), torch.from_numpy(mask[:2])))
+    rtn = quantize(mod, DEVICE, {"x": x, "mask": mask}, annotate_config=AnnotateConfig(weight_bits=4),
+                   corrections=())
+    blocks = find_blocks(rtn.graph, rtn.strategy)
+    attn = next(b for b in blocks if sum(rtn.graph.node(n).kind == "dense" for n in b.nodes) == 4)
+    assert attn.kind == "residual" and len(attn.side) == 1 and attn.side[0] not in attn.nodes
+    ctx = CorrectionContext(rtn.fp32, rtn.graph, copy.deepcopy(rtn.strategy), rtn.prepared.calib, cpu_target, 32)
+    fp32 = fp32_edges(ctx, [attn.input, attn.output, *attn.side], 32)
+    for e in ctx.strategy.edges.values():  # no rounding anywhere: the runner must reproduce the FP32 block
+        e.bits, e.qparams, e.dynamic = 0, None, False
+    run = BlockRunner(torch, ctx, attn, {e: fp32[e] for e in attn.side})
+    with torch.no_grad():
+        out = run(torch.from_numpy(fp32[attn.input]), {})
+        part = run(torch.from_numpy(fp32[attn.input][4:12]), {}, rows=torch.arange(4, 12))
+    np.testing.assert_allclose(out.numpy(), fp32[attn.output], atol=1e-4)
+    np.testing.assert_allclose(part.numpy(), fp32[attn.output][4:12], atol=1e-4)
+    report = Brecq(iters=50).run(dataclasses.replace(ctx, strategy=copy.deepcopy(rtn.strategy)))
+    assert report["residual"] == 2, report
