@@ -123,8 +123,12 @@ class Brecq(Correction):
         seconds = round(time.perf_counter() - t0, 1)
         log.info("brecq: %d blocks in %.1f s", len(blocks), seconds)
         kinds = {k: sum(b.kind == k for b in blocks) for k in ("residual", "inverted_residual", "layer")}
-        return {"blocks": len(blocks), **kinds, "learned": learned, "loss": self.loss,
-                "mse_vs_nearest": round(float(np.mean(ratios)), 4), "seconds": seconds}
+        report = {"blocks": len(blocks), **kinds, "learned": learned, "loss": self.loss,
+                  "mse_vs_nearest": round(float(np.mean(ratios)), 4), "seconds": seconds}
+        if self.network is not None:  # how far the Fisher weights |g| + 1 are from the MSE's 1
+            report["mean_abs_grad"] = float(np.mean(self.network.grad_means))
+            report["max_block_mean_abs_grad"] = float(np.max(self.network.grad_means))
+        return report
 
     def _learn_all(self, torch, gen, ctx, blocks, tensors) -> tuple[list[float], int]:
         """Learn every block in turn, write the roundings that help; (each block's MSE ratio, how many helped)."""
@@ -163,7 +167,9 @@ class Brecq(Correction):
         if self.network is not None:
             with torch.no_grad():
                 nearest = run(x, {name: s.hard(s.nearest) for name, s in soft.items()})
-            weight = self.network.output_gradient(block.output, nearest).abs_() + 1.0
+            grad = self.network.output_gradient(block.output, nearest).abs_()
+            self.network.grad_means.append(float(grad.mean()))
+            weight = grad + 1.0
         opt = torch.optim.Adam([s.v for s in soft.values()], lr=self.lr)
         n = len(x)
         warm = self.iters // 5
@@ -277,6 +283,7 @@ class FisherNetwork:
                        for m, v in arrays.items()}
         with torch.no_grad():
             self.fp32 = torch.log_softmax(self._run(self.inputs)[self.output], -1)
+        self.grad_means: list[float] = []  # mean |dKL/dz| of each block so far, for the report
 
     def _run(self, inputs, replace=None):
         after = None if replace is None else (lambda node, y: replace[1] if node.name == replace[0] else y)
