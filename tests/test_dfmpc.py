@@ -287,3 +287,28 @@ def test_bad_weight_scale_in_is_refused(pair):
     strat.ops[name].weight_round = "x"
     with pytest.raises(QuantizeError, match="do not compose"):
         corrected_graph(q.graph, strat)
+
+
+def test_a_search_compensates_each_candidates_own_pairs(pair, tmp_path):
+    """``dfmpc`` in a search: the pairs depend on the neighbours' bits, so it runs on every candidate's own
+    strategy (closed form, no data), after the per-layer ``bias`` results are copied in. A candidate with the
+    first conv at 4 bits before the 8-bit second gets the compensation ``hago compile --corrections bias,dfmpc``
+    gives the same choice; the all-8-bit candidate has no pair and none."""
+    from hago.search.engine import SearchEngine
+
+    net, calib, test, example, names = pair
+    name = prepare_model(net, example_inputs=example).graph.params[0].name
+    e = SearchEngine(net, DEVICE, {name: calib}, {name: test[:32]}, log_path=tmp_path / "s.jsonl",
+                     example_inputs=example, cache_dir=tmp_path / "cache", corrections=("dfmpc", "bias"),
+                     max_trials=2)
+    wide = e.space.widest()
+    low = tuple(4 if (k.kind, k.name) == ("weight", names[0]) else w for k, w in zip(e.space.knobs, wide))
+    assert low != wide
+    s_low, s_wide = e.strategy(low), e.strategy(wide)
+    assert s_low.corrections == ["dfmpc", "bias"] and s_low.ops[names[0]].weight_bits == 4
+    assert all(op.weight_scale_in is None for op in s_wide.ops.values())
+    compiled = _quantize(pair, 4, ["bias", "dfmpc"])
+    np.testing.assert_allclose(s_low.ops[names[1]].weight_scale_in, compiled.strategy.ops[names[1]].weight_scale_in,
+                               rtol=1e-5)
+    np.testing.assert_allclose(s_low.ops[names[1]].bias_delta, compiled.strategy.ops[names[1]].bias_delta, rtol=1e-4,
+                               atol=1e-6)

@@ -64,6 +64,10 @@ class Correction(ABC):
     #: its input edge) and its FP32 input: a search may then compute it once and copy it to every
     #: candidate that quantizes the layer the same way (``hago.search.engine``)
     local: ClassVar[bool] = False
+    #: True for a closed-form, data-free correction whose result depends on the *neighbours'* choices (DF-MPC:
+    #: a low-bit layer compensated by the next, higher-bit one): a search cannot copy it by layer, but it costs
+    #: next to nothing, so ``hago.search.engine`` runs it on every candidate's own strategy
+    per_candidate: ClassVar[bool] = False
     #: ``strategy``: runs after calibration and writes into the strategy; ``graph``: a
     #: :class:`GraphCorrection`, rewrites the FP32 module before annotate and calibration
     stage: ClassVar[str] = "strategy"

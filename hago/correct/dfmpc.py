@@ -257,6 +257,8 @@ class DataFreeMixedPrecisionCompensation(Correction):
     """Absorb a low-bit layer's weight error into the next, higher-bit layer's per-input-channel scales and
     bias, in closed form from batch-norm statistics (no data)."""
 
+    per_candidate = True  # closed form, no data: a search runs it on each candidate (its pairs are the search's)
+
     def __init__(self, form: str = "moments", bias: bool = True):
         if form not in FORMS:
             raise ValueError(f"dfmpc form must be one of {FORMS}, got {form!r}")

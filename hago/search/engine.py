@@ -331,7 +331,12 @@ class SearchEngine:
     def _correct(self, corrections, cache_dir: Path) -> None:
         """Per-layer results of the correction plug-ins (``hago.correct``), computed once per weight width.
 
-        Only *local* corrections are supported here (``Correction.local``:
+        Closed-form corrections that depend on the neighbours' choices
+        (``Correction.per_candidate``: ``dfmpc``) run on each candidate's own
+        strategy instead, after the local results are copied in (:meth:`strategy`;
+        so a ``bias`` delta was measured without them: an approximation ``hago
+        compile --corrections dfmpc,bias`` does not make). Otherwise only *local*
+        corrections are supported here (``Correction.local``:
         ``weight_clip``, ``gptq``, ``bias``, ``adaround``, ``adaround_conv``): each
         works on a layer's FP32 input, so its result (step, codes, bias delta,
         learned rounding) depends only on the layer's own weight bits, input
@@ -351,10 +356,14 @@ class SearchEngine:
         if not self.corrections:
             return
         check_corrections(self.corrections)
-        serial = [n for n in self.corrections if not CORRECTIONS[n].local]
+        serial = [n for n in self.corrections if not CORRECTIONS[n].local and not CORRECTIONS[n].per_candidate]
         if serial:
             raise SearchError(f"search cannot use --corrections {','.join(serial)}: its result for a layer depends "
-                              "on every other layer's choice (use weight_clip, gptq, bias, adaround or adaround_conv)")
+                              "on every other layer's choice (use weight_clip, gptq, bias, adaround, adaround_conv, "
+                              "brecq, brecq_fisher or dfmpc)")
+        #: run on each candidate's strategy, after the local results are copied in (Correction.per_candidate)
+        self._per_candidate = tuple(n for n in self.corrections if CORRECTIONS[n].per_candidate)
+        self._local = tuple(n for n in self.corrections if n not in self._per_candidate)
         names = "+".join(self.corrections)
         digest = self._digest(names, self.calib_samples, self.calibrator.name)
         path = cache_dir / "reference" / f"corrections-{names}-{digest}.json"  # never the old .pkl
@@ -374,8 +383,8 @@ class SearchEngine:
 
     def _correct_at(self, setting: str, strat) -> None:
         """Run the local corrections on ``strat``, keep each layer's result under its correction key, save."""
-        run_corrections(self.corrections, CorrectionContext(self.fp32, self.graph, strat, self.calib_samples,
-                                                            self.host, self.prepared.batch_for(CALIB_BATCH)))
+        run_corrections(self._local, CorrectionContext(self.fp32, self.graph, strat, self.calib_samples,
+                                                       self.host, self.prepared.batch_for(CALIB_BATCH)))
         for name, op in strat.ops.items():
             fields = {k: getattr(op, k) for k in CORRECTED_FIELDS}
             if op.mode == "integer" and any(v is not None for v in fields.values()):
@@ -445,6 +454,14 @@ class SearchEngine:
                 if op.mode == "integer" and fields is not None:
                     for k, v in fields.items():
                         setattr(op, k, v)
+            if self._per_candidate:  # DF-MPC: the pairs this candidate's bits make, compensated in closed form
+                quiet = logging.getLogger("hago.correct")  # its report would repeat for every candidate
+                level = quiet.level
+                quiet.setLevel(logging.ERROR)
+                try:
+                    run_corrections(self._per_candidate, CorrectionContext(self.fp32, self.graph, strat, None, None))
+                finally:
+                    quiet.setLevel(level)
             strat.corrections = list(self.corrections)
         return strat
 
