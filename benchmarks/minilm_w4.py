@@ -76,8 +76,7 @@ def measure(row: str, model, example, calib, ref_docs: np.ndarray) -> dict:
 
 
 def table(rows: dict, fp32: dict, order, cmd: str) -> str:
-    lines = [f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, {THREADS} thread(s); seconds measured with another "
-             "benchmark process on the second core).", "",
+    lines = [f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, {THREADS} thread(s)).", "",
              "| build | " + " | ".join(label for _, label in METRICS) + " | quantize s |",
              "|---|" + "---|" * (len(METRICS) + 1),
              "| PyTorch FP32 | " + " | ".join(f"{fp32[k]:.4f}" for k, _ in METRICS if k in fp32) + " | 1.0000 | — |"]
