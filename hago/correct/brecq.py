@@ -113,12 +113,12 @@ class Brecq(Correction):
         if not blocks:
             return {"blocks": 0}
         t0 = time.perf_counter()
-        tensors = fp32_edges(ctx, sorted({e for b in blocks for e in (b.input, b.output, *b.side)}),
-                             self.max_samples, "brecq probe")
         gen = torch.Generator().manual_seed(self.seed)  # the caller's global torch RNG stays untouched
         with torch_threads(torch, self.threads):
-            if self.loss == "fisher":
+            if self.loss == "fisher":  # first: a network it cannot run is refused before any probe
                 self.network = FisherNetwork(torch, ctx, self.max_samples)
+            tensors = fp32_edges(ctx, sorted({e for b in blocks for e in (b.input, b.output, *b.side)}),
+                                 self.max_samples, "brecq probe")
             ratios, learned = self._learn_all(torch, gen, ctx, blocks, tensors)
         seconds = round(time.perf_counter() - t0, 1)
         log.info("brecq: %d blocks in %.1f s", len(blocks), seconds)

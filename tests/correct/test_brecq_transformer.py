@@ -102,3 +102,18 @@ def test_a_mask_made_outside_the_block_is_read_as_a_side_input(cpu_target):
     np.testing.assert_allclose(part.numpy(), fp32[attn.output][4:12], atol=1e-4)
     report = Brecq(iters=50).run(dataclasses.replace(ctx, strategy=copy.deepcopy(rtn.strategy)))
     assert report["residual"] == 2, report
+
+
+def test_the_fisher_loss_refuses_a_network_it_cannot_run_in_one_line(tmp_path):
+    """``brecq_fisher`` needs the whole network in PyTorch: a transposed conv (no PyTorch form in
+    hago.correct.torch_graph) is named in one line, with the way out (``brecq``)."""
+    import corpus
+    from hago.errors import QuantizeError
+
+    case = corpus.PATTERNS["conv_transpose"]
+    path = case.export(tmp_path / "t.onnx")
+    with pytest.raises(QuantizeError, match="brecq_fisher needs the whole network in PyTorch") as err:
+        quantize(str(path), DEVICE, {"x": case.samples(16)}, annotate_config=AnnotateConfig(weight_bits=4),
+                 corrections=["brecq_fisher"])
+    assert "relax.nn.conv2d_transpose" in str(err.value) and "use brecq" in str(err.value)
+    assert "\n" not in str(err.value)
