@@ -18,23 +18,20 @@ under its own heading.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
-THREADS = "1"
-for i, a in enumerate(sys.argv):  # TVM reads its thread count once, when its pool starts
-    if a == "--threads" and i + 1 < len(sys.argv):
-        THREADS = sys.argv[i + 1]
-os.environ.setdefault("TVM_NUM_THREADS", THREADS)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tvm_threads import from_argv  # noqa: E402
+
+THREADS = from_argv()  # before TVM is imported: it reads its thread count once
 
 import json  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 WORK = HERE / "work" / "minilm_w4"
 RESULTS = HERE / "RESULTS.md"
 HEADING = "## all-MiniLM-L6-v2 at 4-bit weights: BRECQ on transformer layers (issue 17)"
