@@ -209,7 +209,11 @@ class TorchGraph:
                 args[1] = weights.get(n.name, self.fp32_w[n.name])
             if before is not None:
                 args = before(n, args)
-            y = OPS[n.relax_op](self.torch, n.call, *args)
+            try:
+                y = OPS[n.relax_op](self.torch, n.call, *args)
+            except RuntimeError as e:  # e.g. a reshape written for a fixed batch the samples do not have
+                line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise QuantizeError(f"the PyTorch run of {n.name} ({n.relax_op}) failed: {line}") from None
             if n.name in self.bias:
                 y = y + self.bias[n.name]
             env[n.name] = after(n, y) if after is not None else y

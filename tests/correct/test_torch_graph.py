@@ -45,3 +45,13 @@ def test_an_op_without_a_torch_form_is_refused_in_one_line(tmp_path):
     with pytest.raises(QuantizeError, match="no PyTorch form for op.s. relax.nn.conv2d_transpose") as err:
         TorchGraph(torch, prepare_model(str(path)).graph)
     assert "\n" not in str(err.value)
+
+
+def test_a_tensor_the_graph_cannot_take_fails_in_one_line_naming_the_node(tmp_path):
+    """PyTorch's own error (here: 2 input channels where the first conv wants 3; in practice a reshape written for
+    a fixed batch) becomes one line that names the node and its op, not a traceback."""
+    graph = prepare_model(str(corpus.CORPUS["resnet_small"].export(tmp_path / "r.onnx"))).graph
+    first = next(n for n in graph.nodes if n.weighted)
+    with pytest.raises(QuantizeError, match=f"the PyTorch run of {first.name} .relax.nn.conv2d. failed") as err:
+        TorchGraph(torch, graph).run({f"input:{graph.params[0].name}": torch.zeros(2, 2, 16, 16)})
+    assert "\n" not in str(err.value)
