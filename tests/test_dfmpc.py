@@ -305,7 +305,7 @@ def test_a_search_compensates_each_candidates_own_pairs(pair, tmp_path):
     low = tuple(4 if (k.kind, k.name) == ("weight", names[0]) else w for k, w in zip(e.space.knobs, wide))
     assert low != wide
     s_low, s_wide = e.strategy(low), e.strategy(wide)
-    assert s_low.corrections == ["dfmpc", "bias"] and s_low.ops[names[0]].weight_bits == 4
+    assert s_low.corrections == ["bias", "dfmpc"] and s_low.ops[names[0]].weight_bits == 4  # as applied
     assert all(op.weight_scale_in is None for op in s_wide.ops.values())
     compiled = _quantize(pair, 4, ["bias", "dfmpc"])
     np.testing.assert_allclose(s_low.ops[names[1]].weight_scale_in, compiled.strategy.ops[names[1]].weight_scale_in,

@@ -53,9 +53,10 @@ _ACT = ("relu", "clip")
 def runnable(node: Node) -> bool:
     """Whether :mod:`hago.correct.brecq` can run ``node`` inside a block as the integer program computes it.
 
-    Any op with a PyTorch form, except an integer-read accumulator (a SiLU the
-    conv applies to its int32 sums): its producer's edge is never quantized in
-    the integer program, which the per-edge fake quantization would not know.
+    Any op with a PyTorch form, except a SiLU: an integer one reads its
+    producer's int32 accumulator (the conv applies it in its write-back), so that
+    edge is never quantized in the integer program, which the per-edge fake
+    quantization would not know; a float SiLU is left out with it, for simplicity.
     """
     return supported(node) and node.kind not in ACCUMULATOR_READERS
 

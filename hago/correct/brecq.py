@@ -136,15 +136,19 @@ class Brecq(Correction):
         for block in blocks:
             tb = time.perf_counter()
             side = {e: tensors[e] for e in block.side}
-            ups, ratio = self.learn_block(torch, gen, ctx, block, tensors[block.input], tensors[block.output], side)
+            try:
+                ups, ratio = self.learn_block(torch, gen, ctx, block, tensors[block.input], tensors[block.output],
+                                              side)
+            except QuantizeError as e:  # an op's attributes or shapes PyTorch cannot take here: keep nearest
+                log.warning("brecq: %s block -> %s kept round to nearest: %s", block.kind, block.output, e)
+                ratios.append(1.0)
+                continue
             if ratio < 1.0:
                 for name, up in ups.items():
                     ctx.strategy.ops[name].weight_round = rounding.encode(up)
                 learned += 1
             if self.act_steps:
-                kept = {n: ups[n] if ratio < 1.0 else rounding.nearest_up(
-                    ctx.graph.node(n).weight, ctx.graph.node(n).kind, ctx.strategy.ops[n].weight_bits,
-                    ctx.strategy.ops[n].weight_scale) for n in ups}
+                kept = {n: ups[n] if ratio < 1.0 else _rounding_in_place(ctx, n) for n in ups}
                 self.learn_steps(torch, gen, ctx, block, tensors[block.input], tensors[block.output], kept, side)
             ratios.append(ratio)
             log.info("brecq %s block -> %s (%d layers): output MSE x%.3f of nearest, %.1f s", block.kind,
@@ -236,6 +240,14 @@ class Brecq(Correction):
         return moved
 
 
+def _rounding_in_place(ctx: CorrectionContext, name: str) -> np.ndarray:
+    """The up/down bits the strategy realizes ``name`` with now: an earlier learned rounding, else nearest."""
+    node, op = ctx.graph.node(name), ctx.strategy.ops[name]
+    if op.weight_round is not None:
+        return rounding.decode(op.weight_round, node.weight.shape)
+    return rounding.nearest_up(node.weight, node.kind, op.weight_bits, op.weight_scale)
+
+
 def block_input(torch, strategy, block: Block, x_np: np.ndarray, edge: str | None = None):
     """The block's FP32 input (or side ``edge``) fake-quantized with its edge's parameters (as realize
     quantizes it)."""
@@ -257,7 +269,7 @@ class FisherNetwork:
     """The whole FP32 network in PyTorch over the first ``max_samples`` calibration samples, for the Fisher loss.
 
     :meth:`output_gradient` gives ``dKL/dz`` at a block's output ``z``: the
-    network from its inputs to its first output, with ``z`` put in place of
+    network from its inputs to its first output by edge name (a classifier's only one), with ``z`` put in place of
     that edge, the KL against the FP32 output averaged over batches of
     :data:`FISHER_BATCH` samples (the reference's ``batchmean`` over 32).
     """
@@ -269,7 +281,7 @@ class FisherNetwork:
         except QuantizeError as e:
             raise QuantizeError(f"correction brecq_fisher needs the whole network in PyTorch: {e}; use brecq "
                                 "(the MSE loss) for this model") from None
-        self.output = ctx.graph.outputs[0]
+        self.output = ctx.graph.outputs[0]  # by edge name: the one output of a classifier
         names = [p.name for p in ctx.graph.params]
         arrays = {m: [] for m in names}
         taken = 0
@@ -281,8 +293,12 @@ class FisherNetwork:
                 break
         self.inputs = {f"input:{m}": torch.from_numpy(np.ascontiguousarray(np.concatenate(v)[:max_samples]))
                        for m, v in arrays.items()}
-        with torch.no_grad():
-            self.fp32 = torch.log_softmax(self._run(self.inputs)[self.output], -1)
+        try:
+            with torch.no_grad():
+                self.fp32 = torch.log_softmax(self._run(self.inputs)[self.output], -1)
+        except QuantizeError as e:
+            raise QuantizeError(f"correction brecq_fisher needs the whole network in PyTorch: {e}; use brecq "
+                                "(the MSE loss) for this model") from None
         self.grad_means: list[float] = []  # mean |dKL/dz| of each block so far, for the report
 
     def _run(self, inputs, replace=None):
@@ -299,8 +315,8 @@ class FisherNetwork:
             out = self._run({k: v[part] for k, v in self.inputs.items()}, (edge, leaf))[self.output]
             loss = torch.nn.functional.kl_div(torch.log_softmax(out, -1), self.fp32[part], log_target=True,
                                               reduction="batchmean")
-            (grad,) = torch.autograd.grad(loss, leaf)
-            grads.append(grad)
+            (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+            grads.append(torch.zeros_like(leaf) if grad is None else grad)  # an edge the output does not read
         return torch.cat(grads)
 
 
@@ -333,6 +349,12 @@ def fake_quantize_rows(torch, x):
     zp = torch.round(-lo / scale).clamp(0, QMAX)
     q = (torch.round(x * (1 / scale)) + zp).clamp(0, QMAX)
     return (q - zp) * scale
+
+
+def _edge_dtype(graph, edge: str) -> str:
+    """The dtype ``edge`` has in the graph (float32 where the graph does not say)."""
+    var = graph.edge_var.get(edge)
+    return str(getattr(getattr(var, "ty", None), "dtype", "float32") or "float32")
 
 
 def _edge_qparams(strategy, edge: str):
@@ -385,7 +407,8 @@ class BlockRunner:
     def __init__(self, torch, ctx: CorrectionContext, block: Block, side: dict | None = None):
         self.torch, self.block = torch, block
         #: the block's side edges (``Block.side``), their FP32 values fake-quantized as realize reads them
-        self.side = {e: block_input(torch, ctx.strategy, block, v, e) for e, v in (side or {}).items()}
+        self.side = {e: block_input(torch, ctx.strategy, block, v.astype(_edge_dtype(ctx.graph, e)), e)
+                     for e, v in (side or {}).items()}  # the probe gives float32; a mask may be bool or int
         graph, strategy = ctx.graph, ctx.strategy
         self.nodes = [graph.node(n) for n in block.nodes]
         self.learned = [n.name for n in self.nodes if n.weighted and strategy.ops[n.name].mode == "integer"

@@ -9,8 +9,11 @@ the PyTorch function that computes the same thing, by Relax op name
 or hard quantized weight being learned) and add their fused bias.
 
 An op without an entry here is refused in one line (:class:`QuantizeError`
-naming the op), before any learning: the caller falls back (BRECQ runs such a
-block's layers one at a time) or reports it.
+naming the op), before any learning; one whose attributes have no form here
+(a conv not in NCHW, a layer norm over other than the last axes) or whose
+PyTorch call fails (a reshape written for a fixed batch) is refused in one line
+naming the node when it runs. BRECQ leaves such a block at round to nearest and
+says so; its Fisher loss refuses such a model.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def _axes(attr, ndim: int) -> list[int] | None:
 def _reduce(fn_name: str):
     def run(torch, call, x):
         axes = _axes(call.attrs.axis, x.dim())
+        if axes == []:  # Relax reduces nothing over no axes; torch would reduce them all
+            return x
         keep = bool(call.attrs.keepdims)
         return getattr(torch, fn_name)(x, dim=list(range(x.dim())) if axes is None else axes, keepdim=keep)
     return run
@@ -84,7 +89,7 @@ def _strided_slice(torch, call, x, axes, begin, end, strides=None):
 
 def _adaptive_avg(torch, call, x):
     a = call.attrs
-    size = _ints(a.output_size) if a.output_size is not None else [1, 1]
+    size = _ints(a.output_size) if a.output_size is not None else list(x.shape[2:])  # None: the input's size
     if str(a.layout) != "NCHW":
         raise QuantizeError(f"adaptive_avg_pool2d in layout {a.layout} has no PyTorch form here")
     return torch.nn.functional.adaptive_avg_pool2d(x, size * (2 // len(size)))
@@ -211,7 +216,7 @@ class TorchGraph:
                 args = before(n, args)
             try:
                 y = OPS[n.relax_op](self.torch, n.call, *args)
-            except RuntimeError as e:  # e.g. a reshape written for a fixed batch the samples do not have
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:  # e.g. a reshape for a fixed batch
                 line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise QuantizeError(f"the PyTorch run of {n.name} ({n.relax_op}) failed: {line}") from None
             if n.name in self.bias:

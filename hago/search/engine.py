@@ -462,7 +462,7 @@ class SearchEngine:
                     run_corrections(self._per_candidate, CorrectionContext(self.fp32, self.graph, strat, None, None))
                 finally:
                     quiet.setLevel(level)
-            strat.corrections = list(self.corrections)
+            strat.corrections = [*self._local, *self._per_candidate]  # the order they were applied in
         return strat
 
     def label(self, point: Point) -> str:

@@ -117,3 +117,31 @@ def test_the_fisher_loss_refuses_a_network_it_cannot_run_in_one_line(tmp_path):
                  corrections=["brecq_fisher"])
     assert "relax.nn.conv2d_transpose" in str(err.value) and "use brecq" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_block_pytorch_cannot_run_keeps_round_to_nearest_and_says_so(cpu_target, monkeypatch, caplog):
+    """An op refused when it runs (here softmax, made to fail as an attribute PyTorch has no form for would):
+    that block keeps round to nearest with one warning line; the others still learn."""
+    import logging
+
+    import hago.correct.torch_graph as tg
+    from hago.errors import QuantizeError
+
+    def refuse(torch, call, x):
+        raise QuantizeError("softmax with these attributes has no PyTorch form here")
+
+    monkeypatch.setitem(tg.OPS, "relax.nn.softmax", refuse)
+    torch.manual_seed(0)
+    net = MaskedAttention().eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 6, 16)).astype(np.float32)
+    mask = (rng.random((32, 6)) > 0.3).astype(np.float32)
+    mod = load_model(net, example_inputs=(torch.from_numpy(x[:2]), torch.from_numpy(mask[:2])))
+    rtn = quantize(mod, DEVICE, {"x": x, "mask": mask}, annotate_config=AnnotateConfig(weight_bits=4),
+                   corrections=())
+    ctx = CorrectionContext(rtn.fp32, rtn.graph, copy.deepcopy(rtn.strategy), rtn.prepared.calib, cpu_target, 32)
+    with caplog.at_level(logging.WARNING, logger="hago.correct.brecq"):
+        report = Brecq(iters=50).run(ctx)
+    lines = [r.getMessage() for r in caplog.records if "kept round to nearest" in r.getMessage()]
+    assert len(lines) == 1 and "softmax" in lines[0] and "\n" not in lines[0]
+    assert report["residual"] == 2 and report["learned"] == 1, report
