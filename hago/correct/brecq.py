@@ -120,14 +120,15 @@ class Brecq(Correction):
             tensors = fp32_edges(ctx, sorted({e for b in blocks for e in (b.input, b.output, *b.side)}),
                                  self.max_samples, "brecq probe")
             ratios, learned = self._learn_all(torch, gen, ctx, blocks, tensors)
+        network, self.network = self.network, None  # its samples and activations are not kept past the run
         seconds = round(time.perf_counter() - t0, 1)
         log.info("brecq: %d blocks in %.1f s", len(blocks), seconds)
         kinds = {k: sum(b.kind == k for b in blocks) for k in ("residual", "inverted_residual", "layer")}
         report = {"blocks": len(blocks), **kinds, "learned": learned, "loss": self.loss,
                   "mse_vs_nearest": round(float(np.mean(ratios)), 4), "seconds": seconds}
-        if self.network is not None:  # how far the Fisher weights |g| + 1 are from the MSE's 1
-            report["mean_abs_grad"] = float(np.mean(self.network.grad_means))
-            report["max_block_mean_abs_grad"] = float(np.max(self.network.grad_means))
+        if network is not None and network.grad_means:  # how far the Fisher weights |g| + 1 are from the MSE's 1
+            report["mean_abs_grad"] = float(np.mean(network.grad_means))
+            report["max_block_mean_abs_grad"] = float(np.max(network.grad_means))
         return report
 
     def _learn_all(self, torch, gen, ctx, blocks, tensors) -> tuple[list[float], int]:
@@ -282,17 +283,9 @@ class FisherNetwork:
             raise QuantizeError(f"correction brecq_fisher needs the whole network in PyTorch: {e}; use brecq "
                                 "(the MSE loss) for this model") from None
         self.output = ctx.graph.outputs[0]  # by edge name: the one output of a classifier
-        names = [p.name for p in ctx.graph.params]
-        arrays = {m: [] for m in names}
-        taken = 0
-        for batch in ctx.samples.batches(FISHER_BATCH):
-            for m in names:
-                arrays[m].append(batch[m])
-            taken += len(batch[names[0]])
-            if taken >= max_samples:
-                break
-        self.inputs = {f"input:{m}": torch.from_numpy(np.ascontiguousarray(np.concatenate(v)[:max_samples]))
-                       for m, v in arrays.items()}
+        arrays = ctx.samples.arrays  # the samples the probe reads: the first max_samples
+        self.inputs = {f"input:{p.name}": torch.from_numpy(np.ascontiguousarray(arrays[p.name][:max_samples]))
+                       for p in ctx.graph.params}
         try:
             with torch.no_grad():
                 self.fp32 = torch.log_softmax(self._run(self.inputs)[self.output], -1)

@@ -24,6 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from hago.correct.base import channels
 from hago.errors import QuantizeError
 from hago.graph import Graph, Node
 
@@ -245,5 +246,4 @@ class TorchGraph:
 
 
 def _bias_shape(node: Node) -> tuple[int, ...]:
-    channels = node.weight.shape[0] if node.kind != "dense" else node.weight.shape[1]
-    return (channels,) if node.kind == "dense" else (1, channels, 1, 1)
+    return (channels(node),) if node.kind == "dense" else (1, channels(node), 1, 1)

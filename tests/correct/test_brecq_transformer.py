@@ -76,21 +76,31 @@ class MaskedAttention(nn.Module):
         return x + self.fc2(torch.relu(self.fc1(x)))
 
 
-def test_a_mask_made_outside_the_block_is_read_as_a_side_input(cpu_target):
-    """The attention block reads the mask bias computed outside it (a side edge): it is still one block, and
-    run with FP32 weights on the probe's FP32 tensors it gives the FP32 block output (the wiring is right)."""
+def _context(q, target) -> CorrectionContext:
+    """A correction context on a copy of ``q``'s strategy (the fixture's stays as it was)."""
+    return CorrectionContext(q.fp32, q.graph, copy.deepcopy(q.strategy), q.prepared.calib, target, 32)
+
+
+@pytest.fixture(scope="module")
+def masked():
+    """:class:`MaskedAttention` at 4-bit weights, rounded to nearest, on 32 random token sets and masks."""
     torch.manual_seed(0)
     net = MaskedAttention().eval()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 6, 16)).astype(np.float32)
     mask = (rng.random((32, 6)) > 0.3).astype(np.float32)
     mod = load_model(net, example_inputs=(torch.from_numpy(x[:2]), torch.from_numpy(mask[:2])))
-    rtn = quantize(mod, DEVICE, {"x": x, "mask": mask}, annotate_config=AnnotateConfig(weight_bits=4),
-                   corrections=())
-    blocks = find_blocks(rtn.graph, rtn.strategy)
-    attn = next(b for b in blocks if sum(rtn.graph.node(n).kind == "dense" for n in b.nodes) == 4)
+    return quantize(mod, DEVICE, {"x": x, "mask": mask}, annotate_config=AnnotateConfig(weight_bits=4),
+                    corrections=())
+
+
+def test_a_mask_made_outside_the_block_is_read_as_a_side_input(masked, cpu_target):
+    """The attention block reads the mask bias computed outside it (a side edge): it is still one block, and
+    run with FP32 weights on the probe's FP32 tensors it gives the FP32 block output (the wiring is right)."""
+    blocks = find_blocks(masked.graph, masked.strategy)
+    attn = next(b for b in blocks if sum(masked.graph.node(n).kind == "dense" for n in b.nodes) == 4)
     assert attn.kind == "residual" and len(attn.side) == 1 and attn.side[0] not in attn.nodes
-    ctx = CorrectionContext(rtn.fp32, rtn.graph, copy.deepcopy(rtn.strategy), rtn.prepared.calib, cpu_target, 32)
+    ctx = _context(masked, cpu_target)
     fp32 = fp32_edges(ctx, [attn.input, attn.output, *attn.side], 32)
     for e in ctx.strategy.edges.values():  # no rounding anywhere: the runner must reproduce the FP32 block
         e.bits, e.qparams, e.dynamic = 0, None, False
@@ -100,7 +110,7 @@ def test_a_mask_made_outside_the_block_is_read_as_a_side_input(cpu_target):
         part = run(torch.from_numpy(fp32[attn.input][4:12]), {}, rows=torch.arange(4, 12))
     np.testing.assert_allclose(out.numpy(), fp32[attn.output], atol=1e-4)
     np.testing.assert_allclose(part.numpy(), fp32[attn.output][4:12], atol=1e-4)
-    report = Brecq(iters=50).run(dataclasses.replace(ctx, strategy=copy.deepcopy(rtn.strategy)))
+    report = Brecq(iters=50).run(dataclasses.replace(ctx, strategy=copy.deepcopy(masked.strategy)))
     assert report["residual"] == 2, report
 
 
@@ -119,7 +129,7 @@ def test_the_fisher_loss_refuses_a_network_it_cannot_run_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_a_block_pytorch_cannot_run_keeps_round_to_nearest_and_says_so(cpu_target, monkeypatch, caplog):
+def test_a_block_pytorch_cannot_run_keeps_round_to_nearest_and_says_so(masked, cpu_target, monkeypatch, caplog):
     """An op refused when it runs (here softmax, made to fail as an attribute PyTorch has no form for would):
     that block keeps round to nearest with one warning line; the others still learn."""
     import logging
@@ -131,15 +141,7 @@ def test_a_block_pytorch_cannot_run_keeps_round_to_nearest_and_says_so(cpu_targe
         raise QuantizeError("softmax with these attributes has no PyTorch form here")
 
     monkeypatch.setitem(tg.OPS, "relax.nn.softmax", refuse)
-    torch.manual_seed(0)
-    net = MaskedAttention().eval()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((32, 6, 16)).astype(np.float32)
-    mask = (rng.random((32, 6)) > 0.3).astype(np.float32)
-    mod = load_model(net, example_inputs=(torch.from_numpy(x[:2]), torch.from_numpy(mask[:2])))
-    rtn = quantize(mod, DEVICE, {"x": x, "mask": mask}, annotate_config=AnnotateConfig(weight_bits=4),
-                   corrections=())
-    ctx = CorrectionContext(rtn.fp32, rtn.graph, copy.deepcopy(rtn.strategy), rtn.prepared.calib, cpu_target, 32)
+    ctx = _context(masked, cpu_target)
     with caplog.at_level(logging.WARNING, logger="hago.correct.brecq"):
         report = Brecq(iters=50).run(ctx)
     lines = [r.getMessage() for r in caplog.records if "kept round to nearest" in r.getMessage()]
