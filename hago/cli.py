@@ -434,7 +434,8 @@ def _search_options(p) -> None:
                         "weight_clip (least-Lp-error weight steps), adaround,bias, adaround_conv,bias, brecq,bias (adaround learned block by block, residual blocks and transformer sublayers jointly), brecq_fisher,bias (brecq with the Fisher-weighted loss), "
                         "cle (cross-layer equalization of the FP32 weights, before "
                         "calibration), bias_data_free (bias correction from batch-norm statistics, no data), "
-                        "dfmpc (each candidate's low-bit -> higher-bit pairs compensated in closed form), "
+                        "dfmpc (each candidate's low-bit -> higher-bit pairs compensated in closed form, after the "
+                        "per-layer corrections: list it after any that writes weights), "
                         "lapq (loss-aware activation clipping; hago compile only: its clips depend on every "
                         "layer's choice, so the search refuses it) or none (per-layer ones only)")
     p.add_argument("--rpc", help="tracker host:port; measure on the boards registered under --key, in parallel")

@@ -312,3 +312,19 @@ def test_a_search_compensates_each_candidates_own_pairs(pair, tmp_path):
                                rtol=1e-5)
     np.testing.assert_allclose(s_low.ops[names[1]].bias_delta, compiled.strategy.ops[names[1]].bias_delta, rtol=1e-4,
                                atol=1e-6)
+
+
+def test_a_search_refuses_dfmpc_before_a_correction_that_writes_weights(pair, tmp_path):
+    """A search runs ``dfmpc`` on each candidate *after* the per-layer corrections, which ``hago compile`` does
+    only when they are listed first (``dfmpc,adaround_conv`` there refuses a compensated layer; ``dfmpc,gptq``
+    leaves it to dfmpc). Listing it before one that writes weights is refused in one line naming the order
+    that works, before any work; ``bias`` after it stays allowed (it writes no weights)."""
+    from hago.search.engine import SearchEngine, SearchError
+
+    net, calib, test, example, _ = pair
+    name = prepare_model(net, example_inputs=example).graph.params[0].name
+    for order, culprit in ((("dfmpc", "adaround_conv"), "adaround_conv"), (("bias", "dfmpc", "gptq"), "gptq")):
+        with pytest.raises(SearchError, match=f"list it after {culprit} .*{','.join(n for n in order if n != 'dfmpc')},dfmpc"):
+            SearchEngine(net, DEVICE, {name: calib}, {name: test[:32]}, log_path=tmp_path / "s.jsonl",
+                         example_inputs=example, cache_dir=tmp_path / "cache", corrections=order, max_trials=2)
+    assert not list((tmp_path / "cache").rglob("corrections-*"))  # refused before any correction ran

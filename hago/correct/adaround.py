@@ -74,6 +74,7 @@ class AdaRound(Correction):
     """
 
     local = True  # each layer learns on its own FP32 input, quantized by its own input edge
+    writes_weights = True
 
     def __init__(self, layers: str = "depthwise", iters: int = 600, max_samples: int = 32, batch: int = 4,
                  lam: float = 0.01, lr: float = 1e-2, seed: int = 0):

@@ -68,6 +68,10 @@ class Correction(ABC):
     #: a low-bit layer compensated by the next, higher-bit one): a search cannot copy it by layer, but it costs
     #: next to nothing, so ``hago.search.engine`` runs it on every candidate's own strategy
     per_candidate: ClassVar[bool] = False
+    #: True when it writes a layer's weights (``weight_round``, ``weight_codes``, ``weight_scale``): in
+    #: ``hago compile``, such a correction after ``dfmpc`` works on (or refuses) the compensated layer, so a
+    #: search, which runs ``dfmpc`` last, refuses that order rather than silently reversing it
+    writes_weights: ClassVar[bool] = False
     #: ``strategy``: runs after calibration and writes into the strategy; ``graph``: a
     #: :class:`GraphCorrection`, rewrites the FP32 module before annotate and calibration
     stage: ClassVar[str] = "strategy"

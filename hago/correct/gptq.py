@@ -229,6 +229,7 @@ class Gptq(Correction):
     """
 
     local = True  # each layer works on its own FP32 input, quantized by its own input edge
+    writes_weights = True
 
     def __init__(self, max_samples: int | None = None, max_bits: int = 8, sequential: bool = False):
         self.max_samples = DEFAULT_SAMPLES if max_samples is None else max_samples

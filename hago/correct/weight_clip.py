@@ -75,6 +75,7 @@ class WeightClip(Correction):
     """
 
     local = True  # a layer's step depends on its own weights, bits and input scale only
+    writes_weights = True
 
     def __init__(self, p: float = 2.4, max_bits: int = 8):
         self.p, self.max_bits = p, max_bits

@@ -335,7 +335,10 @@ class SearchEngine:
         (``Correction.per_candidate``: ``dfmpc``) run on each candidate's own
         strategy instead, after the local results are copied in (:meth:`strategy`;
         so a ``bias`` delta was measured without them: an approximation ``hago
-        compile --corrections dfmpc,bias`` does not make). Otherwise only *local*
+        compile --corrections dfmpc,bias`` does not make). Since they run last,
+        one listed before a correction that writes weights (``writes_weights``:
+        ``dfmpc,gptq``) is refused: compile would run that order the other way
+        round. Otherwise only *local*
         corrections are supported here (``Correction.local``:
         ``weight_clip``, ``gptq``, ``bias``, ``adaround``, ``adaround_conv``): each
         works on a layer's FP32 input, so its result (step, codes, bias delta,
@@ -363,6 +366,12 @@ class SearchEngine:
                               "brecq, brecq_fisher or dfmpc)")
         #: run on each candidate's strategy, after the local results are copied in (Correction.per_candidate)
         self._per_candidate = tuple(n for n in self.corrections if CORRECTIONS[n].per_candidate)
+        for i, name in enumerate(self.corrections):
+            later = [n for n in self.corrections[i + 1:] if CORRECTIONS[n].writes_weights]
+            if CORRECTIONS[name].per_candidate and later:
+                raise SearchError(f"search runs {name} on each candidate after the per-layer corrections, so "
+                                  f"--corrections must list it after {','.join(later)} (as hago compile would run "
+                                  f"them: {','.join([n for n in self.corrections if n != name] + [name])})")
         self._local = tuple(n for n in self.corrections if n not in self._per_candidate)
         names = "+".join(self.corrections)
         digest = self._digest(names, self.calib_samples, self.calibrator.name)
