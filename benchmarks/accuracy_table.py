@@ -18,6 +18,8 @@ of a seeded permutation of each training set (never a test image). Settings, on 
 * ``w4a8dw8`` / ``w4a8pw8``: ``w4a8`` with the depthwise convs' weights at 8 bits (only the 1x1 convs and
   dense at 4), or with every weighted layer but the depthwise convs at 8 (only those at 4): which kind of
   layer a W4A8 error comes from.
+* ``w5a8`` / ``w6a8``: as ``w4a8`` with 5- or 6-bit weights (codes in int8, the 8-bit kernels): how many
+  bits a per-layer method's 4-bit result is worth, and how many bits an accuracy goal asks for.
 
 ``quantize_s`` is the wall time of ``hago.compiler.quantize`` (calibration, the corrections, realize) on the
 thread count given. Rows are cached in ``benchmarks/work/accuracy_table/rows.json`` (keyed by everything that
@@ -46,12 +48,13 @@ WORK = HERE / "work" / "accuracy_table"
 RESULTS = HERE / "RESULTS.md"
 HEADING = "## Accuracy at 8 and 4 bits (issue 17)"
 DEVICE = "x86-avx512-vnni"
-SETTINGS = ("w8a8", "w4a8", "w4a4", "w4a8all", "w4a8dw8", "w4a8pw8")
-DEFAULT_SETTINGS = SETTINGS[:4]  # the table's columns; the last two split W4A8 by kind of layer
+SETTINGS = ("w8a8", "w4a8", "w4a4", "w4a8all", "w4a8dw8", "w4a8pw8", "w5a8", "w6a8")
+DEFAULT_SETTINGS = SETTINGS[:4]  # the table's columns; the rest split W4A8 by kind of layer or widen its weights
 CORRECTIONS = ("none", "bias", "gptq+bias", "adaround_conv+bias", "brecq+bias", "lapq+bias", "cle+bias_data_free")
 BATCH = 250
 LABELS = {"w8a8": "W8A8", "w4a8": "W4A8", "w4a4": "W4A4 (simulated)", "w4a8all": "W4A8, first/last 4-bit too",
-          "w4a8dw8": "W4A8, depthwise 8-bit", "w4a8pw8": "W4A8, only depthwise 4-bit"}
+          "w4a8dw8": "W4A8, depthwise 8-bit", "w4a8pw8": "W4A8, only depthwise 4-bit", "w5a8": "W5A8",
+          "w6a8": "W6A8"}
 
 
 def load(name: str, n_calib: int, n_eval: int):
@@ -97,6 +100,8 @@ def pinned_config(graph, setting: str):
         node_bits.update({n.name: 8 for n in weighted if (n.kind == "depthwise_conv2d") == depthwise})
     if setting in ("w4a8", "w4a8dw8", "w4a8pw8"):
         return AnnotateConfig(weight_bits=4, node_weight_bits=node_bits)
+    if setting in ("w5a8", "w6a8"):
+        return AnnotateConfig(weight_bits=int(setting[1]), node_weight_bits=node_bits)
     return AnnotateConfig(weight_bits=4, activation_bits=4, node_weight_bits=node_bits,
                           edge_bits={s: 8 for n in ends for e in n.inputs for s in _edge_chain(graph, e)})
 
@@ -149,6 +154,12 @@ def row(prepared, setting: str, corr: str, x: np.ndarray, y: np.ndarray, ref: np
             "weight_bits": bits, "float_ops": len(q.strategy.float_ops())}
 
 
+def row_key(setting: str, corr: str) -> str:
+    """A row's key in its model's cache; BRECQ rows since session 23 learn with the block's inner activations
+    float (the reference's weight stage), so the ones measured before are not reused."""
+    return f"{setting}|{corr}" + ("|inner-float" if "brecq" in corr else "")
+
+
 def table(model: str, fp32: float | None, rows: dict, settings, corrections, n_eval: int, cmd: str = "",
           run_facts: str = "") -> str:
     """One model's table; its first line says what it was measured on (``run_facts``: its calibration and
@@ -165,7 +176,7 @@ def table(model: str, fp32: float | None, rows: dict, settings, corrections, n_e
     for c in corrections:
         cells = []
         for s in settings:
-            r = rows.get(f"{s}|{c}")
+            r = rows.get(row_key(s, c))
             top1 = "—" if r is None or r["top1"] is None else f"{100 * r['top1']:.2f}"
             cells.append("—" if r is None else f"{top1} / {100 * r['agree']:.1f} / "
                          f"{r['kl']:.1e} / {r['quantize_s']:.0f} s")
@@ -252,16 +263,17 @@ def main() -> int:
         print(f"{model}: FP32 top-1 {fp32} on {len(x)} test images", flush=True)
         for s in settings:
             for c in corrections:
-                if f"{s}|{c}" not in rows and args.cached_only:
+                k = row_key(s, c)
+                if k not in rows and args.cached_only:
                     continue
-                if f"{s}|{c}" not in rows:
+                if k not in rows:
                     try:
-                        rows[f"{s}|{c}"] = row(prepared, s, c, x, y, ref)
+                        rows[k] = row(prepared, s, c, x, y, ref)
                     except Exception as exc:  # one failing plug-in must not lose the others' rows
                         print(f"  {s} {c}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                         continue
-                    _save_row(cache_path, key, f"{s}|{c}", rows[f"{s}|{c}"])
-                print(f"  {s} {c}: {json.dumps(rows[f'{s}|{c}'])}", flush=True)
+                    _save_row(cache_path, key, k, rows[k])
+                print(f"  {s} {c}: {json.dumps(rows[k])}", flush=True)
         facts = (f"calibration {args.n_calib} {'photo crops' if tag == 'photos' else 'training images'}, "
                  f"{args.threads} thread(s)")
         out[model] = table(model, fp32, rows, settings, corrections, len(x), cmd, facts)

@@ -36,15 +36,28 @@ the learned rounding in place; they go into the strategy as the edges'
 ``qparams`` and ``range``, so later blocks read the new grid. This changes
 edges other layers read, so ``brecq_lsq`` is not local (``hago compile``
 only, as ``lapq``).
-``block_q`` runs the block in PyTorch with every edge inside it fake-quantized
-as ``realize`` quantizes it (straight-through gradient), so the rounding also
-absorbs the activations' rounding.
+``block_q`` runs the block in PyTorch with its input fake-quantized as
+``realize`` quantizes it and, by default, the edges *inside* the block left
+float while the rounding is learned: the reference's weight stage
+(``act_quant=False``; activations come in the second stage). Fake-quantizing
+them too (``act_quant=True``, straight-through gradient) lets the rounding
+absorb the activations' rounding in principle, but at 4-bit activations their
+straight-through noise swamps the rounding's own signal: Fashion-MNIST W4A4
+mean KL 0.0147 with them against 0.0094 without (round to nearest 0.029), W4A8
+0.0013 against 0.0010 (docs/STATUS.md, session 23). The activation steps
+(``brecq_lsq``) are always learned with the activations quantized.
 
 **Block input.** ``x`` is the block's FP32 input, ``x_q`` that input
 fake-quantized with its edge's parameters, exactly as :mod:`hago.correct.adaround`
 does per layer. The reference code feeds the output of the quantized model so
 far instead; the FP32 input keeps the correction *local* (one probe pass, no
-rebuild per block, and ``hago search`` can reuse it like AdaRound's). In a
+rebuild per block, and ``hago search`` can reuse it like AdaRound's).
+``brecq_sequential`` is the reference's mode: ``x_q`` is the block's input in
+the simulated quantized network with every earlier block's learned rounding in
+place (:class:`hago.correct.quantized_inputs.QuantizedInputs`: one build, then
+one pass over the samples per block), the target still the FP32 output, so a
+block also learns to undo the error that reaches it; not local (``hago
+compile`` only). In a
 search the rounding a layer learned with its block at the widest setting is
 copied to every candidate that quantizes that layer the same way, even where a
 neighbour in the block differs: an approximation; ``hago compile`` learns the
@@ -92,14 +105,18 @@ class Brecq(Correction):
     """
 
     local = True  # each block learns on its FP32 input (module docstring: what a search reuses)
+    writes_weights = True
     #: ``mse`` or ``fisher`` (module docstring); ``brecq_fisher`` is this class with ``fisher``
     loss = "mse"
     #: learn the block's activation steps too (``brecq_lsq``; module docstring)
     act_steps = False
     act_lr, act_p = 4e-4, 2.4
+    #: each block's input from the quantized network so far (``brecq_sequential``; module docstring)
+    sequential = False
 
     def __init__(self, iters: int = 600, max_samples: int = 32, batch: int = 8, lam: float = 0.01,
-                 lr: float = 1e-2, seed: int = 0, threads: int = 1):
+                 lr: float = 1e-2, seed: int = 0, threads: int = 1, act_quant: bool = False):
+        self.act_quant = act_quant  # fake-quantize the block's inner edges while learning the rounding
         self.iters, self.max_samples, self.batch = iters, max_samples, batch
         self.lam, self.lr, self.seed, self.threads = lam, lr, seed, threads
         self.network: FisherNetwork | None = None
@@ -119,7 +136,14 @@ class Brecq(Correction):
                 self.network = FisherNetwork(torch, ctx, self.max_samples)
             tensors = fp32_edges(ctx, sorted({e for b in blocks for e in (b.input, b.output, *b.side)}),
                                  self.max_samples, "brecq probe")
-            ratios, learned = self._learn_all(torch, gen, ctx, blocks, tensors)
+            quantized = None
+            if self.sequential:
+                from hago.correct.quantized_inputs import QuantizedInputs
+
+                layers = [n for b in blocks for n in b.nodes if _learns(ctx, n)]
+                quantized = QuantizedInputs(ctx, layers, sorted({b.input for b in blocks}), self.max_samples,
+                                            "brecq quantized inputs")
+            ratios, learned = self._learn_all(torch, gen, ctx, blocks, tensors, quantized)
         network, self.network = self.network, None  # its samples and activations are not kept past the run
         seconds = round(time.perf_counter() - t0, 1)
         log.info("brecq: %d blocks in %.1f s", len(blocks), seconds)
@@ -131,15 +155,18 @@ class Brecq(Correction):
             report["max_block_mean_abs_grad"] = float(np.max(network.grad_means))
         return report
 
-    def _learn_all(self, torch, gen, ctx, blocks, tensors) -> tuple[list[float], int]:
-        """Learn every block in turn, write the roundings that help; (each block's MSE ratio, how many helped)."""
+    def _learn_all(self, torch, gen, ctx, blocks, tensors, quantized=None) -> tuple[list[float], int]:
+        """Learn every block in turn, write the roundings that help; (each block's MSE ratio, how many helped).
+
+        ``quantized`` (:class:`~hago.correct.quantized_inputs.QuantizedInputs`): blocks read their input from
+        the quantized network, which is told each block's kept rounding before the next block reads."""
         ratios, learned = [], 0
         for block in blocks:
             tb = time.perf_counter()
             side = {e: tensors[e] for e in block.side}
+            x = tensors[block.input] if quantized is None else quantized.inputs([block.input])[block.input]
             try:
-                ups, ratio = self.learn_block(torch, gen, ctx, block, tensors[block.input], tensors[block.output],
-                                              side)
+                ups, ratio = self.learn_block(torch, gen, ctx, block, x, tensors[block.output], side)
             except QuantizeError as e:  # an op's attributes or shapes PyTorch cannot take here: keep nearest
                 log.warning("brecq: %s block -> %s kept round to nearest: %s", block.kind, block.output, e)
                 ratios.append(1.0)
@@ -147,6 +174,8 @@ class Brecq(Correction):
             if ratio < 1.0:
                 for name, up in ups.items():
                     ctx.strategy.ops[name].weight_round = rounding.encode(up)
+                    if quantized is not None:
+                        quantized.set_rounding(name, up)
                 learned += 1
             if self.act_steps:
                 kept = {n: ups[n] if ratio < 1.0 else _rounding_in_place(ctx, n) for n in ups}
@@ -163,7 +192,7 @@ class Brecq(Correction):
         The loss is the one learned: the MSE, or the Fisher-weighted error when
         :attr:`network` holds the whole network (``brecq_fisher``).
         """
-        run = BlockRunner(torch, ctx, block, side)
+        run = BlockRunner(torch, ctx, block, side, act_quant=self.act_quant)
         soft = {n: SoftRounding(torch, ctx.graph.node(n), ctx.strategy.ops[n].weight_bits, ctx.strategy.ops[n].weight_scale)
                 for n in run.learned}
         x = block_input(torch, ctx.strategy, block, x_np)
@@ -239,6 +268,14 @@ class Brecq(Correction):
         log.info("brecq %s block -> %s: %d activation steps learned (x%.3f-%.3f), loss x%.3f", block.kind,
                  block.output, len(moved), min(moved.values()), max(moved.values()), float(after) / float(before))
         return moved
+
+
+def _learns(ctx: CorrectionContext, name: str) -> bool:
+    """Whether a block learns ``name``'s rounding: an integer weighted layer no other correction fixed the
+    weights of (DF-MPC's input scales, GPTQ's codes)."""
+    node, op = ctx.graph.node(name), ctx.strategy.ops.get(name)
+    return (node.weighted and op is not None and op.mode == "integer" and op.weight_scale_in is None
+            and op.weight_codes is None)
 
 
 def _rounding_in_place(ctx: CorrectionContext, name: str) -> np.ndarray:
@@ -325,6 +362,15 @@ class BrecqLsq(Brecq):
     act_steps = True
 
 
+@register("brecq_sequential")
+class BrecqSequential(Brecq):
+    """``brecq`` with each block's input from the quantized network so far, as the reference code feeds it
+    (module docstring); not local: ``hago compile`` only."""
+
+    local = False
+    sequential = True
+
+
 @register("brecq_fisher")
 class BrecqFisher(Brecq):
     """``brecq`` with the paper's diagonal-Fisher reconstruction loss (module docstring)."""
@@ -397,16 +443,18 @@ class BlockRunner:
     transformer sublayer (matmuls, softmax, layer norm, GELU) runs as well as a conv block.
     """
 
-    def __init__(self, torch, ctx: CorrectionContext, block: Block, side: dict | None = None):
+    def __init__(self, torch, ctx: CorrectionContext, block: Block, side: dict | None = None,
+                 act_quant: bool = True):
         self.torch, self.block = torch, block
+        #: False: the static edges inside the block stay float (the weight stage, :class:`Brecq`); learnable
+        #: steps (LSQ) quantize their edges either way, and a dense input rounded per row at run time is rounded
+        self.act_quant = act_quant
         #: the block's side edges (``Block.side``), their FP32 values fake-quantized as realize reads them
         self.side = {e: block_input(torch, ctx.strategy, block, v.astype(_edge_dtype(ctx.graph, e)), e)
                      for e, v in (side or {}).items()}  # the probe gives float32; a mask may be bool or int
         graph, strategy = ctx.graph, ctx.strategy
         self.nodes = [graph.node(n) for n in block.nodes]
-        self.learned = [n.name for n in self.nodes if n.weighted and strategy.ops[n.name].mode == "integer"
-                        and strategy.ops[n.name].weight_scale_in is None
-                        and strategy.ops[n.name].weight_codes is None]
+        self.learned = [n for n in block.nodes if _learns(ctx, n)]
         self.graph = TorchGraph(torch, graph, self.nodes)
         self.qp = {n.name: _edge_qparams(strategy, n.name) for n in self.nodes}
         self._steps: dict = {}
@@ -415,7 +463,7 @@ class BlockRunner:
                      and n.inputs[0] in strategy.edges and strategy.resolved(n.inputs[0]).dynamic}
 
     def _rows(self, node, args):
-        if node.name in self.rows:
+        if node.name in self.rows:  # a dense input rounded per row at run time: part of the layer, kept
             x = args[0]
             args = [x + (fake_quantize_rows(self.torch, x) - x).detach(), *args[1:]]  # straight-through
         return args
@@ -425,6 +473,8 @@ class BlockRunner:
         if qp is None:
             return y
         step = self._steps.get(node.name)
+        if step is None and not self.act_quant:
+            return y
         if step is not None:  # LSQ: the rounding straight-through, the step differentiable
             zp = float(qp.zero_point)
             r = y / step
