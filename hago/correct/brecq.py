@@ -83,6 +83,7 @@ from hago.correct import rounding
 from hago.correct.adaround import GAMMA, ZETA, _fake_quant, fp32_edges, torch_threads
 from hago.correct.base import Correction, CorrectionContext, register
 from hago.correct.blocks import Block, find_blocks
+from hago.correct.quantized_inputs import QuantizedInputs, rounding_in_place
 from hago.correct.torch_graph import TorchGraph
 from hago.dynamic import QMAX
 from hago.errors import QuantizeError
@@ -138,8 +139,6 @@ class Brecq(Correction):
                                  self.max_samples, "brecq probe")
             quantized = None
             if self.sequential:
-                from hago.correct.quantized_inputs import QuantizedInputs
-
                 layers = [n for b in blocks for n in b.nodes if _learns(ctx, n)]
                 quantized = QuantizedInputs(ctx, layers, sorted({b.input for b in blocks}), self.max_samples,
                                             "brecq quantized inputs")
@@ -178,7 +177,7 @@ class Brecq(Correction):
                         quantized.set_rounding(name, up)
                 learned += 1
             if self.act_steps:
-                kept = {n: ups[n] if ratio < 1.0 else _rounding_in_place(ctx, n) for n in ups}
+                kept = {n: ups[n] if ratio < 1.0 else rounding_in_place(ctx, n) for n in ups}
                 self.learn_steps(torch, gen, ctx, block, tensors[block.input], tensors[block.output], kept, side)
             ratios.append(ratio)
             log.info("brecq %s block -> %s (%d layers): output MSE x%.3f of nearest, %.1f s", block.kind,
@@ -276,14 +275,6 @@ def _learns(ctx: CorrectionContext, name: str) -> bool:
     node, op = ctx.graph.node(name), ctx.strategy.ops.get(name)
     return (node.weighted and op is not None and op.mode == "integer" and op.weight_scale_in is None
             and op.weight_codes is None)
-
-
-def _rounding_in_place(ctx: CorrectionContext, name: str) -> np.ndarray:
-    """The up/down bits the strategy realizes ``name`` with now: an earlier learned rounding, else nearest."""
-    node, op = ctx.graph.node(name), ctx.strategy.ops[name]
-    if op.weight_round is not None:
-        return rounding.decode(op.weight_round, node.weight.shape)
-    return rounding.nearest_up(node.weight, node.kind, op.weight_bits, op.weight_scale)
 
 
 def block_input(torch, strategy, block: Block, x_np: np.ndarray, edge: str | None = None):

@@ -26,6 +26,14 @@ from hago.correct.adaround import vm_outputs
 from hago.correct.base import CorrectionContext, corrected_graph
 
 
+def rounding_in_place(ctx: CorrectionContext, name: str) -> np.ndarray:
+    """The up/down bits the strategy realizes ``name`` with now: an earlier learned rounding, else nearest."""
+    node, op = ctx.graph.node(name), ctx.strategy.ops[name]
+    if op.weight_round is not None:
+        return rounding.decode(op.weight_round, node.weight.shape)
+    return rounding.nearest_up(node.weight, node.kind, op.weight_bits, op.weight_scale)
+
+
 class QuantizedInputs:
     """``inputs(edges)``: those edges over the first ``max_samples`` samples, from the simulated quantized network.
 
@@ -45,10 +53,7 @@ class QuantizedInputs:
         self.vm = relax.VirtualMachine(build_mod.build(mod, ctx.target, label), tvm.cpu())
         self.weights = {}
         for name in self.layers:
-            node, op = ctx.graph.node(name), ctx.strategy.ops[name]
-            up = (rounding.decode(op.weight_round, node.weight.shape) if op.weight_round is not None
-                  else rounding.nearest_up(node.weight, node.kind, op.weight_bits, op.weight_scale))
-            self.set_rounding(name, up)
+            self.set_rounding(name, rounding_in_place(ctx, name))
 
     def set_rounding(self, name: str, up: np.ndarray) -> None:
         """From now on ``name`` runs with the rounding ``up`` (one bit per weight: rounded up)."""

@@ -368,7 +368,7 @@ class SearchEngine:
         self._per_candidate = tuple(n for n in self.corrections if CORRECTIONS[n].per_candidate)
         for i, name in enumerate(self.corrections):
             later = [n for n in self.corrections[i + 1:] if CORRECTIONS[n].writes_weights]
-            if CORRECTIONS[name].per_candidate and later:
+            if name in self._per_candidate and later:
                 raise SearchError(f"search runs {name} on each candidate after the per-layer corrections, so "
                                   f"--corrections must list it after {','.join(later)} (as hago compile would run "
                                   f"them: {','.join([n for n in self.corrections if n != name] + [name])})")
